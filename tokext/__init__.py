@@ -1,0 +1,32 @@
+"""tokext: find where attention goes wrong in transformer LMs (sinks, collapsing entropy), rewrite
+it in flight, and measure what that does to reasoning. Built on TransformerLens 4.
+
+Heavy modules (torch models, pandas, seaborn) load on first use, so ``import tokext`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "tokext.models",
+    "native_model": "tokext.models",
+    "model_info": "tokext.models",
+    "collect_attention_stats": "tokext.collect",
+    "AttentionStats": "tokext.stats",
+    "TokextError": "tokext.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tokext' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,5 @@
+"""``python -m tokext`` runs the command-line interface."""
+
+from tokext.cli import main
+
+raise SystemExit(main())
