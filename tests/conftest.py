@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random HF models on disk, a tiny native model, the real SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_hf import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny_hf_dir(request, tiny_llama_dir, tiny_gpt2_dir):
+    return {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}[request.param]
+
+
+@pytest.fixture()
+def native():
+    from tokext.models import native_model
+
+    torch.manual_seed(0)
+    return native_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from tokext.models import load_model
+
+    return load_model("smollm2-135m")

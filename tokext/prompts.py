@@ -1,0 +1,61 @@
+"""Prompt datasets for analysis: the built-in set of real prompts, .txt files and .jsonl files."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from tokext.errors import DataFileError, EmptyInputError, InputError
+
+BUILTIN = "builtin"
+
+
+def builtin_prompts() -> list[str]:
+    """The 80 real prompts shipped with tokext (facts, questions, instructions, stories, code)."""
+    text = resources.files("tokext").joinpath("data/prompts.txt").read_text(encoding="utf-8")
+    return _lines(text)
+
+
+def _lines(text: str) -> list[str]:
+    # a literal backslash-n inside a line stands for a newline (code and multi-line prompts)
+    return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+
+
+def load_prompts(source: str | Path | None = None, n: int | None = None) -> list[str]:
+    """Prompts from ``source``: None/"builtin", a ``.txt`` file (one prompt a line, ``\\n`` escapes a
+    newline) or a ``.jsonl`` file with a ``text`` field. ``n`` keeps the first n (cycling the
+    built-in set when it has fewer, so benchmarks can ask for any size)."""
+    if n is not None and n < 1:
+        raise InputError(f"n must be at least 1, got {n}")
+    if source is None or str(source) == BUILTIN:
+        prompts = builtin_prompts()
+        if n is not None and n > len(prompts):
+            prompts = (prompts * (n // len(prompts) + 1))
+        return prompts[:n] if n is not None else prompts
+    path = Path(source)
+    if not path.is_file():
+        raise DataFileError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataFileError(f"cannot read data file {path}: {err}") from None
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataFileError(f"{path}, line {number}: expected an object with a string field 'text'")
+            prompts.append(record["text"])
+    elif path.suffix == ".txt":
+        prompts = _lines(text)
+    else:
+        raise DataFileError(f"unsupported data file {path}: use .txt (one prompt a line) or .jsonl (field 'text')")
+    if not prompts:
+        raise EmptyInputError(f"data file {path} holds no prompts")
+    return prompts[:n] if n is not None else prompts
