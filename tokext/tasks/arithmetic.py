@@ -52,8 +52,8 @@ def _make_chain(rng: random.Random, n_ops: int) -> tuple[str, str, str, dict[str
     steps: list[str] = []
     values = [value]
     for _ in range(n_ops):
-        allowed = [op for op, ok in (("+", value < _MAX_VALUE), ("-", value >= 2), ("*", 2 * value <= _MAX_VALUE)) if ok]
-        op = rng.choice(allowed)
+        ok = {"+": value < _MAX_VALUE, "-": value >= 2, "*": 2 * value <= _MAX_VALUE}
+        op = rng.choice([o for o, allowed in ok.items() if allowed])
         if op == "+":
             k = rng.randint(1, min(9, _MAX_VALUE - value))
             new = value + k

@@ -28,7 +28,7 @@ def as_int(text: str) -> int | None:
     text = normalise(text)
     if not _INT.fullmatch(text):
         return None
-    return int(float(text.replace(",", "")))
+    return int(text.replace(",", "").split(".")[0])
 
 
 def score_exact(prediction: str | None, answer: str) -> bool:

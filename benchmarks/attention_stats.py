@@ -1,0 +1,144 @@
+"""Attention statistics at the cost of a plain forward pass?
+
+Compares, on the same token batches: a plain eager forward pass (no hooks), tokext's streaming
+``collect_attention_stats``, TransformerLens ``run_with_cache(names_filter=hook_pattern)`` followed by
+the same statistics, and transformers ``output_attentions=True`` followed by the same statistics.
+Each method runs in its own process (one warm-up, then the median of several runs; peak RSS of
+the process), interleaved, and the table gives ratios to the plain forward pass of this run.
+
+    python benchmarks/attention_stats.py            # SmolLM2-135M, fp32, T = 512 and 2048
+    python benchmarks/attention_stats.py --quick    # small and fast (used by the tests)
+    python benchmarks/attention_stats.py --long     # T = 8192: tokext completes where caching cannot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import limit_memory_from_env, ratio_table, run_workers, time_method  # noqa: E402
+
+METHODS = ["plain_forward", "tokext", "tl_run_with_cache", "hf_output_attentions"]
+
+
+def real_token_batches(model, seq_len: int, n_seqs: int, batch_size: int):
+    """``n_seqs`` sequences of exactly ``seq_len`` real-text tokens (built-in prompts, concatenated)."""
+    import torch
+    from tokext.prompts import builtin_prompts
+
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        gen = torch.Generator().manual_seed(0)
+        stream = torch.randint(0, model.cfg.d_vocab, (seq_len * n_seqs,), generator=gen)
+    else:
+        text = "\n\n".join(builtin_prompts())
+        ids = tokenizer(text).input_ids
+        reps = seq_len * n_seqs // len(ids) + 1
+        stream = torch.tensor((ids * reps)[: seq_len * n_seqs])
+    seqs = stream.view(n_seqs, seq_len)
+    return [seqs[i:i + batch_size] for i in range(0, n_seqs, batch_size)]
+
+
+def worker(job: dict) -> dict:
+    import torch
+    import tokext
+    from tokext.collect import batch_context, category_table
+    from tokext.hooks import pattern_hook_name
+    from tokext.stats import AttentionStats
+
+    limit_memory_from_env()
+    torch.set_num_threads(job.get("threads", 2))
+    model = tokext.load_model(job["model"]) if job["model"] != "native" else tokext.native_model(n_ctx=8192)
+    batches = real_token_batches(model, job["seq_len"], job["n_seqs"], job["batch_size"])
+    table = category_table(model)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    method = job["method"]
+
+    def same_statistics(patterns_per_batch):
+        stats = AttentionStats(layers=list(range(n_layers)), n_heads=n_heads)
+        stats.start(torch.device("cpu"))
+        for tokens, patterns in patterns_per_batch:
+            mask = torch.ones_like(tokens)
+            stats.begin_batch(batch_context(tokens, mask, range(tokens.shape[0]), table))
+            for layer, pattern in enumerate(patterns):
+                stats.update(layer, pattern)
+        return stats.finish()
+
+    if method == "plain_forward":
+        def run():
+            with torch.inference_mode():
+                for tokens in batches:
+                    model(tokens, return_type=None)
+    elif method == "tokext":
+        all_tokens = torch.cat(batches)
+
+        def run():
+            tokext.collect_attention_stats(model, all_tokens, batch_size=job["batch_size"], progress=False)
+    elif method == "tl_run_with_cache":
+        def run():
+            out = []
+            with torch.inference_mode():
+                for tokens in batches:
+                    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+                    out.append((tokens, [cache[pattern_hook_name(l)] for l in range(n_layers)]))
+                    del cache
+            same_statistics(out)
+    elif method == "hf_output_attentions":
+        from transformers import AutoModelForCausalLM
+        from tokext.models import _smollm2_dir
+
+        hf = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), attn_implementation="eager", dtype=torch.float32).eval()
+        del model
+
+        def run():
+            out = []
+            with torch.inference_mode():
+                for tokens in batches:
+                    attentions = hf(tokens, output_attentions=True).attentions
+                    out.append((tokens, list(attentions)))
+            same_statistics(out)
+    else:
+        raise SystemExit(f"unknown method {method}")
+    return time_method(run, job["repeats"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (seconds)")
+    parser.add_argument("--long", action="store_true", help="T=8192 on SmolLM2: streaming vs caching")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-limit-gib", type=float, default=20.0,
+                        help="address-space cap per worker, so runs that cannot fit fail cleanly")
+    parser.add_argument("--out", default=None, help="also write the raw results as JSON here")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.quick:
+        configs = [dict(seq_len=64, n_seqs=4, batch_size=2)]
+        rounds, repeats = 1, 1
+    elif args.long:
+        configs = [dict(seq_len=8192, n_seqs=1, batch_size=1)]
+        rounds, repeats = 1, 1
+    else:
+        configs = [dict(seq_len=512, n_seqs=8, batch_size=4), dict(seq_len=2048, n_seqs=2, batch_size=1)]
+        rounds, repeats = args.rounds, args.repeats
+    methods = METHODS if not args.long else ["plain_forward", "tokext", "tl_run_with_cache"]
+    jobs = [dict(model=args.model, method=m, repeats=repeats, **c) for c in configs for m in methods]
+    results = run_workers(__file__, jobs, rounds, memory_limit_gib=args.memory_limit_gib)
+    print(f"attention statistics vs a plain forward pass: model {args.model}, fp32, CPU, "
+          f"{rounds} round(s) x {repeats} timed run(s) after a warm-up, one process per run")
+    print(ratio_table(results, {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Shared benchmark harness: one subprocess per (method, configuration), runs interleaved.
+
+Each worker process loads the model, runs one warm-up and ``repeats`` timed runs of a single
+method, and prints one JSON line: median seconds, and peak resident memory (``ru_maxrss``) in
+total and above what the process held before the first forward pass. Ratios are always taken
+against the plain forward pass measured in the same invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process in MiB (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_method(run: Callable[[], object], repeats: int) -> dict:
+    """Warm up once, then time ``repeats`` runs; memory is measured around the warm-up as well."""
+    before = rss_mib()
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    peak = peak_rss_mib()
+    return {"seconds": statistics.median(times), "times": times, "peak_rss_mib": peak,
+            "peak_extra_mib": peak - before, "baseline_rss_mib": before}
+
+
+def run_workers(script: str, jobs: Sequence[dict], rounds: int, *, memory_limit_gib: float | None = None,
+                timeout: float = 1800) -> list[dict]:
+    """Run every job in its own process, ``rounds`` times, interleaving jobs within each round."""
+    results = []
+    for round_index in range(rounds):
+        order = list(jobs) if round_index % 2 == 0 else list(reversed(jobs))
+        for job in order:
+            cmd = [sys.executable, script, "--worker", json.dumps(job)]
+            env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+            if memory_limit_gib:
+                env["TOKEXT_BENCH_MEMORY_LIMIT_GIB"] = str(memory_limit_gib)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+            if proc.returncode != 0 or not line:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                results.append({**job, "round": round_index, "failed": True,
+                                "error": f"exit {proc.returncode}: {tail[0][:160]}"})
+            else:
+                results.append({**job, "round": round_index, **json.loads(line[-1])})
+    return results
+
+
+def limit_memory_from_env() -> None:
+    """Cap the address space so a run that cannot fit fails with MemoryError instead of the OOM killer."""
+    limit = os.environ.get("TOKEXT_BENCH_MEMORY_LIMIT_GIB")
+    if limit:
+        size = int(float(limit) * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+
+def ratio_table(results: list[dict], key: dict[str, str], baseline: str = "plain_forward") -> str:
+    """Markdown table: per configuration and method, median time and peak memory, and ratios to baseline."""
+    import pandas as pd
+
+    frame = pd.DataFrame(results)
+    config_cols = [c for c in key if c in frame.columns]
+    ok = frame[~frame.get("failed", False).fillna(False).astype(bool)] if "failed" in frame else frame
+    grouped = ok.groupby(config_cols + ["method"], sort=False).agg(
+        seconds=("seconds", "median"), peak_rss_mib=("peak_rss_mib", "median"),
+        peak_extra_mib=("peak_extra_mib", "median")).reset_index()
+    lines = ["| " + " | ".join(key[c] for c in config_cols) + " | method | median s | x plain | peak RSS MiB | x plain | peak extra MiB |",
+             "|" + "---|" * (len(config_cols) + 6)]
+    for config, group in grouped.groupby(config_cols, sort=False):
+        config = config if isinstance(config, tuple) else (config,)
+        base = group[group["method"] == baseline]
+        if base.empty:
+            continue
+        base_s, base_m = float(base["seconds"].iloc[0]), float(base["peak_rss_mib"].iloc[0])
+        for row in group.itertuples(index=False):
+            lines.append("| " + " | ".join(str(v) for v in config) +
+                         f" | {row.method} | {row.seconds:.3f} | {row.seconds / base_s:.2f} | {row.peak_rss_mib:.0f} | "
+                         f"{row.peak_rss_mib / base_m:.2f} | {row.peak_extra_mib:.0f} |")
+    failed = frame[frame["failed"].fillna(False).astype(bool)] if "failed" in frame else frame.iloc[0:0]
+    for row in failed.to_dict("records"):
+        lines.append("| " + " | ".join(str(row.get(c)) for c in config_cols) + f" | {row['method']} | failed: {row['error']} | | | | |")
+    return "\n".join(lines)
