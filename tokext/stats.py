@@ -28,6 +28,20 @@ from tokext.errors import DataFileError, InputError
 from tokext.metrics import CATEGORIES
 
 _EVENT_FIELDS = ("sequence", "layer", "head", "position", "token_id", "alpha")
+_CHUNK_ELEMENTS = 1 << 22  # temporaries of at most 16 MiB (fp32) while reducing a pattern
+
+
+def _sum_plogp(p: torch.Tensor) -> torch.Tensor:
+    """sum_k p log p over the key axis [batch, head, query], in query chunks so the temporary stays small."""
+    batch, heads, queries, keys = p.shape
+    rows = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * keys))
+    if rows >= queries:
+        return torch.special.xlogy(p, p).sum(-1)
+    out = torch.empty(p.shape[:-1], dtype=p.dtype, device=p.device)
+    for start in range(0, queries, rows):
+        block = p[:, :, start:start + rows]
+        out[:, :, start:start + rows] = torch.special.xlogy(block, block).sum(-1)
+    return out
 
 
 @dataclass
@@ -111,7 +125,7 @@ class AttentionStats:
         acc["mass"][slot] += torch.einsum("bhk,bkc->hc", column_sum, onehot).to(torch.float64)
         acc["row_sum"][slot] += (row_sum * real_q[:, None]).sum((0, 2)).to(torch.float64)
         # normalised entropy of the renormalised row: H = log s - (1/s) sum p log p
-        plogp = torch.special.xlogy(p, p).sum(-1)
+        plogp = _sum_plogp(p)
         safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
         entropy = torch.log(safe_sum) - plogp / safe_sum
         n_k = ctx.n_keys.to(p.dtype)[:, None]

@@ -1,0 +1,85 @@
+"""Does an attention intervention cost more than a plain forward pass?
+
+For each intervention of ``tokext.interventions`` at its default settings, times a forward pass
+inside ``intervene`` against a plain eager forward pass over the same batches (each in its own
+process: one warm-up, then the median of several runs; peak RSS of the process; interleaved), and
+prints the ratios to the plain forward pass measured in the same run.
+
+    python benchmarks/interventions.py            # SmolLM2-135M, fp32, T = 512 and 2048
+    python benchmarks/interventions.py --quick    # small and fast (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_stats import real_token_batches  # noqa: E402
+from harness import limit_memory_from_env, ratio_table, run_workers, time_method  # noqa: E402
+
+INTERVENTIONS = {
+    "EarlyLayerEmulation": "EarlyLayerEmulation()",
+    "EarlyLayerEmulation_uniform": "EarlyLayerEmulation(uniform=True)",
+    "SinkCalibration": "SinkCalibration()",
+    "SinkRebalance_first": "SinkRebalance(targets='first', scale=0.5)",
+    "AttentionTemperature": "AttentionTemperature(1.5)",
+    "PatternPatch": "PatternPatch(source_layer=0, target_layers=[1, 2, 3])",
+    "HeadAblation": "HeadAblation(heads=[(5, 0), (10, 3)])",
+}
+
+
+def worker(job: dict) -> dict:
+    import torch
+    import tokext
+    from tokext import interventions as ivs
+
+    limit_memory_from_env()
+    torch.set_num_threads(job.get("threads", 2))
+    model = tokext.load_model(job["model"])
+    batches = real_token_batches(model, job["seq_len"], job["n_seqs"], job["batch_size"])
+    method = job["method"]
+    applied = () if method == "plain_forward" else (eval(INTERVENTIONS[method], vars(ivs)),)  # noqa: S307
+
+    def run():
+        with torch.inference_mode(), ivs.intervene(model, *applied):
+            for tokens in batches:
+                model(tokens, return_type=None)
+
+    return time_method(run, job["repeats"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round, three interventions")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="also write the raw results as JSON here")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.quick:
+        configs = [dict(seq_len=64, n_seqs=2, batch_size=2)]
+        methods = ["plain_forward", "EarlyLayerEmulation", "SinkCalibration"]
+        rounds, repeats = 1, 1
+    else:
+        configs = [dict(seq_len=512, n_seqs=4, batch_size=4), dict(seq_len=2048, n_seqs=1, batch_size=1)]
+        methods = ["plain_forward", *INTERVENTIONS]
+        rounds, repeats = args.rounds, args.repeats
+    jobs = [dict(model=args.model, method=m, repeats=repeats, **c) for c in configs for m in methods]
+    results = run_workers(__file__, jobs, rounds)
+    print(f"interventions vs a plain forward pass: model {args.model}, fp32, CPU, "
+          f"{rounds} round(s) x {repeats} timed run(s) after a warm-up, one process per run")
+    print(ratio_table(results, {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""The benchmark scripts run and print their ratio tables (timings are never asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["attention_stats.py", "interventions.py"])
+def test_benchmark_quick_prints_ratio_table(script, smollm2):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    assert lines[0].startswith("| T | batch") and "x plain" in lines[0]
+    body = lines[2:]
+    assert any("| plain_forward |" in l and "| 1.00 |" in l for l in body)
+    assert len(body) >= 3 and not any("failed" in l for l in body), proc.stdout
