@@ -18,6 +18,18 @@ _EXPORTS = {
     "collect_attention_stats": "tokext.collect",
     "AttentionStats": "tokext.stats",
     "TokextError": "tokext.errors",
+    "intervene": "tokext.interventions",
+    "intervention_effect": "tokext.interventions",
+    "mean_loss": "tokext.interventions",
+    "Intervention": "tokext.interventions",
+    "EarlyLayerEmulation": "tokext.interventions",
+    "SinkCalibration": "tokext.interventions",
+    "select_heads_greedy": "tokext.interventions",
+    "SinkRebalance": "tokext.interventions",
+    "AttentionTemperature": "tokext.interventions",
+    "PatternPatch": "tokext.interventions",
+    "HeadAblation": "tokext.interventions",
+    "greedy_generate": "tokext.generation",
 }
 
 __all__ = ["__version__", *_EXPORTS]

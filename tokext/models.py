@@ -210,7 +210,7 @@ def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, sou
         n_layers=int(bridge.cfg.n_layers),
         n_heads=int(bridge.cfg.n_heads),
         n_ctx=int(bridge.cfg.n_ctx),
-        prepend_bos=_tokenizer_adds_bos(tokenizer),
+        prepend_bos=_tokenizer_adds_bos(bridge.tokenizer),
     )
     return bridge
 

@@ -1,0 +1,247 @@
+"""The ``intervene`` context manager: hook lifetime, nesting, refusals, validation, effects."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.models_fixtures import encode_text
+from tests.models_fixtures import tiny_llama, tiny_native, tiny_opt  # noqa: F401  (fixtures)
+from tokext.errors import (
+    InputError, InterventionNotAppliedError, LayerIndexError, TokextError, UneditableAttentionError,
+)
+from tokext.hooks import pattern_hook_name
+from tokext.interventions.ablation import HeadAblation
+from tokext.interventions.calibration import SinkCalibration, select_heads_greedy
+from tokext.interventions.emulation import EarlyLayerEmulation
+from tokext.interventions.intervene import intervene, intervention_effect, mean_loss
+from tokext.interventions.patching import PatternPatch
+from tokext.interventions.rebalance import SinkRebalance
+from tokext.interventions.temperature import AttentionTemperature
+from tokext.models import model_info, native_model
+
+ALL = [EarlyLayerEmulation(alpha=1.0), SinkCalibration(), SinkRebalance(), AttentionTemperature(0.5),
+       PatternPatch(0, (1, 2)), HeadAblation([(1, 1)], "mean")]
+
+
+def _hook_count(model) -> int:
+    return sum(len(point.fwd_hooks) for point in model.hook_dict.values())
+
+
+def _tokens(model, n=2, length=8, seed=0):
+    return torch.randint(3, int(model.cfg.d_vocab), (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_hooks_removed_after_block_and_after_exceptions(tiny_native):
+    model, tokens = tiny_native, _tokens(tiny_native)
+    before = _hook_count(model)
+    with torch.no_grad():
+        base = model(tokens)
+        with intervene(model, *ALL) as run:
+            assert _hook_count(model) > before
+            model(tokens)
+        assert _hook_count(model) == before and run.forwards == 1 and all(run.fired[i] for i in range(len(ALL)))
+        with pytest.raises(ZeroDivisionError), intervene(model, *ALL):
+            model(tokens)
+            1 / 0
+        assert _hook_count(model) == before
+        # an error raised inside a hook, in the middle of a forward pass
+        with pytest.raises(InputError, match="tokenizer"), intervene(model, SinkRebalance("categories")):
+            model(tokens)
+        assert _hook_count(model) == before
+        torch.testing.assert_close(model(tokens), base)
+
+
+def test_nested_blocks_compose_and_user_hooks_survive(tiny_native):
+    model, tokens = tiny_native, _tokens(tiny_native)
+    seen = []
+    user_hook = (pattern_hook_name(1), lambda p, hook: seen.append(float(p.sum())))
+    a, b = AttentionTemperature(0.5), SinkRebalance(scale=0.1)
+    with torch.no_grad(), model.hooks(fwd_hooks=[user_hook]):
+        with intervene(model, a, b):
+            both = model(tokens)
+        with intervene(model, a):
+            with intervene(model, b):
+                nested = model(tokens)
+            only_a = model(tokens)  # the inner block's hooks are gone, the outer's remain
+        with intervene(model, a):
+            reference_a = model(tokens)
+        assert len(seen) == 4  # the user's hook fired in every pass and is still attached
+    torch.testing.assert_close(nested, both)
+    torch.testing.assert_close(only_a, reference_a)
+    assert float((only_a - both).abs().max()) > 1e-4
+
+
+def test_refuses_uneditable_models(tiny_opt, tiny_native):
+    tokens = _tokens(tiny_opt)
+    before = _hook_count(tiny_opt)
+    with pytest.raises(UneditableAttentionError, match="do not reach the logits"):
+        with intervene(tiny_opt, AttentionTemperature(2.0)):
+            tiny_opt(tokens)
+    assert _hook_count(tiny_opt) == before
+    with pytest.raises(UneditableAttentionError):
+        AttentionTemperature(2.0).hooks(tiny_opt)
+    simulated = native_model(n_layers=3, seed=7)
+    model_info(simulated).pattern_edit_lands = {0: True, 1: True, 2: False}
+    with pytest.raises(UneditableAttentionError, match=r"layers \[2\]"):
+        with intervene(simulated, EarlyLayerEmulation()):
+            pass
+    with intervene(simulated, AttentionTemperature(2.0, layers=(0, 1))):  # editable layers only: accepted
+        simulated(_tokens(simulated))
+
+
+def test_parameter_validation():
+    bad = [
+        lambda: EarlyLayerEmulation(alpha=float("nan")), lambda: EarlyLayerEmulation(threshold=1.5),
+        lambda: EarlyLayerEmulation(uniform=True, renormalize=True), lambda: EarlyLayerEmulation(horizon=0),
+        lambda: SinkCalibration(beta=1.2), lambda: SinkCalibration(tau=-0.1), lambda: SinkCalibration(heads=[(1,)]),
+        lambda: SinkRebalance("sinks"), lambda: SinkRebalance((-1,)), lambda: SinkRebalance(scale=-1.0),
+        lambda: AttentionTemperature(0.0), lambda: AttentionTemperature(float("inf")),
+        lambda: HeadAblation([(0, 0)], mode="resample"), lambda: HeadAblation([]), lambda: PatternPatch(0, ()),
+        lambda: EarlyLayerEmulation(renormalize="yes"), lambda: SinkRebalance(layers=[1.5]),
+    ]
+    for make in bad:
+        with pytest.raises(InputError):
+            make()
+
+
+def test_validation_against_the_model(tiny_native):
+    model = tiny_native  # 3 layers, 4 heads
+    cases = [
+        (AttentionTemperature(2.0, layers=(3,)), r"layer 3 out of range .*0\.\.2"),
+        (SinkCalibration(heads=[(0, 4)]), r"head 4 .*0\.\.3"),
+        (EarlyLayerEmulation(source_layer=1, layers=(1, 2)), "after source_layer=1"),
+        (EarlyLayerEmulation(source_layer=2), "no layer after"),
+        (PatternPatch(2, (1,)), "after source_layer=2"),
+        (SinkRebalance(layers=(0,), heads=[(1, 0)]), "none of the heads"),
+        (EarlyLayerEmulation(alpha=-3.0), "negative"),
+    ]
+    before = _hook_count(model)
+    for iv, message in cases:
+        with pytest.raises((LayerIndexError, InputError), match=message):
+            with intervene(model, iv):
+                pass
+    with pytest.raises(InputError, match="Intervention objects"):
+        with intervene(model, "temperature"):
+            pass
+    assert _hook_count(model) == before
+
+
+def test_not_applied_error_when_no_hook_fires(tiny_native):
+    model, tokens = tiny_native, _tokens(tiny_native)
+    with pytest.raises(InterventionNotAppliedError, match="never fired"):
+        with intervene(model, AttentionTemperature(2.0, layers=(2,))):
+            model(tokens, stop_at_layer=1)
+    with intervene(model, AttentionTemperature(2.0, layers=(2,))):  # no forward pass: nothing to report
+        pass
+    assert issubclass(InterventionNotAppliedError, (TokextError, RuntimeError))
+
+
+@pytest.mark.parametrize("iv", ALL + [SinkRebalance("categories", 0.0)], ids=repr)
+def test_hooks_for_run_with_hooks_match_intervene(tiny_llama, iv):
+    model = tiny_llama
+    tokens = torch.tensor([[1] + encode_text(["ab, cd. e!\nfg h"])[0]])
+    with torch.no_grad():
+        with intervene(model, iv):
+            expected = model(tokens)
+        got = model.run_with_hooks(tokens, fwd_hooks=iv.hooks(model))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert _hook_count(model) == 0
+
+
+def test_repr_and_asdict_round_trip():
+    for iv in ALL + [SinkRebalance(("punctuation", 0), 0.5, heads=[(1, 2)]), EarlyLayerEmulation(horizon=31)]:
+        assert type(iv)(**dataclasses.asdict(iv)) == iv
+        assert repr(iv).startswith(type(iv).__name__ + "(")
+        hash(iv)
+    namespace = {cls.__name__: cls for cls in (EarlyLayerEmulation, SinkCalibration, SinkRebalance,
+                                               AttentionTemperature, PatternPatch, HeadAblation)}
+    for iv in ALL + [PatternPatch(0, range(1, 30)), HeadAblation([(15, h) for h in range(9)], "first")]:
+        assert eval(repr(iv), namespace) == iv  # noqa: S307 - readable and still valid Python
+    assert repr(PatternPatch(0, range(1, 30))) == "PatternPatch(source_layer=0, target_layers=range(1, 30))"
+    assert repr(EarlyLayerEmulation()) == "EarlyLayerEmulation()"
+    assert repr(SinkCalibration(beta=0.5)) == "SinkCalibration(beta=0.5)"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EarlyLayerEmulation().alpha = 1.0
+
+
+def test_patterns_seen_inside_the_block_are_edited(tiny_native):
+    model, tokens = tiny_native, _tokens(tiny_native)
+    name = pattern_hook_name(1)
+    with torch.no_grad():
+        _, plain = model.run_with_cache(tokens, names_filter=name)
+        with intervene(model, AttentionTemperature(0.1, layers=(1,))):
+            _, cache = model.run_with_cache(tokens, names_filter=name)
+    powered = plain[name].double() ** 10
+    torch.testing.assert_close(cache[name].double(), powered / powered.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_intervention_effect_and_loss(tiny_llama):
+    model = tiny_llama
+    texts = ["abc, def. ghi", "jk lm!\nno pq rs"]
+    effect = intervention_effect(model, texts, EarlyLayerEmulation(alpha=1.0))
+    assert effect.max_abs_delta_logit > 1e-3 and effect.n_tokens == sum(len(t) for t in texts)  # BOS + chars - 1
+    assert effect.loss_before == pytest.approx(mean_loss(model, texts), abs=1e-6)
+    assert effect.loss_after == pytest.approx(mean_loss(model, texts, EarlyLayerEmulation(alpha=1.0)), abs=1e-6)
+    with torch.no_grad():
+        alone = model(torch.tensor([model.tokenizer(texts[1]).input_ids]), return_type="loss")
+    assert mean_loss(model, texts[1:]) == pytest.approx(float(alone), abs=1e-5)
+    assert effect.delta_loss == pytest.approx(effect.loss_after - effect.loss_before)
+    none = intervention_effect(model, texts, EarlyLayerEmulation(alpha=0.0))
+    assert none.max_abs_delta_logit < 1e-5
+
+
+def test_select_heads_greedy(tiny_native):
+    model, tokens = tiny_native, _tokens(tiny_native, n=3, length=12)
+    picked = select_heads_greedy(model, tokens, candidates=[(1, 0), (1, 1), (2, 3)], beta=0.0)
+    assert set(picked.scores) == {(1, 0), (1, 1), (2, 3)}
+    assert all(picked.scores[h] < picked.baseline for h in picked.heads)
+    assert all(picked.scores[h] >= picked.baseline for h in picked.scores if h not in picked.heads)
+    forward = select_heads_greedy(model, tokens, candidates=[(1, 0), (1, 1), (2, 3)], beta=0.0, cumulative=True)
+    if forward.heads:
+        assert forward.intervention() == SinkCalibration(beta=0.0, heads=forward.heads)
+
+
+@pytest.mark.parametrize("iv", ALL + [SinkCalibration(heads=[(1, 0)]), AttentionTemperature(2.0, heads=[(0, 1)]),
+                                EarlyLayerEmulation(renormalize=True)], ids=repr)
+def test_gradients_flow_through_the_edits(tiny_native, iv):
+    model, tokens = tiny_native, _tokens(tiny_native)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    model.zero_grad()
+    with intervene(model, iv):
+        logits = model(tokens, attention_mask=mask)
+    logits[mask.bool()].sum().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
+    with torch.no_grad(), intervene(model, iv):
+        torch.testing.assert_close(logits.detach(), model(tokens, attention_mask=mask))
+    model.zero_grad()
+
+
+def test_string_batches_with_hidden_padding_are_refused_where_padding_matters(tiny_llama):
+    model = tiny_llama
+    with torch.no_grad():
+        with pytest.raises(InputError, match="padding"), intervene(model, SinkRebalance()):
+            model(["ab cd", "e"])
+        with intervene(model, SinkRebalance()):  # one string: no padding
+            single = model(["ab cd"])
+        with intervene(model, EarlyLayerEmulation()):  # pad keys carry zero attention: no mask needed
+            model(["ab cd", "e"])
+    tokens = torch.tensor([model.tokenizer("ab cd").input_ids])
+    with torch.no_grad(), intervene(model, SinkRebalance()):
+        torch.testing.assert_close(single, model(tokens))
+
+
+def test_transformerlens_hook_contexts_inside_the_block_leave_ours_attached(tiny_native):
+    model, tokens = tiny_native, _tokens(tiny_native)
+    noop = [(pattern_hook_name(0), lambda p, hook: None)]
+    with torch.no_grad(), intervene(model, AttentionTemperature(2.0)) as run:
+        first = model(tokens)
+        model.run_with_cache(tokens, names_filter=pattern_hook_name(1))
+        model.run_with_hooks(tokens, fwd_hooks=noop)
+        with model.hooks(fwd_hooks=noop):
+            pass
+        torch.testing.assert_close(model(tokens), first)
+    assert run.forwards == 4 and run.fired[0] == 4 * model.cfg.n_layers

@@ -1,0 +1,130 @@
+"""Each intervention, hooked into a real model, against its formula applied in an independent forward.
+
+Tiny random Llama (grouped-query attention, RoPE) and GPT-2 models are loaded through
+``tokext.load_model``; the reference is a plain eager forward written from their saved weights
+(``reference_interventions.py``), with the intervention's formula applied row by row. The batch
+is left-padded, so first-token, padding and position handling are exercised. For the
+TransformerLens-native model the reference edit runs through ``run_with_hooks``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import reference_interventions as R
+from tests.models_fixtures import CHARS, SPECIALS, encode_text, gpt2_dir, llama_dir
+from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native  # noqa: F401  (fixtures)
+from tokext.errors import InputError
+from tokext.hooks import pattern_hook_name
+from tokext.interventions.ablation import HeadAblation
+from tokext.interventions.calibration import SinkCalibration
+from tokext.interventions.emulation import EarlyLayerEmulation
+from tokext.interventions.intervene import intervene
+from tokext.interventions.patching import PatternPatch
+from tokext.interventions.rebalance import SinkRebalance
+from tokext.interventions.temperature import AttentionTemperature
+
+TEXTS = ["the cat sat. on a mat, ok", "hi! yes\nno", "q? 7"]
+ABLATED = [(0, 0), (1, 3)]
+
+
+def _is_first(info, b, j):
+    return j == info.first(b)
+
+
+def _is_non_semantic(info, b, j):
+    token = int(info.tokens[b, j])
+    char = CHARS[token - len(SPECIALS)] if token >= len(SPECIALS) else ""
+    return j != info.first(b) and char in ".,!? \n"
+
+
+def _is_position(*positions):
+    return lambda info, b, j: (j - info.first(b)) in positions
+
+
+CASES = {
+    "emulation": (EarlyLayerEmulation(alpha=0.5), lambda: R.ref_emulation(alpha=0.5)),
+    "emulation-default": (EarlyLayerEmulation(), lambda: R.ref_emulation()),
+    "emulation-uniform": (EarlyLayerEmulation(alpha=0.5, uniform=True),
+                          lambda: R.ref_emulation(alpha=0.5, uniform=True)),
+    "emulation-renorm": (EarlyLayerEmulation(alpha=1.0, threshold=0.05, renormalize=True, layers=(1,)),
+                         lambda: R.ref_emulation(alpha=1.0, threshold=0.05, renormalize=True, layers=[1])),
+    "emulation-source1": (EarlyLayerEmulation(alpha=1.0, source_layer=1, horizon=4.0, exclude_self=False),
+                          lambda: R.ref_emulation(alpha=1.0, source=1, horizon=4.0, exclude_self=False)),
+    "act": (SinkCalibration(), lambda: R.ref_act()),
+    "act-heads": (SinkCalibration(tau=0.15, beta=0.0, heads=[(1, 0), (2, 3)], exclude_first=False),
+                  lambda: R.ref_act(tau=0.15, beta=0.0, heads={(1, 0), (2, 3)}, exclude_first=False)),
+    "rebalance-first": (SinkRebalance(), lambda: R.ref_rebalance(_is_first)),
+    "rebalance-categories": (SinkRebalance("categories", scale=0.2, layers=(1, 2)),
+                             lambda: R.ref_rebalance(_is_non_semantic, scale=0.2, layers={1, 2})),
+    "rebalance-positions": (SinkRebalance((0, 2), scale=3.0, renormalize=False, heads=[(0, 1), (2, 2)]),
+                            lambda: R.ref_rebalance(_is_position(0, 2), scale=3.0, renormalize=False,
+                                                    heads={(0, 1), (2, 2)})),
+    "temperature": (AttentionTemperature(2.0), lambda: R.ref_temperature(2.0)),
+    "temperature-heads": (AttentionTemperature(0.5, heads=[(0, 1), (2, 2)]),
+                          lambda: R.ref_temperature(0.5, heads={(0, 1), (2, 2)})),
+    "patch": (PatternPatch(0, (1, 2)), lambda: R.ref_patch(0, {1, 2})),
+    "patch-heads": (PatternPatch(1, (2,), heads=[(2, 1), (2, 3)]), lambda: R.ref_patch(1, {2}, {(2, 1), (2, 3)})),
+    "ablation-zero": (HeadAblation(ABLATED, "zero"), lambda: R.ref_ablation(set(ABLATED), "zero")),
+    "ablation-mean": (HeadAblation(ABLATED, "mean"), lambda: R.ref_ablation(set(ABLATED), "mean")),
+    "ablation-first": (HeadAblation(ABLATED, "first"), lambda: R.ref_ablation(set(ABLATED), "first")),
+}
+
+
+def _left_padded_batch():
+    seqs = [[1] + ids for ids in encode_text(TEXTS)]  # BOS first, like the tokenizer
+    length = max(map(len, seqs))
+    tokens = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        tokens[row, length - len(seq):] = torch.tensor(seq)
+        mask[row, length - len(seq):] = 1
+    return tokens, mask
+
+
+def _check(ours, reference, base, real, label):
+    diff = float((ours - reference).abs()[real].max())
+    moved = float((ours - base).abs()[real].max())
+    assert diff < 1e-5, f"{label}: max_diff={diff:.3g} between hooked model and reference (moved {moved:.3g})"
+    assert moved > 1e-3, f"{label}: intervention barely changed the logits (max |delta|={moved:.3g})"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_matches_reference_forward(kind, case, tiny_llama, tiny_gpt2):
+    model, directory = (tiny_llama, llama_dir()) if kind == "llama" else (tiny_gpt2, gpt2_dir())
+    intervention, reference_edit = CASES[case]
+    tokens, mask = _left_padded_batch()
+    with torch.no_grad():
+        base = model(tokens, attention_mask=mask)
+        with intervene(model, intervention):
+            ours = model(tokens, attention_mask=mask)
+    reference = R.reference_logits(directory, tokens, mask, edit=reference_edit())
+    plain = R.reference_logits(directory, tokens, mask)
+    assert float((plain - base).abs()[mask.bool()].max()) < 1e-5  # the reference forward itself
+    _check(ours, reference, base, mask.bool(), f"{kind}/{case}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_reference_edit_on_native(case, tiny_native):
+    model = tiny_native
+    intervention, reference_edit = CASES[case]
+    tokens, mask = _left_padded_batch()
+    if case == "rebalance-categories":  # token categories need a tokenizer; native models have none
+        with pytest.raises(InputError, match="tokenizer"), intervene(model, intervention):
+            model(tokens, attention_mask=mask)
+        return
+    edit = reference_edit()
+    info = R.Info(real=mask.bool(), tokens=tokens)
+
+    def make_hook(layer):
+        return lambda pattern, hook: edit(layer, pattern, info)
+
+    with torch.no_grad():
+        base = model(tokens, attention_mask=mask)
+        with intervene(model, intervention):
+            ours = model(tokens, attention_mask=mask)
+        fwd_hooks = [(pattern_hook_name(layer), make_hook(layer)) for layer in range(model.cfg.n_layers)]
+        reference = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=fwd_hooks)
+    _check(ours, reference, base, mask.bool(), f"native/{case}")

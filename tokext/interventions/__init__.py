@@ -1,0 +1,30 @@
+"""Attention interventions for TransformerLens 4 bridges: the paper's early-layer emulation
+(arXiv 2403.14932) and its neighbours, applied with ``with intervene(model, *interventions):``.
+
+Every intervention is a frozen dataclass of hyperparameters acting on
+``blocks.{l}.attn.hook_pattern`` [batch, head, query, key]:
+
+- :class:`EarlyLayerEmulation`: boost later layers where layer 0 attends (post-softmax, no renormalisation);
+- :class:`SinkCalibration`: ACT, damp hidden sinks and redistribute (rows keep their sum);
+- :class:`SinkRebalance`: scale attention to the first token, token categories or positions, renormalise;
+- :class:`AttentionTemperature`: exact softmax temperature;
+- :class:`PatternPatch`: copy a source layer's pattern into later layers;
+- :class:`HeadAblation`: zero / mean / first-token ablation of heads.
+"""
+
+from tokext.interventions.ablation import HeadAblation
+from tokext.interventions.base import Intervention, RunContext
+from tokext.interventions.calibration import HeadSelection, SinkCalibration, select_heads_greedy
+from tokext.interventions.emulation import EarlyLayerEmulation
+from tokext.interventions.intervene import (
+    InterventionEffect, InterventionRun, intervene, intervention_effect, mean_loss,
+)
+from tokext.interventions.patching import PatternPatch
+from tokext.interventions.rebalance import SinkRebalance
+from tokext.interventions.temperature import AttentionTemperature
+
+__all__ = [
+    "AttentionTemperature", "EarlyLayerEmulation", "HeadAblation", "HeadSelection", "Intervention",
+    "InterventionEffect", "InterventionRun", "PatternPatch", "RunContext", "SinkCalibration",
+    "SinkRebalance", "intervene", "intervention_effect", "mean_loss", "select_heads_greedy",
+]

@@ -1,0 +1,300 @@
+"""What every intervention shares: a frozen parameter dataclass plus a per-run context.
+
+An :class:`Intervention` holds only its hyperparameters (validated in ``__post_init__``). Binding
+it to a model (:meth:`Intervention.hooks`) validates layers and heads against the model and
+returns TransformerLens ``fwd_hooks``; state that lives for one forward pass or one generation
+(a source layer's mask, accumulated column sums, the token history of a KV-cached generation)
+is kept in closures and in a :class:`RunContext`, never on the dataclass and never in TL's
+``hook.ctx``.
+
+Patterns are ``blocks.{l}.attn.hook_pattern`` tensors [batch, head, query, key]. With a KV cache
+the queries are the last ``query`` positions of the ``key`` axis (``past = key - query``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tokext.errors import InputError, LayerIndexError
+from tokext.hooks import ForwardInputs, HookFn, resolve_heads, resolve_layers
+
+Hooks = list[tuple[str, HookFn]]
+
+
+class RunContext:
+    """Per-run facts about the forward pass in flight, shared by the hooks of one run.
+
+    ``inputs`` is the live :class:`~tokext.hooks.ForwardInputs` that :func:`tokext.hooks.capture_inputs`
+    fills (or, for :meth:`Intervention.hooks` used alone, one filled from ``embed.hook_in``, with
+    no attention mask). ``shared_points`` names hook points that carry hooks not owned by this run;
+    their tensors are never edited in place (someone else may hold a reference). ``None`` means
+    unknown: never edit in place.
+    """
+
+    def __init__(self, inputs: ForwardInputs | None = None, shared_points: set[str] | None = None,
+                 strict: bool = False):
+        self.inputs = inputs if inputs is not None else ForwardInputs()
+        self.shared_points = shared_points
+        self.strict = strict  # inputs are captured: a batch of strings has unknown padding
+        self._history: torch.Tensor | None = None
+        self._history_of: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ geometry and masks
+
+    def inplace_ok(self, name: str, pattern: torch.Tensor) -> bool:
+        """Whether ``pattern`` (the tensor at hook ``name``) may be overwritten."""
+        if self.shared_points is None or name in self.shared_points:
+            return False
+        return not (torch.is_grad_enabled() and pattern.requires_grad)
+
+    def attention_mask(self, pattern: torch.Tensor) -> torch.Tensor | None:
+        """Bool [batch, key]: real (non-pad) keys, or ``None`` when the call had no mask."""
+        mask = self.inputs.attention_mask
+        batch, _, _, n_keys = pattern.shape
+        if mask is None:
+            if self.strict and self.inputs.tokens is None and batch > 1:
+                raise InputError(
+                    "this intervention needs to know which tokens are padding, and a batch of strings "
+                    "hides it: tokenize (tokext.inputs.encode / pad) and pass token ids with attention_mask"
+                )
+            return None
+        if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] != n_keys:
+            raise InputError(
+                f"attention_mask of shape {tuple(mask.shape)} does not match the attention pattern "
+                f"{tuple(pattern.shape)} [batch, head, query, key]: pass a 2-D [batch, past + new] 0/1 mask"
+            )
+        return mask.to(device=pattern.device, dtype=torch.bool)
+
+    def real_queries(self, pattern: torch.Tensor) -> torch.Tensor | None:
+        """Bool [batch, query]: real query rows (``None``: all)."""
+        mask = self.attention_mask(pattern)
+        return None if mask is None else mask[:, mask.shape[1] - pattern.shape[2]:]
+
+    def visible(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Bool [batch or 1, query, key]: the query sees the key (causal, both real)."""
+        _, _, n_q, n_k = pattern.shape
+        key_pos = torch.arange(n_k, device=pattern.device)
+        causal = key_pos[None, :] <= key_pos[n_k - n_q:, None]
+        mask = self.attention_mask(pattern)
+        if mask is None:
+            return causal[None]
+        return causal[None] & mask[:, None, :] & mask[:, n_k - n_q:, None]
+
+    def first_key(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Long [batch]: index of each row's first real key (its "position 0" under left padding)."""
+        mask = self.attention_mask(pattern)
+        if mask is None:
+            return torch.zeros(pattern.shape[0], dtype=torch.long, device=pattern.device)
+        return mask.to(torch.int8).argmax(1)
+
+    def key_tokens(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Long [batch, key]: token id of every key, the KV-cached ones included.
+
+        The history of a cached generation is accumulated across decode steps, so the
+        generation must start (its prefill must run) inside the same run.
+        """
+        batch, _, n_q, n_k = pattern.shape
+        tokens = self.inputs.tokens
+        if tokens is None or tuple(tokens.shape) != (batch, n_q):
+            raise InputError(
+                "this intervention needs the token ids of the forward pass: call the model on a "
+                "[batch, pos] token tensor (not strings) inside `tokext.intervene`"
+            )
+        history = self._history
+        if self._history_of is not tokens or history is None or history.shape[1] != n_k:
+            past = n_k - n_q
+            if past == 0:
+                history = tokens
+            elif history is not None and tuple(history.shape) == (batch, past):
+                history = torch.cat([history, tokens.to(history.device)], dim=1)
+            else:
+                raise InputError(
+                    f"token ids of the {past} cached keys are unknown: start the cached generation "
+                    "(its prefill) inside the same `tokext.intervene` block"
+                )
+            self._history, self._history_of = history, tokens
+        return history.to(pattern.device)
+
+
+def on_heads(pattern: torch.Tensor, heads: torch.Tensor | None, inplace: bool,
+             edit: Callable[[torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
+    """Apply ``edit(sub_pattern, inplace)`` to the chosen heads (all when ``heads`` is None)."""
+    if heads is None:
+        return edit(pattern, inplace)
+    owned = not (torch.is_grad_enabled() and pattern.requires_grad)
+    sub = edit(pattern.index_select(1, heads), owned)  # index_select copies: the edit owns it
+    if inplace:
+        return pattern.index_copy_(1, heads, sub)
+    return pattern.index_copy(1, heads, sub)
+
+
+def rescale_rows(edited: torch.Tensor, target_sum: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """Scale each row of ``edited`` to ``target_sum`` [..., 1]; rows summing to 0 stay 0."""
+    total = edited.sum(-1, keepdim=True)
+    ratio = torch.where(total > 0, target_sum / torch.where(total > 0, total, 1.0), 0.0)
+    return edited.mul_(ratio) if inplace else edited * ratio
+
+
+# ---------------------------------------------------------------------- the base class
+
+
+@dataclass(frozen=True, repr=False)
+class Intervention:
+    """Base of every intervention. Subclasses are frozen dataclasses of hyperparameters.
+
+    Subclasses implement :meth:`_check` (parameter validation, raising :class:`InputError`),
+    :meth:`edited_layers` (validated against the model) and :meth:`_make_hooks`.
+    """
+
+    needs_tokens = False  # class attribute: whether the hooks read token ids (categories)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def edited_layers(self, model: Any) -> list[int]:
+        """Layers whose ``hook_pattern`` this intervention rewrites (validated against ``model``)."""
+        raise NotImplementedError
+
+    def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
+        raise NotImplementedError
+
+    def hooks(self, model: Any, ctx: RunContext | None = None) -> Hooks:
+        """TransformerLens ``fwd_hooks`` applying this intervention, with fresh per-run state.
+
+        For ``model.run_with_hooks(tokens, fwd_hooks=intervention.hooks(model))``. Used this way
+        the hooks cannot see an attention mask: inputs are taken to be unpadded. Prefer
+        :func:`tokext.intervene`, which also handles padding and refuses uneditable models.
+        """
+        layers = self.edited_layers(model)
+        own = ctx is None
+        if own:
+            from tokext.models import require_pattern_edits
+
+            require_pattern_edits(model, layers)
+        ctx = ctx if ctx is not None else RunContext()
+        hooks = self._make_hooks(model, ctx)
+        if own and self.needs_tokens and "embed.hook_in" in model.hook_dict:
+            def record_tokens(tokens: torch.Tensor, hook: Any) -> None:
+                if not tokens.is_floating_point():
+                    ctx.inputs.tokens = tokens if tokens.ndim == 2 else tokens[None]
+            hooks.insert(0, ("embed.hook_in", record_tokens))
+        return hooks
+
+    def __repr__(self) -> str:
+        """Class name and the parameters that differ from their defaults (names it in tables)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+            if default is dataclasses.MISSING or value != default:
+                parts.append(f"{f.name}={_compact(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _compact(value: Any) -> str:
+    """``repr`` with long runs written as ranges (still valid Python that the constructors accept)."""
+    def run(xs: list[int], shortest: int = 4) -> bool:
+        return len(xs) >= shortest and xs == list(range(xs[0], xs[0] + len(xs)))
+
+    if isinstance(value, tuple) and value and all(is_int(x) for x in value) and run(list(value)):
+        return f"range({value[0]}, {value[-1] + 1})"
+    if isinstance(value, tuple) and value and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        layers = sorted({p[0] for p in value})
+        heads = sorted({p[1] for p in value})
+        full = len(value) == len(layers) * len(heads) and len(set(value)) == len(value)
+        if full and len(value) >= 4 and (len(layers) == 1 or run(layers, 2)) and run(heads, 2):
+            span = lambda xs: f"[{xs[0]}]" if len(xs) == 1 else f"range({xs[0]}, {xs[-1] + 1})"  # noqa: E731
+            return f"[(l, h) for l in {span(layers)} for h in {span(heads)}]"
+    return repr(value)
+
+
+# ---------------------------------------------------------------------- validation helpers
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise :class:`InputError` unless ``value`` is a finite real number in the given range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise InputError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise InputError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be True or False, got {value!r}")
+
+
+def as_int_tuple(name: str, value: Any, *, allow_none: bool = True) -> tuple[int, ...] | None:
+    """A layer spec (int or sequence of ints) as a tuple, for hashable, readable dataclass fields."""
+    if value is None:
+        if allow_none:
+            return None
+        raise InputError(f"{name} is required")
+    items = [value] if is_int(value) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise InputError(f"{name} must be an int or a sequence of ints, got {value!r}") from None
+    if not items or not all(is_int(x) for x in items):
+        raise InputError(f"{name} must be a non-empty int or sequence of ints, got {value!r}")
+    return tuple(int(x) for x in items)
+
+
+def as_head_pairs(name: str, value: Any, *, allow_none: bool = True) -> tuple[tuple[int, int], ...] | None:
+    """(layer, head) pairs as a tuple of int pairs."""
+    if value is None:
+        if allow_none:
+            return None
+        raise InputError(f"{name} is required: a sequence of (layer, head) pairs")
+    try:
+        raw = [tuple(pair) for pair in value]
+    except TypeError:
+        raise InputError(f"{name} must be a sequence of (layer, head) pairs, got {value!r}") from None
+    if not raw or any(len(pair) != 2 or not all(is_int(x) for x in pair)
+                      for pair in raw):
+        raise InputError(f"{name} must be a non-empty sequence of integer (layer, head) pairs, got {value!r}")
+    return tuple((int(layer), int(head)) for layer, head in raw)
+
+
+def head_selection(model: Any, layers: Sequence[int] | None, heads: Sequence[tuple[int, int]] | None,
+                   default_layers: list[int] | None = None) -> dict[int, list[int] | None]:
+    """Layer -> chosen head indices (``None``: every head), validated against ``model``.
+
+    With both ``layers`` and ``heads``, the pairs whose layer is listed are kept.
+    """
+    chosen = resolve_layers(model, layers) if layers is not None else (
+        default_layers if default_layers is not None else resolve_layers(model, None))
+    if heads is None:
+        return {layer: None for layer in chosen}
+    pairs = [p for p in resolve_heads(model, heads) if p[0] in chosen]
+    if not pairs:
+        raise LayerIndexError(f"none of the heads {list(heads)} lies in the chosen layers {chosen}")
+    out: dict[int, list[int]] = {}
+    for layer, head in pairs:
+        out.setdefault(layer, []).append(head)
+    n_heads = int(model.cfg.n_heads)
+    return {layer: (None if len(h) == n_heads else h) for layer, h in sorted(out.items())}
+
+
+def head_index(heads: list[int] | None, device: torch.device) -> torch.Tensor | None:
+    return None if heads is None else torch.tensor(heads, dtype=torch.long, device=device)
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,180 @@
+"""Attention calibration (ACT; Yu et al., ICML 2024, arXiv 2406.15765).
+
+Per head and input, hidden sinks ``S`` are the keys whose mean received attention over the real
+queries that see them exceeds ``tau`` (the first real key excluded when ``exclude_first``).
+Their columns are scaled by ``beta`` and each row's freed mass goes to that row's non-sink
+entries in proportion to their weight, so every row keeps its sum (1 for plain softmax). A row
+with no non-sink mass is left unchanged (ACT's ``A'_{0,0} = 1``). Post-softmax.
+
+In KV-cached decoding the column means are accumulated over every query seen so far in the
+generation, so a decode row uses the sinks of the whole sequence. (Cached and recomputed
+generation can still differ: recomputing re-calibrates earlier rows as ``S`` changes.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tokext.hooks import pattern_hook_name
+from tokext.interventions.base import (
+    Hooks, Intervention, RunContext, as_head_pairs, check_bool, check_number, head_index, head_selection,
+)
+
+
+@dataclass(frozen=True, repr=False)
+class SinkCalibration(Intervention):
+    """ACT: damp each head's hidden sinks by ``beta`` and hand their mass to the other keys.
+
+    ``heads``: (layer, head) pairs to calibrate (default every head); see
+    :func:`select_heads_greedy` for ACT's per-head selection on a calibration set.
+
+    >>> SinkCalibration(beta=0.5, heads=[(3, 1)])
+    SinkCalibration(beta=0.5, heads=((3, 1),))
+    """
+
+    tau: float = 0.1
+    beta: float = 0.4
+    heads: tuple[tuple[int, int], ...] | None = None
+    exclude_first: bool = True
+
+    def _check(self) -> None:
+        check_number("tau", self.tau, low=0.0, high=1.0)
+        check_number("beta", self.beta, low=0.0, high=1.0)
+        check_bool("exclude_first", self.exclude_first)
+        object.__setattr__(self, "heads", as_head_pairs("heads", self.heads))
+
+    def edited_layers(self, model: Any) -> list[int]:
+        return list(head_selection(model, None, self.heads))
+
+    def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
+        selection = head_selection(model, None, self.heads)
+        return [(pattern_hook_name(layer), self._hook(layer, heads, ctx)) for layer, heads in selection.items()]
+
+    def _hook(self, layer: int, heads: list[int] | None, ctx: RunContext) -> Callable:
+        name = pattern_hook_name(layer)
+        tau, beta, exclude_first = self.tau, self.beta, self.exclude_first
+        acc: dict[str, torch.Tensor | None] = {"column": None, "count": None}
+
+        def calibrate(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
+            batch, _, n_q, n_k = pattern.shape
+            past = n_k - n_q
+            index = head_index(heads, pattern.device)
+            sub = pattern if index is None else pattern.index_select(1, index)
+            real_q = ctx.real_queries(pattern)
+            weights = sub if real_q is None else sub * real_q[:, None, :, None].to(sub.dtype)
+            column = weights.sum(2)  # [batch, head, key]: received mass from the real queries
+            count = ctx.visible(pattern).sum(1).to(sub.dtype).expand(batch, n_k)  # real queries seeing k
+            old_column, old_count = acc["column"], acc["count"]
+            if past > 0 and old_column is not None and old_column.shape == (*column.shape[:2], past):
+                column = column + torch.nn.functional.pad(old_column, (0, n_q))
+                count = count + torch.nn.functional.pad(old_count, (0, n_q))
+            acc["column"], acc["count"] = column, count
+            received = column / torch.where(count > 0, count, 1.0)[:, None]
+            sinks = received > tau
+            real_k = ctx.attention_mask(pattern)
+            if real_k is not None:
+                sinks &= real_k[:, None]
+            if exclude_first:
+                first = ctx.first_key(pattern)[:, None, None].expand(batch, sinks.shape[1], 1)
+                sinks.scatter_(2, first, False)
+            owned = index is not None and not (torch.is_grad_enabled() and pattern.requires_grad)
+            edited = calibrate_rows(sub, sinks[:, :, None, :], beta, inplace=owned or ctx.inplace_ok(name, pattern))
+            if index is None:
+                return edited
+            if ctx.inplace_ok(name, pattern):
+                return pattern.index_copy_(1, index, edited)
+            return pattern.index_copy(1, index, edited)
+
+        return calibrate
+
+
+def calibrate_rows(pattern: torch.Tensor, sinks: torch.Tensor, beta: float, *, inplace: bool) -> torch.Tensor:
+    """ACT's row update: sink entries times ``beta``, freed mass spread over the rest by weight.
+
+    ``sinks`` is Bool broadcastable to ``pattern`` [..., query, key].
+    """
+    sink_mass = (pattern * sinks).sum(-1, keepdim=True)
+    rest = torch.where(sinks, 0.0, pattern).sum(-1, keepdim=True)
+    has_rest = rest > 0
+    row_beta = torch.where(has_rest, beta, 1.0)
+    rest_gain = 1.0 + (1.0 - row_beta) * sink_mass / torch.where(has_rest, rest, 1.0)
+    gain = torch.where(sinks, row_beta, rest_gain)
+    return pattern.mul_(gain) if inplace else pattern * gain
+
+
+# ---------------------------------------------------------------------- ACT's head selection
+
+
+@dataclass
+class HeadSelection:
+    """Result of :func:`select_heads_greedy`: the kept heads and the score of every trial."""
+
+    heads: tuple[tuple[int, int], ...]
+    baseline: float
+    scores: dict[tuple[int, int], float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def intervention(self) -> SinkCalibration:
+        """The :class:`SinkCalibration` of the kept heads, with the selection's tau and beta."""
+        if not self.heads:
+            from tokext.errors import InputError
+
+            raise InputError("no head improved the score: nothing to calibrate")
+        return SinkCalibration(heads=self.heads, **self.settings)
+
+
+def select_heads_greedy(
+    model: Any,
+    inputs: Any,
+    *,
+    candidates: Sequence[tuple[int, int]] | None = None,
+    tau: float = 0.1,
+    beta: float = 0.4,
+    exclude_first: bool = True,
+    score: Callable[[Any], float] | None = None,
+    min_gain: float = 0.0,
+    cumulative: bool = False,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> HeadSelection:
+    """Pick heads for :class:`SinkCalibration` one at a time on a calibration set, as ACT does.
+
+    Each candidate (layer, head) (default: every head) is calibrated alone and kept when it
+    lowers ``score`` by more than ``min_gain``. ``score(model) -> float`` (lower is better; it is
+    called inside the intervention block) defaults to the mean next-token loss on ``inputs``
+    (strings, a token tensor or token lists). ``cumulative=True`` instead tries each candidate on
+    top of the heads kept so far (forward greedy selection).
+    """
+    from tqdm.auto import tqdm
+
+    from tokext.interventions.intervene import intervene, mean_loss
+
+    settings = {"tau": tau, "beta": beta, "exclude_first": exclude_first}
+    SinkCalibration(**settings)  # validate before any forward pass
+    if candidates is None:
+        n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+        candidates = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    candidates = list(as_head_pairs("candidates", candidates, allow_none=False))
+    head_selection(model, None, candidates)  # validates indices
+    if score is None:
+        def score(m: Any) -> float:
+            return mean_loss(m, inputs, batch_size=batch_size)
+
+    with torch.inference_mode():
+        baseline = float(score(model))
+    kept: list[tuple[int, int]] = []
+    scores: dict[tuple[int, int], float] = {}
+    current = baseline
+    for pair in tqdm(candidates, desc="ACT head selection", disable=not progress):
+        trial = (kept if cumulative else []) + [pair]
+        with torch.inference_mode(), intervene(model, SinkCalibration(heads=trial, **settings)):
+            value = float(score(model))
+        scores[pair] = value
+        reference = current if cumulative else baseline
+        if value < reference - min_gain:
+            kept.append(pair)
+            current = value if cumulative else current
+    return HeadSelection(heads=tuple(kept), baseline=baseline, scores=scores, settings=settings)

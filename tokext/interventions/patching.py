@@ -1,0 +1,84 @@
+"""Full early-layer emulation: replace later layers' patterns by a source layer's pattern.
+
+The extreme of :class:`~tokext.interventions.EarlyLayerEmulation`: target heads attend exactly as
+the same-index head of ``source_layer`` did in the same forward pass (a KV-cached decode row uses
+the source row of the same token, so cached generation equals recomputation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
+from tokext.hooks import pattern_hook_name, resolve_layers
+from tokext.interventions.base import (
+    Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, head_index, head_selection, is_int,
+)
+
+
+@dataclass(frozen=True, repr=False)
+class PatternPatch(Intervention):
+    """Copy ``source_layer``'s pattern into ``target_layers`` (only ``heads`` when given).
+
+    ``heads``: (layer, head) pairs within ``target_layers``; head ``h`` of a target layer gets head
+    ``h`` of the source layer.
+
+    >>> PatternPatch(0, (2, 3))
+    PatternPatch(source_layer=0, target_layers=(2, 3))
+    """
+
+    source_layer: int
+    target_layers: tuple[int, ...]
+    heads: tuple[tuple[int, int], ...] | None = None
+
+    def _check(self) -> None:
+        if not is_int(self.source_layer):
+            raise InputError(f"source_layer must be an int, got {self.source_layer!r}")
+        object.__setattr__(self, "source_layer", int(self.source_layer))
+        object.__setattr__(self, "target_layers", as_int_tuple("target_layers", self.target_layers, allow_none=False))
+        object.__setattr__(self, "heads", as_head_pairs("heads", self.heads))
+
+    def _plan(self, model: Any) -> tuple[int, dict[int, list[int] | None]]:
+        source = resolve_layers(model, self.source_layer)[0]
+        targets = resolve_layers(model, list(self.target_layers))
+        if min(targets) <= source:
+            raise LayerIndexError(f"target_layers {targets} must all come after source_layer={source}")
+        return source, head_selection(model, targets, self.heads)
+
+    def edited_layers(self, model: Any) -> list[int]:
+        return list(self._plan(model)[1])
+
+    def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
+        source, selection = self._plan(model)
+        last = max(selection)
+        state: dict[str, torch.Tensor | None] = {"pattern": None}
+
+        def record(pattern: torch.Tensor, hook: Any) -> None:
+            state["pattern"] = pattern.detach().clone()  # later in-place edits must not reach it
+
+        def make_patch(layer: int, heads: list[int] | None) -> Any:
+            name = pattern_hook_name(layer)
+
+            def patch(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
+                saved = state["pattern"]
+                if layer == last:
+                    state["pattern"] = None
+                if saved is None or saved.shape != pattern.shape:
+                    raise InterventionNotAppliedError(
+                        f"{self!r}: layer {layer} ran without layer {source}'s pattern of the same forward pass")
+                saved = saved.to(pattern.dtype)
+                index = head_index(heads, pattern.device)
+                if index is None:
+                    return saved if not ctx.inplace_ok(name, pattern) else pattern.copy_(saved)
+                if ctx.inplace_ok(name, pattern):
+                    return pattern.index_copy_(1, index, saved.index_select(1, index))
+                return pattern.index_copy(1, index, saved.index_select(1, index))
+
+            return patch
+
+        hooks: Hooks = [(pattern_hook_name(source), record)]
+        hooks += [(pattern_hook_name(layer), make_patch(layer, heads)) for layer, heads in selection.items()]
+        return hooks
