@@ -26,37 +26,11 @@ import pandas as pd
 import torch
 
 import tokext
-from tokext.collect import collect_attention_stats
-from tokext.interventions import (
-    AttentionTemperature, EarlyLayerEmulation, HeadAblation, PatternPatch, SinkCalibration, SinkRebalance,
-    intervene, intervention_effect,
-)
 from tokext.models import load_model, model_info
+from tokext.profiles import default_interventions, intervention_profiles
 from tokext.prompts import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def interventions(n_layers: int, n_heads: int) -> list:
-    mid = n_layers // 2
-    return [
-        EarlyLayerEmulation(),
-        EarlyLayerEmulation(uniform=True),
-        EarlyLayerEmulation(renormalize=True),
-        SinkCalibration(),
-        SinkRebalance(),
-        SinkRebalance("categories"),
-        AttentionTemperature(2.0),
-        PatternPatch(0, (1,)),
-        PatternPatch(0, tuple(range(1, n_layers))),  # full emulation: the extreme of EarlyLayerEmulation
-        HeadAblation([(mid, h) for h in range(n_heads)], "zero"),
-    ]
-
-
-def first_token_mass(model, prompts, batch_size, *ivs):
-    with intervene(model, *ivs):
-        stats = collect_attention_stats(model, prompts, batch_size=batch_size, progress=False)
-    return stats.first_token_mass.mean(1), stats.row_sum.mean(1)  # [layer]: mean over heads
 
 
 def main(argv=None) -> int:
@@ -71,24 +45,9 @@ def main(argv=None) -> int:
     model = load_model(args.model)
     info = model_info(model)
     prompts = load_prompts(None, n=args.n_prompts)
-    base_mass, _ = first_token_mass(model, prompts, args.batch_size)
-    rows, by_layer = [], {"baseline": base_mass}
-    for iv in interventions(info.n_layers, info.n_heads):
-        with torch.inference_mode():
-            effect = intervention_effect(model, prompts, iv, batch_size=args.batch_size)
-        mass, row_sum = first_token_mass(model, prompts, args.batch_size, iv)
-        by_layer[repr(iv)] = mass
-        rows.append({
-            "intervention": repr(iv), "loss_without": effect.loss_before, "loss_with": effect.loss_after,
-            "delta_loss": effect.delta_loss, "max_abs_delta_logit": effect.max_abs_delta_logit,
-            "first_mass_without": float(base_mass.mean()), "first_mass_with": float(mass.mean()),
-            "delta_first_mass": float((mass - base_mass).mean()), "mean_row_sum": float(row_sum.mean()),
-            "n_tokens": effect.n_tokens,
-        })
-        print(f"{rows[-1]['intervention']}: loss {effect.loss_before:.4f} -> {effect.loss_after:.4f}", flush=True)
-
-    summary = pd.DataFrame(rows)
-    layers = pd.DataFrame(by_layer, index=pd.Index(range(info.n_layers), name="layer")).reset_index()
+    summary, by_layer = intervention_profiles(model, prompts, default_interventions(info.n_layers, info.n_heads),
+                                              batch_size=args.batch_size, progress=True)
+    layers = by_layer.pivot(index="layer", columns="intervention", values="first_token_mass").reset_index()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out / "summary.csv", index=False, float_format="%.5g")

@@ -1,0 +1,60 @@
+"""``tokext reproduce`` and ``tokext figures``: thin wrappers over :mod:`tokext.reproduce` and
+:mod:`tokext.figures`. Importing this module registers both in :data:`tokext.cli.EXTRA_COMMANDS`."""
+
+from __future__ import annotations
+
+import argparse
+
+from tokext.cli import EXTRA_COMMANDS
+
+REPRODUCE_EPILOG = """examples:
+  tokext reproduce              # the study on SmolLM2-135M + the organism, < 20 min on 2 CPU cores
+  tokext reproduce --quick      # a smoke run in < 3 min (results/reproduce/quick, figures in --figures)
+  tokext reproduce --full       # the complete grids of experiments/*.toml (hours on a CPU)
+  tokext reproduce --force      # recompute every step instead of reusing cached results
+"""
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from tokext.reproduce import Reproduction
+
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    figures = args.figures or ("figures" if mode == "default" else f"results/reproduce/{mode}/figures")
+    Reproduction(mode, results=args.results, model=args.model, force=args.force).run(figures)
+    return 0
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from tokext.figures import build_all
+    from tokext.reproduce import report_tables
+
+    from pathlib import Path
+
+    figures = build_all(args.results, args.out, tables=report_tables(Path(args.results)))
+    for fig in figures:
+        print(f"{fig.files[0]}  {fig.title}")
+    print(f"report: {Path(args.out) / 'REPORT.md'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="run the whole study and rebuild every figure and REPORT.md",
+                       epilog=REPRODUCE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small smoke run (< 3 min)")
+    size.add_argument("--full", action="store_true", help="the complete grids (hours on a CPU)")
+    p.add_argument("--force", action="store_true", help="recompute steps whose results exist")
+    p.add_argument("--model", default="smollm2-135m", help="model spec (default smollm2-135m)")
+    p.add_argument("--results", default="results/reproduce", help="results root (a folder per mode)")
+    p.add_argument("--figures", default=None, help="figure folder (default figures/ for the default mode)")
+    p.set_defaults(run=_reproduce)
+
+    p = sub.add_parser("figures", help="build the figures and REPORT.md from saved results (no model)",
+                       epilog="example:\n  tokext figures --results results/reproduce/default --out figures/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", required=True, help="a results folder written by `tokext reproduce`")
+    p.add_argument("--out", default="figures", help="output folder (default figures/)")
+    p.set_defaults(run=_figures)
+
+
+EXTRA_COMMANDS.append(register)
