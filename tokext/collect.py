@@ -45,8 +45,10 @@ def category_table(model: Any, tokenizer: Any = None) -> torch.Tensor:
 
 
 def _weakrefable(obj: Any) -> bool:
+    """Whether ``obj`` can key the cache (weak-referenceable and hashable)."""
     try:
         weakref.ref(obj)
+        hash(obj)
         return True
     except TypeError:
         return False

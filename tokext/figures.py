@@ -189,8 +189,34 @@ def alpha_sweep(results: Path, out: Path) -> Figure | None:
                   plots.save(fig, out, "fig5_alpha_sweep", f"model {meta.get('model')} | config {meta.get('config')}"))
 
 
+def organism(results: Path, out: Path) -> Figure | None:
+    """The model organism: BOS attention during training, and first-token mass by layer and head."""
+    folder = results / "organism"
+    if not (folder / "stats.npz").is_file():
+        return None
+    import matplotlib.pyplot as plt
+
+    stats = AttentionStats.load(folder / "stats.npz")
+    log = pd.read_csv(folder / "training_log.csv")
+    meta = _provenance(folder)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(plots.FULL_WIDTH, 2.4))
+    left.plot(log["step"], log["bos_attention"], marker="o", ms=2, lw=1, label="max-head attention to BOS")
+    left.plot(log["step"], log["accuracy"], marker="s", ms=2, lw=1, label="held-out accuracy")
+    left.set_xlabel("training step")
+    left.legend(frameon=False)
+    plots.layer_head_heatmap(stats.first_token_mass, stats.layers, title="first-token mass (trained)",
+                             label="share of row mass", ax=right)
+    accuracy = meta.get("accuracy", {})
+    caption = (f"The model organism (2-layer TransformerLens-native model trained from scratch on CoT arithmetic for "
+               f"{meta.get('steps')} steps): held-out exact match CoT {accuracy.get('cot', float('nan')):.3f}, direct "
+               f"{accuracy.get('direct', float('nan')):.3f}; attention to the BOS token grows during training. Heatmap: "
+               f"first-token mass over {stats.n_sequences} held-out prompts.")
+    return Figure("fig8_organism", "The model organism grows a BOS sink", caption,
+                  plots.save(fig, out, "fig8_organism", f"organism | steps {meta.get('steps')} | seed 0 | n={stats.n_sequences} prompts"))
+
+
 BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
-    head_patterns, sink_and_entropy, intervention_profiles, ablation, alpha_sweep,
+    head_patterns, sink_and_entropy, intervention_profiles, ablation, alpha_sweep, organism,
 ]
 
 

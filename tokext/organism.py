@@ -3,17 +3,20 @@ arithmetic. It reaches near-perfect held-out accuracy in a few CPU minutes and g
 (BOS) attention sink, so sink statistics and interventions can be studied on a model whose every
 training choice is known.
 
-Task format (one character per token)::
+Task format (one character per token, after BOS)::
 
-    CoT:     Q:3+4-5=>7>2;A:2      (running results, then the answer)
-    direct:  Q:3+4-5=;A:2          (answer straight away; the prompt for evaluation ends at "A:")
+    CoT:     3+4-5=>7>2;A:2      (running results, then the answer)
+    direct:  3+4-5=;A:2          (answer straight away; the prompt for evaluation ends at "A:")
 
-Problems whose question hashes to the test split (20%) are never trained on.
+Problems whose question hashes to the test split (20%) are never trained on. The default recipe
+was chosen by measurement (4 seeds each): a constant prefix such as "Q:" splits the sink over the
+first constant tokens, and weight decay 0.1-1.0 weakened the BOS sink instead of strengthening it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -71,13 +74,10 @@ class CharTokenizer:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CharTokenizer) and other.chars == self.chars
 
-    def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
-
 
 @dataclass(frozen=True)
 class OrganismExample:
-    """One problem: ``question`` ("Q:3+4-5="), ``expression`` (valid Python), ``chain`` (">7>2")."""
+    """One problem: ``question`` ("3+4-5="), ``expression`` (valid Python), ``chain`` (">7>2")."""
 
     question: str
     expression: str
@@ -95,7 +95,8 @@ class OrganismExample:
 
 
 def organism_examples(
-    n: int, seed: int, n_terms: int = 3, max_operand: int = 9, *, ops: str = "+-", split: str = "test"
+    n: int, seed: int, n_terms: int = 3, max_operand: int = 9, *, ops: str = "+-", split: str = "test",
+    prefix: str = "",
 ) -> list[OrganismExample]:
     """``n`` random problems of ``split`` ("train", "test" or "all"), evaluated left to right.
 
@@ -103,7 +104,7 @@ def organism_examples(
     ``eval(expression)`` always equals ``answer``.
 
     >>> organism_examples(1, seed=0)[0].text()
-    'Q:6+6+0=>12>12;A:12'
+    '9+4+1=>13>14;A:14'
     """
     if n_terms < 2 or max_operand < 1 or not ops or set(ops) - set("+-*"):
         raise InputError(f"need n_terms >= 2, max_operand >= 1, ops from '+-*'; got {n_terms}, {max_operand}, {ops!r}")
@@ -112,14 +113,14 @@ def organism_examples(
     rng = random.Random(seed)
     out: list[OrganismExample] = []
     while len(out) < n:
-        ex = _one_example(rng, n_terms, max_operand, ops)
+        ex = _one_example(rng, n_terms, max_operand, ops, prefix)
         is_test = zlib.crc32(ex.question.encode()) % _TEST_EVERY == 0
         if split == "all" or is_test == (split == "test"):
             out.append(ex)
     return out
 
 
-def _one_example(rng: random.Random, n_terms: int, max_operand: int, ops: str) -> OrganismExample:
+def _one_example(rng: random.Random, n_terms: int, max_operand: int, ops: str, prefix: str) -> OrganismExample:
     value = rng.randint(0, max_operand)
     expr, additive, steps = str(value), False, []
     for _ in range(n_terms - 1):
@@ -130,13 +131,13 @@ def _one_example(rng: random.Random, n_terms: int, max_operand: int, ops: str) -
         additive = additive or op != "*"
         value = value + b if op == "+" else value - b if op == "-" else value * b
         steps.append(value)
-    return OrganismExample(f"Q:{expr}=", expr, "".join(f">{v}" for v in steps), value)
+    return OrganismExample(f"{prefix}{expr}=", expr, "".join(f">{v}" for v in steps), value)
 
 
 @dataclass
 class Organism:
     """A trained organism: the bridge ``model``, its ``tokenizer``, the ``config`` that made it and
-    the training ``log`` (dicts with step, loss, accuracy)."""
+    the training ``log`` (dicts: step, loss, accuracy, bos_attention = max over heads, seconds)."""
 
     model: Any
     tokenizer: CharTokenizer
@@ -145,22 +146,25 @@ class Organism:
 
     def examples(self, n: int, seed: int, split: str = "test") -> list[OrganismExample]:
         task = self.config["task"]
-        return organism_examples(n, seed, task["n_terms"], task["max_operand"], ops=task["ops"], split=split)
+        return organism_examples(n, seed, task["n_terms"], task["max_operand"], ops=task["ops"], split=split,
+                                 prefix=task["prefix"])
 
 
-def _max_len(n_terms: int, max_operand: int, ops: str) -> int:
+def _max_len(n_terms: int, max_operand: int, ops: str, prefix: str) -> int:
     bound = max_operand**n_terms if "*" in ops else n_terms * max_operand
     num, operand = len(str(bound)) + 1, len(str(max_operand))
-    question = 3 + n_terms * (operand + 1) + 2 * (n_terms - 1)  # "Q:" ... "=" and parentheses
+    question = len(prefix) + n_terms * (operand + 1) + 2 * (n_terms - 1)  # operands, ops, "=", parentheses
     return 1 + question + (n_terms - 1) * (num + 1) + 3 + num + 1  # BOS, chain, ";A:", answer, EOS
 
 
-def _encode_batch(tok: CharTokenizer, examples: Sequence[OrganismExample], cot: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_batch(
+    tok: CharTokenizer, examples: Sequence[OrganismExample], cot: Sequence[bool], loss_on: str = "completion"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded tokens [batch, pos] and a mask of the positions whose next token is scored."""
     seqs, n_prompt = [], []
     for ex, c in zip(examples, cot):
         seqs.append(torch.tensor(tok.encode(ex.text(c), eos=True)))
-        n_prompt.append(1 + len(ex.question))  # BOS + question: the loss starts after "="
+        n_prompt.append(1 + len(ex.question) if loss_on == "completion" else 1)  # loss starts after "="
     tokens, real = pad(seqs, tok.pad_token_id)
     pos = torch.arange(tokens.shape[1])
     scored = (pos[None, :] >= torch.tensor(n_prompt)[:, None] - 1) & real.bool()
@@ -170,12 +174,15 @@ def _encode_batch(tok: CharTokenizer, examples: Sequence[OrganismExample], cot: 
 
 def train_organism(
     *, steps: int = 1500, seed: int = 0, n_layers: int = 2, d_model: int = 128, n_heads: int = 4,
-    d_mlp: int | None = None, batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 0.1,
-    warmup: int = 100, n_terms: int = 3, max_operand: int = 9, ops: str = "+-", direct_fraction: float = 0.25,
-    log_every: int = 250, progress: bool = True,
+    d_mlp: int | None = None, positional: str = "rotary", batch_size: int = 64, lr: float = 4e-3,
+    weight_decay: float = 0.0, warmup: int = 100, n_terms: int = 3, max_operand: int = 9, ops: str = "+-",
+    prefix: str = "", direct_fraction: float = 0.25, loss_on: str = "completion", log_every: int = 250,
+    progress: bool = True, device: str = "cpu", threads: int = 2,
 ) -> Organism:
     """Train an organism from scratch with AdamW (linear warm-up, cosine decay) on fresh training
-    problems each step; a ``direct_fraction`` of them use the direct (no-CoT) form.
+    problems each step; a ``direct_fraction`` of them use the direct (no-CoT) form. The loss covers
+    the tokens after "=" (``loss_on="all"``: every token). The defaults (rotary, lr 4e-3, no weight
+    decay, no prefix) gave >= 0.96 CoT accuracy and a BOS sink >= 0.35 for seeds 0-3.
 
     >>> org = train_organism(steps=2, d_model=32, log_every=0, progress=False)
     >>> org.model.cfg.n_layers, org.log[-1]["step"]
@@ -183,46 +190,48 @@ def train_organism(
     """
     from tokext.models import native_model
 
-    if steps < 1 or d_model % n_heads or not 0 <= direct_fraction <= 1:
-        raise InputError(f"need steps >= 1, d_model divisible by n_heads, 0 <= direct_fraction <= 1; "
-                         f"got steps={steps}, d_model={d_model}, n_heads={n_heads}, direct_fraction={direct_fraction}")
+    if steps < 1 or d_model % n_heads or not 0 <= direct_fraction <= 1 or loss_on not in ("completion", "all"):
+        raise InputError(f"need steps >= 1, d_model % n_heads == 0, 0 <= direct_fraction <= 1, loss_on 'completion' "
+                         f"or 'all'; got {steps=}, {d_model=}, {n_heads=}, {direct_fraction=}, {loss_on=}")
     tok = CharTokenizer()
     model_cfg = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads,
-                     d_mlp=d_mlp or 4 * d_model, n_ctx=_max_len(n_terms, max_operand, ops),
-                     d_vocab=tok.vocab_size, seed=seed)
+                     d_mlp=d_mlp or 4 * d_model, n_ctx=_max_len(n_terms, max_operand, ops, prefix),
+                     d_vocab=tok.vocab_size, seed=seed, positional_embedding_type=positional)
     config = {"format_version": FORMAT_VERSION, "model": model_cfg,
-              "task": dict(n_terms=n_terms, max_operand=max_operand, ops=ops),
+              "task": dict(n_terms=n_terms, max_operand=max_operand, ops=ops, prefix=prefix),
               "train": dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                            warmup=warmup, direct_fraction=direct_fraction)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+                            warmup=warmup, direct_fraction=direct_fraction, loss_on=loss_on)}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
         model = native_model(name="organism", **model_cfg)
+        model = model.to(device) if device != "cpu" else model
         org = Organism(model, tok, config)
         _fit(org, steps, seed, log_every, progress)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     return org
 
 
 def _fit(org: Organism, steps: int, seed: int, log_every: int, progress: bool) -> None:
     train, model = org.config["train"], org.model
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=train["lr"], betas=(0.9, 0.98))
+    device = _device(model)
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": train["weight_decay"]},
+              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases, LN
+    opt = torch.optim.AdamW(groups, lr=train["lr"], betas=(0.9, 0.98))
     warm = max(1, train["warmup"])
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng = random.Random(seed + 1)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         model.train()
         examples = org.examples(train["batch_size"], rng.randrange(2**31), split="train")
         cot = [rng.random() >= train["direct_fraction"] for _ in examples]
-        tokens, scored = _encode_batch(org.tokenizer, examples, cot)
-        logits = model(tokens)
+        tokens, scored = _encode_batch(org.tokenizer, examples, cot, train["loss_on"])
+        logits = model(tokens.to(device))
+        scored, tokens = scored.to(device), tokens.to(device)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1][scored[:, :-1]], tokens[:, 1:][scored[:, :-1]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -230,11 +239,14 @@ def _fit(org: Organism, steps: int, seed: int, log_every: int, progress: bool) -
         opt.step()
         sched.step()
         if step == steps or (log_every and step % log_every == 0):
-            acc = evaluate_organism(org, n=100, seed=1000 + step) if log_every else float("nan")
+            loss = loss.detach()
+            acc = evaluate_organism(org, n=100, seed=1000 + step)
             org.log.append({"step": step, "loss": float(loss), "accuracy": acc,
+                            "bos_attention": float(sink_mass(org, n=50).max()),
                             "seconds": round(time.perf_counter() - start, 1)})
             if progress:
                 print(f"step {step:5d}  loss {float(loss):.4f}  cot accuracy {acc:.3f}  "
+                      f"max BOS attention {org.log[-1]['bos_attention']:.3f}  "
                       f"{time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     model.eval()
 
@@ -259,7 +271,8 @@ def generate_greedy(organism: Organism, prompts: Sequence[str], max_new_tokens: 
         if bool(done.all()):
             break
         width = int(length[~done].max())
-        nxt = model(tokens[:, :width])[rows, (length - 1).clamp(max=width - 1)].argmax(-1)
+        logits = model(tokens[:, :width].to(_device(model))).cpu()
+        nxt = logits[rows, (length - 1).clamp(max=width - 1)].argmax(-1)
         live = ~done
         tokens[rows[live], length[live]] = nxt[live]
         length = length + live.long()
@@ -290,7 +303,8 @@ def sink_mass(organism: Organism, n: int = 200, seed: int = 0) -> torch.Tensor:
     tokens, real = pad(organism_prompts(organism, n, seed), organism.tokenizer.pad_token_id)
     queries = real.bool().clone()
     queries[:, 0] = False
-    sums = torch.zeros(int(model.cfg.n_layers), int(model.cfg.n_heads))
+    tokens, queries = tokens.to(_device(model)), queries.to(_device(model))
+    sums = torch.zeros(int(model.cfg.n_layers), int(model.cfg.n_heads), device=queries.device)
 
     def reducer(layer: int):
         def hook(pattern: torch.Tensor, hook: Any) -> None:
@@ -300,7 +314,11 @@ def sink_mass(organism: Organism, n: int = 200, seed: int = 0) -> torch.Tensor:
     hooks = [(pattern_hook_name(layer), reducer(layer)) for layer in range(sums.shape[0])]
     with attached(model, hooks):
         model(tokens)
-    return sums / queries.sum()
+    return (sums / queries.sum()).cpu()
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _check_target(directory: Path, overwrite: bool) -> None:

@@ -43,7 +43,7 @@ class Sizes:
 
 MODES = {
     "quick": Sizes(analyze_prompts=8, profile_prompts=4, ablation_items=2, mmlu_items=2, computed_items=4,
-                   computed_counts=(0, 8), finetune_steps=4, organism_steps=60),
+                   computed_counts=(0, 8), finetune_steps=4, organism_steps=30),
     "default": Sizes(analyze_prompts=64, profile_prompts=16, ablation_items=None, mmlu_items=None, computed_items=24,
                      computed_counts=(0, 4, 16, 64), finetune_steps=60, organism_steps=1500),
     "full": Sizes(analyze_prompts=80, profile_prompts=80, ablation_items=None, mmlu_items=None, computed_items=80,
@@ -171,13 +171,32 @@ class Reproduction:
     def mmlu(self, folder: Path) -> None:
         self._sweep(folder, "reproduce_mmlu.toml", ["d_mmlu.toml"], self.sizes.mmlu_items)
 
+    def organism(self, folder: Path) -> None:
+        """Train the model organism, measure it, and keep its attention statistics and training log."""
+        import pandas as pd
+
+        from tokext.collect import collect_attention_stats
+        from tokext.organism import evaluate_organism, organism_prompts, save_organism, train_organism
+
+        org = train_organism(steps=self.sizes.organism_steps, seed=0, progress=False)
+        save_organism(org, folder / "model", overwrite=True)
+        stats = collect_attention_stats(org.model, organism_prompts(org, 200, seed=0), tokenizer=org.tokenizer,
+                                        progress=False, dataset="organism held-out CoT prompts")
+        stats.metadata["model"] = "organism (2-layer native, CoT arithmetic)"
+        stats.save(folder / "stats.npz")
+        pd.DataFrame(org.log).to_csv(folder / "training_log.csv", index=False)
+        n_eval = 200 if self.mode != "quick" else 20
+        accuracy = {"cot": evaluate_organism(org, n=n_eval, cot=True), "direct": evaluate_organism(org, n=n_eval, cot=False)}
+        write_provenance(folder, model="organism", steps=self.sizes.organism_steps, seed=0, config=org.config,
+                         accuracy=accuracy, first_token_mass=stats.first_token_mass.tolist())
+
     # ------------------------------------------------------------------ all
 
     def run(self, figures_dir: str | Path = "figures") -> Path:
         from tokext.figures import build_all
 
         steps = [("analyze", self.analyze), ("patterns", self.patterns), ("profiles", self.profiles),
-                 ("ablation", self.ablation), ("mmlu", self.mmlu)]
+                 ("ablation", self.ablation), ("mmlu", self.mmlu), ("organism", self.organism)]
         for name, run in steps:
             self.step(name, run)
         figures = build_all(self.root, figures_dir, tables=report_tables(self.root))

@@ -37,7 +37,22 @@ def _figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_organism(args: argparse.Namespace) -> int:
+    from tokext.organism import train_organism_cli
+
+    return train_organism_cli(args.out, steps=args.steps, seed=args.seed, force=args.force)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-organism", help="train the 2-layer model organism (CoT arithmetic; grows a BOS sink)",
+                       epilog="example:\n  tokext train-organism --out results/organism --steps 1500",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/organism", help="where to save the model (refused if not empty)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing organism in --out")
+    p.set_defaults(run=_train_organism)
+
     p = sub.add_parser("reproduce", help="run the whole study and rebuild every figure and REPORT.md",
                        epilog=REPRODUCE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
