@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 """Registrars of further subcommands (kept in their own modules)."""
 
+import tokext.study_cli  # noqa: E402,F401  (registers `reproduce` and `figures`)
+import tokext.sweep_cli  # noqa: E402,F401  (registers `ablate` and `validate`)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
