@@ -29,8 +29,11 @@ class Figure:
 
 
 def _provenance(folder: Path) -> dict[str, Any]:
+    """A step's provenance record, with any nested ``settings`` lifted to the top level."""
     path = folder / "provenance.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    settings = record.get("settings")
+    return {**settings, **record} if isinstance(settings, dict) else record
 
 
 def head_patterns(results: Path, out: Path) -> Figure | None:
@@ -215,8 +218,78 @@ def organism(results: Path, out: Path) -> Figure | None:
                   plots.save(fig, out, "fig8_organism", f"organism | steps {meta.get('steps')} | seed 0 | n={stats.n_sequences} prompts"))
 
 
+def computed_tokens(results: Path, out: Path) -> Figure | None:
+    """Figure 6: accuracy, answer loss and filler-span attention against the number of filler tokens."""
+    paths = sorted((results / "computed_tokens").glob("**/summary.csv"))
+    if not paths:
+        return None
+    import matplotlib.pyplot as plt
+
+    table = pd.read_csv(paths[0])
+    meta = _provenance(paths[0].parent)
+    filler = table[table["kind"] == "filler"].sort_values("count") if "kind" in table else table
+    if filler.empty:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(plots.FULL_WIDTH, 2.3))
+    positions = [p for p in filler["position"].unique() if p != "none"] if "position" in filler else [None]
+    for style, position in zip(["-", "--", ":", "-."], positions):
+        rows = filler[(filler["position"] == position) | (filler["count"] == 0)] if position else filler
+        rows = rows.drop_duplicates("count").sort_values("count")
+        x = rows["count"].clip(lower=0.5)
+        where = f" ({position})" if len(positions) > 1 else ""
+        axes[0].plot(x, rows["accuracy"], ls=style, marker="o", ms=3, lw=1, color="tab:blue", label=f"accuracy{where}")
+        axes[0].plot(x, rows["answer_loss"], ls=style, marker="s", ms=3, lw=1, color="tab:orange", label=f"answer loss{where}")
+        axes[1].plot(x, rows["span_mass"], ls=style, marker="o", ms=3, lw=1, color="tab:purple", label=position)
+        axes[2].plot(x, rows["alpha_filler"], ls=style, marker="o", ms=3, lw=1, color="tab:blue", label=rf"filler keys{where}")
+        axes[2].plot(x, rows["alpha_content"], ls=style, marker="s", ms=3, lw=1, color="tab:orange", label=rf"content keys{where}")
+        axes[2].plot(x, rows["alpha_first"], ls=style, marker="^", ms=3, lw=1, color="tab:green", label=rf"first token{where}")
+    axes[0].set_ylabel("accuracy / loss")
+    axes[0].legend(frameon=False, fontsize=5)
+    axes[1].set_ylabel("mass on the filler span")
+    axes[2].set_ylabel(r"mean received attention $\alpha_k$")
+    axes[2].set_yscale("log")
+    axes[2].legend(frameon=False, fontsize=5)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("filler tokens (0 plotted at 0.5)")
+    n = int(filler["n"].iloc[0])
+    task = f"{filler['task'].iloc[0]} level {filler['level'].iloc[0]}"
+    caption = (f"Computed tokens on {meta.get('model', 'the model')}: filler tokens ({meta.get('filler', ' .')!r}) inserted "
+               f"at position(s) {', '.join(map(str, positions))} of the final question of {task} prompts ({filler['shots'].iloc[0]}-shot, n={n} per count). Left: "
+               f"accuracy and teacher-forced answer loss; middle: share of the later rows' attention on the filler span; "
+               f"right: mean received attention of filler keys vs content keys vs the first token (do fillers become sinks?).")
+    note = f"model {meta.get('model')} | {task} | n={n}/count | counts {sorted(filler['count'].unique().tolist())}"
+    return Figure("fig6_computed_tokens", "Computed-token study", caption, plots.save(fig, out, "fig6_computed_tokens", note))
+
+
+def finetune(results: Path, out: Path) -> Figure | None:
+    """Figure 7: layerwise sink and token-category profile before vs after fine-tuning."""
+    path = results / "finetune" / "profiles.csv"
+    if not path.is_file():
+        return None
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    table = pd.read_csv(path)
+    meta = _provenance(results / "finetune")
+    columns = [("first_token_mass", "first-token mass"), ("mass_punctuation", "punctuation mass"),
+               ("mass_whitespace", "newline/space mass"), ("entropy", "entropy")]
+    fig, axes = plt.subplots(1, len(columns), figsize=(plots.FULL_WIDTH, 2.4), sharex=True)
+    for ax, (column, label) in zip(axes, columns):
+        sns.lineplot(table, x="layer", y=column, hue="phase", style="dataset", ax=ax, lw=1,
+                     legend=ax is axes[-1], palette={"before": "tab:blue", "after": "tab:red"})
+        ax.set_ylabel(label)
+    axes[-1].legend(fontsize=5.5, frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
+    caption = (f"Fine-tuning diagnostic (arXiv 2403.14932 v3): {meta.get('model', 'SmolLM2-135M')} fine-tuned for "
+               f"{meta.get('steps')} steps on {meta.get('task')} worked solutions (last {meta.get('train_layers')} layers); "
+               f"attention profile per layer before vs after on held-out task records and on natural prompts.")
+    note = f"model {meta.get('model')} | task {meta.get('task')} | steps {meta.get('steps')} | lr {meta.get('lr')}"
+    return Figure("fig7_finetune", "Sink profile before vs after fine-tuning", caption, plots.save(fig, out, "fig7_finetune", note))
+
+
 BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
-    head_patterns, sink_and_entropy, intervention_profiles, ablation, alpha_sweep, organism,
+    head_patterns, sink_and_entropy, intervention_profiles, ablation, alpha_sweep, computed_tokens, finetune,
+    organism,
 ]
 
 

@@ -190,13 +190,40 @@ class Reproduction:
         write_provenance(folder, model="organism", steps=self.sizes.organism_steps, seed=0, config=org.config,
                          accuracy=accuracy, first_token_mass=stats.first_token_mass.tolist())
 
+    def _experiment(self, script: str, argv: list[str]) -> None:
+        """Run ``experiments/<script>``'s ``main(argv)`` (the scripted studies live beside the package)."""
+        import importlib.util
+
+        path = ROOT / "experiments" / script
+        if not path.is_file():
+            raise InputError(f"{path} not found: `tokext reproduce` runs from a checkout of the repository")
+        spec = importlib.util.spec_from_file_location(f"tokext_experiment_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        code = module.main(argv)
+        if code:
+            raise InputError(f"experiments/{script} exited with status {code}")
+
+    def computed_tokens(self, folder: Path) -> None:
+        counts = ",".join(str(c) for c in self.sizes.computed_counts)
+        self._experiment("computed_tokens.py", ["--model", self.model_spec, "--task", "arithmetic", "--level", "1",
+                                                "--n", str(self.sizes.computed_items), "--counts", counts,
+                                                "--out", str(folder), "--force"])
+
+    def finetune(self, folder: Path) -> None:
+        argv = ["--model", self.model_spec, "--steps", str(self.sizes.finetune_steps), "--out", str(folder)]
+        if self.mode == "quick":
+            argv += ["--n-eval", "4", "--n-natural", "4", "--n-train", "8"]
+        self._experiment("finetune_sinks.py", argv)
+
     # ------------------------------------------------------------------ all
 
     def run(self, figures_dir: str | Path = "figures") -> Path:
         from tokext.figures import build_all
 
         steps = [("analyze", self.analyze), ("patterns", self.patterns), ("profiles", self.profiles),
-                 ("ablation", self.ablation), ("mmlu", self.mmlu), ("organism", self.organism)]
+                 ("ablation", self.ablation), ("mmlu", self.mmlu), ("organism", self.organism),
+                 ("computed_tokens", self.computed_tokens), ("finetune", self.finetune)]
         for name, run in steps:
             self.step(name, run)
         figures = build_all(self.root, figures_dir, tables=report_tables(self.root))
