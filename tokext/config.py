@@ -14,13 +14,13 @@ A config (``experiments/*.toml``)::
     cot = [false, true]
     n = 40                           # items per cell
     shots = 3
-    max_new_tokens = "auto"          # or an int
+    max_new_tokens = "auto"          # or an int; auto: 1.25 x the longest gold target + 4
 
     [[tasks]]                        # multiple choice: mmlu, piqa, siqa
     name = "mmlu"
     method = "letter"                # letter | continuation | cot (a list: one cell each)
     categories = ["STEM", "Humanities", "Social", "Other"]   # one cell each
-    n = 80
+    n = 80                           # or "all"; MMLU also takes subjects, limit_per_subject
 
     [[interventions]]
     type = "EarlyLayerEmulation"     # a class in tokext.interventions
