@@ -181,7 +181,10 @@ def finetune(hf: Any, tokenizer: Any, texts: list[str], held: list[str], args: a
     if abs(full - partial) > 1e-3 * max(1.0, abs(full)):
         raise RuntimeError(f"cached-input loss {partial:.5f} differs from the full model's {full:.5f}")
     opt = torch.optim.AdamW(tail.params, lr=args.lr, weight_decay=args.weight_decay)
-    schedule = lambda s: min(1.0, (s + 1) / max(1, args.warmup)) * 0.5 * (1 + math.cos(math.pi * s / args.steps))  # noqa: E731
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / max(1, args.warmup)) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(args.seed)).tolist()
     log = [{"step": 0, "train_loss": partial, "heldout_loss": _held_loss(tail, held_cache, held_ids), "lr": 0.0,
@@ -353,8 +356,8 @@ def report(changes: pd.DataFrame, profiles: pd.DataFrame, n_trained: int, n_laye
         wide = rows.pivot(index="layer", columns="phase", values=cols)
         print(f"\n{dataset}: layer, before -> after")
         for layer, row in wide.iterrows():
-            print(f"  L{layer:<3d}" + "  ".join(f"{c.replace('mass_', '')} {row[(c, 'before')]:.3f}->{row[(c, 'after')]:.3f}"
-                                             for c in cols))
+            cells = (f"{c.replace('mass_', '')} {row[(c, 'before')]:.3f}->{row[(c, 'after')]:.3f}" for c in cols)
+            print(f"  L{layer:<3d}" + "  ".join(cells))
     below = changes[changes.layer < n_layers - n_trained][["first_token_mass", "entropy"]].abs().to_numpy().max()
     print(f"\nlargest change in the untrained layers (should be ~0): {below:.2e}")
 

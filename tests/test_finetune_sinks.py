@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+
+from tokext.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,5 +53,6 @@ def test_bad_settings_fail_before_loading(tmp_path, capsys):
     assert "inside the repository" in capsys.readouterr().err
     assert script.main(["--model", "/no/such/model", "--out", str(tmp_path)]) == 2
     assert "/no/such/model" in capsys.readouterr().err
-    with pytest.raises(Exception, match="train-layers"):
-        script.TailModel(__import__("types").SimpleNamespace(model=__import__("types").SimpleNamespace(layers=[1, 2])), 3)
+    fake = SimpleNamespace(model=SimpleNamespace(layers=[1, 2]))
+    with pytest.raises(InputError, match="train-layers"):
+        script.TailModel(fake, 3)

@@ -80,8 +80,8 @@ def insert_filler(prompt_text: str, n: int, filler: str = " .", position: str = 
     return prompt_text[:at] + filler * n + prompt_text[at:]
 
 
-def filler_tokens(tokenizer: Any, prompt_text: str, n: int, filler: str = " .",
-                  position: str = "before_answer", *, label: str | None = None) -> tuple[str, list[int], tuple[int, int]]:
+def filler_tokens(tokenizer: Any, prompt_text: str, n: int, filler: str = " .", position: str = "before_answer",
+                  *, label: str | None = None) -> tuple[str, list[int], tuple[int, int]]:
     """``(text, token ids, (start, end))``: the filled prompt, its tokens and the fillers' token span.
 
     The span is found by tokenizing the text up to the fillers and up to their end; an

@@ -322,14 +322,16 @@ def summarize(results_dir: str | Path, *, n_boot: int = 10000, seed: int = 0, wr
 
 
 def format_summary(table: pd.DataFrame) -> str:
-    """A compact text table: task, level, method, intervention, n, accuracy, diff [CI], p, loss."""
-    lines = [f"{'task':<14}{'lvl':<11}{'method':<13}{'cot':<4}{'n':>4} {'acc':>6} {'diff':>7} {'95% CI':>16} {'p':>6} "
-             f"{'loss':>6}  intervention"]
+    """A compact text table: task, level, method, n, accuracy, diff [95% CI], p, loss, delta loss, intervention."""
+    def num(value: Any, fmt: str) -> str:
+        return format(value, fmt) if pd.notna(value) else ""
+
+    lines = [f"{'task':<16}{'level':<11}{'method':<13}{'cot':<4}{'n':>4} {'acc':>6} {'diff':>7} {'95% CI':>16} "
+             f"{'p':>6} {'loss':>6} {'dloss':>7}  intervention"]
     for _, r in table.iterrows():
         ci = f"[{r['ci_lo']:+.3f},{r['ci_hi']:+.3f}]" if pd.notna(r.get("ci_lo")) else ""
-        diff = f"{r['diff']:+.3f}" if pd.notna(r.get("diff")) else ""
-        p = f"{r['p_mcnemar']:.3f}" if pd.notna(r.get("p_mcnemar")) else ""
-        lines.append(f"{r['task']:<14}{str(r['level']):<11}{r['method']:<13}{'y' if r['cot'] else 'n':<4}"
-                     f"{int(r['n_items']):>4} {r['accuracy']:>6.3f} {diff:>7} {ci:>16} {p:>6} {r['loss']:>6.3f}  "
-                     f"{r['intervention']}")
+        lines.append(f"{r['task']:<16}{str(r['level']):<11}{r['method']:<13}{'y' if r['cot'] else 'n':<4}"
+                     f"{int(r['n_items']):>4} {r['accuracy']:>6.3f} {num(r.get('diff'), '+.3f'):>7} {ci:>16} "
+                     f"{num(r.get('p_mcnemar'), '.3f'):>6} {num(r['loss'], '.3f'):>6} "
+                     f"{num(r.get('delta_loss'), '+.3f'):>7}  {r['intervention']}")
     return "\n".join(lines)
