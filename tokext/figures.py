@@ -304,7 +304,11 @@ def build_all(results: str | Path, out: str | Path, *, tables: str = "") -> list
     figures = [f for f in (builder(results, out) for builder in BUILDERS) if f is not None]
     if not figures:
         raise DataFileError(f"no results to plot under {results} (run `tokext reproduce` first)")
-    lines = ["# tokext report", "", f"Built from `{results}` by `tokext figures`.", ""]
+    steps = ["analyze", "patterns", "profiles", "ablation", "mmlu", "organism", "computed_tokens", "finetune"]
+    done = [s for s in steps if (results / s / "provenance.json").is_file()]
+    missing = [s for s in steps if s not in done]
+    lines = ["# tokext report", "", f"Built from `{results}` by `tokext figures`. Steps with results: "
+             f"{', '.join(done) or 'none'}" + (f"; not run yet: {', '.join(missing)}." if missing else "."), ""]
     for number, fig in enumerate(figures, start=1):
         lines += [f"## Figure {number}. {fig.title}", "", f"![{fig.title}]({fig.files[0].name})", "", fig.caption, ""]
     if tables:
