@@ -8,36 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-from tokext.interventions.ablation import HeadAblation
-from tokext.interventions.calibration import SinkCalibration
-from tokext.interventions.emulation import EarlyLayerEmulation
 from tokext.interventions.intervene import intervention_effect
-from tokext.interventions.patching import PatternPatch
-from tokext.interventions.rebalance import SinkRebalance
-from tokext.interventions.temperature import AttentionTemperature
+from tokext.profiles import default_interventions
+from tokext.prompts import builtin_prompts
 
 pytestmark = pytest.mark.slow
 
-DEFAULTS = [
-    EarlyLayerEmulation(),
-    EarlyLayerEmulation(uniform=True),
-    SinkCalibration(),
-    SinkRebalance(),
-    SinkRebalance("categories"),
-    AttentionTemperature(2.0),
-    PatternPatch(0, (1,)),
-    HeadAblation([(15, h) for h in range(9)]),
-]
+DEFAULTS = default_interventions(n_layers=30, n_heads=9)  # SmolLM2-135M: 30 layers, 9 query heads
 
 
 def _prompts(n: int = 4) -> list[str]:
-    try:
-        from tokext.prompts import builtin_prompts
-
-        return builtin_prompts()[:n]
-    except ImportError:  # pragma: no cover - older checkouts without the built-in set
-        return ["The capital of France is Paris, and the capital of Germany is Berlin.",
-                "Write a short poem about the ocean at night."]
+    return builtin_prompts()[:n]
 
 
 @pytest.mark.parametrize("iv", DEFAULTS, ids=repr)
