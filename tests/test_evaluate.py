@@ -253,3 +253,13 @@ def test_docstring_mentions_every_column():
 
     for name in ("score_letters", "score_continuations", "evaluate_reasoning", "evaluate_mc_cot"):
         assert re.search(r"Columns:", getattr(ev, name).__doc__)
+
+
+def test_scoring_too_long_an_item_is_a_clear_error(model):
+    from tokext.evaluate import score_letters
+
+    n_ctx = model.cfg.n_ctx
+    long_item = MCItem(id="long", question="word " * (2 * n_ctx), choices=["a", "b"], label=0, subject="s",
+                       category="Other", source="test")
+    with pytest.raises(InputError, match="context"):
+        score_letters(model, [long_item], progress=False)

@@ -91,11 +91,11 @@ def _forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int,
     """Run right-padded batches (longest first) and call ``take(logits_row, length, index)`` per sequence."""
     from tqdm.auto import tqdm
 
-    from tokext.inputs import batches, pad_id
+    from tokext.inputs import batches, encode, pad_id
 
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    tensors = [torch.tensor(list(s), dtype=torch.long) for s in seqs]
+    tensors = encode(model, [list(s) for s in seqs])  # checks vocabulary and context length
     device = next(model.parameters()).device
     out: list[Any] = [None] * len(seqs)
     with torch.inference_mode(), tqdm(total=len(seqs), desc=desc, disable=not progress, leave=False) as bar:

@@ -98,6 +98,8 @@ class Reproduction:
         start = time.perf_counter()
         run(folder)
         self.timings[name] = time.perf_counter() - start
+        if not (folder / "provenance.json").is_file():  # e.g. a study script that writes into subfolders
+            write_provenance(folder, step=name, mode=self.mode, seconds=round(self.timings[name], 1))
         self.log(f"[{name}] done in {self.timings[name]:.0f} s")
         return folder
 
