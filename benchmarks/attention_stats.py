@@ -13,13 +13,11 @@ the process), interleaved, and the table gives ratios to the plain forward pass 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import limit_memory_from_env, ratio_table, run_workers, time_method  # noqa: E402
+from harness import benchmark, limit_memory_from_env, parser, run_worker_if_asked, time_method  # noqa: E402
 
 METHODS = ["plain_forward", "tokext", "tl_run_with_cache", "hf_output_attentions"]
 
@@ -106,37 +104,23 @@ def worker(job: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (seconds)")
-    parser.add_argument("--long", action="store_true", help="T=8192 on SmolLM2: streaming vs caching")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--memory-limit-gib", type=float, default=20.0,
-                        help="address-space cap per worker, so runs that cannot fit fail cleanly")
-    parser.add_argument("--out", default=None, help="also write the raw results as JSON here")
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    p = parser(__doc__)
+    p.add_argument("--long", action="store_true", help="T=8192 on SmolLM2: streaming vs caching")
+    p.add_argument("--memory-limit-gib", type=float, default=20.0,
+                   help="address-space cap per worker, so runs that cannot fit fail cleanly")
+    args = p.parse_args(argv)
+    if run_worker_if_asked(args, worker):
         return 0
     if args.quick:
-        configs = [dict(seq_len=64, n_seqs=4, batch_size=2)]
-        rounds, repeats = 1, 1
+        configs, rounds, repeats = [dict(seq_len=64, n_seqs=4, batch_size=2)], 1, 1
     elif args.long:
-        configs = [dict(seq_len=8192, n_seqs=1, batch_size=1)]
-        rounds, repeats = 1, 1
+        configs, rounds, repeats = [dict(seq_len=8192, n_seqs=1, batch_size=1)], 1, 1
     else:
         configs = [dict(seq_len=512, n_seqs=8, batch_size=4), dict(seq_len=2048, n_seqs=2, batch_size=1)]
         rounds, repeats = args.rounds, args.repeats
     methods = METHODS if not args.long else ["plain_forward", "tokext", "tl_run_with_cache"]
-    jobs = [dict(model=args.model, method=m, repeats=repeats, **c) for c in configs for m in methods]
-    results = run_workers(__file__, jobs, rounds, memory_limit_gib=args.memory_limit_gib)
-    print(f"attention statistics vs a plain forward pass: model {args.model}, fp32, CPU, "
-          f"{rounds} round(s) x {repeats} timed run(s) after a warm-up, one process per run")
-    print(ratio_table(results, {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"}))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    benchmark(__file__, "attention statistics vs a plain forward pass", args, configs, methods, rounds, repeats,
+              memory_limit_gib=args.memory_limit_gib)
     return 0
 
 

@@ -8,6 +8,7 @@ against the plain forward pass measured in the same invocation.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -99,3 +101,36 @@ def ratio_table(results: list[dict], key: dict[str, str], baseline: str = "plain
     for row in failed.to_dict("records"):
         lines.append("| " + " | ".join(str(row.get(c)) for c in config_cols) + f" | {row['method']} | failed: {row['error']} | | | | |")
     return "\n".join(lines)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: --quick, --model, --rounds, --repeats, --out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round (used by the tests)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="also write the raw results as JSON here")
+    return p
+
+
+def run_worker_if_asked(args: argparse.Namespace, worker: Callable[[dict], dict]) -> bool:
+    """In a worker process (``--worker JOB``): run the job and print its JSON line."""
+    if not args.worker:
+        return False
+    print(json.dumps(worker(json.loads(args.worker))))
+    return True
+
+
+def benchmark(script: str, title: str, args: argparse.Namespace, configs: Sequence[dict], methods: Sequence[str],
+              rounds: int, repeats: int, memory_limit_gib: float | None = None) -> list[dict]:
+    """Run every (configuration, method) job interleaved, print the ratio table, save raw JSON."""
+    jobs = [dict(model=args.model, method=m, repeats=repeats, **c) for c in configs for m in methods]
+    results = run_workers(script, jobs, rounds, memory_limit_gib=memory_limit_gib)
+    print(f"{title}: model {args.model}, fp32, CPU ({os.cpu_count()} cores), "
+          f"{rounds} round(s) x {repeats} timed run(s) after a warm-up, one process per run")
+    print(ratio_table(results, {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results

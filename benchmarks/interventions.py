@@ -11,14 +11,12 @@ prints the ratios to the plain forward pass measured in the same run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_stats import real_token_batches  # noqa: E402
-from harness import limit_memory_from_env, ratio_table, run_workers, time_method  # noqa: E402
+from harness import benchmark, limit_memory_from_env, parser, run_worker_if_asked, time_method  # noqa: E402
 
 INTERVENTIONS = {
     "EarlyLayerEmulation": "EarlyLayerEmulation()",
@@ -52,32 +50,17 @@ def worker(job: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round, three interventions")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None, help="also write the raw results as JSON here")
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    args = parser(__doc__).parse_args(argv)
+    if run_worker_if_asked(args, worker):
         return 0
     if args.quick:
-        configs = [dict(seq_len=64, n_seqs=2, batch_size=2)]
+        configs, rounds, repeats = [dict(seq_len=64, n_seqs=2, batch_size=2)], 1, 1
         methods = ["plain_forward", "EarlyLayerEmulation", "SinkCalibration"]
-        rounds, repeats = 1, 1
     else:
         configs = [dict(seq_len=512, n_seqs=4, batch_size=4), dict(seq_len=2048, n_seqs=1, batch_size=1)]
         methods = ["plain_forward", *INTERVENTIONS]
         rounds, repeats = args.rounds, args.repeats
-    jobs = [dict(model=args.model, method=m, repeats=repeats, **c) for c in configs for m in methods]
-    results = run_workers(__file__, jobs, rounds)
-    print(f"interventions vs a plain forward pass: model {args.model}, fp32, CPU, "
-          f"{rounds} round(s) x {repeats} timed run(s) after a warm-up, one process per run")
-    print(ratio_table(results, {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"}))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    benchmark(__file__, "interventions vs a plain forward pass", args, configs, methods, rounds, repeats)
     return 0
 
 

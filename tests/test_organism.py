@@ -133,3 +133,93 @@ def test_save_refuses_to_overwrite(tiny_organism, tmp_path):
 def test_load_missing_directory_names_it(tmp_path):
     with pytest.raises(DataFileError, match="nowhere"):
         load_organism(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------- the organism in sweeps
+
+
+def _reference_losses(organism, examples, cot):
+    """Mean NLL of completion + EOS, one unpadded sequence at a time."""
+    tok, out = organism.tokenizer, []
+    for ex in examples:
+        seq = torch.tensor(tok.encode(ex.text(cot), eos=True))
+        first = len(tok.encode(ex.prompt(cot)))
+        with torch.no_grad():
+            logits = organism.model(seq[None])[0]
+        out.append(float(torch.nn.functional.cross_entropy(logits[first - 1: -1], seq[first:])))
+    return out
+
+
+@pytest.mark.parametrize("cot", [True, False])
+def test_evaluate_organism_items_scores_and_losses(tiny_organism, cot):
+    from tokext.organism import evaluate_organism_items
+
+    examples = tiny_organism.examples(7, seed=5)
+    df = evaluate_organism_items(tiny_organism, examples, cot=cot, batch_size=3, progress=False)
+    outs = [generate_greedy(tiny_organism, [ex.prompt(cot)])[0] for ex in examples]
+    assert list(df["raw"]) == outs
+    assert list(df["completion_correct"]) == [o == ex.completion(cot) for o, ex in zip(outs, examples)]
+    for row, ex, out in zip(df.itertuples(), examples, outs):
+        answer = out.split("A:")[-1] if "A:" in out else (out if not cot else "")
+        assert row.correct == (answer.strip() == str(ex.answer))
+    want = _reference_losses(tiny_organism, examples, cot)
+    assert df["loss"].to_numpy() == pytest.approx(want, abs=1e-5)
+
+
+def test_organism_sweep_runs_and_interventions_move_it(tiny_organism, tmp_path):
+    from tokext.config import load_config, validate
+    from tokext.interventions import AttentionTemperature, intervene
+    from tokext.models import load_model
+    from tokext.organism import DEFAULT_TASK
+    from tokext.sweep import run_sweep
+
+    save_organism(tiny_organism, tmp_path / "org")
+    config = tmp_path / "org.toml"
+    config.write_text(f'''version = 1
+name = "org"
+models = ["{tmp_path / 'org'}"]
+batch_size = 16
+[[tasks]]
+name = "organism"
+cot = [true]
+n = 12
+[[interventions]]
+type = "AttentionTemperature"
+temperature = 3.0
+''')
+    assert validate(load_config(config))["models"] == {str(tmp_path / "org"): "organism"}
+    model = load_model(str(tmp_path / "org"))
+    assert model.organism.config["task"] == DEFAULT_TASK
+    table = run_sweep(config, tmp_path / "out", progress=False, log=lambda msg: None)
+    assert len(table) == 2 and set(table["n_items"]) == {12}
+    base = table[table["intervention"] == "none"].iloc[0]
+    hot = table[table["intervention"] != "none"].iloc[0]
+    examples = tiny_organism.examples(12, seed=0)
+    assert base["loss"] == pytest.approx(sum(_reference_losses(tiny_organism, examples, True)) / 12, abs=1e-5)
+    with intervene(tiny_organism.model, AttentionTemperature(3.0)):
+        hot_losses = _reference_losses(tiny_organism, examples, True)
+    assert hot["loss"] == pytest.approx(sum(hot_losses) / 12, abs=1e-5)
+    assert abs(hot["loss"] - base["loss"]) > 1e-3  # the intervention reached the logits
+
+
+def test_organism_and_other_tasks_do_not_mix(tiny_organism, tmp_path):
+    from tokext.config import load_config, validate
+    from tokext.evaluate import evaluate
+
+    save_organism(tiny_organism, tmp_path / "org")
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(f'version = 1\nname = "m"\nmodels = ["{tmp_path / "org"}"]\n'
+                     '[[tasks]]\nname = "arithmetic"\nn = 2\n')
+    with pytest.raises(DataFileError, match="answers only the task 'organism'"):
+        validate(load_config(mixed))
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('version = 1\nname = "w"\nmodels = ["smollm2-135m"]\n[[tasks]]\nname = "organism"\nn = 2\n')
+    with pytest.raises(DataFileError, match="trained organism directory"):
+        validate(load_config(wrong))
+    bad_key = tmp_path / "bad.toml"
+    bad_key.write_text(f'version = 1\nname = "b"\nmodels = ["{tmp_path / "org"}"]\n'
+                       '[[tasks]]\nname = "organism"\nlevels = [1]\n')
+    with pytest.raises(DataFileError, match="levels"):
+        load_config(bad_key)
+    with pytest.raises(InputError, match="trained model organism"):
+        evaluate(tiny_organism.model, {"task": "organism", "n": 2, "method": "generate"}, progress=False)

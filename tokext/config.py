@@ -51,6 +51,7 @@ from tokext.errors import DataFileError, InputError, TokextError
 
 CONFIG_VERSION = 1
 MC_TASKS = ("mmlu", "piqa", "siqa")
+ORGANISM_TASK = "organism"  # the trained model organism's own arithmetic (its test split)
 MC_METHODS = ("letter", "continuation", "cot")
 _TOP_KEYS = ("version", "name", "description", "models", "seeds", "batch_size", "tasks", "interventions")
 _COMMON_TASK_KEYS = ("name", "n", "max_new_tokens")
@@ -92,6 +93,12 @@ class EvalSpec:
 
     def load(self) -> list[Any]:
         """The items: :class:`tokext.tasks.Example` or :class:`tokext.mc.MCItem` records."""
+        if self.task == ORGANISM_TASK:
+            from tokext.organism import DEFAULT_TASK, organism_examples
+
+            if self.n is None:
+                raise InputError("task 'organism' generates its problems: give n, the number of items")
+            return organism_examples(self.n, self.seed, split="test", **DEFAULT_TASK)
         if self.task not in MC_TASKS:
             from tokext.tasks import get_task
 
@@ -123,7 +130,7 @@ class TaskEntry:
     name: str
     n: int | None = 40
     max_new_tokens: int | None = None
-    levels: tuple[int, ...] = (1,)
+    levels: tuple[int | None, ...] = (1,)  # (None,) for the organism task
     cot: tuple[bool, ...] = (False,)
     shots: int = 3
     methods: tuple[str, ...] = ("letter",)
@@ -314,7 +321,7 @@ def _task(r: _Reader, table: Any, where: str) -> TaskEntry:
     from tokext.tasks import LEVELS, list_tasks
 
     name = r.str(table["name"], f"{where}.name")
-    known = list_tasks() + list(MC_TASKS)
+    known = list_tasks() + list(MC_TASKS) + [ORGANISM_TASK]
     if name not in known:
         raise r.fail(f"{where}.name", f"unknown task {name!r}.{_did_you_mean(name, known)} Available: {', '.join(known)}")
     is_mc = name in MC_TASKS
@@ -325,6 +332,10 @@ def _task(r: _Reader, table: Any, where: str) -> TaskEntry:
     n = None if n == "all" and is_mc else r.int(n, f"{where}.n", low=1)
     mnt = table.get("max_new_tokens", "auto")
     mnt = None if mnt == "auto" else r.int(mnt, f"{where}.max_new_tokens", low=1)
+    if name == ORGANISM_TASK:
+        r.keys(table, _COMMON_TASK_KEYS + ("cot",), where, hint=" (for the task 'organism')")
+        return TaskEntry(name, n=r.int(table.get("n", 200), f"{where}.n", low=1), levels=(None,),
+                         cot=r.many(table.get("cot", True), f"{where}.cot", r.bool), shots=0)
     if not is_mc:
         def level(v: Any, w: str) -> int:
             if r.int(v, w) not in LEVELS:
@@ -425,6 +436,8 @@ def check_model_spec(spec: str) -> str:
     if key.lower() in KNOWN_MODELS:
         return "known"
     path = Path(key).expanduser()
+    if (path / "organism.json").is_file():
+        return "organism"
     if key.endswith(".gguf") or key.startswith((".", "/", "~")):
         if key.endswith(".gguf") and path.is_file():
             return "gguf"
@@ -436,6 +449,20 @@ def check_model_spec(spec: str) -> str:
     return "hub id (not checked offline)"
 
 
+def _check_organism_pairs(config: StudyConfig, models: dict[str, str], specs: list[EvalSpec]) -> None:
+    """The organism answers only its own task, and only an organism answers that task."""
+    organism_tasks = any(spec.task == ORGANISM_TASK for spec in specs)
+    other_tasks = sorted({spec.task for spec in specs if spec.task != ORGANISM_TASK})
+    for model, kind in models.items():
+        if kind == "organism" and other_tasks:
+            raise DataFileError(f"{config.source}: models: {model!r} is a model organism (character vocabulary); "
+                                f"it answers only the task 'organism', not {other_tasks}")
+        if kind != "organism" and organism_tasks:
+            raise DataFileError(f"{config.source}: models: task 'organism' needs a trained organism directory "
+                                f"(with organism.json), and {model!r} is not one: run "
+                                f"`tokext train-organism --out {model}` first, or list it in a separate config")
+
+
 def validate(config: StudyConfig) -> dict[str, Any]:
     """Check everything a sweep needs short of loading a model; return a summary of what would run.
 
@@ -444,6 +471,7 @@ def validate(config: StudyConfig) -> dict[str, Any]:
     """
     models = {m: check_model_spec(m) for m in config.models}
     specs = config.eval_specs()
+    _check_organism_pairs(config, models, specs)
     items = {}
     for spec in specs:
         try:

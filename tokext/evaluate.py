@@ -38,6 +38,8 @@ MC_METHODS = ("letter", "continuation", "cot")
 
 def _tokenizer(model: Any) -> Any:
     tok = getattr(model, "tokenizer", None)
+    if getattr(model, "organism", None) is not None:
+        raise InputError("the model organism has a character vocabulary and answers only the task 'organism'")
     if tok is None:
         raise InputError("evaluation needs a model with a tokenizer (tokext.native_model() has none)")
     return tok
@@ -341,6 +343,8 @@ def evaluate(model: Any, spec: Any, interventions: Sequence[Any] = (), *, batch_
         spec = EvalSpec(**spec)
 
     items = list(items) if items is not None else spec.load()
+    if spec.task == "organism":
+        return _evaluate_organism(model, spec, interventions, items, batch_size, progress)
     with intervene(model, *interventions):
         if spec.method == "generate":
             return evaluate_reasoning(model, items, cot=spec.cot, max_new_tokens=spec.max_new_tokens,
@@ -354,3 +358,21 @@ def evaluate(model: Any, spec: Any, interventions: Sequence[Any] = (), *, batch_
             return evaluate_mc_cot(model, items, max_new_tokens=spec.max_new_tokens or 256,
                                    batch_size=batch_size, progress=progress)
     raise InputError(f"unknown evaluation method {spec.method!r}: choose from generate, {', '.join(MC_METHODS)}")
+
+
+def _evaluate_organism(model: Any, spec: Any, interventions: Sequence[Any], items: Sequence[Any], batch_size: int,
+                       progress: bool) -> pd.DataFrame:
+    """Task ``organism``: the organism's own problems (test split), greedy, with ``interventions``."""
+    from tokext.interventions import intervene
+    from tokext.organism import DEFAULT_TASK, evaluate_organism_items
+
+    organism = getattr(model, "organism", None)
+    if organism is None:
+        raise InputError("task 'organism' needs a trained model organism: load its directory "
+                         "(`tokext train-organism --out DIR`, then tokext.load_model(DIR))")
+    if organism.config["task"] != DEFAULT_TASK:
+        raise InputError(f"this organism was trained on {organism.config['task']}; task 'organism' evaluates the "
+                         f"default problems {DEFAULT_TASK}: use tokext.organism.evaluate_organism_items directly")
+    with intervene(model, *interventions):
+        return evaluate_organism_items(organism, items, cot=spec.cot, batch_size=max(batch_size, 1),
+                                       progress=progress)

@@ -146,6 +146,12 @@ def ablation(results: Path, out: Path) -> Figure | None:
         mmlu = mmlu[mmlu["cell_id"] != mmlu["baseline_id"]].copy()
         mmlu["row"] = mmlu["level"].astype(str) + " | " + mmlu["intervention"].map(_short)
         panels.append(("MMLU by category", mmlu))
+    organism_path = results / "organism_ablation" / "summary.csv"
+    if organism_path.is_file():
+        org = pd.read_csv(organism_path)
+        org = org[org["cell_id"] != org["baseline_id"]].copy()
+        org["row"] = org["cot"].map({True: "CoT", False: "direct"}) + " | " + org["intervention"].map(_short)
+        panels.append((f"model organism (n={int(org['n_items'].median())} problems per cell)", org))
     heights = [max(1.2, 0.16 * len(t) + 0.6) for _, t in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(plots.FULL_WIDTH, sum(heights) + 0.4),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
@@ -157,8 +163,9 @@ def ablation(results: Path, out: Path) -> Figure | None:
     n = int(table["n_items"].median()) if len(table) else 0
     caption = (f"Paired accuracy differences (method minus baseline on the same items, 95% bootstrap CI) of "
                f"{meta.get('model', 'the model')} per intervention and task, n={n} items per cell"
-               + (" and per MMLU category (letter scoring)" if len(panels) > 1 else "") + ". Exact McNemar p-values "
-               "are in the report tables.")
+               + ("; per MMLU category (letter scoring)" if mmlu_path.is_file() else "")
+               + ("; and on the 2-layer model organism (its held-out arithmetic, CoT and direct)"
+                  if organism_path.is_file() else "") + ". Exact McNemar p-values are in the report tables.")
     note = f"model {meta.get('model')} | config {meta.get('config')} | n={n}/cell | greedy, {meta.get('shots', 3)}-shot"
     return Figure("fig4_ablation", "Ablation: accuracy differences with 95% CI", caption,
                   plots.save(fig, out, "fig4_ablation", note))
@@ -304,7 +311,8 @@ def build_all(results: str | Path, out: str | Path, *, tables: str = "") -> list
     figures = [f for f in (builder(results, out) for builder in BUILDERS) if f is not None]
     if not figures:
         raise DataFileError(f"no results to plot under {results} (run `tokext reproduce` first)")
-    steps = ["analyze", "patterns", "profiles", "ablation", "mmlu", "organism", "computed_tokens", "finetune"]
+    steps = ["analyze", "patterns", "profiles", "ablation", "mmlu", "organism", "organism_ablation", "computed_tokens",
+             "finetune"]
     done = [s for s in steps if (results / s / "provenance.json").is_file()]
     missing = [s for s in steps if s not in done]
     lines = ["# tokext report", "", f"Built from `{results}` by `tokext figures`. Steps with results: "

@@ -102,11 +102,17 @@ def load_model(
     """Load a model as a TransformerLens 4 ``TransformerBridge``.
 
     ``spec`` is ``"smollm2-135m"`` (the offline default), a local Hugging Face model directory, a
-    path to a ``.gguf`` file, or a hub id (needs network access or a filled hub cache).
+    path to a ``.gguf`` file, a hub id (needs network access or a filled hub cache), or the
+    directory of a saved model organism (``tokext train-organism``; the bridge carries the
+    :class:`tokext.organism.Organism` as ``model.organism``).
     With ``require_editable=True`` the call raises :class:`UneditableAttentionError` when writes
     to ``hook_pattern`` do not reach the logits in every layer (delegating adapters).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if isinstance(spec, str) and (Path(spec).expanduser() / "organism.json").is_file():
+        from tokext.organism import load_organism
+
+        return load_organism(Path(spec).expanduser()).attach()
     hf_dir, name, source = _resolve_spec(spec)
     bridge = _boot_hf_dir(hf_dir, name, device=device, dtype=dtype, source=source)
     if require_editable:

@@ -149,6 +149,12 @@ class Organism:
         return organism_examples(n, seed, task["n_terms"], task["max_operand"], ops=task["ops"], split=split,
                                  prefix=task["prefix"])
 
+    def attach(self) -> Any:
+        """The bridge, carrying this organism as ``model.organism`` (how sweeps and
+        :func:`tokext.evaluate.evaluate` find its tokenizer and task)."""
+        self.model.organism = self
+        return self.model
+
 
 def _max_len(n_terms: int, max_operand: int, ops: str, prefix: str) -> int:
     bound = max_operand**n_terms if "*" in ops else n_terms * max_operand
@@ -287,6 +293,56 @@ def evaluate_organism(organism: Organism, n: int = 200, seed: int = 123, cot: bo
     examples = organism.examples(n, seed, split="test")
     outs = generate_greedy(organism, [ex.prompt(cot) for ex in examples])
     return sum(out == ex.completion(cot) for out, ex in zip(outs, examples)) / max(1, n)
+
+
+DEFAULT_TASK = {"n_terms": 3, "max_operand": 9, "ops": "+-", "prefix": ""}  # train_organism's defaults
+
+
+def evaluate_organism_items(organism: Organism, examples: Sequence[OrganismExample], *, cot: bool,
+                            batch_size: int = 64, progress: bool = True) -> "pd.DataFrame":
+    """Greedy completions of ``examples`` and their scores, one row per problem (the columns of
+    :func:`tokext.evaluate.evaluate_reasoning`): id, task, level, cot, gold, extracted (the text
+    after the last "A:"), correct (answer exact match), completion_correct (chain and answer
+    exact), loss (teacher-forced mean NLL of the gold completion and EOS), n_new_tokens, raw.
+    Run it inside :func:`tokext.interventions.intervene` to score an intervention.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    examples = list(examples)
+    if not examples:
+        raise InputError("no organism problems to evaluate")
+    tok, model = organism.tokenizer, organism.model
+    rows = []
+    with tqdm(total=len(examples), desc="organism", disable=not progress, leave=False) as bar:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start: start + batch_size]
+            outs = generate_greedy(organism, [ex.prompt(cot) for ex in chunk])
+            losses = _completion_losses(organism, chunk, cot)
+            for i, (ex, out, loss) in enumerate(zip(chunk, outs, losses), start=start):
+                extracted = out.rsplit("A:", 1)[1].strip() if "A:" in out else (out.strip() if not cot else "")
+                rows.append({"id": f"{i}:{ex.question}", "task": "organism", "level": None, "cot": cot,
+                             "gold": str(ex.answer), "extracted": extracted, "correct": extracted == str(ex.answer),
+                             "completion_correct": out == ex.completion(cot), "loss": loss,
+                             "n_new_tokens": len(tok.encode(out, bos=False)), "raw": out})
+            bar.update(len(chunk))
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def _completion_losses(organism: Organism, examples: Sequence[OrganismExample], cot: bool) -> list[float]:
+    """Mean NLL of each gold completion (and EOS) after its prompt, in one padded forward pass."""
+    tok, model = organism.tokenizer, organism.model
+    seqs = [tok.encode(ex.text(cot), eos=True) for ex in examples]
+    starts = [len(tok.encode(ex.prompt(cot))) for ex in examples]
+    tokens, real = pad([torch.tensor(s) for s in seqs], tok.pad_token_id)
+    logprobs = model(tokens.to(_device(model))).float().log_softmax(-1).cpu()
+    out = []
+    for row, (seq, first) in enumerate(zip(seqs, starts)):
+        targets = torch.tensor(seq[first:])
+        picked = logprobs[row, first - 1: len(seq) - 1].gather(-1, targets[:, None])
+        out.append(-float(picked.mean()))
+    return out
 
 
 def organism_prompts(organism: Organism, n: int, seed: int = 0, *, cot: bool = True) -> list[torch.Tensor]:

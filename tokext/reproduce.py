@@ -39,15 +39,18 @@ class Sizes:
     computed_counts: tuple[int, ...]
     finetune_steps: int
     organism_steps: int
+    organism_items: int | None  # problems per organism sweep cell (None: the config's n)
 
 
 MODES = {
     "quick": Sizes(analyze_prompts=8, profile_prompts=4, ablation_items=2, mmlu_items=2, computed_items=4,
-                   computed_counts=(0, 8), finetune_steps=4, organism_steps=30),
+                   computed_counts=(0, 8), finetune_steps=4, organism_steps=30, organism_items=8),
     "default": Sizes(analyze_prompts=64, profile_prompts=16, ablation_items=None, mmlu_items=None, computed_items=24,
-                     computed_counts=(0, 4, 16, 64), finetune_steps=60, organism_steps=1500),
+                     computed_counts=(0, 4, 16, 64), finetune_steps=60, organism_steps=1500,
+                     organism_items=None),
     "full": Sizes(analyze_prompts=80, profile_prompts=80, ablation_items=None, mmlu_items=None, computed_items=80,
-                  computed_counts=(0, 1, 2, 4, 8, 16, 32, 64), finetune_steps=300, organism_steps=3000),
+                  computed_counts=(0, 1, 2, 4, 8, 16, 32, 64), finetune_steps=300, organism_steps=3000,
+                  organism_items=None),
 }
 
 
@@ -152,20 +155,27 @@ class Reproduction:
         write_provenance(folder, model=info.name, data="built-in prompts", n_prompts=len(prompts),
                          interventions=list(summary["intervention"]))
 
-    def _sweep(self, folder: Path, config_name: str, full_configs: list[str], limit: int | None) -> None:
+    def _sweep(self, folder: Path, config_name: str | None, full_configs: list[str], limit: int | None,
+               model: Any = None, model_spec: str | None = None) -> None:
+        """Run the packaged ``config_name`` (``experiments/<full_configs>`` in full mode, or always
+        when ``config_name`` is None) on ``model`` (default: the main model) and summarise it."""
         from tokext.config import load_config
         from tokext.models import model_info
         from tokext.sweep import run_sweep, summarize
 
-        configs = ([ROOT / "experiments" / name for name in full_configs] if self.mode == "full"
+        model = model if model is not None else self.model
+        model_spec = model_spec or self.model_spec
+        configs = ([ROOT / "experiments" / name for name in full_configs] if self.mode == "full" or not config_name
                    else [resources.files("tokext").joinpath(f"data/{config_name}")])
         for config_path in configs:
+            if not Path(str(config_path)).is_file():
+                raise InputError(f"{config_path} not found: `tokext reproduce` runs from a checkout of the repository")
             config = load_config(str(config_path))
-            run_sweep(config, folder, limit=limit, models=[self.model_spec], progress=False,
-                      loader=lambda spec: self.model, force=True, log=self.log)
+            run_sweep(config, folder, limit=limit, models=[model_spec], progress=False,
+                      loader=lambda spec: model, force=True, log=self.log)
         summarize(folder)
-        write_provenance(folder, model=model_info(self.model).name, config=[Path(str(c)).name for c in configs],
-                         limit=limit, shots=3)
+        write_provenance(folder, model=model_info(model).name, config=[Path(str(c)).name for c in configs],
+                         limit=limit)
 
     def ablation(self, folder: Path) -> None:
         self._sweep(folder, "reproduce_ablation.toml", ["a_method.toml", "b_neighbours.toml"], self.sizes.ablation_items)
@@ -191,6 +201,14 @@ class Reproduction:
         accuracy = {"cot": evaluate_organism(org, n=n_eval, cot=True), "direct": evaluate_organism(org, n=n_eval, cot=False)}
         write_provenance(folder, model="organism", steps=self.sizes.organism_steps, seed=0, config=org.config,
                          accuracy=accuracy, first_token_mass=stats.first_token_mass.tolist())
+
+    def organism_ablation(self, folder: Path) -> None:
+        """experiments/organism.toml on the organism trained by the ``organism`` step."""
+        from tokext.models import load_model
+
+        trained = self.root / "organism" / "model"
+        self._sweep(folder, None, ["organism.toml"], self.sizes.organism_items, model=load_model(str(trained)),
+                    model_spec=str(trained))
 
     def _experiment(self, script: str, argv: list[str]) -> None:
         """Run ``experiments/<script>``'s ``main(argv)`` (the scripted studies live beside the package)."""
@@ -225,7 +243,7 @@ class Reproduction:
 
         steps = [("analyze", self.analyze), ("patterns", self.patterns), ("profiles", self.profiles),
                  ("ablation", self.ablation), ("mmlu", self.mmlu), ("organism", self.organism),
-                 ("computed_tokens", self.computed_tokens), ("finetune", self.finetune)]
+                 ("organism_ablation", self.organism_ablation), ("computed_tokens", self.computed_tokens), ("finetune", self.finetune)]
         for name, run in steps:
             self.step(name, run)
         figures = build_all(self.root, figures_dir, tables=report_tables(self.root))
@@ -238,7 +256,8 @@ def report_tables(root: Path) -> str:
     import pandas as pd
 
     parts = []
-    for name, title in [("ablation", "Ablation (reasoning task)"), ("mmlu", "MMLU by category (letter scoring)")]:
+    for name, title in [("ablation", "Ablation (reasoning task)"), ("mmlu", "MMLU by category (letter scoring)"),
+                        ("organism_ablation", "Model organism (its held-out arithmetic, greedy, exact answer)")]:
         path = root / name / "summary.csv"
         if not path.is_file():
             continue

@@ -1,9 +1,9 @@
 """Softmax temperature applied to the post-softmax pattern, exactly.
 
 For a softmax row ``p = softmax(s)`` over the visible keys, ``p^(1/T)`` renormalised equals
-``softmax(s / T)``: ``log p = s - logsumexp(s)`` and the constant cancels. Below ``T = 1`` it is
-computed in log space (``softmax(log p / T)``), so small temperatures do not underflow; keys with
-``p = 0`` (causal and padding zeros) stay 0. Each row keeps its original sum (1 for plain softmax).
+``softmax(s / T)``: ``log p = s - logsumexp(s)`` and the constant cancels. It is computed in log
+space (``softmax(log p / T)``), so small temperatures do not underflow; keys with ``p = 0``
+(causal and padding zeros) stay 0. Each row keeps its original sum (1 for plain softmax).
 """
 
 from __future__ import annotations
@@ -60,19 +60,24 @@ class AttentionTemperature(Intervention):
 def tempered(pattern: torch.Tensor, inverse_temperature: float, inplace: bool = False) -> torch.Tensor:
     """``pattern^(1/T)`` renormalised to each row's original sum.
 
-    For ``T >= 1`` the power itself is safe (``p^(1/T) >= p``); for ``T < 1`` it is computed in log
-    space with each row's maximum subtracted, so rows do not underflow to zero.
+    The power is taken as ``exp(log(p) / T)`` (zeros stay zero: ``exp(-inf) = 0``), which on CPU
+    is about three times faster than ``Tensor.pow`` with a fractional exponent, and done in place
+    when ``inplace`` allows it. For ``T < 1`` each row's maximum is subtracted before the ``exp``,
+    so rows do not underflow to zero.
     """
     work = pattern if pattern.dtype in (torch.float32, torch.float64) else pattern.float()
     grad = torch.is_grad_enabled() and work.requires_grad  # autograd needs the intermediate tensors
     inplace = inplace and work is pattern and not grad
     original = work.sum(-1, keepdim=True)
-    if inverse_temperature <= 1.0:
-        weights = work.pow_(inverse_temperature) if inplace else work.pow(inverse_temperature)
+    if grad:
+        weights = torch.log(work) * inverse_temperature
     else:
-        logits = torch.log(work) * inverse_temperature
-        peak = logits.amax(-1, keepdim=True)
-        weights = torch.exp(logits - torch.where(torch.isfinite(peak), peak, 0.0))  # exp(-inf) = 0: zeros stay 0
+        weights = (work.log_() if inplace else torch.log(work)).mul_(inverse_temperature)
+    if inverse_temperature > 1.0:  # sharpening: p^(1/T) can underflow, shift each row by its maximum
+        peak = weights.amax(-1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, 0.0)  # an all-zero row stays zero
+        weights = weights - peak if grad else weights.sub_(peak)
+    weights = weights.exp() if grad else weights.exp_()
     total = weights.sum(-1, keepdim=True)
     scale = original / torch.where(total > 0, total, 1.0)
     weights = weights * scale if grad else weights.mul_(scale)
