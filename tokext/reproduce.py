@@ -4,7 +4,8 @@ On SmolLM2-135M-Instruct (and the trained model organism) it runs the attention 
 intervention profiles, the core ablation study, MMLU by category, the computed-token study and the
 fine-tuning diagnostic, then rebuilds every figure into ``figures/`` with ``figures/REPORT.md``.
 Each step writes its results folder under ``results/reproduce/<mode>/`` and a ``provenance.json``
-last; a step whose provenance exists is skipped (``--force`` recomputes). Sizes per mode:
+last; a step whose provenance exists is skipped (``--force`` empties the step folders and recomputes).
+Sizes per mode:
 ``quick`` (a smoke run, < 3 min), ``default`` (< 20 min on 2 CPU cores), ``full`` (the complete
 grids of ``experiments/*.toml``; hours on a CPU).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -96,6 +98,8 @@ class Reproduction:
         if (folder / "provenance.json").is_file() and not self.force:
             self.log(f"[{name}] cached in {folder}/")
             return folder
+        if folder.is_dir() and self.force:  # --force: this step's own cache folder starts empty
+            shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.log(f"[{name}] running ...")
         start = time.perf_counter()

@@ -141,6 +141,37 @@ def rescale_rows(edited: torch.Tensor, target_sum: torch.Tensor, inplace: bool) 
     return edited.mul_(ratio) if inplace else edited * ratio
 
 
+def split_row_mass(pattern: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mass on the ``keys`` and on the other keys, ``([..., query, 1], [..., query, 1])``.
+
+    ``keys`` is Bool ``[batch, heads or 1, 1, key]``. One batched matrix-vector product reads the
+    pattern once; both parts are summed directly (never as a difference), so a row whose mass is
+    all on ``keys`` gets exactly 0 for the rest.
+    """
+    weights = torch.stack([keys, ~keys], dim=-1).to(pattern.dtype).squeeze(-3)  # [batch, h, key, 2]
+    both = torch.matmul(pattern, weights)  # [batch, head, query, 2]
+    return both[..., :1], both[..., 1:]
+
+
+def scale_entries(pattern: torch.Tensor, keys: torch.Tensor, gain_on_keys: torch.Tensor | float,
+                  gain_elsewhere: torch.Tensor | float, inplace: bool) -> torch.Tensor:
+    """``pattern`` times ``gain_on_keys`` where ``keys`` (Bool ``[batch, h, 1, key]``) and times
+    ``gain_elsewhere`` elsewhere; the gains are per row (``[..., query, 1]``) or scalars.
+
+    When the keys are a few columns (sinks, the first token) the whole pattern is scaled once and
+    only those columns are recomputed, instead of building a full-size gain tensor.
+    """
+    n_k = pattern.shape[-1]
+    columns = keys.reshape(-1, n_k).any(0).nonzero().flatten()
+    if len(columns) * 8 > n_k:  # many keys: one full-size gain tensor is cheaper than gathering
+        gain = torch.where(keys, gain_on_keys, gain_elsewhere)
+        return pattern.mul_(gain) if inplace else pattern * gain
+    picked = pattern.index_select(-1, columns)
+    picked = picked * torch.where(keys.index_select(-1, columns), gain_on_keys, gain_elsewhere)
+    scaled = pattern.mul_(gain_elsewhere) if inplace else pattern * gain_elsewhere
+    return scaled.index_copy_(-1, columns, picked) if inplace else scaled.index_copy(-1, columns, picked)
+
+
 # ---------------------------------------------------------------------- the base class
 
 

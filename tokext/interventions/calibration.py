@@ -21,6 +21,7 @@ import torch
 from tokext.hooks import pattern_hook_name
 from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_head_pairs, check_bool, check_number, head_index, head_selection,
+    scale_entries, split_row_mass,
 )
 
 
@@ -64,8 +65,10 @@ class SinkCalibration(Intervention):
             index = head_index(heads, pattern.device)
             sub = pattern if index is None else pattern.index_select(1, index)
             real_q = ctx.real_queries(pattern)
-            weights = sub if real_q is None else sub * real_q[:, None, :, None].to(sub.dtype)
-            column = weights.sum(2)  # [batch, head, key]: received mass from the real queries
+            if real_q is None:
+                column = sub.sum(2)  # [batch, head, key]: received mass from the real queries
+            else:  # a batched vector-matrix product: no pattern-sized temporary
+                column = torch.matmul(real_q[:, None, None, :].to(sub.dtype), sub).squeeze(2)
             count = ctx.visible(pattern).sum(1).to(sub.dtype).expand(batch, n_k)  # real queries seeing k
             old_column, old_count = acc["column"], acc["count"]
             if past > 0 and old_column is not None and old_column.shape == (*column.shape[:2], past):
@@ -96,13 +99,11 @@ def calibrate_rows(pattern: torch.Tensor, sinks: torch.Tensor, beta: float, *, i
 
     ``sinks`` is Bool broadcastable to ``pattern`` [..., query, key].
     """
-    sink_mass = (pattern * sinks).sum(-1, keepdim=True)
-    rest = torch.where(sinks, 0.0, pattern).sum(-1, keepdim=True)
+    sink_mass, rest = split_row_mass(pattern, sinks)
     has_rest = rest > 0
-    row_beta = torch.where(has_rest, beta, 1.0)
+    row_beta = torch.where(has_rest, beta, 1.0).to(pattern.dtype)
     rest_gain = 1.0 + (1.0 - row_beta) * sink_mass / torch.where(has_rest, rest, 1.0)
-    gain = torch.where(sinks, row_beta, rest_gain)
-    return pattern.mul_(gain) if inplace else pattern * gain
+    return scale_entries(pattern, sinks, row_beta, rest_gain, inplace)
 
 
 # ---------------------------------------------------------------------- ACT's head selection

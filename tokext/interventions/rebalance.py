@@ -18,7 +18,7 @@ from tokext.errors import InputError
 from tokext.hooks import pattern_hook_name
 from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, check_bool, check_number, head_index,
-    head_selection, is_int, on_heads,
+    head_selection, is_int, on_heads, scale_entries, split_row_mass,
 )
 from tokext.metrics import CATEGORIES
 
@@ -85,18 +85,16 @@ class SinkRebalance(Intervention):
         scale, renormalize = self.scale, self.renormalize
 
         def rebalance(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
-            weight = torch.where(plan.key_targets(pattern, ctx), scale, 1.0).to(pattern.dtype)[:, None, None, :]
+            targets = plan.key_targets(pattern, ctx)[:, None, None, :]  # [batch, 1, 1, key]
 
             def edit(sub: torch.Tensor, inplace: bool) -> torch.Tensor:
-                original = sub.sum(-1, keepdim=True) if renormalize else None
-                edited = sub * weight
-                if original is None:
-                    return sub.copy_(edited) if inplace else edited
-                total = edited.sum(-1, keepdim=True)
+                if not renormalize:
+                    return scale_entries(sub, targets, scale, 1.0, inplace)
+                on_targets, elsewhere = split_row_mass(sub, targets)
+                total = elsewhere + scale * on_targets
                 keep = total <= 0  # only target mass: the limit scale -> 0 is the original row
-                ratio = torch.where(keep, 1.0, original / torch.where(keep, 1.0, total))
-                edited = torch.where(keep, sub, edited * ratio)
-                return sub.copy_(edited) if inplace else edited
+                ratio = torch.where(keep, 1.0, (on_targets + elsewhere) / torch.where(keep, 1.0, total))
+                return scale_entries(sub, targets, torch.where(keep, 1.0, scale * ratio), ratio, inplace)
 
             return on_heads(pattern, head_index(heads, pattern.device), ctx.inplace_ok(name, pattern), edit)
 
