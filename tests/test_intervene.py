@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.models_fixtures import encode_text
-from tests.models_fixtures import tiny_llama, tiny_native, tiny_opt  # noqa: F401  (fixtures)
+from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native, tiny_opt  # noqa: F401  (fixtures)
 from tokext.errors import (
     InputError, InterventionNotAppliedError, LayerIndexError, TokextError, UneditableAttentionError,
 )
@@ -245,3 +245,53 @@ def test_transformerlens_hook_contexts_inside_the_block_leave_ours_attached(tiny
             pass
         torch.testing.assert_close(model(tokens), first)
     assert run.forwards == 4 and run.fired[0] == 4 * model.cfg.n_layers
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_temperature_on_scores_equals_tempering_the_pattern(request, name, temperature):
+    """Where score edits land, scores / T gives the logits of p^(1/T) renormalised (padded batch)."""
+    from tokext.models import check_score_edits
+
+    model = request.getfixturevalue(name)
+    assert all(check_score_edits(model).values())
+    tokens = _tokens(model, n=3, length=10, seed=4)
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    real = mask.bool()
+    with torch.no_grad():
+        base = model(tokens, attention_mask=mask)
+        with intervene(model, AttentionTemperature(temperature, hook="scores")):
+            on_scores = model(tokens, attention_mask=mask)
+        with intervene(model, AttentionTemperature(temperature, hook="pattern")):
+            on_pattern = model(tokens, attention_mask=mask)
+        with intervene(model, AttentionTemperature(temperature, heads=[(1, 0)], hook="scores")):
+            one_head_scores = model(tokens, attention_mask=mask)
+        with intervene(model, AttentionTemperature(temperature, heads=[(1, 0)], hook="pattern")):
+            one_head_pattern = model(tokens, attention_mask=mask)
+    assert float((on_scores - base).abs()[real].max()) > 1e-3
+    assert float((on_scores - on_pattern).abs()[real].max()) < 1e-4
+    assert float((one_head_scores - one_head_pattern).abs()[real].max()) < 1e-4
+    names = [n for n, _ in AttentionTemperature(temperature).hooks(model)]
+    assert all(n.endswith("hook_attn_scores") for n in names)  # auto picks the scores
+
+
+def test_temperature_falls_back_to_the_pattern_where_score_edits_are_discarded(tiny_native):
+    from tokext.models import check_score_edits
+
+    model = tiny_native
+    assert not any(check_score_edits(model).values())
+    with pytest.raises(UneditableAttentionError, match="hook_attn_scores"):
+        with intervene(model, AttentionTemperature(2.0, hook="scores")):
+            pass
+    names = [n for n, _ in AttentionTemperature(2.0).hooks(model)]
+    assert all(n.endswith("hook_pattern") for n in names)
+    tokens = _tokens(model)
+    with torch.no_grad():
+        base = model(tokens)
+        with intervene(model, AttentionTemperature(2.0)):
+            moved = model(tokens)
+    assert float((moved - base).abs().max()) > 1e-3
+    with pytest.raises(InputError, match="hook must be one of"):
+        AttentionTemperature(2.0, hook="softmax")

@@ -17,7 +17,7 @@ def test_reproduce_quick_then_figures(smollm2, tmp_path, capsys):
                  "fig8_organism"):
         assert (figures / f"{name}.png").is_file() and (figures / f"{name}.pdf").is_file(), name
         assert f"({name}.png)" in report
-    assert "| task | level | intervention |" in report and "SmolLM2-135M-Instruct" in report
+    assert "| task | level | prompt | intervention |" in report and "SmolLM2-135M-Instruct" in report
     assert "## Model organism" in report and "organism_ablation" in report
     capsys.readouterr()
     # a second run reuses every cached step

@@ -46,6 +46,7 @@ class ModelInfo:
     n_ctx: int
     prepend_bos: bool
     pattern_edit_lands: dict[int, bool] | None = None
+    score_edit_lands: dict[int, bool] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -291,8 +292,35 @@ def check_pattern_edits(model: Any, *, tol: float = 1e-4) -> dict[int, bool]:
     the layer as not editable. Layers of the same attention class share one measurement.
     """
     info = model_info(model)
-    if info.pattern_edit_lands is not None:
-        return info.pattern_edit_lands
+    if info.pattern_edit_lands is None:
+        info.pattern_edit_lands = _check_edits(model, "hook_pattern", _uniform_pattern, tol)
+    return info.pattern_edit_lands
+
+
+def check_score_edits(model: Any, *, tol: float = 1e-4) -> dict[int, bool]:
+    """Like :func:`check_pattern_edits` for the pre-softmax ``hook_attn_scores``: per layer,
+    whether replacing the scores changes the logits (it does not on TransformerLens-native models
+    and delegating adapters). Cached; interventions that are exact pre-softmax use it to pick the
+    cheaper hook."""
+    info = model_info(model)
+    if info.score_edit_lands is None:
+        info.score_edit_lands = _check_edits(model, "hook_attn_scores", _flat_scores, tol)
+    return info.score_edit_lands
+
+
+def _uniform_pattern(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
+    causal = torch.ones_like(pattern).tril()
+    return causal / causal.sum(-1, keepdim=True)
+
+
+def _flat_scores(scores: torch.Tensor, hook: Any) -> torch.Tensor:
+    visible = scores > torch.finfo(scores.dtype).min / 2  # masked entries are -inf or the dtype's minimum
+    return torch.where(visible, torch.zeros_like(scores), scores)
+
+
+def _check_edits(model: Any, hook: str, edit: Any, tol: float) -> dict[int, bool]:
+    """Per layer: does ``edit`` at ``blocks.{layer}.attn.{hook}`` move the logits of a short probe?"""
+    info = model_info(model)
     vocab = int(model.cfg.d_vocab)
     n = min(8, int(model.cfg.n_ctx))
     tokens = (torch.arange(n, device=_device(model)) * 7 + 3) % vocab
@@ -304,22 +332,20 @@ def check_pattern_edits(model: Any, *, tol: float = 1e-4) -> dict[int, bool]:
         for layer in range(info.n_layers):
             cls = type(model.blocks[layer].attn)
             if cls not in by_class:
-                by_class[cls] = _edit_changes_logits(model, tokens, base, layer, tol)
+                by_class[cls] = _edit_changes_logits(model, tokens, base, f"blocks.{layer}.attn.{hook}", edit, tol)
             lands[layer] = by_class[cls]
-    info.pattern_edit_lands = lands
     return lands
 
 
-def _edit_changes_logits(model: Any, tokens: torch.Tensor, base: torch.Tensor, layer: int, tol: float) -> bool:
-    from tokext.hooks import attached, pattern_hook_name
+def _edit_changes_logits(model: Any, tokens: torch.Tensor, base: torch.Tensor, name: str, edit: Any,
+                         tol: float) -> bool:
+    from tokext.hooks import attached
 
-    def uniform(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
-        causal = torch.ones_like(pattern).tril()
-        return causal / causal.sum(-1, keepdim=True)
-
+    if name not in getattr(model, "hook_dict", {}):
+        return False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with attached(model, [(pattern_hook_name(layer), uniform)]):
+        with attached(model, [(name, edit)]):
             edited = model(tokens)
     discarded = any("discard" in str(w.message).lower() for w in caught)
     return (not discarded) and float((edited - base).abs().max()) > tol

@@ -1,4 +1,11 @@
-"""Softmax temperature applied to the post-softmax pattern, exactly.
+"""Softmax temperature, exactly: ``softmax(scores / T)``.
+
+Where edits to the pre-softmax ``hook_attn_scores`` reach the output (HF-backed bridges such as
+Llama/SmolLM2 and GPT-2; :func:`tokext.models.check_score_edits`) the scores are divided by ``T``.
+On that path the temperature acts before every post-softmax edit of the same layer, whatever
+their order in :func:`tokext.intervene`. Elsewhere (TransformerLens-native models, whose score
+edits are discarded) the post-softmax pattern is tempered instead, at the cost of a log and an
+exp per entry (about three softmaxes):
 
 For a softmax row ``p = softmax(s)`` over the visible keys, ``p^(1/T)`` renormalised equals
 ``softmax(s / T)``: ``log p = s - logsumexp(s)`` and the constant cancels. It is computed in log
@@ -13,7 +20,15 @@ from typing import Any, Callable
 
 import torch
 
+from tokext.errors import InputError, UneditableAttentionError
 from tokext.hooks import pattern_hook_name
+
+HOOKS = ("auto", "scores", "pattern")
+
+
+def scores_hook_name(layer: int) -> str:
+    """Name of the pre-softmax (scaled, masked) attention scores hook of ``layer``."""
+    return f"blocks.{layer}.attn.hook_attn_scores"
 from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, check_number, head_index, head_selection,
     on_heads,
@@ -31,9 +46,12 @@ class AttentionTemperature(Intervention):
     temperature: float
     layers: tuple[int, ...] | None = None
     heads: tuple[tuple[int, int], ...] | None = None
+    hook: str = "auto"  # "scores" (pre-softmax), "pattern" (post-softmax), "auto": scores where edits land
 
     def _check(self) -> None:
         check_number("temperature", self.temperature, low=0.0, low_open=True)
+        if self.hook not in HOOKS:
+            raise InputError(f"hook must be one of {HOOKS}, got {self.hook!r}")
         object.__setattr__(self, "layers", as_int_tuple("layers", self.layers))
         object.__setattr__(self, "heads", as_head_pairs("heads", self.heads))
 
@@ -41,8 +59,38 @@ class AttentionTemperature(Intervention):
         return list(head_selection(model, self.layers, self.heads))
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
+        from tokext.models import check_score_edits
+
         selection = head_selection(model, self.layers, self.heads)
+        use_scores = False
+        if self.hook != "pattern" and isinstance(model, torch.nn.Module):  # (reference tests pass stand-ins)
+            lands = check_score_edits(model)
+            blocked = [layer for layer in selection if not lands.get(layer, False)]
+            if blocked and self.hook == "scores":
+                raise UneditableAttentionError(f"{self!r}: edits to hook_attn_scores do not reach the output in "
+                                               f"layers {blocked} of this model: use hook='pattern' or 'auto'")
+            use_scores = not blocked
+        if use_scores:
+            return [(scores_hook_name(layer), self._scores_hook(layer, heads, ctx))
+                    for layer, heads in selection.items()]
         return [(pattern_hook_name(layer), self._hook(layer, heads, ctx)) for layer, heads in selection.items()]
+
+    def _scores_hook(self, layer: int, heads: list[int] | None, ctx: RunContext) -> Callable:
+        """``scores / T`` before the softmax: the same pattern as :func:`tempered` at the cost of
+        one multiplication (used where score edits reach the output: HF-backed bridges)."""
+        name = scores_hook_name(layer)
+        inverse = 1.0 / float(self.temperature)
+
+        def edit(sub: torch.Tensor, inplace: bool) -> torch.Tensor:
+            lowest = torch.finfo(sub.dtype).min
+            out = sub.mul_(inverse) if inplace else sub * inverse
+            # masked entries hold -inf or the dtype's minimum; keep a fully masked row finite
+            return out.clamp_(min=lowest) if inverse > 1.0 else out
+
+        def hook(scores: torch.Tensor, hook: Any) -> torch.Tensor:
+            return on_heads(scores, head_index(heads, scores.device), ctx.inplace_ok(name, scores), edit)
+
+        return hook
 
     def _hook(self, layer: int, heads: list[int] | None, ctx: RunContext) -> Callable:
         name = pattern_hook_name(layer)
