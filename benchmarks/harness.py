@@ -112,7 +112,20 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="also write the raw results as JSON here")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of the methods (plain_forward is always measured)")
     return p
+
+
+def chosen_methods(args: argparse.Namespace, methods: Sequence[str]) -> list[str]:
+    """``methods`` narrowed by ``--methods``; the plain forward pass always stays first."""
+    if not args.methods:
+        return list(methods)
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(methods))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}: choose from {list(methods)}")
+    return ["plain_forward"] + [m for m in methods if m in wanted and m != "plain_forward"]
 
 
 def run_worker_if_asked(args: argparse.Namespace, worker: Callable[[dict], dict]) -> bool:
@@ -126,6 +139,7 @@ def run_worker_if_asked(args: argparse.Namespace, worker: Callable[[dict], dict]
 def benchmark(script: str, title: str, args: argparse.Namespace, configs: Sequence[dict], methods: Sequence[str],
               rounds: int, repeats: int, memory_limit_gib: float | None = None) -> list[dict]:
     """Run every (configuration, method) job interleaved, print the ratio table, save raw JSON."""
+    methods = chosen_methods(args, methods)
     jobs = [dict(model=args.model, method=m, repeats=repeats, **c) for c in configs for m in methods]
     results = run_workers(script, jobs, rounds, memory_limit_gib=memory_limit_gib)
     print(f"{title}: model {args.model}, fp32, CPU ({os.cpu_count()} cores), "

@@ -95,9 +95,11 @@ class EarlyLayerEmulation(Intervention):
         threshold, exclude_self = self.threshold, self.exclude_self
 
         def record_mask(pattern: torch.Tensor, hook: Any) -> None:
-            mask = pattern > threshold
+            # kept as 0/1 in the pattern's dtype: with a Bool operand every later layer's addcmul
+            # casts element by element instead of running vectorised
+            mask = (pattern > threshold).to(pattern.dtype)
             if exclude_self:  # the key at the query's own absolute position: offset past = key - query
-                mask.diagonal(offset=pattern.shape[-1] - pattern.shape[-2], dim1=-2, dim2=-1).fill_(False)
+                mask.diagonal(offset=pattern.shape[-1] - pattern.shape[-2], dim1=-2, dim2=-1).fill_(0)
             state["mask"] = mask
 
         def make_boost(layer: int) -> Any:
@@ -119,9 +121,9 @@ class EarlyLayerEmulation(Intervention):
                     )
                 original = pattern.sum(-1, keepdim=True) if self.renormalize else None
                 if inplace:
-                    edited = pattern.addcmul_(pattern, mask, value=gain - 1.0)
+                    edited = pattern.addcmul_(pattern, mask.to(pattern.dtype), value=gain - 1.0)
                 else:
-                    edited = torch.where(mask, pattern * gain, pattern)
+                    edited = torch.addcmul(pattern, pattern, mask.to(pattern.dtype), value=gain - 1.0)
                 if original is not None:
                     edited = rescale_rows(edited, original, True)
                 return edited
