@@ -157,3 +157,18 @@ def test_native_model_token_input(native):
     stats = collect_attention_stats(native, tokens, batch_size=3, progress=False)
     assert stats.n_sequences == 4
     assert np.all((stats.entropy > 0) & (stats.entropy <= 1 + 1e-6))
+
+
+@pytest.mark.parametrize("queries,keys,chunk_elements", [(200, 200, 1 << 22), (77, 77, 3000), (50, 70, 1 << 22)])
+def test_blocked_plogp_matches_full_rows(monkeypatch, queries, keys, chunk_elements):
+    """The causal, blocked sum_k p log p equals the full-row sum on causal patterns (prefix keys too)."""
+    import tokext.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    scores = torch.randn(2, 3, queries, keys)
+    offset = keys - queries
+    future = torch.ones(queries, keys, dtype=torch.bool).triu(offset + 1)
+    pattern = scores.masked_fill(future, float("-inf")).softmax(-1)
+    expected = (pattern.double() * torch.log(pattern.double().clamp_min(1e-300))).sum(-1)
+    assert torch.allclose(stats_module._sum_plogp(pattern).double(), expected, atol=1e-5)

@@ -29,18 +29,24 @@ from tokext.metrics import CATEGORIES
 
 _EVENT_FIELDS = ("sequence", "layer", "head", "position", "token_id", "alpha")
 _CHUNK_ELEMENTS = 1 << 22  # temporaries of at most 16 MiB (fp32) while reducing a pattern
+_MIN_BLOCK_ROWS = 32  # query rows per block of the causal entropy reduction
 
 
 def _sum_plogp(p: torch.Tensor) -> torch.Tensor:
-    """sum_k p log p over the key axis [batch, head, query], in query chunks so the temporary stays small."""
+    """sum_k p log p over the key axis [batch, head, query], in query blocks.
+
+    A causal pattern is zero above the diagonal, so a block of queries ending at row ``e`` only
+    reads keys ``:e``: the logarithm runs over about half the pattern, and the temporary stays small.
+    """
     batch, heads, queries, keys = p.shape
-    rows = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * keys))
-    if rows >= queries:
-        return torch.special.xlogy(p, p).sum(-1)
+    budget = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * keys))
+    rows = min(budget, max(_MIN_BLOCK_ROWS, -(-queries // 8)))
     out = torch.empty(p.shape[:-1], dtype=p.dtype, device=p.device)
+    offset = keys - queries  # keys before the first query (0 unless the pattern has a prefix)
     for start in range(0, queries, rows):
-        block = p[:, :, start:start + rows]
-        out[:, :, start:start + rows] = torch.special.xlogy(block, block).sum(-1)
+        stop = min(queries, start + rows)
+        block = p[:, :, start:stop, :min(keys, offset + stop)]
+        out[:, :, start:stop] = torch.special.xlogy(block, block).sum(-1)
     return out
 
 
@@ -116,7 +122,9 @@ class AttentionStats:
         row_sum = p.sum(-1)  # [batch, head, query]
         # weight of each row once renormalised over its visible keys; pad rows weigh 0
         row_weight = real_q[:, None] / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        column_sum = torch.einsum("bhqk,bhq->bhk", p, row_weight)  # sum over real rows of p'
+        # sum over real rows of p'; a batched vector-matrix product (einsum would copy p into a
+        # transposed layout first, which costs more than the product itself)
+        column_sum = (row_weight.unsqueeze(-2) @ p).squeeze(-2)
         n_q = ctx.n_queries.to(p.dtype)[:, None]
         alpha = column_sum / torch.where(n_q > 0, n_q, torch.ones_like(n_q))  # 0 on pad keys
         length = p.shape[-1]
