@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
+	$(VENV)/bin/tokext analyze
 	$(VENV)/bin/tokext reproduce
 
 test: install
