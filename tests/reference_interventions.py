@@ -264,3 +264,14 @@ def ref_ablation(heads, mode):
         return out
 
     return edit
+
+
+def compose(*edits):
+    """The reference edits applied one after another at each layer (the order of ``intervene``)."""
+
+    def edit(layer, p, info):
+        for one in edits:
+            p = one(layer, p, info)
+        return p
+
+    return edit

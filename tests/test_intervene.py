@@ -34,9 +34,15 @@ def _tokens(model, n=2, length=8, seed=0):
     return torch.randint(3, int(model.cfg.d_vocab), (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_hooks_removed_after_block_and_after_exceptions(tiny_native):
-    model, tokens = tiny_native, _tokens(tiny_native)
+@pytest.mark.parametrize("name", ["tiny_native", "tiny_llama"])
+def test_hooks_removed_after_block_and_after_exceptions(request, name):
+    model = request.getfixturevalue(name)
+    tokens = _tokens(model)
     before = _hook_count(model)
+
+    def broken(pattern, hook):
+        raise RuntimeError("a hook failed mid-forward")
+
     with torch.no_grad():
         base = model(tokens)
         with intervene(model, *ALL) as run:
@@ -48,30 +54,62 @@ def test_hooks_removed_after_block_and_after_exceptions(tiny_native):
             1 / 0
         assert _hook_count(model) == before
         # an error raised inside a hook, in the middle of a forward pass
-        with pytest.raises(InputError, match="tokenizer"), intervene(model, SinkRebalance("categories")):
-            model(tokens)
+        with pytest.raises(RuntimeError, match="mid-forward"), intervene(model, *ALL):
+            with model.hooks(fwd_hooks=[(pattern_hook_name(1), broken)]):
+                model(tokens)
         assert _hook_count(model) == before
+        if name == "tiny_native":  # one of tokext's own errors, raised from inside its hook
+            with pytest.raises(InputError, match="tokenizer"), intervene(model, SinkRebalance("categories")):
+                model(tokens)
+            assert _hook_count(model) == before
         torch.testing.assert_close(model(tokens), base)
 
 
-def test_nested_blocks_compose_and_user_hooks_survive(tiny_native):
-    model, tokens = tiny_native, _tokens(tiny_native)
+@pytest.mark.parametrize("order", ["temperature-first", "temperature-second"])
+@pytest.mark.parametrize("name", ["tiny_native", "tiny_llama"])
+def test_nested_blocks_compose_and_user_hooks_survive(request, name, order):
+    """Nested blocks act like one block listing the outer interventions first, also on an HF
+    model, where the temperature could act on the pre-softmax scores (before every pattern hook)."""
+    model = request.getfixturevalue(name)
+    tokens = _tokens(model)
     seen = []
     user_hook = (pattern_hook_name(1), lambda p, hook: seen.append(float(p.sum())))
     a, b = AttentionTemperature(0.5), SinkRebalance(scale=0.1)
-    with torch.no_grad(), model.hooks(fwd_hooks=[user_hook]):
-        with intervene(model, a, b):
-            both = model(tokens)
-        with intervene(model, a):
-            with intervene(model, b):
-                nested = model(tokens)
-            only_a = model(tokens)  # the inner block's hooks are gone, the outer's remain
-        with intervene(model, a):
-            reference_a = model(tokens)
-        assert len(seen) == 4  # the user's hook fired in every pass and is still attached
+    if order == "temperature-second":
+        a, b = b, a
+    with torch.no_grad():
+        with intervene(model, b, a):
+            swapped = model(tokens)
+        with model.hooks(fwd_hooks=[user_hook]):
+            with intervene(model, a, b):
+                both = model(tokens)
+            with intervene(model, a):
+                with intervene(model, b):
+                    nested = model(tokens)
+                only_a = model(tokens)  # the inner block's hooks are gone, the outer's remain
+            with intervene(model, a):
+                reference_a = model(tokens)
+            assert len(seen) == 4  # the user's hook fired in every pass and is still attached
     torch.testing.assert_close(nested, both)
     torch.testing.assert_close(only_a, reference_a)
     assert float((only_a - both).abs().max()) > 1e-4
+    assert float((swapped - both).abs().max()) > 1e-4  # the order matters, so the test can tell
+
+
+def test_temperature_keeps_its_place_after_pattern_hooks(tiny_llama):
+    """On HF models the temperature divides the scores only in layers where nothing must act first."""
+    from tokext.interventions.base import RunContext
+
+    model = tiny_llama
+    alone = [n for n, _ in AttentionTemperature(2.0).hooks(model, RunContext())]
+    assert all(n.endswith("hook_attn_scores") for n in alone)
+    after_patch = [n for n, _ in AttentionTemperature(2.0).hooks(
+        model, RunContext(earlier_points={pattern_hook_name(0), pattern_hook_name(2)}))]
+    assert after_patch == [pattern_hook_name(0), "blocks.1.attn.hook_attn_scores", pattern_hook_name(2)]
+    with pytest.raises(InputError, match="list it first"):
+        with intervene(model, PatternPatch(0, (2,)), AttentionTemperature(2.0, hook="scores")):
+            pass
+    assert _hook_count(model) == 0
 
 
 def test_refuses_uneditable_models(tiny_opt, tiny_native):

@@ -64,12 +64,29 @@ CASES = {
     "temperature": (AttentionTemperature(2.0), lambda: R.ref_temperature(2.0)),
     "temperature-heads": (AttentionTemperature(0.5, heads=[(0, 1), (2, 2)]),
                           lambda: R.ref_temperature(0.5, heads={(0, 1), (2, 2)})),
+    "temperature-layers": (AttentionTemperature(1.5, layers=(0, 2)), lambda: R.ref_temperature(1.5, layers={0, 2})),
+    # composition: on HF models the temperature may act on the pre-softmax scores, which would put
+    # it before every pattern edit of its layer; listed second it must still act second
+    "then-temperature": ((SinkRebalance(scale=0.2), AttentionTemperature(0.7)),
+                         lambda: R.compose(R.ref_rebalance(_is_first, scale=0.2), R.ref_temperature(0.7))),
+    "temperature-then": ((AttentionTemperature(0.5), SinkRebalance(scale=0.2)),
+                         lambda: R.compose(R.ref_temperature(0.5), R.ref_rebalance(_is_first, scale=0.2))),
+    "patch-then-temperature": ((PatternPatch(0, (2,)), AttentionTemperature(2.0)),
+                               lambda: R.compose(R.ref_patch(0, {2}), R.ref_temperature(2.0))),
+    "emulation-then-temperature": ((EarlyLayerEmulation(alpha=1.0, renormalize=True), AttentionTemperature(2.0)),
+                                   lambda: R.compose(R.ref_emulation(alpha=1.0, renormalize=True),
+                                                     R.ref_temperature(2.0))),
     "patch": (PatternPatch(0, (1, 2)), lambda: R.ref_patch(0, {1, 2})),
     "patch-heads": (PatternPatch(1, (2,), heads=[(2, 1), (2, 3)]), lambda: R.ref_patch(1, {2}, {(2, 1), (2, 3)})),
     "ablation-zero": (HeadAblation(ABLATED, "zero"), lambda: R.ref_ablation(set(ABLATED), "zero")),
     "ablation-mean": (HeadAblation(ABLATED, "mean"), lambda: R.ref_ablation(set(ABLATED), "mean")),
     "ablation-first": (HeadAblation(ABLATED, "first"), lambda: R.ref_ablation(set(ABLATED), "first")),
 }
+
+
+def _interventions(case):
+    chosen = CASES[case][0]
+    return chosen if isinstance(chosen, tuple) else (chosen,)
 
 
 def _left_padded_batch():
@@ -94,11 +111,11 @@ def _check(ours, reference, base, real, label):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_matches_reference_forward(kind, case, tiny_llama, tiny_gpt2):
     model, directory = (tiny_llama, llama_dir()) if kind == "llama" else (tiny_gpt2, gpt2_dir())
-    intervention, reference_edit = CASES[case]
+    reference_edit = CASES[case][1]
     tokens, mask = _left_padded_batch()
     with torch.no_grad():
         base = model(tokens, attention_mask=mask)
-        with intervene(model, intervention):
+        with intervene(model, *_interventions(case)):
             ours = model(tokens, attention_mask=mask)
     reference = R.reference_logits(directory, tokens, mask, edit=reference_edit())
     plain = R.reference_logits(directory, tokens, mask)
@@ -109,10 +126,10 @@ def test_matches_reference_forward(kind, case, tiny_llama, tiny_gpt2):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference_edit_on_native(case, tiny_native):
     model = tiny_native
-    intervention, reference_edit = CASES[case]
+    reference_edit = CASES[case][1]
     tokens, mask = _left_padded_batch()
     if case == "rebalance-categories":  # token categories need a tokenizer; native models have none
-        with pytest.raises(InputError, match="tokenizer"), intervene(model, intervention):
+        with pytest.raises(InputError, match="tokenizer"), intervene(model, *_interventions(case)):
             model(tokens, attention_mask=mask)
         return
     edit = reference_edit()
@@ -123,7 +140,7 @@ def test_matches_reference_edit_on_native(case, tiny_native):
 
     with torch.no_grad():
         base = model(tokens, attention_mask=mask)
-        with intervene(model, intervention):
+        with intervene(model, *_interventions(case)):
             ours = model(tokens, attention_mask=mask)
         fwd_hooks = [(pattern_hook_name(layer), make_hook(layer)) for layer in range(model.cfg.n_layers)]
         reference = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=fwd_hooks)

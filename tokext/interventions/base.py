@@ -34,13 +34,16 @@ class RunContext:
     fills (or, for :meth:`Intervention.hooks` used alone, one filled from ``embed.hook_in``, with
     no attention mask). ``shared_points`` names hook points that carry hooks not owned by this run;
     their tensors are never edited in place (someone else may hold a reference). ``None`` means
-    unknown: never edit in place.
+    unknown: never edit in place. ``earlier_points`` names the hook points used by the
+    interventions listed before the one being bound (they act first there), so an intervention
+    that could act at an earlier point (the temperature's pre-softmax scores) keeps the order.
     """
 
     def __init__(self, inputs: ForwardInputs | None = None, shared_points: set[str] | None = None,
-                 strict: bool = False):
+                 strict: bool = False, earlier_points: set[str] | None = None):
         self.inputs = inputs if inputs is not None else ForwardInputs()
         self.shared_points = shared_points
+        self.earlier_points = earlier_points if earlier_points is not None else set()
         self.strict = strict  # inputs are captured: a batch of strings has unknown padding
         self._history: torch.Tensor | None = None
         self._history_of: torch.Tensor | None = None

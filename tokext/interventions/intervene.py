@@ -68,6 +68,7 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Intervention
         ctx = RunContext(inputs, shared_points=set(), strict=True)
         hooks: list[tuple[str, HookFn]] = []
         for i, iv in enumerate(interventions):
+            ctx.earlier_points = {name for name, _ in hooks}
             hooks += [(name, _counted(fn, run.fired, i)) for name, fn in iv.hooks(model, ctx)]
         ctx.shared_points = {name for name, _ in hooks if name in model.hook_dict and model.hook_dict[name].fwd_hooks}
         if interventions and _FORWARD_HOOK in model.hook_dict:

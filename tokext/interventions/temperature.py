@@ -2,10 +2,12 @@
 
 Where edits to the pre-softmax ``hook_attn_scores`` reach the output (HF-backed bridges such as
 Llama/SmolLM2 and GPT-2; :func:`tokext.models.check_score_edits`) the scores are divided by ``T``.
-On that path the temperature acts before every post-softmax edit of the same layer, whatever
-their order in :func:`tokext.intervene`. Elsewhere (TransformerLens-native models, whose score
-edits are discarded) the post-softmax pattern is tempered instead, at the cost of a log and an
-exp per entry (about three softmaxes):
+A score edit acts before every post-softmax hook of its layer, so to keep the order of
+:func:`tokext.intervene` a layer is tempered on its pattern instead wherever something must act
+first there: an intervention listed earlier that hooks (edits or reads) that layer's pattern, or
+a hook already attached to it (an enclosing ``intervene`` block). Elsewhere (TransformerLens-native
+models, whose score edits are discarded) the post-softmax pattern is tempered too, at the cost of
+a log and an exp per entry (about three softmaxes):
 
 For a softmax row ``p = softmax(s)`` over the visible keys, ``p^(1/T)`` renormalised equals
 ``softmax(s / T)``: ``log p = s - logsumexp(s)`` and the constant cancels. It is computed in log
@@ -62,18 +64,30 @@ class AttentionTemperature(Intervention):
         from tokext.models import check_score_edits
 
         selection = head_selection(model, self.layers, self.heads)
-        use_scores = False
+        on_scores: set[int] = set()
         if self.hook != "pattern" and isinstance(model, torch.nn.Module):  # (reference tests pass stand-ins)
             lands = check_score_edits(model)
             blocked = [layer for layer in selection if not lands.get(layer, False)]
             if blocked and self.hook == "scores":
                 raise UneditableAttentionError(f"{self!r}: edits to hook_attn_scores do not reach the output in "
                                                f"layers {blocked} of this model: use hook='pattern' or 'auto'")
-            use_scores = not blocked
-        if use_scores:
-            return [(scores_hook_name(layer), self._scores_hook(layer, heads, ctx))
-                    for layer, heads in selection.items()]
-        return [(pattern_hook_name(layer), self._hook(layer, heads, ctx)) for layer, heads in selection.items()]
+            first_there = [layer for layer in selection if self._acts_after_others(model, layer, ctx)]
+            if first_there and self.hook == "scores":
+                raise InputError(f"{self!r}: layers {first_there} have pattern hooks that must act before this "
+                                 "temperature (an earlier intervention or an enclosing block), and a score "
+                                 "edit would act before them: use hook='auto' or 'pattern', or list it first")
+            if not blocked:
+                on_scores = {layer for layer in selection if layer not in first_there}
+        return [(scores_hook_name(layer), self._scores_hook(layer, heads, ctx)) if layer in on_scores
+                else (pattern_hook_name(layer), self._hook(layer, heads, ctx))
+                for layer, heads in selection.items()]
+
+    @staticmethod
+    def _acts_after_others(model: Any, layer: int, ctx: RunContext) -> bool:
+        """Whether hooks on ``layer``'s pattern must run before this temperature."""
+        name = pattern_hook_name(layer)
+        point = getattr(model, "hook_dict", {}).get(name)
+        return name in ctx.earlier_points or bool(point is not None and point.fwd_hooks)
 
     def _scores_hook(self, layer: int, heads: list[int] | None, ctx: RunContext) -> Callable:
         """``scores / T`` before the softmax: the same pattern as :func:`tempered` at the cost of
