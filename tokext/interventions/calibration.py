@@ -7,8 +7,10 @@ entries in proportion to their weight, so every row keeps its sum (1 for plain s
 with no non-sink mass is left unchanged (ACT's ``A'_{0,0} = 1``). Post-softmax.
 
 In KV-cached decoding the column means are accumulated over every query seen so far in the
-generation, so a decode row uses the sinks of the whole sequence. (Cached and recomputed
-generation can still differ: recomputing re-calibrates earlier rows as ``S`` changes.)
+generation, so a decode row uses the sinks of the whole sequence, as the last row of a full
+recompute does. Cached and recomputed generation still differ when a calibrated layer feeds a
+later one: recomputing re-calibrates earlier rows as ``S`` changes, which changes the keys and
+values of later layers. With only last-layer heads calibrated they agree exactly (tested).
 """
 
 from __future__ import annotations
