@@ -217,29 +217,69 @@ def test_patterns_seen_inside_the_block_are_edited(tiny_native):
 
 
 def test_intervention_effect_and_loss(tiny_llama):
+    """Max |delta logit| and the losses against each sequence run alone, without padding."""
     model = tiny_llama
     texts = ["abc, def. ghi", "jk lm!\nno pq rs"]
-    effect = intervention_effect(model, texts, EarlyLayerEmulation(alpha=1.0))
-    assert effect.max_abs_delta_logit > 1e-3 and effect.n_tokens == sum(len(t) for t in texts)  # BOS + chars - 1
-    assert effect.loss_before == pytest.approx(mean_loss(model, texts), abs=1e-6)
-    assert effect.loss_after == pytest.approx(mean_loss(model, texts, EarlyLayerEmulation(alpha=1.0)), abs=1e-6)
+    iv = EarlyLayerEmulation(alpha=1.0)
+    effect = intervention_effect(model, texts, iv, batch_size=2)
+    deltas, before, after, count = [], 0.0, 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([model.tokenizer(text).input_ids])
+            base = model(ids)
+            with intervene(model, iv):
+                edited = model(ids)
+            deltas.append(float((edited - base).abs().max()))
+            n = ids.shape[1] - 1
+            before += n * float(torch.nn.functional.cross_entropy(base[0, :-1], ids[0, 1:]))
+            after += n * float(torch.nn.functional.cross_entropy(edited[0, :-1], ids[0, 1:]))
+            count += n
+    assert effect.n_tokens == count == sum(len(t) for t in texts)  # BOS + one token per char, minus one
+    assert effect.max_abs_delta_logit == pytest.approx(max(deltas), abs=1e-4) and max(deltas) > 1e-3
+    assert effect.loss_before == pytest.approx(before / count, abs=1e-5)
+    assert effect.loss_after == pytest.approx(after / count, abs=1e-5)
+    assert effect.delta_loss == pytest.approx(effect.loss_after - effect.loss_before)
+    assert mean_loss(model, texts, iv) == pytest.approx(after / count, abs=1e-5)
     with torch.no_grad():
         alone = model(torch.tensor([model.tokenizer(texts[1]).input_ids]), return_type="loss")
     assert mean_loss(model, texts[1:]) == pytest.approx(float(alone), abs=1e-5)
-    assert effect.delta_loss == pytest.approx(effect.loss_after - effect.loss_before)
     none = intervention_effect(model, texts, EarlyLayerEmulation(alpha=0.0))
     assert none.max_abs_delta_logit < 1e-5
 
 
 def test_select_heads_greedy(tiny_native):
+    """ACT's selection against the greedy loop written out, scored by TransformerLens's own loss."""
     model, tokens = tiny_native, _tokens(tiny_native, n=3, length=12)
-    picked = select_heads_greedy(model, tokens, candidates=[(1, 0), (1, 1), (2, 3)], beta=0.0)
-    assert set(picked.scores) == {(1, 0), (1, 1), (2, 3)}
-    assert all(picked.scores[h] < picked.baseline for h in picked.heads)
-    assert all(picked.scores[h] >= picked.baseline for h in picked.scores if h not in picked.heads)
-    forward = select_heads_greedy(model, tokens, candidates=[(1, 0), (1, 1), (2, 3)], beta=0.0, cumulative=True)
-    if forward.heads:
-        assert forward.intervention() == SinkCalibration(beta=0.0, heads=forward.heads)
+    candidates = [(1, 0), (1, 1), (2, 3), (0, 2)]
+
+    def direct_loss(heads=()):
+        with torch.no_grad():
+            if not heads:
+                return float(model(tokens, return_type="loss"))
+            with intervene(model, SinkCalibration(beta=0.0, heads=list(heads))):
+                return float(model(tokens, return_type="loss"))
+
+    baseline = direct_loss()
+    picked = select_heads_greedy(model, tokens, candidates=candidates, beta=0.0)
+    assert picked.baseline == pytest.approx(baseline, abs=1e-5)
+    for pair in candidates:
+        assert picked.scores[pair] == pytest.approx(direct_loss([pair]), abs=1e-5)
+    assert list(picked.heads) == [pair for pair in candidates if picked.scores[pair] < baseline]
+
+    # forward selection, with a score (the loss raised) that some heads are sure to improve
+    def raised(m):
+        return -float(m(tokens, return_type="loss"))
+
+    forward = select_heads_greedy(model, tokens, candidates=candidates, beta=0.0, cumulative=True, score=raised)
+    kept, current = [], -baseline
+    for pair in candidates:
+        value = -direct_loss(kept + [pair])
+        assert forward.scores[pair] == pytest.approx(value, abs=1e-5)
+        if value < current:
+            kept, current = kept + [pair], value
+    assert kept, "the raised-loss score should keep at least one head"
+    assert list(forward.heads) == kept
+    assert forward.intervention() == SinkCalibration(beta=0.0, heads=kept)
 
 
 @pytest.mark.parametrize("iv", ALL + [SinkCalibration(heads=[(1, 0)]), AttentionTemperature(2.0, heads=[(0, 1)]),
@@ -333,3 +373,20 @@ def test_temperature_falls_back_to_the_pattern_where_score_edits_are_discarded(t
     assert float((moved - base).abs().max()) > 1e-3
     with pytest.raises(InputError, match="hook must be one of"):
         AttentionTemperature(2.0, hook="softmax")
+
+
+def test_public_names_resolve_to_the_library_objects():
+    """``tokext.X`` (loaded lazily) is the object defined in its module, for every exported name."""
+    import importlib
+
+    import tokext
+
+    for name in tokext.__all__:
+        if name == "__version__":
+            continue
+        module = importlib.import_module(tokext._EXPORTS[name])
+        assert getattr(tokext, name) is getattr(module, name), name
+    assert tokext.intervene is intervene and tokext.EarlyLayerEmulation is EarlyLayerEmulation
+    assert tokext.AttentionTemperature is AttentionTemperature and tokext.HeadAblation is HeadAblation
+    with pytest.raises(AttributeError):
+        tokext.no_such_name  # noqa: B018

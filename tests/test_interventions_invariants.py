@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.models_fixtures import VOCAB, _tokenizer
-from tests.models_fixtures import tiny_llama, tiny_native  # noqa: F401  (fixtures)
+from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native  # noqa: F401  (fixtures)
 from tokext.hooks import ForwardInputs, pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.base import RunContext
@@ -188,8 +188,9 @@ def test_padded_batch_equals_one_by_one_native(tiny_native, lengths, side, iv, s
                                 AttentionTemperature(0.5), PatternPatch(0, (2,)), HeadAblation([(1, 2)], "first")],
                          ids=repr)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_equals_one_by_one_llama(tiny_llama, iv, side):
-    _padded_vs_alone(tiny_llama, [7, 2, 5], side, iv, 0)
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_padded_batch_equals_one_by_one_hf(request, name, iv, side):
+    _padded_vs_alone(request.getfixturevalue(name), [7, 2, 5], side, iv, 0)
 
 
 def _padded_vs_alone(model, lengths, side, iv, seed):
