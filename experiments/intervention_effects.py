@@ -8,9 +8,11 @@ For every intervention at its default settings (those without defaults get the v
   inside ``intervene`` (the statistics hooks attach after the intervention's, so they see the
   edited pattern; rows are renormalised first, and the raw mean row sum is reported too).
 
-Writes ``summary.csv``, ``first_token_mass_by_layer.csv`` and ``provenance.json`` under ``--out``.
+Writes ``summary.csv``, ``first_token_mass_by_layer.csv`` (the mass itself, baseline column
+first), ``delta_first_token_mass_by_layer.csv`` (with minus without), ``entropy_by_layer.csv`` and
+``provenance.json`` under ``--out`` (default ``experiments/results/interventions``).
 
-    python experiments/intervention_effects.py                 # 32 prompts, ~1-2 min on 2 CPUs
+    python experiments/intervention_effects.py                 # 64 prompts, ~4 min on 2 CPUs
     python experiments/intervention_effects.py --n-prompts 8   # quicker
 """
 
@@ -36,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--n-prompts", type=int, default=32)
+    parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default=str(ROOT / "results" / "interventions"))
+    parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "interventions"))
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -47,11 +49,16 @@ def main(argv=None) -> int:
     prompts = load_prompts(None, n=args.n_prompts)
     summary, by_layer = intervention_profiles(model, prompts, default_interventions(info.n_layers, info.n_heads),
                                               batch_size=args.batch_size, progress=True)
-    layers = by_layer.pivot(index="layer", columns="intervention", values="first_token_mass").reset_index()
+    order = ["baseline", *summary["intervention"]]
+    mass = by_layer.pivot(index="layer", columns="intervention", values="first_token_mass")[order]
+    entropy = by_layer.pivot(index="layer", columns="intervention", values="entropy")[order]
+    delta = mass[order[1:]].sub(mass["baseline"], axis=0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out / "summary.csv", index=False, float_format="%.5g")
-    layers.to_csv(out / "first_token_mass_by_layer.csv", index=False, float_format="%.5g")
+    mass.reset_index().to_csv(out / "first_token_mass_by_layer.csv", index=False, float_format="%.5g")
+    delta.reset_index().to_csv(out / "delta_first_token_mass_by_layer.csv", index=False, float_format="%.5g")
+    entropy.reset_index().to_csv(out / "entropy_by_layer.csv", index=False, float_format="%.5g")
     (out / "provenance.json").write_text(json.dumps({
         "model": info.name, "source": info.source, "prompts": "tokext/data/prompts.txt (built-in)",
         "n_prompts": len(prompts), "batch_size": args.batch_size, "padding": "right",
@@ -68,9 +75,12 @@ def main(argv=None) -> int:
 
 
 def _git_hash() -> str | None:
+    """The commit, with ``-dirty`` when tracked files differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 
