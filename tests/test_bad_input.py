@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokext import errors
+from tokext.analyze import analyze
 from tokext.cli import main
 from tokext.collect import collect_attention_stats
 from tokext.models import load_model
@@ -24,19 +25,42 @@ def model(tiny_llama_dir):
     return load_model(str(tiny_llama_dir))
 
 
-def test_unknown_model_spec_is_clear(tmp_path):
+def test_unknown_model_spec_is_clear(tmp_path, model):
     with pytest.raises(errors.UnknownModelError, match="not found"):
         load_model(str(tmp_path / "missing-dir") + "/")
     with pytest.raises(errors.UnknownModelError, match="no config.json"):
         load_model(str(tmp_path))
     with pytest.raises(errors.UnknownModelError, match="GGUF file not found"):
         load_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(errors.UnknownModelError, match="non-empty string"):
+        load_model("  ")
+    assert attached_hooks(model) == 0  # the loaded model is untouched by failed loads
 
 
 def test_unreachable_hub_id_explains_local_directory(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; transformers and the hub client ask
+    # huggingface_hub.constants.is_offline_mode(), which returns this module attribute
+    import socket
+    import time
+
+    import huggingface_hub.constants
+    from transformer_lens import TransformerBridge  # noqa: F401  (imported up front: only the load is timed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    started = time.perf_counter()
     with pytest.raises(errors.UnknownModelError, match="local directory") as info:
         load_model("smollm2-135")
+    assert attempts == []
+    assert time.perf_counter() - started < 2.0  # offline: no timeouts or retries
     assert "Did you mean 'smollm2-135m'" in str(info.value)
 
 
@@ -52,14 +76,17 @@ def test_empty_inputs(model):
         collect_attention_stats(model, [], progress=False)
     with pytest.raises(errors.EmptyInputError, match="input 1"):
         collect_attention_stats(model, ["one", "   "], progress=False)
+    assert attached_hooks(model) == 0
     with pytest.raises(errors.InputError, match="single string"):
         collect_attention_stats(model, "one two", progress=False)
+    assert attached_hooks(model) == 0
 
 
 def test_sequence_longer_than_context(model):
     tokens = torch.ones(1, model.cfg.n_ctx + 1, dtype=torch.long)
     with pytest.raises(errors.SequenceTooLongError, match="context of 64"):
         collect_attention_stats(model, tokens, progress=False)
+    assert attached_hooks(model) == 0
     stats = collect_attention_stats(model, tokens, max_len=8, progress=False)  # truncation is the way out
     assert stats.received.shape[-1] == 8
 
@@ -107,7 +134,63 @@ def test_data_files(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("first line\n\nsecond\\nwith newline\n")
     assert load_prompts(good) == ["first line", "second\nwith newline"]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(errors.DataFileError, match=r"not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        load_prompts(latin1)
+    folder = tmp_path / "prompts.txt"
+    folder.mkdir()
+    with pytest.raises(errors.DataFileError, match="is a directory"):
+        load_prompts(folder)
     assert len(load_prompts(None, 100)) == 100
+
+
+@pytest.mark.parametrize("kind", ["missing", "not utf-8", "directory", "malformed jsonl"])
+def test_bad_data_file_fails_before_loading_and_leaves_no_hook(model, tmp_path, monkeypatch, kind):
+    path = _bad_data_file(tmp_path, kind)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was checked")
+
+    monkeypatch.setattr("tokext.analyze.load_model", no_load)
+    with pytest.raises(errors.DataFileError):
+        analyze(model, data=path, out=tmp_path / "out", progress=False)
+    assert attached_hooks(model) == 0
+    with pytest.raises(errors.DataFileError):  # a spec: fails before any model load
+        analyze("smollm2-135m", data=path, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "not utf-8", "directory", "malformed jsonl"])
+def test_cli_bad_data_file_is_one_line_without_traceback(tmp_path, capsys, monkeypatch, kind):
+    path = _bad_data_file(tmp_path, kind)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was checked")
+
+    monkeypatch.setattr("tokext.analyze.load_model", no_load)
+    code = main(["analyze", "--data", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("tokext analyze: error: ") and str(path) in lines[0], captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def _bad_data_file(tmp_path, kind):
+    if kind == "missing":
+        return tmp_path / "missing.txt"
+    if kind == "not utf-8":
+        path = tmp_path / "latin1.jsonl"
+        path.write_bytes(b'{"text": "caf\xe9"}\n')
+        return path
+    if kind == "directory":
+        path = tmp_path / "a_folder.txt"
+        path.mkdir()
+        return path
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": \n')
+    return path
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys, tiny_llama_dir):

@@ -42,9 +42,15 @@ def analyze(
     max_len: int | None = None,
     progress: bool = True,
 ) -> AnalyzeResult:
-    """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge."""
-    bridge = load_model(model) if isinstance(model, str) else model
+    """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge.
+
+    The prompts are read and checked before the model is loaded, so a bad ``data`` file fails
+    at once with a :class:`tokext.errors.DataFileError` instead of after a full model load.
+    Returns the statistics, the output directory (``out``, default
+    ``results/analyze/<model name>/``), the files written and the collection time in seconds.
+    """
     prompts = load_prompts(data, n)
+    bridge = load_model(model) if isinstance(model, str) else model
     started = time.perf_counter()
     stats = collect_attention_stats(bridge, prompts, batch_size=batch_size, max_len=max_len,
                                     progress=progress, dataset=str(data or "builtin"))

@@ -34,12 +34,18 @@ def load_prompts(source: str | Path | None = None, n: int | None = None) -> list
             prompts = (prompts * (n // len(prompts) + 1))
         return prompts[:n] if n is not None else prompts
     path = Path(source)
+    if path.is_dir():
+        raise DataFileError(f"data file {path} is a directory: pass a .txt or .jsonl file")
     if not path.is_file():
         raise DataFileError(f"data file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataFileError(f"cannot read data file {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise DataFileError(
+            f"cannot read data file {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+        ) from None
+    except OSError as err:
+        raise DataFileError(f"cannot read data file {path}: {err.strerror or err}") from None
     if path.suffix == ".jsonl":
         prompts = []
         for number, line in enumerate(text.splitlines(), start=1):
