@@ -17,7 +17,10 @@ from tokext.stats import AttentionStats
 
 
 def attached_hooks(model) -> int:
-    return sum(len(point.fwd_hooks) for point in model.hook_dict.values()) + len(model._forward_pre_hooks)
+    """Forward hooks on ``model``'s hook points plus forward pre-hooks on the model itself, leaving
+    out the permanent hooks TransformerLens wires in on load (OPT's MLP hook aliases)."""
+    on_points = sum(1 for point in model.hook_dict.values() for handle in point.fwd_hooks if not handle.is_permanent)
+    return on_points + len(model._forward_pre_hooks)
 
 
 @pytest.fixture(scope="module")
