@@ -23,7 +23,13 @@ _CATEGORY_TABLES: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakK
 
 
 def category_table(model: Any, tokenizer: Any = None) -> torch.Tensor:
-    """Long [vocab]: category of every token id, from its decoded text (cached per model)."""
+    """Long [vocab]: category of every token id (indices into :data:`tokext.metrics.CATEGORIES`).
+
+    Each id is decoded on its own and classified by :func:`tokext.metrics.token_category`, so a
+    byte-level ``"Ċ"`` counts as whitespace; the tokenizer's special tokens (BOS, EOS, pad) are
+    ``"other"``, and every id is ``"other"`` for a model without a tokenizer. The ``"first"``
+    category is given per sequence by :func:`batch_context`. Cached per tokenizer (or model).
+    """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     key = tokenizer if tokenizer is not None else model
     table = _CATEGORY_TABLES.get(key) if _weakrefable(key) else None
@@ -56,7 +62,11 @@ def _weakrefable(obj: Any) -> bool:
 
 def batch_context(tokens: torch.Tensor, attention_mask: torch.Tensor, sequence_ids: Sequence[int],
                   table: torch.Tensor) -> BatchContext:
-    """Masks, counts and token categories of one right- or left-padded batch."""
+    """Masks, counts and token categories of one right- or left-padded batch.
+
+    ``categories`` is ``table[tokens]`` except at each row's first real token (its BOS when the
+    tokenizer adds one), which gets the ``"first"`` category whatever its text.
+    """
     real = attention_mask.bool()
     real_f = real.to(torch.float32)
     # real queries at or after k that see k: suffix sum of real rows, zero on pad keys

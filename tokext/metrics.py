@@ -76,10 +76,22 @@ def hidden_sink_mask(received: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
 
 
 def token_category(text: str) -> int:
-    """Category index of a token's text (not counting the first-token rule)."""
+    """Category index into :data:`CATEGORIES` of a token's *decoded* text.
+
+    Leading and trailing whitespace is ignored, then: nothing left is ``"whitespace"`` (``" "``,
+    ``"\\n"``, ``"\\t"``, ``"\\n\\n"``); only digits is ``"digit"`` (``"7"``, ``" 42"``); only
+    Unicode punctuation or symbols is ``"punctuation"`` (``","``, ``"?!"``, ``"$"``); anything
+    else, including a byte-level fragment of a multi-byte character (decoded as U+FFFD), is
+    ``"other"``. Pass decoded text: a byte-level vocabulary entry such as ``"Ċ"`` (GPT-2's
+    spelling of a newline) is a letter until decoded. The ``"first"`` category is not decided
+    here: the collector gives it to each sequence's first real token, whatever its text, and
+    special tokens elsewhere count as ``"other"`` (see :func:`tokext.collect.category_table`).
+    """
     stripped = text.strip()
     if not stripped:
         return CATEGORIES.index("whitespace")
+    if "\ufffd" in stripped:
+        return CATEGORIES.index("other")
     if stripped.isdigit():
         return CATEGORIES.index("digit")
     if all(unicodedata.category(ch).startswith(("P", "S")) for ch in stripped):
