@@ -100,13 +100,19 @@ def test_stats_match_reference_definitions(tiny_hf_dir, batch_size):
     assert stats.sink_rate(0.3) == pytest.approx(expected_rate)
 
 
-def test_padding_gives_one_by_one_statistics(llama_bridge):
-    one = collect_attention_stats(llama_bridge, TEXTS, batch_size=1, progress=False)
-    many = collect_attention_stats(llama_bridge, TEXTS, batch_size=len(TEXTS), progress=False)
+def test_padding_gives_one_by_one_statistics(tiny_hf_dir):
+    model = load_model(str(tiny_hf_dir))
+    one = collect_attention_stats(model, TEXTS, batch_size=1, progress=False)
+    many = collect_attention_stats(model, TEXTS, batch_size=len(TEXTS), progress=False)
     for name in ("received", "entropy", "category_mass", "row_sum"):
         a, b = getattr(one, name), getattr(many, name)
         assert np.allclose(a, b, atol=1e-6, equal_nan=True), name
-    assert one.hidden_sinks(0.1).shape == many.hidden_sinks(0.1).shape
+    key = ["sequence", "layer", "head", "position"]
+    alone = one.hidden_sinks(0.1).sort_values(key).reset_index(drop=True)
+    padded = many.hidden_sinks(0.1).sort_values(key).reset_index(drop=True)
+    assert len(alone) > 0
+    assert alone[key + ["token_id", "token"]].equals(padded[key + ["token_id", "token"]])
+    assert np.allclose(alone["alpha"], padded["alpha"], atol=1e-6)
 
 
 def test_hidden_sinks_match_definition(llama_bridge, tiny_llama_dir):
