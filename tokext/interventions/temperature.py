@@ -76,8 +76,7 @@ class AttentionTemperature(Intervention):
                 raise InputError(f"{self!r}: layers {first_there} have pattern hooks that must act before this "
                                  "temperature (an earlier intervention or an enclosing block), and a score "
                                  "edit would act before them: use hook='auto' or 'pattern', or list it first")
-            if not blocked:
-                on_scores = {layer for layer in selection if layer not in first_there}
+            on_scores = {layer for layer in selection if lands.get(layer, False) and layer not in first_there}
         return [(scores_hook_name(layer), self._scores_hook(layer, heads, ctx)) if layer in on_scores
                 else (pattern_hook_name(layer), self._hook(layer, heads, ctx))
                 for layer, heads in selection.items()]
