@@ -1,5 +1,15 @@
 """Attention metrics as pure functions of a pattern and its visibility mask. No model, no hooks.
 
+The public API for a pattern tensor you already have (exported as ``tokext.received_attention``,
+``tokext.row_entropy``, ``tokext.category_mass``, ``tokext.sink_rate``,
+``tokext.hidden_sink_mask``, ``tokext.token_category`` and ``tokext.visible_keys``)::
+
+    visible = tokext.visible_keys(attention_mask)          # [batch, query, key]
+    alpha = tokext.received_attention(pattern, visible)    # [batch, head, key]
+    tokext.sink_rate(alpha[..., 0])                        # % of heads with alpha_0 > 0.3
+
+:func:`tokext.collect_attention_stats` computes the same quantities streaming, inside hooks.
+
 ``pattern`` is post-softmax attention [batch, head, query, key] (TransformerLens ``hook_pattern``);
 ``visible`` is Bool [batch, query, key] (see :func:`tokext.masks.visible_keys`). Rows are
 renormalised over their visible keys first, so edited patterns whose rows no longer sum to 1
@@ -11,18 +21,35 @@ rows left out of the entropy.
 from __future__ import annotations
 
 import unicodedata
+from typing import Any
 
 import torch
 from einops import einsum
+
+from tokext.errors import InputError
 
 CATEGORIES = ("first", "punctuation", "whitespace", "digit", "other")
 """Token categories for attention mass: each row's first real token, then by the token's text."""
 
 
 def _renormalised(pattern: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    if not isinstance(pattern, torch.Tensor) or pattern.ndim != 4:
+        raise InputError(f"pattern must be a [batch, head, query, key] tensor, got {_shape(pattern)}")
+    if not isinstance(visible, torch.Tensor) or visible.dtype != torch.bool or visible.ndim != 3:
+        raise InputError(f"visible must be a Bool [batch, query, key] tensor, got {_shape(visible)}")
+    batch, _, queries, keys = pattern.shape
+    if visible.shape[0] not in (1, batch) or tuple(visible.shape[1:]) != (queries, keys):
+        raise InputError(f"visible {tuple(visible.shape)} does not match pattern {tuple(pattern.shape)} "
+                         "(expected [batch or 1, query, key])")
     masked = pattern * visible[:, None]
     total = masked.sum(-1, keepdim=True)
     return masked / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _shape(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def received_attention(pattern: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -60,12 +87,17 @@ def category_mass(pattern: torch.Tensor, visible: torch.Tensor, categories: torc
     return einsum(p, onehot, "batch head query key, batch key category -> batch head query category")
 
 
-def sink_rate(received: torch.Tensor, eps: float = 0.3) -> float:
-    """Gu et al.'s Sink^eps: percentage of entries (e.g. (layer, head) pairs) with alpha_k > eps."""
-    values = received[~torch.isnan(received)] if isinstance(received, torch.Tensor) else received
+def sink_rate(received: torch.Tensor | Any, eps: float = 0.3) -> float:
+    """Gu et al.'s Sink^eps: percentage of entries (e.g. (layer, head) pairs) with alpha_k > eps.
+
+    ``received`` is a tensor or array of alpha values (e.g. ``received_attention(...)[..., 0]``);
+    NaN entries (positions no query saw) are left out; NaN when nothing is left.
+    """
+    values = torch.as_tensor(received, dtype=torch.float64)
+    values = values[~torch.isnan(values)]
     if values.numel() == 0:
         return float("nan")
-    return float(100.0 * (values > eps).float().mean())
+    return float(100.0 * (values > eps).double().mean())
 
 
 def hidden_sink_mask(received: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
