@@ -145,7 +145,8 @@ def test_data_files(tmp_path):
     folder.mkdir()
     with pytest.raises(errors.DataFileError, match="is a directory"):
         load_prompts(folder)
-    assert len(load_prompts(None, 100)) == 100
+    with pytest.warns(errors.TokextWarning, match="holds 80: using all 80"):
+        assert len(load_prompts(None, 100)) == 80  # all built-in prompts, none repeated
 
 
 @pytest.mark.parametrize("kind", ["missing", "not utf-8", "directory", "malformed jsonl"])

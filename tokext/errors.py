@@ -46,3 +46,7 @@ class UneditableAttentionError(TokextError, RuntimeError):
 
 class InterventionNotAppliedError(TokextError, RuntimeError):
     """An intervention's hooks never fired, or fired without changing the output."""
+
+
+class TokextWarning(UserWarning):
+    """Something tokext did differently from what was asked, and says so (one line on the CLI)."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 
-from tokext.errors import DataFileError, EmptyInputError, InputError
+from tokext.errors import DataFileError, EmptyInputError, InputError, TokextWarning
 
 BUILTIN = "builtin"
 
@@ -24,15 +25,16 @@ def _lines(text: str) -> list[str]:
 
 def load_prompts(source: str | Path | None = None, n: int | None = None) -> list[str]:
     """Prompts from ``source``: None/"builtin", a ``.txt`` file (one prompt a line, ``\\n`` escapes a
-    newline) or a ``.jsonl`` file with a ``text`` field. ``n`` keeps the first n (cycling the
-    built-in set when it has fewer, so benchmarks can ask for any size)."""
+    newline) or a ``.jsonl`` file with a ``text`` field.
+
+    ``n`` keeps the first n. When the source holds fewer, all of them are used (never repeated,
+    which would weight some prompts twice) and a :class:`tokext.errors.TokextWarning` says so.
+    Raises :class:`tokext.errors.DataFileError` for a missing, unreadable or malformed file.
+    """
     if n is not None and n < 1:
         raise InputError(f"n must be at least 1, got {n}")
     if source is None or str(source) == BUILTIN:
-        prompts = builtin_prompts()
-        if n is not None and n > len(prompts):
-            prompts = (prompts * (n // len(prompts) + 1))
-        return prompts[:n] if n is not None else prompts
+        return _first(builtin_prompts(), n, "the built-in set")
     path = Path(source)
     if path.is_dir():
         raise DataFileError(f"data file {path} is a directory: pass a .txt or .jsonl file")
@@ -64,4 +66,11 @@ def load_prompts(source: str | Path | None = None, n: int | None = None) -> list
         raise DataFileError(f"unsupported data file {path}: use .txt (one prompt a line) or .jsonl (field 'text')")
     if not prompts:
         raise EmptyInputError(f"data file {path} holds no prompts")
+    return _first(prompts, n, str(path))
+
+
+def _first(prompts: list[str], n: int | None, where: str) -> list[str]:
+    if n is not None and n > len(prompts):
+        warnings.warn(f"asked for {n} prompts but {where} holds {len(prompts)}: using all {len(prompts)}",
+                      TokextWarning, stacklevel=3)
     return prompts[:n] if n is not None else prompts

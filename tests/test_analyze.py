@@ -1,0 +1,110 @@
+"""``tokext analyze``: default output folder, the printed table against separately collected
+statistics, and what happens when --n asks for more prompts than the data holds."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+from tokext.analyze import default_out_dir
+from tokext.cli import main
+from tokext.collect import collect_attention_stats
+from tokext.errors import TokextWarning
+from tokext.models import load_model
+from tokext.prompts import builtin_prompts, load_prompts
+from tokext.stats import AttentionStats
+
+PROMPTS = ["The capital of France is Paris .", "Why is the sky blue ?", "x = 3 ; y = x + 2",
+           "a cat sat on the mat !\\nShe said : hello world .", "one two three four five six"]
+TEXTS = [p.replace("\\n", "\n") for p in PROMPTS]  # what the .txt lines stand for
+FIGURES = ("first_token_mass", "entropy", "received_by_position")
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def test_default_out_dir_is_results_analyze_model(tmp_path, monkeypatch, capsys, tiny_llama_dir, data_file):
+    assert re.fullmatch(r"[A-Za-z0-9_]+", tiny_llama_dir.name)  # a name the folder keeps as it is
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["analyze", "--model", str(tiny_llama_dir), "--data", str(data_file), "--quiet"]) == 0
+    out = work / "results" / "analyze" / tiny_llama_dir.name
+    expected = {"attention_stats.csv", "layer_summary.csv", "stats.npz"}
+    expected |= {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
+    assert {p.name for p in out.iterdir()} == expected
+    assert all((out / name).stat().st_size > 0 for name in expected)
+    assert AttentionStats.load(out / "stats.npz").n_sequences == len(PROMPTS)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(f"wrote 9 files to results/analyze/{tiny_llama_dir.name}/")
+
+
+def test_default_out_dir_makes_model_names_safe():
+    assert str(default_out_dir("HuggingFaceTB/SmolLM2 135M:v2")) == "results/analyze/HuggingFaceTB_SmolLM2_135M_v2"
+    assert str(default_out_dir("SmolLM2-135M-Instruct.Q4_1")) == "results/analyze/SmolLM2-135M-Instruct.Q4_1"
+
+
+def _parse_table(printed: str) -> tuple[list[tuple[int, float, float, float]], float]:
+    lines = printed.splitlines()
+    assert lines[0].split() == ["layer", "first-token", "mass", "entropy", "sink", "rate", "%"]
+    rows = []
+    for line in lines[1:]:
+        if line.startswith("overall"):
+            overall = float(re.search(r": ([0-9.]+)% of", line).group(1))
+            return rows, overall
+        layer, mass, entropy, rate = line.split()
+        rows.append((int(layer), float(mass), float(entropy), float(rate)))
+    raise AssertionError(f"no overall line in {printed!r}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_printed_table_equals_separately_collected_statistics(arch, tmp_path, capsys, tiny_llama_dir,
+                                                              tiny_gpt2_dir, data_file):
+    directory = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}[arch]
+    assert main(["analyze", "--model", str(directory), "--data", str(data_file), "--out", str(tmp_path / "o"),
+                 "--batch-size", "2", "--quiet"]) == 0
+    rows, overall = _parse_table(capsys.readouterr().out)
+
+    stats = collect_attention_stats(load_model(str(directory)), TEXTS, batch_size=5, progress=False)
+    summary = stats.layer_summary()
+    assert [r[0] for r in rows] == summary["layer"].tolist() == [0, 1, 2]
+    printed = np.array([r[1:] for r in rows])
+    assert np.allclose(printed[:, 0], summary["first_token_mass"], atol=5e-4 + 1e-9)  # printed to 3 decimals
+    assert np.allclose(printed[:, 1], summary["entropy"], atol=5e-4 + 1e-9)
+    assert np.allclose(printed[:, 2], summary["sink_rate"], atol=0.05 + 1e-9)  # to 1 decimal
+    # and from the arrays, by the definitions: head means, % of heads with alpha_0 > 0.3
+    assert np.allclose(printed[:, 0], stats.first_token_mass.mean(1), atol=5e-4 + 1e-9)
+    assert np.allclose(printed[:, 2], 100 * (stats.received[:, :, 0] > 0.3).mean(1), atol=0.05 + 1e-9)
+    assert overall == pytest.approx(100 * np.mean(stats.received[:, :, 0] > 0.3), abs=0.05 + 1e-9)
+
+
+def test_n_beyond_the_data_uses_all_prompts_with_one_warning(tmp_path, capsys, tiny_llama_dir, data_file):
+    out = tmp_path / "o"
+    assert main(["analyze", "--model", str(tiny_llama_dir), "--data", str(data_file), "--n", "8",
+                 "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "warning" in line.lower()]
+    assert warned == [f"tokext analyze: warning: asked for 8 prompts but {data_file} holds 5: using all 5"]
+    assert "Traceback" not in captured.err and "UserWarning" not in captured.err
+    assert AttentionStats.load(out / "stats.npz").n_sequences == 5
+    assert "\n5 prompts in" in captured.out
+
+
+def test_load_prompts_never_repeats_prompts(data_file):
+    with pytest.warns(TokextWarning, match="asked for 6 prompts but .* holds 5: using all 5"):
+        assert load_prompts(data_file, 6) == TEXTS
+    with pytest.warns(TokextWarning, match="asked for 100 prompts but the built-in set holds 80: using all 80"):
+        prompts = load_prompts(None, 100)
+    assert prompts == builtin_prompts() and len(prompts) == len(set(prompts)) == 80
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly enough or fewer: no warning
+        assert load_prompts(data_file, 5) == TEXTS
+        assert load_prompts(data_file, 2) == TEXTS[:2]
+        assert len(load_prompts(None, 80)) == 80
