@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tokext.errors import ModelConversionError, UneditableAttentionError, UnknownModelError
+from tokext.errors import ModelConversionError, TokextWarning, UneditableAttentionError, UnknownModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,8 +129,10 @@ def load_model(
         bridge = _boot_hf_dir(hf_dir, name, device=device, dtype=dtype, source=source)
     try:
         check_pattern_edits(bridge)
-    except Exception as err:  # the probe forward itself failed: report, and let require_* re-raise
-        model_info(bridge).notes.append(f"pattern-edit check failed on load: {type(err).__name__}: {err}")
+    except Exception as err:  # the probe forward itself failed: say so, and let require_* re-raise
+        note = f"pattern-edit check failed on load: {type(err).__name__}: {err}"
+        model_info(bridge).notes.append(note)
+        warnings.warn(f"{note}; interventions will re-run the check and raise", TokextWarning, stacklevel=2)
     if require_editable:
         require_pattern_edits(bridge)
     return bridge
