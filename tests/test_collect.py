@@ -98,6 +98,8 @@ def test_stats_match_reference_definitions(tiny_hf_dir, batch_size):
     assert np.allclose(stats.category_mass.sum(-1), 1.0, atol=1e-6)
     expected_rate = 100 * np.mean(received[:, :, 0] > 0.3)
     assert stats.sink_rate(0.3) == pytest.approx(expected_rate)
+    for position, eps in [(1, 0.1), (2, 0.05)]:  # Sink_k^eps at later keys
+        assert stats.sink_rate(eps, position=position) == pytest.approx(100 * np.mean(received[:, :, position] > eps))
 
 
 def test_padding_gives_one_by_one_statistics(tiny_hf_dir):
