@@ -149,14 +149,18 @@ def test_data_files(tmp_path):
         assert len(load_prompts(None, 100)) == 80  # all built-in prompts, none repeated
 
 
-@pytest.mark.parametrize("kind", ["missing", "not utf-8", "directory", "malformed jsonl"])
-def test_bad_data_file_fails_before_loading_and_leaves_no_hook(model, tmp_path, monkeypatch, kind):
-    path = _bad_data_file(tmp_path, kind)
-
+@pytest.fixture
+def forbid_model_load(monkeypatch):
+    """``analyze`` must check its data file before it loads any model."""
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data file was checked")
 
     monkeypatch.setattr("tokext.analyze.load_model", no_load)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not utf-8", "directory", "malformed jsonl"])
+def test_bad_data_file_fails_before_loading_and_leaves_no_hook(model, tmp_path, forbid_model_load, kind):
+    path = _bad_data_file(tmp_path, kind)
     with pytest.raises(errors.DataFileError):
         analyze(model, data=path, out=tmp_path / "out", progress=False)
     assert attached_hooks(model) == 0
@@ -166,13 +170,8 @@ def test_bad_data_file_fails_before_loading_and_leaves_no_hook(model, tmp_path, 
 
 
 @pytest.mark.parametrize("kind", ["missing", "not utf-8", "directory", "malformed jsonl"])
-def test_cli_bad_data_file_is_one_line_without_traceback(tmp_path, capsys, monkeypatch, kind):
+def test_cli_bad_data_file_is_one_line_without_traceback(tmp_path, capsys, forbid_model_load, kind):
     path = _bad_data_file(tmp_path, kind)
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("the model was loaded before the data file was checked")
-
-    monkeypatch.setattr("tokext.analyze.load_model", no_load)
     code = main(["analyze", "--data", str(path), "--out", str(tmp_path / "out"), "--quiet"])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
