@@ -212,7 +212,10 @@ def ref_rebalance(target_fn, scale=0.0, renormalize=True, layers=None, heads=Non
 
 
 def ref_temperature(temperature, layers=None, heads=None):
-    """p^(1/T) / sum over visible keys of p^(1/T)."""
+    """p^(1/T) / sum over visible keys of p^(1/T).
+
+    Rows come out summing to 1 (the library keeps each row's incoming sum, which is the same for
+    softmax rows; composed cases feed it rows that sum to 1)."""
 
     def edit(layer, p, info):
         if layers is not None and layer not in layers:

@@ -16,7 +16,7 @@ from tokext.hooks import pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.calibration import SinkCalibration, select_heads_greedy
 from tokext.interventions.emulation import EarlyLayerEmulation
-from tokext.interventions.intervene import intervene, intervention_effect, mean_loss
+from tokext.interventions.intervene import fwd_hooks, intervene, intervention_effect, mean_loss
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
@@ -188,6 +188,26 @@ def test_hooks_for_run_with_hooks_match_intervene(tiny_llama, iv):
         got = model.run_with_hooks(tokens, fwd_hooks=iv.hooks(model))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     assert _hook_count(model) == 0
+
+
+@pytest.mark.parametrize("pair", [(SinkRebalance(scale=0.2), AttentionTemperature(0.7)),
+                                  (EarlyLayerEmulation(alpha=1.0), AttentionTemperature(2.0)),
+                                  (SinkRebalance("categories", 0.1, layers=(2,)), PatternPatch(0, (2,)))], ids=repr)
+def test_fwd_hooks_for_several_interventions_keep_their_order(tiny_llama, pair):
+    model = tiny_llama
+    tokens = torch.tensor([[1] + encode_text(["ab, cd. e!\nfg h"])[0]])
+    before = _hook_count(model)
+    with torch.no_grad():
+        with intervene(model, *pair):
+            expected = model(tokens)
+        with intervene(model, *pair[::-1]):
+            swapped = model(tokens)
+        got = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks(model, *pair))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert float((swapped - expected).abs().max()) > 1e-4  # the order matters here
+    assert _hook_count(model) == before
+    with pytest.raises(InputError, match="fwd_hooks takes Intervention objects"):
+        fwd_hooks(model, "EarlyLayerEmulation()")
 
 
 def test_repr_and_asdict_round_trip():

@@ -27,6 +27,7 @@ _EXPORTS = {
     "visible_keys": "tokext.masks",
     "TokextError": "tokext.errors",
     "intervene": "tokext.interventions",
+    "fwd_hooks": "tokext.interventions",
     "intervention_effect": "tokext.interventions",
     "mean_loss": "tokext.interventions",
     "Intervention": "tokext.interventions",

@@ -17,7 +17,7 @@ from tokext.interventions.base import Intervention, RunContext
 from tokext.interventions.calibration import HeadSelection, SinkCalibration, select_heads_greedy
 from tokext.interventions.emulation import EarlyLayerEmulation
 from tokext.interventions.intervene import (
-    InterventionEffect, InterventionRun, intervene, intervention_effect, mean_loss,
+    InterventionEffect, InterventionRun, fwd_hooks, intervene, intervention_effect, mean_loss,
 )
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
@@ -26,5 +26,5 @@ from tokext.interventions.temperature import AttentionTemperature
 __all__ = [
     "AttentionTemperature", "EarlyLayerEmulation", "HeadAblation", "HeadSelection", "Intervention",
     "InterventionEffect", "InterventionRun", "PatternPatch", "RunContext", "SinkCalibration",
-    "SinkRebalance", "intervene", "intervention_effect", "mean_loss", "select_heads_greedy",
+    "SinkRebalance", "fwd_hooks", "intervene", "intervention_effect", "mean_loss", "select_heads_greedy",
 ]

@@ -204,24 +204,18 @@ class Intervention:
     def hooks(self, model: Any, ctx: RunContext | None = None) -> Hooks:
         """TransformerLens ``fwd_hooks`` applying this intervention, with fresh per-run state.
 
-        For ``model.run_with_hooks(tokens, fwd_hooks=intervention.hooks(model))``. Used this way
-        the hooks cannot see an attention mask: inputs are taken to be unpadded. Prefer
-        :func:`tokext.intervene`, which also handles padding and refuses uneditable models.
+        For ``model.run_with_hooks(tokens, fwd_hooks=intervention.hooks(model))``; for several
+        interventions use :func:`tokext.fwd_hooks` (concatenated lists lose their order where
+        an intervention can act pre-softmax). Used this way the hooks cannot see an attention
+        mask: inputs are taken to be unpadded. Prefer :func:`tokext.intervene`, which also
+        handles padding. ``ctx`` is for :func:`tokext.intervene`'s own binding.
         """
-        layers = self.edited_layers(model)
-        own = ctx is None
-        if own:
-            from tokext.models import require_pattern_edits
+        if ctx is None:
+            from tokext.interventions.intervene import fwd_hooks
 
-            require_pattern_edits(model, layers)
-        ctx = ctx if ctx is not None else RunContext()
-        hooks = self._make_hooks(model, ctx)
-        if own and self.needs_tokens and "embed.hook_in" in model.hook_dict:
-            def record_tokens(tokens: torch.Tensor, hook: Any) -> None:
-                if not tokens.is_floating_point():
-                    ctx.inputs.tokens = tokens if tokens.ndim == 2 else tokens[None]
-            hooks.insert(0, ("embed.hook_in", record_tokens))
-        return hooks
+            return fwd_hooks(model, self)
+        self.edited_layers(model)  # validates layers and heads against the model
+        return self._make_hooks(model, ctx)
 
     def __repr__(self) -> str:
         """Class name and the parameters that differ from their defaults (names it in tables)."""
