@@ -12,7 +12,7 @@ Writes ``summary.csv``, ``first_token_mass_by_layer.csv`` (the mass itself, base
 first), ``delta_first_token_mass_by_layer.csv`` (with minus without), ``entropy_by_layer.csv`` and
 ``provenance.json`` under ``--out`` (default ``experiments/results/interventions``).
 
-    python experiments/intervention_effects.py                 # 64 prompts, ~4 min on 2 CPUs
+    python experiments/intervention_effects.py                 # 64 prompts, ~8 min on 2 CPUs
     python experiments/intervention_effects.py --n-prompts 8   # quicker
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +30,7 @@ import tokext
 from tokext.models import load_model, model_info
 from tokext.profiles import default_interventions, intervention_profiles
 from tokext.prompts import load_prompts
+from tokext.sweep import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     (out / "provenance.json").write_text(json.dumps({
         "model": info.name, "source": info.source, "prompts": "tokext/data/prompts.txt (built-in)",
         "n_prompts": len(prompts), "batch_size": args.batch_size, "padding": "right",
-        "tokext": tokext.__version__, "torch": torch.__version__, "git": _git_hash(),
+        "tokext": tokext.__version__, "torch": torch.__version__, "git": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "notes": "first-token mass = mean over heads of the share of each real row's (renormalised) "
                  "attention on its first token; PatternPatch/HeadAblation/AttentionTemperature have "
@@ -72,17 +72,6 @@ def main(argv=None) -> int:
         print(summary.drop(columns=["n_tokens"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nwritten to {out}")
     return 0
-
-
-def _git_hash() -> str | None:
-    """The commit, with ``-dirty`` when tracked files differ from it."""
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
         if issubclass(category, TokextWarning):
-            print(f"tokext {command}: warning: {message}", file=sys.stderr)
+            print(f"tokext {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
         else:
             fallback(message, category, filename, lineno, file, line)
 

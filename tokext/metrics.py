@@ -6,7 +6,7 @@ The public API for a pattern tensor you already have (exported as ``tokext.recei
 
     visible = tokext.visible_keys(attention_mask)          # [batch, query, key]
     alpha = tokext.received_attention(pattern, visible)    # [batch, head, key]
-    tokext.sink_rate(alpha[..., 0])                        # % of heads with alpha_0 > 0.3
+    tokext.sink_rate(alpha.mean(0)[..., 0])                # % of heads whose mean alpha_0 > 0.3
 
 :func:`tokext.collect_attention_stats` computes the same quantities streaming, inside hooks.
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tokext.errors import DataFileError, InputError
+from tokext import metrics
 from tokext.metrics import CATEGORIES
 
 _EVENT_FIELDS = ("sequence", "layer", "head", "position", "token_id", "alpha")
@@ -217,7 +218,7 @@ class AttentionStats:
         received = self.received
         if not 0 <= position < received.shape[-1]:
             raise InputError(f"position {position} out of range (0..{received.shape[-1] - 1})")
-        return float(100.0 * np.mean(received[:, :, position] > eps))
+        return metrics.sink_rate(received[:, :, position], eps)
 
     def hidden_sinks(self, tau: float = 0.1) -> "Any":
         """ACT-style sinks: per sequence, (layer, head, position >= 1) with alpha_k > tau, and the token.
