@@ -25,7 +25,7 @@ METHODS = ["plain_forward", "tokext", "tl_run_with_cache", "hf_output_attentions
 def real_token_batches(model, seq_len: int, n_seqs: int, batch_size: int):
     """``n_seqs`` sequences of exactly ``seq_len`` real-text tokens (built-in prompts, concatenated)."""
     import torch
-    from tokext.prompts import builtin_prompts
+    from tokext.evaluation.prompts import builtin_prompts
 
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -43,9 +43,9 @@ def real_token_batches(model, seq_len: int, n_seqs: int, batch_size: int):
 def worker(job: dict) -> dict:
     import torch
     import tokext
-    from tokext.collect import batch_context, category_table
-    from tokext.hooks import pattern_hook_name
-    from tokext.stats import AttentionStats
+    from tokext.attention.collect import batch_context, category_table
+    from tokext.models.hooks import pattern_hook_name
+    from tokext.attention.stats import AttentionStats
 
     limit_memory_from_env()
     torch.set_num_threads(job.get("threads", 2))
@@ -86,7 +86,7 @@ def worker(job: dict) -> dict:
             same_statistics(out)
     elif method == "hf_output_attentions":
         from transformers import AutoModelForCausalLM
-        from tokext.models import _smollm2_dir
+        from tokext.models.loading import _smollm2_dir
 
         hf = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), attn_implementation="eager", dtype=torch.float32).eval()
         del model

@@ -27,10 +27,11 @@ import pandas as pd
 import torch
 
 import tokext
-from tokext.models import load_model, model_info
-from tokext.profiles import default_interventions, intervention_profiles
-from tokext.prompts import load_prompts
-from tokext.sweep import git_revision
+from tokext.models.info import model_info
+from tokext.models.loading import load_model
+from tokext.studies.profiles import default_interventions, intervention_profiles
+from tokext.evaluation.prompts import load_prompts
+from tokext.studies.sweep import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 

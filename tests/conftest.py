@@ -25,7 +25,7 @@ def tiny_hf_dir(request, tiny_llama_dir, tiny_gpt2_dir):
 
 @pytest.fixture()
 def native():
-    from tokext.models import native_model
+    from tokext.models.native import native_model
 
     torch.manual_seed(0)
     return native_model(seed=0)
@@ -33,6 +33,6 @@ def native():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from tokext.models import load_model
+    from tokext.models.loading import load_model
 
     return load_model("smollm2-135m")

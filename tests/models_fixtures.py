@@ -87,7 +87,7 @@ def opt_dir() -> Path:
 
 @functools.cache
 def _loaded(kind: str):
-    from tokext.models import load_model
+    from tokext.models.loading import load_model
 
     directory = {"llama": llama_dir, "gpt2": gpt2_dir, "opt": opt_dir}[kind]()
     return load_model(str(directory))
@@ -95,7 +95,7 @@ def _loaded(kind: str):
 
 @functools.cache
 def _native():
-    from tokext.models import native_model
+    from tokext.models.native import native_model
 
     return native_model(n_layers=3, d_model=32, n_heads=4, d_head=8, d_vocab=VOCAB, seed=3)
 

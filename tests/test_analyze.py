@@ -9,13 +9,13 @@ import warnings
 import numpy as np
 import pytest
 
-from tokext.analyze import default_out_dir
+from tokext.studies.analyze import default_out_dir
 from tokext.cli import main
-from tokext.collect import collect_attention_stats
+from tokext.attention.collect import collect_attention_stats
 from tokext.errors import TokextWarning
-from tokext.models import load_model
-from tokext.prompts import builtin_prompts, load_prompts
-from tokext.stats import AttentionStats
+from tokext.models.loading import load_model
+from tokext.evaluation.prompts import builtin_prompts, load_prompts
+from tokext.attention.stats import AttentionStats
 
 PROMPTS = ["The capital of France is Paris .", "Why is the sky blue ?", "x = 3 ; y = x + 2",
            "a cat sat on the mat !\\nShe said : hello world .", "one two three four five six"]

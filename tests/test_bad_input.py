@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from tokext import errors
-from tokext.analyze import analyze
+from tokext.studies.analyze import analyze
 from tokext.cli import main
-from tokext.collect import collect_attention_stats
-from tokext.models import load_model
-from tokext.prompts import load_prompts
-from tokext.stats import AttentionStats
+from tokext.attention.collect import collect_attention_stats
+from tokext.models.loading import load_model
+from tokext.evaluation.prompts import load_prompts
+from tokext.attention.stats import AttentionStats
 
 
 def attached_hooks(model) -> int:
@@ -155,7 +155,7 @@ def forbid_model_load(monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data file was checked")
 
-    monkeypatch.setattr("tokext.analyze.load_model", no_load)
+    monkeypatch.setattr("tokext.studies.analyze.load_model", no_load)
 
 
 @pytest.mark.parametrize("kind", ["missing", "not utf-8", "directory", "malformed jsonl"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.tiny_hf import build_tokenizer
-from tokext.collect import batch_context, category_table
-from tokext.metrics import CATEGORIES, token_category
+from tokext.attention.collect import batch_context, category_table
+from tokext.attention.metrics import CATEGORIES, token_category
 
 FIRST, PUNCT, SPACE, DIGIT, OTHER = range(5)
 

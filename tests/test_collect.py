@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tests.tiny_hf import reference_attentions
-from tokext.collect import category_table, collect_attention_stats
-from tokext.hooks import attached, pattern_hook_name
-from tokext.models import load_model
+from tokext.attention.collect import category_table, collect_attention_stats
+from tokext.models.hooks import attached, pattern_hook_name
+from tokext.models.loading import load_model
 
 TEXTS = [
     "The capital of France is Paris , and the capital of Germany is Berlin .",
@@ -170,7 +170,7 @@ def test_native_model_token_input(native):
 @pytest.mark.parametrize("queries,keys,chunk_elements", [(200, 200, 1 << 22), (77, 77, 3000), (50, 70, 1 << 22)])
 def test_blocked_plogp_matches_full_rows(monkeypatch, queries, keys, chunk_elements):
     """The causal, blocked sum_k p log p equals the full-row sum on causal patterns (prefix keys too)."""
-    import tokext.stats as stats_module
+    import tokext.attention.stats as stats_module
 
     monkeypatch.setattr(stats_module, "_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)

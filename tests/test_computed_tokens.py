@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from tokext.computed_tokens import (
+from tokext.studies.computed_tokens import (
     FULL_COT, POSITIONS, filler_span_attention, filler_tokens, insert_filler, run_computed_tokens_study,
     study_cells, truncate_cot,
 )
 from tokext.errors import InputError
-from tokext.models import load_model
-from tokext.tasks import get_task, prompt
+from tokext.models.loading import load_model
+from tokext.evaluation.tasks import get_task, prompt
 
 EXAMPLE = get_task("arithmetic").generate(1, seed=0, level=1)[0]
 
@@ -77,7 +77,7 @@ def test_filler_token_span(llama):
         assert text == insert_filler(base, 4, " .", position)
         assert ids == list(tok(text).input_ids)
         assert end - start == 4 and ids[start:end] == [dot] * 4, position
-    from tokext.organism import CharTokenizer
+    from tokext.models.organism import CharTokenizer
 
     text, ids, span = filler_tokens(CharTokenizer(), "1+2=;A:", 3, " ", "before_answer", label="A:")
     assert text == "1+2=;   A:" and span == (6, 9) and ids[0] == 1  # BOS first

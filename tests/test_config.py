@@ -1,4 +1,4 @@
-"""tokext.config: strict parsing (errors name the file and field), grids, validation without a model."""
+"""tokext.studies.config: strict parsing (errors name the file and field), grids, validation without a model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tokext.config import EvalSpec, load_config, parse_config, validate
+from tokext.evaluation.spec import EvalSpec
+from tokext.studies.config import load_config, parse_config, validate
 from tokext.errors import DataFileError, InputError
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"

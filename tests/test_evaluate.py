@@ -1,4 +1,4 @@
-"""tokext.evaluate against independent computations with plain transformers, on a tiny random Llama.
+"""tokext.evaluation.evaluate against independent computations with plain transformers, on a tiny random Llama.
 
 The tiny model's word-level tokenizer knows the option letters A-H (the conftest tokenizer maps
 them to <unk>), so letter scoring can be checked; unknown words become <unk>, which is harmless.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tokext.errors import InputError
-from tokext.mc import MCItem
+from tokext.evaluation.mc import MCItem
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 WORDS = sorted(set(
@@ -78,7 +78,7 @@ def eval_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model(eval_dir):
-    from tokext.models import load_model
+    from tokext.models.loading import load_model
 
     return load_model(str(eval_dir))
 
@@ -106,8 +106,8 @@ def _reference_next_logprobs(hf, tok, text: str) -> torch.Tensor:
 
 
 def test_letter_scores_match_transformers(model, hf):
-    from tokext.evaluate import score_letters
-    from tokext.mc import letter_prompt
+    from tokext.evaluation.evaluate import score_letters
+    from tokext.evaluation.mc import letter_prompt
 
     tok = model.tokenizer
     df = score_letters(model, ITEMS, batch_size=3, progress=False)
@@ -127,7 +127,7 @@ def test_letter_scores_match_transformers(model, hf):
 
 
 def test_letter_tokens_must_be_single_and_distinct(model):
-    from tokext.evaluate import letter_token_ids
+    from tokext.evaluation.evaluate import letter_token_ids
 
     tok = model.tokenizer
     assert len(set(letter_token_ids(tok, "x\nAnswer:", "ABCD"))) == 4
@@ -144,7 +144,7 @@ def test_letter_tokens_must_be_single_and_distinct(model):
 
 
 def test_continuation_scores_and_acc_norm(model, hf):
-    from tokext.evaluate import continuation_prompt, score_continuations
+    from tokext.evaluation.evaluate import continuation_prompt, score_continuations
 
     tok = model.tokenizer
     df = score_continuations(model, ITEMS, batch_size=4, progress=False)
@@ -167,7 +167,7 @@ def test_continuation_scores_and_acc_norm(model, hf):
 
 
 def test_acc_norm_math():
-    from tokext.evaluate import mc_predictions
+    from tokext.evaluation.evaluate import mc_predictions
 
     # summed log-likelihood prefers the short option; per byte the long one wins (lm-eval acc_norm)
     assert mc_predictions([-10.0, -12.0], ["ab", "abcdefgh"]) == (0, 1)
@@ -176,8 +176,8 @@ def test_acc_norm_math():
 
 
 def test_reasoning_loss_matches_teacher_forcing(model, hf):
-    from tokext.evaluate import evaluate_reasoning
-    from tokext.tasks import get_task, prompt, target
+    from tokext.evaluation.evaluate import evaluate_reasoning
+    from tokext.evaluation.tasks import get_task, prompt, target
 
     examples = get_task("arithmetic").generate(3, seed=0, level=1)
     df = evaluate_reasoning(model, examples, cot=False, max_new_tokens=5, batch_size=2, shots=1, progress=False)
@@ -196,8 +196,8 @@ def test_reasoning_loss_matches_teacher_forcing(model, hf):
 
 
 def test_reasoning_extraction_is_logged(model, monkeypatch):
-    import tokext.evaluate as ev
-    from tokext.tasks import get_task
+    import tokext.evaluation.evaluate as ev
+    from tokext.evaluation.tasks import get_task
 
     examples = get_task("arithmetic").generate(2, seed=0, level=1)
     canned = [f"2 + 6 = 8\nResponse: {examples[0].answer}\n\nStart", "I think 7"]
@@ -209,7 +209,7 @@ def test_reasoning_extraction_is_logged(model, monkeypatch):
 
 
 def test_mc_cot_logs_raw_and_method(model, monkeypatch):
-    import tokext.evaluate as ev
+    import tokext.evaluation.evaluate as ev
 
     canned = ["Analysis: A is wrong, B fits.\nResponse: B", "blue", "hmm", "A", "nothing"]
     monkeypatch.setattr(ev, "generate_texts", lambda m, prompts, n, **kw: (canned, [5] * 5))
@@ -221,7 +221,7 @@ def test_mc_cot_logs_raw_and_method(model, monkeypatch):
 
 
 def test_mc_cot_generates(model):
-    from tokext.evaluate import evaluate_mc_cot
+    from tokext.evaluation.evaluate import evaluate_mc_cot
 
     df = evaluate_mc_cot(model, ITEMS[:2], max_new_tokens=4, batch_size=2, progress=False)
     assert len(df) == 2 and (df["n_new_tokens"] <= 4).all()
@@ -229,8 +229,8 @@ def test_mc_cot_generates(model):
 
 
 def test_evaluate_applies_interventions(model):
-    from tokext.config import EvalSpec
-    from tokext.evaluate import evaluate
+    from tokext.evaluation.spec import EvalSpec
+    from tokext.evaluation.evaluate import evaluate
     from tokext.interventions import AttentionTemperature
 
     spec = EvalSpec("arithmetic", level=1, n=3, shots=1, max_new_tokens=3)
@@ -242,21 +242,21 @@ def test_evaluate_applies_interventions(model):
 
 
 def test_no_tokenizer_is_a_clear_error(native):
-    from tokext.evaluate import score_letters
+    from tokext.evaluation.evaluate import score_letters
 
     with pytest.raises(InputError, match="tokenizer"):
         score_letters(native, ITEMS, progress=False)
 
 
 def test_docstring_mentions_every_column():
-    import tokext.evaluate as ev
+    import tokext.evaluation.evaluate as ev
 
     for name in ("score_letters", "score_continuations", "evaluate_reasoning", "evaluate_mc_cot"):
         assert re.search(r"Columns:", getattr(ev, name).__doc__)
 
 
 def test_scoring_too_long_an_item_is_a_clear_error(model):
-    from tokext.evaluate import score_letters
+    from tokext.evaluation.evaluate import score_letters
 
     n_ctx = model.cfg.n_ctx
     long_item = MCItem(id="long", question="word " * (2 * n_ctx), choices=["a", "b"], label=0, subject="s",

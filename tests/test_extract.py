@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokext.errors import InputError
-from tokext.extract import METHODS, extract_choice, extract_free_answer
+from tokext.evaluation.extract import METHODS, extract_choice, extract_free_answer
 
 CHOICES = ("Wrong, Wrong", "Wrong, Not wrong", "Not wrong, Wrong", "Not wrong, Not wrong")
 

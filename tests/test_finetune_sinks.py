@@ -16,9 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("finetune_sinks", ROOT / "experiments" / "finetune_sinks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import tokext.studies.finetune as module
+
     return module
 
 

@@ -9,8 +9,8 @@ import torch
 from tests.models_fixtures import encode_text
 from tests.models_fixtures import tiny_llama, tiny_native  # noqa: F401  (fixtures)
 from tokext.errors import InputError
-from tokext.generation import greedy_generate
-from tokext.hooks import attached, pattern_hook_name
+from tokext.evaluation.generation import greedy_generate
+from tokext.models.hooks import attached, pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.calibration import SinkCalibration
 from tokext.interventions.emulation import EarlyLayerEmulation

@@ -12,15 +12,17 @@ from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native, tiny_opt  
 from tokext.errors import (
     InputError, InterventionNotAppliedError, LayerIndexError, TokextError, UneditableAttentionError,
 )
-from tokext.hooks import pattern_hook_name
+from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.calibration import SinkCalibration, select_heads_greedy
 from tokext.interventions.emulation import EarlyLayerEmulation
-from tokext.interventions.intervene import fwd_hooks, intervene, intervention_effect, mean_loss
+from tokext.interventions.base import fwd_hooks
+from tokext.interventions.intervene import intervene, intervention_effect, mean_loss
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
-from tokext.models import model_info, native_model
+from tokext.models.info import model_info
+from tokext.models.native import native_model
 
 ALL = [EarlyLayerEmulation(alpha=1.0), SinkCalibration(), SinkRebalance(), AttentionTemperature(0.5),
        PatternPatch(0, (1, 2)), HeadAblation([(1, 1)], "mean")]
@@ -350,7 +352,7 @@ def test_transformerlens_hook_contexts_inside_the_block_leave_ours_attached(tiny
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
 def test_temperature_on_scores_equals_tempering_the_pattern(request, name, temperature):
     """Where score edits land, scores / T gives the logits of p^(1/T) renormalised (padded batch)."""
-    from tokext.models import check_score_edits
+    from tokext.models.probes import check_score_edits
 
     model = request.getfixturevalue(name)
     assert all(check_score_edits(model).values())
@@ -377,7 +379,7 @@ def test_temperature_on_scores_equals_tempering_the_pattern(request, name, tempe
 
 
 def test_temperature_falls_back_to_the_pattern_where_score_edits_are_discarded(tiny_native):
-    from tokext.models import check_score_edits
+    from tokext.models.probes import check_score_edits
 
     model = tiny_native
     assert not any(check_score_edits(model).values())

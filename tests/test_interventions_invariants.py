@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.models_fixtures import VOCAB, _tokenizer
 from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native  # noqa: F401  (fixtures)
-from tokext.hooks import ForwardInputs, pattern_hook_name
+from tokext.models.hooks import ForwardInputs, pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.base import RunContext
 from tokext.interventions.calibration import SinkCalibration

@@ -16,7 +16,7 @@ from tests import reference_interventions as R
 from tests.models_fixtures import CHARS, SPECIALS, encode_text, gpt2_dir, llama_dir
 from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native  # noqa: F401  (fixtures)
 from tokext.errors import InputError
-from tokext.hooks import pattern_hook_name
+from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.calibration import SinkCalibration
 from tokext.interventions.emulation import EarlyLayerEmulation

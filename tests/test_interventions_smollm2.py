@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from tokext.interventions.intervene import intervention_effect
-from tokext.profiles import default_interventions
-from tokext.prompts import builtin_prompts
+from tokext.studies.profiles import default_interventions
+from tokext.evaluation.prompts import builtin_prompts
 
 pytestmark = pytest.mark.slow
 

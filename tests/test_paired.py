@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokext.errors import InputError
-from tokext.paired import discordant_counts, mcnemar_exact, paired_bootstrap_ci, paired_summary
+from tokext.studies.paired import discordant_counts, mcnemar_exact, paired_bootstrap_ci, paired_summary
 
 
 def table(n11: int, n10: int, n01: int, n00: int) -> tuple[np.ndarray, np.ndarray]:

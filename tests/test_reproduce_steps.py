@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tokext.reproduce import Reproduction
+from tokext.studies.reproduce import Reproduction
 
 
 def _runner(calls: list):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokext.analyze import analyze
+from tokext.studies.analyze import analyze
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def test_smollm2_first_token_sink(smollm2, tmp_path):
 
 
 def test_smollm2_pattern_edits_land_and_generation_is_sane(smollm2):
-    from tokext.models import check_pattern_edits
+    from tokext.models.probes import check_pattern_edits
 
     assert all(check_pattern_edits(smollm2).values())
     tokens = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids

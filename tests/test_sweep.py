@@ -1,4 +1,4 @@
-"""tokext.sweep on experiments/tiny.toml with a tiny random Llama: rows, resumption, refusal, paired stats."""
+"""tokext.studies.sweep on experiments/tiny.toml with a tiny random Llama: rows, resumption, refusal, paired stats."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _one_thread():
 
 def _mmlu_only(interventions: bool = True):
     """The tiny study cut to its MMLU cells (same specs, hence the same cell ids as the full run)."""
-    from tokext.config import load_config
+    from tokext.studies.config import load_config
 
     config = load_config(TINY)
     return config.replace(tasks=tuple(t for t in config.tasks if t.name == "mmlu"),
@@ -37,7 +37,7 @@ def _mmlu_only(interventions: bool = True):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tokext.models import load_model
+    from tokext.models.loading import load_model
 
     directory = tiny_eval_model_dir(str(tmp_path_factory.mktemp("tiny_eval_sweep")))
     model = load_model(str(directory))
@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
 
 
 def _run(tiny, out, config=TINY, **kw):
-    from tokext.sweep import run_sweep
+    from tokext.studies.sweep import run_sweep
 
     name, model = tiny
     kw.setdefault("limit", 3)
@@ -60,7 +60,7 @@ def finished(tiny, tmp_path_factory):
 
 
 def test_one_row_per_cell_with_provenance(finished):
-    from tokext.sweep import CELL_COLUMNS
+    from tokext.studies.sweep import CELL_COLUMNS
 
     out, table = finished
     assert len(table) == 3 * 4  # (arithmetic direct, cot, mmlu) x (baseline + 3 interventions)
@@ -86,7 +86,7 @@ def test_rerun_skips_finished_cells(tiny, finished):
 
 
 def test_interrupted_sweep_loses_no_rows(tiny, finished, tmp_path, monkeypatch):
-    import tokext.evaluate as ev
+    import tokext.evaluation.evaluate as ev
 
     out = tmp_path / "resume"
     real, calls = ev.evaluate, []
@@ -147,8 +147,8 @@ def test_foreign_csv_is_never_overwritten(tiny, tmp_path):
 
 
 def test_summary_paired_stats_equal_tokext_paired(finished):
-    from tokext.paired import paired_summary
-    from tokext.sweep import PAIRED_COLUMNS, load_items, summarize
+    from tokext.studies.paired import paired_summary
+    from tokext.studies.sweep import PAIRED_COLUMNS, load_items, summarize
 
     out, _ = finished
     table = summarize(out, n_boot=2000)
@@ -178,9 +178,9 @@ def test_cli_ablate_and_validate(tiny, finished, capsys):
 
 
 def test_cells_are_content_addressed():
-    from tokext.config import EvalSpec
+    from tokext.evaluation.spec import EvalSpec
     from tokext.interventions import EarlyLayerEmulation
-    from tokext.sweep import Cell
+    from tokext.studies.sweep import Cell
 
     spec = EvalSpec("arithmetic", level=2)
     a = Cell("m", spec, "x", EarlyLayerEmulation(alpha=0.2))

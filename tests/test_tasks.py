@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokext.errors import InputError
-from tokext.extract import extract_free_answer
-from tokext.tasks import COT_INSTRUCTION, LEVELS, TASKS, get_task, list_tasks, prompt, score_exact, target
+from tokext.evaluation.extract import extract_free_answer
+from tokext.evaluation.tasks import COT_INSTRUCTION, LEVELS, TASKS, get_task, list_tasks, prompt, score_exact, target
 
 TASK_NAMES = sorted(TASKS)
 seeds = st.integers(min_value=0, max_value=2**31)

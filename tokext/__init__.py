@@ -9,22 +9,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from tokext.version import __version__
 
 _EXPORTS = {
-    "load_model": "tokext.models",
-    "native_model": "tokext.models",
-    "model_info": "tokext.models",
-    "collect_attention_stats": "tokext.collect",
-    "AttentionStats": "tokext.stats",
-    "received_attention": "tokext.metrics",
-    "row_entropy": "tokext.metrics",
-    "category_mass": "tokext.metrics",
-    "sink_rate": "tokext.metrics",
-    "hidden_sink_mask": "tokext.metrics",
-    "token_category": "tokext.metrics",
-    "CATEGORIES": "tokext.metrics",
-    "visible_keys": "tokext.masks",
+    "load_model": "tokext.models.loading",
+    "native_model": "tokext.models.native",
+    "model_info": "tokext.models.info",
+    "collect_attention_stats": "tokext.attention.collect",
+    "AttentionStats": "tokext.attention.stats",
+    "received_attention": "tokext.attention.metrics",
+    "row_entropy": "tokext.attention.metrics",
+    "category_mass": "tokext.attention.metrics",
+    "sink_rate": "tokext.attention.metrics",
+    "hidden_sink_mask": "tokext.attention.metrics",
+    "token_category": "tokext.attention.metrics",
+    "CATEGORIES": "tokext.attention.metrics",
+    "visible_keys": "tokext.attention.masks",
     "TokextError": "tokext.errors",
     "intervene": "tokext.interventions",
     "fwd_hooks": "tokext.interventions",
@@ -38,7 +38,7 @@ _EXPORTS = {
     "AttentionTemperature": "tokext.interventions",
     "PatternPatch": "tokext.interventions",
     "HeadAblation": "tokext.interventions",
-    "greedy_generate": "tokext.generation",
+    "greedy_generate": "tokext.evaluation.generation",
 }
 
 __all__ = ["__version__", *_EXPORTS]

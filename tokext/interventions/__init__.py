@@ -1,4 +1,4 @@
-"""Attention interventions for TransformerLens 4 bridges: the paper's early-layer emulation
+"""Room 3, interventions: rewriting attention in flight. The paper's early-layer emulation
 (arXiv 2403.14932) and its neighbours, applied with ``with intervene(model, *interventions):``.
 
 Every intervention is a frozen dataclass of hyperparameters acting on
@@ -10,14 +10,20 @@ Every intervention is a frozen dataclass of hyperparameters acting on
 - :class:`AttentionTemperature`: exact softmax temperature;
 - :class:`PatternPatch`: copy a source layer's pattern into later layers;
 - :class:`HeadAblation`: zero / mean / first-token ablation of heads.
+
+:mod:`~tokext.interventions.base` holds what they share (the per-run context, the binding of a
+list of interventions to a model); :mod:`~tokext.interventions.intervene` the ``with`` block and
+the measured effect on the logits.
+
+May import: :mod:`tokext.attention`, :mod:`tokext.models` and :mod:`tokext.errors`.
 """
 
 from tokext.interventions.ablation import HeadAblation
-from tokext.interventions.base import Intervention, RunContext
+from tokext.interventions.base import Intervention, RunContext, fwd_hooks
 from tokext.interventions.calibration import HeadSelection, SinkCalibration, select_heads_greedy
 from tokext.interventions.emulation import EarlyLayerEmulation
 from tokext.interventions.intervene import (
-    InterventionEffect, InterventionRun, fwd_hooks, intervene, intervention_effect, mean_loss,
+    InterventionEffect, InterventionRun, intervene, intervention_effect, mean_loss,
 )
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from tokext.errors import InputError
-from tokext.hooks import pattern_hook_name
+from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import Hooks, Intervention, RunContext, as_head_pairs, head_index, head_selection
 
 MODES = ("zero", "mean", "first")

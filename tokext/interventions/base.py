@@ -16,13 +16,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from tokext.errors import InputError, LayerIndexError
-from tokext.hooks import ForwardInputs, HookFn, resolve_heads, resolve_layers
+from tokext.models.hooks import ForwardInputs, HookFn, resolve_heads, resolve_layers
+from tokext.models.probes import require_pattern_edits
 
 Hooks = list[tuple[str, HookFn]]
 
@@ -30,7 +32,7 @@ Hooks = list[tuple[str, HookFn]]
 class RunContext:
     """Per-run facts about the forward pass in flight, shared by the hooks of one run.
 
-    ``inputs`` is the live :class:`~tokext.hooks.ForwardInputs` that :func:`tokext.hooks.capture_inputs`
+    ``inputs`` is the live :class:`~tokext.models.hooks.ForwardInputs` that :func:`tokext.models.hooks.capture_inputs`
     fills (or, for :meth:`Intervention.hooks` used alone, one filled from ``embed.hook_in``, with
     no attention mask). ``shared_points`` names hook points that carry hooks not owned by this run;
     their tensors are never edited in place (someone else may hold a reference). ``None`` means
@@ -64,7 +66,7 @@ class RunContext:
             if self.strict and self.inputs.tokens is None and batch > 1:
                 raise InputError(
                     "this intervention needs to know which tokens are padding, and a batch of strings "
-                    "hides it: tokenize (tokext.inputs.encode / pad) and pass token ids with attention_mask"
+                    "hides it: tokenize (tokext.models.inputs.encode / pad) and pass token ids with attention_mask"
                 )
             return None
         if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] != n_keys:
@@ -211,8 +213,6 @@ class Intervention:
         handles padding. ``ctx`` is for :func:`tokext.intervene`'s own binding.
         """
         if ctx is None:
-            from tokext.interventions.intervene import fwd_hooks
-
             return fwd_hooks(model, self)
         self.edited_layers(model)  # validates layers and heads against the model
         return self._make_hooks(model, ctx)
@@ -243,6 +243,68 @@ def _compact(value: Any) -> str:
             span = lambda xs: f"[{xs[0]}]" if len(xs) == 1 else f"range({xs[0]}, {xs[-1] + 1})"  # noqa: E731
             return f"[(l, h) for l in {span(layers)} for h in {span(heads)}]"
     return repr(value)
+
+
+# ---------------------------------------------------------------------- binding to a model
+
+FORWARD_HOOK = "embed.hook_in"
+"""Fires once per forward pass, before any attention: counts passes, records token ids."""
+
+
+def fwd_hooks(model: Any, *interventions: Intervention) -> list[tuple[str, HookFn]]:
+    """TransformerLens ``fwd_hooks`` applying ``interventions`` in order, for ``run_with_hooks``.
+
+    The same binding as :func:`intervene` (one shared per-run state; each intervention acts
+    after the ones listed before it), without its padding information: inputs are taken to be
+    unpadded. Build the list where it runs: where the temperature acts (pre-softmax scores or
+    the pattern) depends on the hooks attached to the model at this moment.
+
+    >>> from tokext.models import native_model
+    >>> from tokext.interventions import AttentionTemperature, SinkRebalance
+    >>> model = native_model()
+    >>> hooks = fwd_hooks(model, SinkRebalance(scale=0.5), AttentionTemperature(2.0))
+    >>> logits = model.run_with_hooks(torch.randint(0, 64, (1, 8)), fwd_hooks=hooks)
+    """
+    validate(model, interventions, "fwd_hooks")
+    ctx = RunContext()
+    hooks = bind(model, interventions, ctx)
+    if any(iv.needs_tokens for iv in interventions) and FORWARD_HOOK in model.hook_dict:
+        def record_tokens(tokens: torch.Tensor, hook: Any) -> None:
+            if not tokens.is_floating_point():
+                ctx.inputs.tokens = tokens if tokens.ndim == 2 else tokens[None]
+
+        hooks.insert(0, (FORWARD_HOOK, record_tokens))
+    return hooks
+
+
+def validate(model: Any, interventions: Sequence[Intervention], caller: str) -> None:
+    """Type-check, validate layers and heads, and refuse models whose edited patterns do not land."""
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise InputError(f"{caller} takes Intervention objects, got {iv!r}")
+    edited = sorted({layer for iv in interventions for layer in iv.edited_layers(model)})
+    if edited:
+        require_pattern_edits(model, edited)
+
+
+def bind(model: Any, interventions: Sequence[Intervention], ctx: RunContext,
+          fired: Counter | None = None) -> list[tuple[str, HookFn]]:
+    """Every intervention's hooks, in order; each is bound knowing the hook points of those before it."""
+    hooks: list[tuple[str, HookFn]] = []
+    for i, iv in enumerate(interventions):
+        ctx.earlier_points = {name for name, _ in hooks}
+        bound = iv.hooks(model, ctx)
+        hooks += bound if fired is None else [(name, _counted(fn, fired, i)) for name, fn in bound]
+    return hooks
+
+
+def _counted(fn: HookFn, fired: Counter, index: int) -> HookFn:
+    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor | None:
+        fired[index] += 1
+        return fn(tensor, hook)
+
+    hook.__name__ = getattr(fn, "__name__", "tokext_intervention")
+    return hook
 
 
 # ---------------------------------------------------------------------- validation helpers

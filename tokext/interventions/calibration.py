@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tokext.hooks import pattern_hook_name
+from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_head_pairs, check_bool, check_number, head_index, head_selection,
     scale_entries, split_row_mass,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
-from tokext.hooks import pattern_hook_name, resolve_layers
+from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_int_tuple, check_bool, check_number, is_int, rescale_rows,
 )

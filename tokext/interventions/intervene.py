@@ -2,7 +2,7 @@
 
 :func:`intervene` validates every intervention against the model, refuses models whose
 ``hook_pattern`` edits never reach the logits, attaches all hooks through
-:func:`tokext.hooks.attached` (so they are removed on exit, also when the block raises) and, on a
+:func:`tokext.models.hooks.attached` (so they are removed on exit, also when the block raises) and, on a
 normal exit, raises :class:`InterventionNotAppliedError` if a forward pass ran but one of the
 interventions never fired. :func:`intervention_effect` reports max |delta logit| and the change
 in next-token loss.
@@ -18,13 +18,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from tokext.errors import InputError, InterventionNotAppliedError
-from tokext.hooks import HookFn, HookRun, attached, capture_inputs
-from tokext.inputs import Inputs, batches, encode, pad_id
-from tokext.interventions.base import Intervention, RunContext, model_device
-from tokext.models import require_pattern_edits
-
-_FORWARD_HOOK = "embed.hook_in"
-
+from tokext.models.hooks import HookFn, HookRun, attached, capture_inputs
+from tokext.models.inputs import Inputs, batches, encode, pad_id
+from tokext.interventions.base import FORWARD_HOOK, Intervention, RunContext, bind, model_device, validate
 
 @dataclass
 class InterventionRun:
@@ -57,14 +53,14 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Intervention
     >>> run.fired[0]  # one call per layer
     2
     """
-    _validate(model, interventions, "intervene")
+    validate(model, interventions, "intervene")
     run = InterventionRun(interventions=tuple(interventions))
     with capture_inputs(model) as inputs:
         ctx = RunContext(inputs, shared_points=set(), strict=True)
-        hooks = _bind(model, interventions, ctx, run.fired)
+        hooks = bind(model, interventions, ctx, run.fired)
         ctx.shared_points = {name for name, _ in hooks if name in model.hook_dict and model.hook_dict[name].fwd_hooks}
-        if interventions and _FORWARD_HOOK in model.hook_dict:
-            hooks.append((_FORWARD_HOOK, _forward_counter(run)))
+        if interventions and FORWARD_HOOK in model.hook_dict:
+            hooks.append((FORWARD_HOOK, _forward_counter(run)))
         with attached(model, hooks) as hook_run:
             run.hooks = hook_run
             yield run
@@ -75,62 +71,6 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Intervention
                     "fired (stop_at_layer before the edited layers, or a model whose attention never "
                     "calls hook_pattern?)"
                 )
-
-
-def fwd_hooks(model: Any, *interventions: Intervention) -> list[tuple[str, HookFn]]:
-    """TransformerLens ``fwd_hooks`` applying ``interventions`` in order, for ``run_with_hooks``.
-
-    The same binding as :func:`intervene` (one shared per-run state; each intervention acts
-    after the ones listed before it), without its padding information: inputs are taken to be
-    unpadded. Build the list where it runs: where the temperature acts (pre-softmax scores or
-    the pattern) depends on the hooks attached to the model at this moment.
-
-    >>> from tokext.models import native_model
-    >>> from tokext.interventions import AttentionTemperature, SinkRebalance
-    >>> model = native_model()
-    >>> hooks = fwd_hooks(model, SinkRebalance(scale=0.5), AttentionTemperature(2.0))
-    >>> logits = model.run_with_hooks(torch.randint(0, 64, (1, 8)), fwd_hooks=hooks)
-    """
-    _validate(model, interventions, "fwd_hooks")
-    ctx = RunContext()
-    hooks = _bind(model, interventions, ctx)
-    if any(iv.needs_tokens for iv in interventions) and _FORWARD_HOOK in model.hook_dict:
-        def record_tokens(tokens: torch.Tensor, hook: Any) -> None:
-            if not tokens.is_floating_point():
-                ctx.inputs.tokens = tokens if tokens.ndim == 2 else tokens[None]
-
-        hooks.insert(0, (_FORWARD_HOOK, record_tokens))
-    return hooks
-
-
-def _validate(model: Any, interventions: Sequence[Intervention], caller: str) -> None:
-    """Type-check, validate layers and heads, and refuse models whose edited patterns do not land."""
-    for iv in interventions:
-        if not isinstance(iv, Intervention):
-            raise InputError(f"{caller} takes Intervention objects, got {iv!r}")
-    edited = sorted({layer for iv in interventions for layer in iv.edited_layers(model)})
-    if edited:
-        require_pattern_edits(model, edited)
-
-
-def _bind(model: Any, interventions: Sequence[Intervention], ctx: RunContext,
-          fired: Counter | None = None) -> list[tuple[str, HookFn]]:
-    """Every intervention's hooks, in order; each is bound knowing the hook points of those before it."""
-    hooks: list[tuple[str, HookFn]] = []
-    for i, iv in enumerate(interventions):
-        ctx.earlier_points = {name for name, _ in hooks}
-        bound = iv.hooks(model, ctx)
-        hooks += bound if fired is None else [(name, _counted(fn, fired, i)) for name, fn in bound]
-    return hooks
-
-
-def _counted(fn: HookFn, fired: Counter, index: int) -> HookFn:
-    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor | None:
-        fired[index] += 1
-        return fn(tensor, hook)
-
-    hook.__name__ = getattr(fn, "__name__", "tokext_intervention")
-    return hook
 
 
 def _forward_counter(run: InterventionRun) -> HookFn:

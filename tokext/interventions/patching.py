@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
-from tokext.hooks import pattern_hook_name, resolve_layers
+from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, head_index, head_selection, is_int,
 )

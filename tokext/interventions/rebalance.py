@@ -15,12 +15,12 @@ from typing import Any, Callable
 import torch
 
 from tokext.errors import InputError
-from tokext.hooks import pattern_hook_name
+from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, check_bool, check_number, head_index,
     head_selection, is_int, on_heads, scale_entries, split_row_mass,
 )
-from tokext.metrics import CATEGORIES
+from tokext.attention.metrics import CATEGORIES
 
 NON_SEMANTIC = ("punctuation", "whitespace")
 """Categories meant by ``targets="categories"``: punctuation/symbols and whitespace/newlines."""
@@ -33,7 +33,7 @@ class SinkRebalance(Intervention):
     ``targets``:
       - ``"first"``: each row's first real token (BOS when present; position 0 without padding);
       - ``"categories"``: punctuation and whitespace/newline tokens (:data:`NON_SEMANTIC`), or
-        any names from :data:`tokext.metrics.CATEGORIES` (a name or a tuple of names);
+        any names from :data:`tokext.attention.metrics.CATEGORIES` (a name or a tuple of names);
         the first real token counts as ``"first"``, not by its text, as in the statistics;
       - a tuple of ints: positions counted from each row's first real token.
 
@@ -71,7 +71,7 @@ class SinkRebalance(Intervention):
         categories = sorted({CATEGORIES.index(c) for n in names for c in (NON_SEMANTIC if n == "categories" else (n,))})
         table = None
         if any(c != CATEGORIES.index("first") for c in categories):
-            from tokext.collect import category_table
+            from tokext.attention.collect import category_table
 
             if getattr(model, "tokenizer", None) is None:
                 raise InputError(f"{self!r} needs the model's tokenizer to find token categories, and this "

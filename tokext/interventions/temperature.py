@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from tokext.errors import InputError, UneditableAttentionError
-from tokext.hooks import pattern_hook_name
+from tokext.models.hooks import pattern_hook_name
 
 HOOKS = ("auto", "scores", "pattern")
 
@@ -61,7 +61,7 @@ class AttentionTemperature(Intervention):
         return list(head_selection(model, self.layers, self.heads))
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
-        from tokext.models import check_score_edits
+        from tokext.models.probes import check_score_edits
 
         selection = head_selection(model, self.layers, self.heads)
         on_scores: set[int] = set()

