@@ -5,14 +5,17 @@
   callback between softmax and ``pattern @ V``.
 - ``ref_*``: each intervention written from its formula, row by row, on plain tensors.
 
-``info`` carries ``real`` (Bool [batch, key]), ``tokens`` [batch, key] and ``past`` (0 here).
+``info`` carries ``real`` (Bool [batch, key]) and ``tokens`` [batch, key]; the conformance oracle
+(``tests/conformance.py``) adds, per layer, the Bool [batch, query, key] visibility that
+transformers' own mask gives (sliding windows, encoders) and whether a learned sink logit joins the
+softmax. A learned-sink row's distribution is its keys plus the sink, whose share is ``1 - sum_j p``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,14 +26,21 @@ from safetensors.torch import load_file
 class Info:
     real: torch.Tensor  # Bool [batch, key]
     tokens: torch.Tensor  # Long [batch, key]
+    masks: dict = field(default_factory=dict)  # layer -> Bool [batch, query, key] from the model's mask
+    sinks: dict = field(default_factory=dict)  # layer -> whether a learned sink logit joins the softmax
 
     def first(self, b: int) -> int:
         return int(self.real[b].nonzero()[0])
 
-    def visible(self, b: int, i: int) -> torch.Tensor:
-        """Bool [key]: keys that query i of row b sees (causal, real)."""
+    def visible(self, b: int, i: int, layer: int | None = None) -> torch.Tensor:
+        """Bool [key]: keys that query i of row b sees (the model's mask when known, else causal; real)."""
+        if layer in self.masks:
+            return self.masks[layer][b, i] & self.real[b]
         keys = torch.arange(self.real.shape[1])
         return (keys <= i) & self.real[b]
+
+    def sink(self, layer: int) -> bool:
+        return bool(self.sinks.get(layer, False))
 
 
 # ---------------------------------------------------------------------- plain forwards
@@ -160,7 +170,8 @@ def ref_emulation(alpha=0.2, threshold=0.01, source=0, horizon=None, n_layers=3,
 
 
 def ref_act(tau=0.1, beta=0.4, heads=None, exclude_first=True):
-    """ACT: sinks = real keys with mean received attention over the real queries that see them > tau."""
+    """ACT: sinks = real keys with mean received attention over the real queries that see them > tau,
+    less the first of them (``indices[1:]`` in ACT's code) with ``exclude_first``."""
 
     def edit(layer, p, info):
         out = p.clone()
@@ -172,27 +183,32 @@ def ref_act(tau=0.1, beta=0.4, heads=None, exclude_first=True):
                     continue
                 sinks = []
                 for k in range(t):
-                    seers = [i for i in range(k, t) if real_q[i]]
-                    if not info.real[b, k] or not seers or (exclude_first and k == info.first(b)):
+                    seers = [i for i in range(t) if real_q[i] and info.visible(b, i, layer)[k]]
+                    if not info.real[b, k] or not seers:
                         continue
                     if sum(float(p[b, hi, i, k]) for i in seers) / len(seers) > tau:
                         sinks.append(k)
+                if exclude_first:
+                    sinks = sinks[1:]
                 in_s = torch.zeros(t, dtype=torch.bool)
                 in_s[sinks] = True
                 for i in range(t):
-                    row = p[b, hi, i]
+                    row = p[b, hi, i].double()
                     rest = row[~in_s].sum()
                     if rest <= 0:
                         continue
                     freed = (1 - beta) * row[in_s].sum()
-                    out[b, hi, i] = torch.where(in_s, beta * row, row + freed * row / rest)
+                    out[b, hi, i] = torch.where(in_s, beta * row, row + freed * row / rest).to(out.dtype)
         return out
 
     return edit
 
 
-def ref_rebalance(target_fn, scale=0.0, renormalize=True, layers=None, heads=None):
-    """A'(i,j) = w_j A(i,j), w_j = scale on targets; rows rescaled to their old sum (kept if 0)."""
+def ref_rebalance(target_fn, scale=0.0, renormalize=True, layers=None, heads=None, scale_sink=False):
+    """A'(i,j) = w_j A(i,j), w_j = scale on targets; rows rescaled to their old sum (kept if 0).
+
+    In a learned-sink layer the row is its keys plus the sink s = 1 - sum_j A(i,j), weighted by
+    ``scale`` when ``scale_sink``; the whole row keeps its total (1)."""
 
     def edit(layer, p, info):
         if layers is not None and layer not in layers:
@@ -201,11 +217,15 @@ def ref_rebalance(target_fn, scale=0.0, renormalize=True, layers=None, heads=Non
         for b, hi, i in _rows(p):
             if heads is not None and (layer, hi) not in heads:
                 continue
-            w = torch.tensor([scale if target_fn(info, b, j) else 1.0 for j in range(p.shape[-1])])
-            row = p[b, hi, i] * w
+            w = torch.tensor([scale if target_fn(info, b, j) else 1.0 for j in range(p.shape[-1])], dtype=torch.float64)
+            original = p[b, hi, i].double()
+            row = original * w
+            sink = max(0.0, 1.0 - float(original.sum())) if info.sink(layer) else 0.0
+            kept = sink * (scale if scale_sink else 1.0)
             if renormalize:
-                row = row * p[b, hi, i].sum() / row.sum() if row.sum() > 0 else p[b, hi, i]
-            out[b, hi, i] = row
+                total = float(row.sum()) + kept
+                row = row * (float(original.sum()) + sink) / total if total > 0 else original
+            out[b, hi, i] = row.to(out.dtype)
         return out
 
     return edit
@@ -225,8 +245,11 @@ def ref_temperature(temperature, layers=None, heads=None):
             if heads is not None and (layer, hi) not in heads:
                 continue
             powered = p[b, hi, i].double() ** (1.0 / temperature)
-            if powered.sum() > 0:  # (all-zero pad rows stay zero)
-                out[b, hi, i] = (powered / powered.sum()).float()
+            total = float(powered.sum())
+            if info.sink(layer):  # the sink logit is divided by T too: its share is one more entry
+                total += max(0.0, 1.0 - float(p[b, hi, i].sum())) ** (1.0 / temperature)
+            if total > 0:  # (all-zero pad rows stay zero)
+                out[b, hi, i] = (powered / total).float()
         return out
 
     return edit
@@ -255,7 +278,7 @@ def ref_ablation(heads, mode):
         for b, hi, i in _rows(p):
             if (layer, hi) not in heads:
                 continue
-            visible = info.visible(b, i).float()
+            visible = info.visible(b, i, layer).float()
             if mode == "zero":
                 out[b, hi, i] = 0.0
             elif mode == "mean":

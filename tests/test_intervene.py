@@ -257,7 +257,7 @@ def test_intervention_effect_and_loss(tiny_llama):
             before += n * float(torch.nn.functional.cross_entropy(base[0, :-1], ids[0, 1:]))
             after += n * float(torch.nn.functional.cross_entropy(edited[0, :-1], ids[0, 1:]))
             count += n
-    assert effect.n_tokens == count == sum(len(t) for t in texts)  # BOS + one token per char, minus one
+    assert effect.n_tokens == count == sum(len(t) - 1 for t in texts)  # one token per char (no BOS), minus one
     assert effect.max_abs_delta_logit == pytest.approx(max(deltas), abs=1e-4) and max(deltas) > 1e-3
     assert effect.loss_before == pytest.approx(before / count, abs=1e-5)
     assert effect.loss_after == pytest.approx(after / count, abs=1e-5)
@@ -330,7 +330,7 @@ def test_string_batches_with_hidden_padding_are_refused_where_padding_matters(ti
             single = model(["ab cd"])
         with intervene(model, EarlyLayerEmulation()):  # pad keys carry zero attention: no mask needed
             model(["ab cd", "e"])
-    tokens = torch.tensor([model.tokenizer("ab cd").input_ids])
+    tokens = model.to_tokens("ab cd")  # what TransformerLens feeds for a string
     with torch.no_grad(), intervene(model, SinkRebalance()):
         torch.testing.assert_close(single, model(tokens))
 

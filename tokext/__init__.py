@@ -22,6 +22,7 @@ _EXPORTS = {
     "category_mass": "tokext.attention.metrics",
     "sink_rate": "tokext.attention.metrics",
     "hidden_sink_mask": "tokext.attention.metrics",
+    "learned_sink_share": "tokext.attention.metrics",
     "token_category": "tokext.attention.metrics",
     "CATEGORIES": "tokext.attention.metrics",
     "visible_keys": "tokext.attention.masks",

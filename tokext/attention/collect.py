@@ -13,11 +13,14 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tokext.models.hooks import attached, pattern_hook_name, resolve_layers
-from tokext.models.inputs import Inputs, batches, encode, pad_id
+from tokext.attention.masks import first_real_position, last_real_position
 from tokext.attention.metrics import CATEGORIES, token_category
-from tokext.models.info import model_info
+from tokext.attention.protocols import Protocol, resolve_protocol
 from tokext.attention.stats import AttentionStats, BatchContext
+from tokext.errors import InputError
+from tokext.models.hooks import attached, pattern_hook_name, resolve_layers
+from tokext.models.info import model_info
+from tokext.models.inputs import Inputs, batches, bos_policy, encode, pad_id
 
 _CATEGORY_TABLES: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakKeyDictionary()
 
@@ -62,22 +65,19 @@ def _weakrefable(obj: Any) -> bool:
 
 def batch_context(tokens: torch.Tensor, attention_mask: torch.Tensor, sequence_ids: Sequence[int],
                   table: torch.Tensor) -> BatchContext:
-    """Masks, counts and token categories of one right- or left-padded batch.
+    """Token categories and real positions of one right- or left-padded batch (the counts of what
+    each query sees are computed per layer kind by :meth:`BatchContext.counts`).
 
-    ``categories`` is ``table[tokens]`` except at each row's first real token (its BOS when the
-    tokenizer adds one), which gets the ``"first"`` category whatever its text.
+    ``categories`` is ``table[tokens]`` except at each row's first real token (its BOS, or [CLS],
+    when the tokenizer adds one), which gets the ``"first"`` category whatever its text.
     """
     real = attention_mask.bool()
-    real_f = real.to(torch.float32)
-    # real queries at or after k that see k: suffix sum of real rows, zero on pad keys
-    n_queries = real_f.flip(1).cumsum(1).flip(1) * real_f
-    n_keys = real_f.cumsum(1) * real_f
     categories = table.to(tokens.device)[tokens]
-    first = real_f.argmax(1)
+    first = first_real_position(real)
     categories[torch.arange(tokens.shape[0], device=tokens.device), first] = CATEGORIES.index("first")
     return BatchContext(real=real, categories=categories, tokens=tokens,
                         sequence_ids=torch.as_tensor(list(sequence_ids), device=tokens.device),
-                        n_queries=n_queries, n_keys=n_keys)
+                        last=last_real_position(real))
 
 
 def collect_attention_stats(
@@ -92,13 +92,19 @@ def collect_attention_stats(
     sink_floor: float = 0.05,
     progress: bool = True,
     dataset: str | None = None,
+    protocol: str | None = None,
 ) -> AttentionStats:
     """Attention statistics of ``model`` over ``inputs``, reduced inside the hooks.
 
     ``inputs``: list of strings, a [n, pos] token tensor, or lists of token ids. ``layers``: which
-    layers to measure (default all). ``max_len`` cuts each sequence to its first tokens (Gu et al.
-    use 64). ``tokenizer`` overrides the model's for token categories (e.g. the model organism's).
-    Memory is O(layers x heads x positions) plus one layer's pattern at a time.
+    layers to measure (default all). ``max_len`` cuts each sequence to its first tokens.
+    ``prepend_bos``: ``None`` encodes text as the model's own tokenizer does (recorded in the
+    metadata as ``bos``). ``tokenizer`` overrides the model's for token categories (e.g. the
+    model organism's). ``protocol="gu2024"`` measures as Gu et al. 2024 did (first 64 tokens,
+    shorter inputs refused, the tokenizer's own BOS default, sink rate thresholded per sequence;
+    see :mod:`tokext.attention.protocols`). What each query sees comes from the model's layers
+    (:attr:`tokext.models.info.ModelInfo.attention`). Memory is O(layers x heads x positions) plus
+    one layer's pattern at a time.
 
     >>> from tokext.models import native_model
     >>> model = native_model()
@@ -107,7 +113,12 @@ def collect_attention_stats(
     (2, 4)
     """
     chosen = resolve_layers(model, layers)
+    rules = resolve_protocol(protocol)
+    if rules is not None:
+        max_len = _protocol_length(rules, max_len, prepend_bos)
     seqs = encode(model, inputs, max_len=max_len, prepend_bos=prepend_bos)
+    if rules is not None:
+        _refuse_short(rules, seqs)
     info = model_info(model)
     device = next(model.parameters()).device
     table = category_table(model, tokenizer)
@@ -115,9 +126,11 @@ def collect_attention_stats(
         layers=chosen, n_heads=info.n_heads, sink_floor=sink_floor,
         metadata={"model": info.name, "source": info.source, "n_inputs": len(seqs),
                   "max_len": max_len, "prepend_bos": info.prepend_bos if prepend_bos is None else prepend_bos,
-                  "lengths": [int(s.numel()) for s in seqs], "dataset": dataset, "batch_size": batch_size},
+                  "bos": bos_policy(model, prepend_bos), "protocol": rules.name if rules else "default",
+                  "family": info.attention.family, "lengths": [int(s.numel()) for s in seqs],
+                  "dataset": dataset, "batch_size": batch_size},
     )
-    stats.start(device)
+    stats.start(device, [info.attention[layer] for layer in chosen])
 
     def make_hook(layer: int) -> Callable:
         def hook(pattern: torch.Tensor, hook: Any) -> None:
@@ -136,3 +149,22 @@ def collect_attention_stats(
     decoder = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     decode = (lambda t: decoder.decode([t])) if decoder is not None else None
     return stats.finish(decode)
+
+
+def _protocol_length(rules: Protocol, max_len: int | None, prepend_bos: bool | None) -> int:
+    """The protocol's input length, refusing settings it fixes otherwise."""
+    if max_len not in (None, rules.length):
+        raise InputError(f"protocol {rules.name!r} cuts every input to its first {rules.length} tokens: "
+                         f"drop max_len={max_len}")
+    if prepend_bos is not None:
+        raise InputError(f"protocol {rules.name!r} keeps the tokenizer's own BOS default: drop "
+                         f"prepend_bos={prepend_bos}")
+    return rules.length
+
+
+def _refuse_short(rules: Protocol, seqs: Sequence[torch.Tensor]) -> None:
+    short = [(i, int(s.numel())) for i, s in enumerate(seqs) if s.numel() < rules.length]
+    if short:
+        shown = ", ".join(f"input {i} ({n} tokens)" for i, n in short[:5]) + (", ..." if len(short) > 5 else "")
+        raise InputError(f"protocol {rules.name!r} needs inputs of at least {rules.length} tokens; "
+                         f"{len(short)} of {len(seqs)} are shorter: {shown}")

@@ -1,21 +1,28 @@
 """Attention metrics as pure functions of a pattern and its visibility mask. No model, no hooks.
 
 The public API for a pattern tensor you already have (exported as ``tokext.received_attention``,
-``tokext.row_entropy``, ``tokext.category_mass``, ``tokext.sink_rate``,
-``tokext.hidden_sink_mask``, ``tokext.token_category`` and ``tokext.visible_keys``)::
+``tokext.row_entropy``, ``tokext.category_mass``, ``tokext.learned_sink_share``,
+``tokext.sink_rate``, ``tokext.hidden_sink_mask``, ``tokext.token_category`` and
+``tokext.visible_keys``)::
 
     visible = tokext.visible_keys(attention_mask)          # [batch, query, key]
     alpha = tokext.received_attention(pattern, visible)    # [batch, head, key]
-    tokext.sink_rate(alpha.mean(0)[..., 0])                # % of heads whose mean alpha_0 > 0.3
+    tokext.sink_rate(alpha[..., 0])                        # % of (sequence, head) with alpha_0 > 0.3
 
 :func:`tokext.collect_attention_stats` computes the same quantities streaming, inside hooks.
 
 ``pattern`` is post-softmax attention [batch, head, query, key] (TransformerLens ``hook_pattern``);
-``visible`` is Bool [batch, query, key] (see :func:`tokext.attention.masks.visible_keys`). Rows are
-renormalised over their visible keys first, so edited patterns whose rows no longer sum to 1
-(early-layer emulation) are measured as distributions. Definitions follow Gu et al. 2024 (received
-attention, sink rate), ACT (hidden sinks) and the Active-Dormant entropy convention, with one-key
-rows left out of the entropy.
+``visible`` is Bool [batch, query, key] (see :func:`tokext.attention.masks.visible_keys`, which
+knows sliding windows and encoders). Each row is read as a distribution:
+
+- without a learned sink, rows are renormalised over their visible keys, so edited patterns whose
+  rows no longer sum to 1 (early-layer emulation) are measured as distributions;
+- with ``learned_sink=True`` (gpt-oss) the row's distribution is its visible keys plus the sink,
+  whose share is ``s_i = 1 - sum_j p_ij``: weights are taken as the model uses them (a row edited
+  to sum above 1 is renormalised with ``s_i = 0``).
+
+Definitions follow Gu et al. 2024 (received attention, sink rate), ACT (hidden sinks) and the
+Active-Dormant entropy convention, with one-outcome rows left out of the entropy.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ CATEGORIES = ("first", "punctuation", "whitespace", "digit", "other")
 """Token categories for attention mass: each row's first real token, then by the token's text."""
 
 
-def _renormalised(pattern: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def _distribution(pattern: torch.Tensor, visible: torch.Tensor,
+                  learned_sink: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, s)``: each row over its visible keys ``p`` [batch, head, query, key] and the learned
+    sink's share ``s`` [batch, head, query] (0 without a sink), summing to 1 (0 for empty rows)."""
     if not isinstance(pattern, torch.Tensor) or pattern.ndim != 4:
         raise InputError(f"pattern must be a [batch, head, query, key] tensor, got {_shape(pattern)}")
     if not isinstance(visible, torch.Tensor) or visible.dtype != torch.bool or visible.ndim != 3:
@@ -42,8 +52,14 @@ def _renormalised(pattern: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         raise InputError(f"visible {tuple(visible.shape)} does not match pattern {tuple(pattern.shape)} "
                          "(expected [batch or 1, query, key])")
     masked = pattern * visible[:, None]
-    total = masked.sum(-1, keepdim=True)
-    return masked / torch.where(total > 0, total, torch.ones_like(total))
+    row = masked.sum(-1)
+    if learned_sink:
+        has_keys = visible.any(-1)[:, None]  # rows with no visible key (pad queries) stay empty
+        total = torch.where(has_keys, row.clamp_min(1.0), torch.zeros_like(row))
+    else:
+        total = row
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return masked / safe[..., None], (total - row).clamp_min(0.0) / safe
 
 
 def _shape(x: Any) -> str:
@@ -52,39 +68,51 @@ def _shape(x: Any) -> str:
     return type(x).__name__
 
 
-def received_attention(pattern: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def received_attention(pattern: torch.Tensor, visible: torch.Tensor, learned_sink: bool = False) -> torch.Tensor:
     """alpha_k [batch, head, key]: mean attention key k receives from the real queries that see it.
 
-    Divides by the number of such queries (T - k for an unpadded row, 0-indexed), as Gu et al.
-    and ACT do. Keys no real query sees (padding) are NaN.
+    Divides by the number of such queries (T - k for an unpadded causal row, 0-indexed; the
+    queries within the window for a sliding-window layer; every real query for an encoder), as
+    Gu et al. and ACT do. Keys no real query sees (padding) are NaN.
     """
-    p = _renormalised(pattern, visible)
+    p, _ = _distribution(pattern, visible, learned_sink)
     column_sum = einsum(p, "batch head query key -> batch head key")
     n_queries = visible.sum(1).to(p.dtype)  # [batch, key]
     return column_sum / torch.where(n_queries > 0, n_queries, torch.full_like(n_queries, float("nan")))[:, None]
 
 
-def row_entropy(pattern: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Normalised entropy [batch, head, query] of each row: H_i / log(number of visible keys).
+def row_entropy(pattern: torch.Tensor, visible: torch.Tensor, learned_sink: bool = False) -> torch.Tensor:
+    """Normalised entropy [batch, head, query] of each row: H_i / log(number of outcomes).
 
-    1 is uniform attention, 0 is one-hot. Rows with fewer than two visible keys are NaN.
+    The outcomes are the visible keys, plus the sink with ``learned_sink=True``. 1 is uniform,
+    0 is one-hot. Rows with fewer than two outcomes are NaN.
     """
-    p = _renormalised(pattern, visible)
-    entropy = -torch.special.xlogy(p, p).sum(-1)
-    n_keys = visible.sum(-1).to(p.dtype)[:, None]  # [batch, 1, query]
+    p, s = _distribution(pattern, visible, learned_sink)
+    entropy = -torch.special.xlogy(p, p).sum(-1) - torch.special.xlogy(s, s)
+    n_keys = visible.sum(-1).to(p.dtype)[:, None] + (1.0 if learned_sink else 0.0)  # [batch, 1, query]
     log_n = torch.log(n_keys)
     return torch.where(n_keys >= 2, entropy / torch.where(n_keys >= 2, log_n, torch.ones_like(log_n)),
                        torch.full_like(entropy, float("nan")))
 
 
-def category_mass(pattern: torch.Tensor, visible: torch.Tensor, categories: torch.Tensor, n_categories: int = len(CATEGORIES)) -> torch.Tensor:
+def category_mass(pattern: torch.Tensor, visible: torch.Tensor, categories: torch.Tensor,
+                  n_categories: int = len(CATEGORIES), learned_sink: bool = False) -> torch.Tensor:
     """Share of each row's mass per token category [batch, head, query, category].
 
     ``categories`` is Long [batch, key] (indices into :data:`CATEGORIES`). Rows of pad queries are 0.
+    With ``learned_sink=True`` a row's categories sum to ``1 - s_i``.
     """
-    p = _renormalised(pattern, visible)
+    p, _ = _distribution(pattern, visible, learned_sink)
     onehot = torch.nn.functional.one_hot(categories, n_categories).to(p.dtype)
     return einsum(p, onehot, "batch head query key, batch key category -> batch head query category")
+
+
+def learned_sink_share(pattern: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """s_i [batch, head, query]: the learned sink's share of each row, ``1 - sum_j p_ij`` (gpt-oss).
+
+    0 on rows that sum to 1 or more, and on rows with no visible key (pad queries).
+    """
+    return _distribution(pattern, visible, learned_sink=True)[1]
 
 
 def sink_rate(received: torch.Tensor | Any, eps: float = 0.3) -> float:
@@ -101,10 +129,16 @@ def sink_rate(received: torch.Tensor | Any, eps: float = 0.3) -> float:
 
 
 def hidden_sink_mask(received: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """ACT's hidden sinks: Bool like ``received`` [..., key], True at keys k >= 1 with alpha_k > tau."""
-    mask = received > tau
-    mask[..., 0] = False
-    return mask
+    """ACT's hidden sinks: Bool like ``received`` [..., key], True at keys with alpha_k > tau except the
+    first such key, which ACT keeps as the attention sink (normally k = 0, the initial token).
+
+    >>> hidden_sink_mask(torch.tensor([[0.5, 0.05, 0.2], [0.05, 0.3, 0.2]])).tolist()
+    [[False, False, True], [False, False, True]]
+    """
+    above = received > tau
+    first = above.to(torch.int8).argmax(-1, keepdim=True)  # the first index above tau (0 if none)
+    kept = torch.zeros_like(above).scatter_(-1, first, True)
+    return above & ~kept
 
 
 def token_category(text: str) -> int:

@@ -3,15 +3,19 @@
 :class:`AttentionStats` is filled by :func:`tokext.collect_attention_stats`. Each ``hook_pattern``
 call is folded into running sums (:meth:`AttentionStats.update`) and the pattern is dropped, so
 memory never grows with sequences x positions^2. Stats are mergeable, saved as one ``.npz`` file,
-and carry the metadata that made them (model, T, BOS handling, inputs).
+and carry the metadata that made them (model, T, BOS handling, inputs, each layer's attention).
 
 Conventions (the formulas live in :mod:`tokext.attention.metrics`):
+- what a query sees is its layer's :class:`~tokext.models.architectures.LayerAttention` (causal,
+  sliding window, bidirectional), so every divisor below counts only what the model lets it see;
 - ``received`` [layer, head, key]: alpha_k per sequence (mean over the real queries that see k),
-  then averaged over the sequences that have a position k.
+  then averaged over the sequences that have a position k;
 - ``entropy`` [layer, head]: normalised row entropy pooled over every real query row with at
-  least two visible keys.
-- ``category_mass`` [layer, head, category]: mean share of a real row's mass on each category.
-- rows are renormalised over their visible keys before any of these; ``row_sum`` keeps the raw sum.
+  least two outcomes (visible keys, plus the sink in a learned-sink layer);
+- ``category_mass`` [layer, head, category]: mean share of a real row's mass on each category;
+- ``learned_sink_mass`` [layer, head]: mean share of the learned sink (``1 - sum_j p_ij``, gpt-oss);
+- rows are renormalised over their visible keys before any of these (a learned-sink row over keys
+  plus sink, as the model uses it); ``row_sum`` keeps the raw sum.
 """
 
 from __future__ import annotations
@@ -19,25 +23,30 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from tokext.errors import DataFileError, InputError
 from tokext.attention import metrics
+from tokext.attention.masks import CAUSAL, visibility_counts
 from tokext.attention.metrics import CATEGORIES
+from tokext.errors import DataFileError, InputError
+from tokext.models.architectures import LayerAttention
 
 _EVENT_FIELDS = ("sequence", "layer", "head", "position", "token_id", "alpha")
 _CHUNK_ELEMENTS = 1 << 22  # temporaries of at most 16 MiB (fp32) while reducing a pattern
-_MIN_BLOCK_ROWS = 32  # query rows per block of the causal entropy reduction
+_MIN_BLOCK_ROWS = 32  # query rows per block of the entropy reduction
+FORMAT = "tokext-attention-stats-2"
+PER_SEQUENCE_POSITIONS = 4  # alpha_k of each sequence is kept for these first positions (StreamingLLM's 4)
 
 
-def _sum_plogp(p: torch.Tensor) -> torch.Tensor:
+def _sum_plogp(p: torch.Tensor, attention: LayerAttention = CAUSAL) -> torch.Tensor:
     """sum_k p log p over the key axis [batch, head, query], in query blocks.
 
-    A causal pattern is zero above the diagonal, so a block of queries ending at row ``e`` only
-    reads keys ``:e``: the logarithm runs over about half the pattern, and the temporary stays small.
+    A causal pattern is zero above the diagonal (and, in a window, below it), so a block of queries
+    only reads the keys its rows can see: the logarithm runs over about half the pattern (a sliver
+    of it for a window), and the temporary stays small. Bidirectional rows read every key.
     """
     batch, heads, queries, keys = p.shape
     budget = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * keys))
@@ -46,21 +55,47 @@ def _sum_plogp(p: torch.Tensor) -> torch.Tensor:
     offset = keys - queries  # keys before the first query (0 unless the pattern has a prefix)
     for start in range(0, queries, rows):
         stop = min(queries, start + rows)
-        block = p[:, :, start:stop, :min(keys, offset + stop)]
+        lo, hi = 0, keys
+        if attention.causal:
+            hi = min(keys, offset + stop)
+            if attention.window is not None:
+                lo = max(0, offset + start - attention.window + 1)
+        block = p[:, :, start:stop, lo:hi]
         out[:, :, start:stop] = torch.special.xlogy(block, block).sum(-1)
     return out
 
 
 @dataclass
 class BatchContext:
-    """What the hooks need to know about the batch in flight (set by the collector per batch)."""
+    """What the hooks need to know about the batch in flight (set by the collector per batch).
+
+    The counts of visible keys and queries depend on the layer's attention kind; they are computed
+    once per batch for each kind that asks (:meth:`counts`).
+    """
 
     real: torch.Tensor  # Bool [batch, pos]
     categories: torch.Tensor  # Long [batch, pos]
     tokens: torch.Tensor  # Long [batch, pos]
     sequence_ids: torch.Tensor  # Long [batch]
-    n_queries: torch.Tensor  # float [batch, key]: real queries that see each key
-    n_keys: torch.Tensor  # float [batch, query]: visible keys of each real query
+    last: torch.Tensor | None = None  # Long [batch]: each row's last real token
+    _counts: dict = field(default_factory=dict, repr=False)
+
+    def counts(self, attention: LayerAttention = CAUSAL) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n_queries [batch, key], n_keys [batch, query])`` for a layer of this kind (floats)."""
+        kind = (attention.causal, attention.window)
+        if kind not in self._counts:
+            self._counts[kind] = visibility_counts(self.real, attention)
+        return self._counts[kind]
+
+    @property
+    def n_queries(self) -> torch.Tensor:
+        """Real queries that see each key under causal attention [batch, key]."""
+        return self.counts()[0]
+
+    @property
+    def n_keys(self) -> torch.Tensor:
+        """Visible keys of each real query under causal attention [batch, query]."""
+        return self.counts()[1]
 
 
 @dataclass
@@ -74,28 +109,43 @@ class AttentionStats:
     received_sum: np.ndarray | None = None
     received_count: np.ndarray | None = None
     entropy_sum: np.ndarray | None = None
-    entropy_rows: int = 0
+    entropy_rows: np.ndarray | int = 0  # [layer]: rows counted in each layer's entropy
     mass_sum: np.ndarray | None = None
     row_sum_sum: np.ndarray | None = None
     real_rows: int = 0
     n_sequences: int = 0
     events: dict[str, np.ndarray] = field(default_factory=dict)
     token_text: dict[int, str] = field(default_factory=dict)
+    learned_sink_sum: np.ndarray | None = None
+    last_sum: np.ndarray | None = None
+    per_sequence: np.ndarray | None = None  # [sequence, layer, head, position < PER_SEQUENCE_POSITIONS]
+    attention: list[LayerAttention] | None = None  # what each collected layer's queries see
     # running torch accumulators while collecting
     _acc: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.attention is None:
+            self.attention = [CAUSAL] * len(self.layers)
+
     # ------------------------------------------------------------------ accumulation
 
-    def start(self, device: torch.device) -> None:
-        """Allocate on-device accumulators (grown along the key axis as longer batches arrive)."""
+    def start(self, device: torch.device, attention: Sequence[LayerAttention] | None = None) -> None:
+        """Allocate on-device accumulators (grown along the key axis as longer batches arrive).
+
+        ``attention``: each collected layer's :class:`LayerAttention` (default: causal).
+        """
         n_layers = len(self.layers)
+        if attention is not None:
+            if len(attention) != n_layers:
+                raise InputError(f"got the attention kind of {len(attention)} layers for {n_layers} collected")
+            self.attention = list(attention)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self._acc = {
-            "received": torch.zeros(n_layers, self.n_heads, 0, dtype=torch.float64, device=device),
-            "count": torch.zeros(0, dtype=torch.float64, device=device),
-            "entropy": torch.zeros(n_layers, self.n_heads, dtype=torch.float64, device=device),
-            "mass": torch.zeros(n_layers, self.n_heads, len(CATEGORIES), dtype=torch.float64, device=device),
-            "row_sum": torch.zeros(n_layers, self.n_heads, dtype=torch.float64, device=device),
-            "events": [],
+            "received": zeros(n_layers, self.n_heads, 0), "count": zeros(0),
+            "entropy": zeros(n_layers, self.n_heads), "entropy_rows": zeros(n_layers),
+            "mass": zeros(n_layers, self.n_heads, len(CATEGORIES)), "row_sum": zeros(n_layers, self.n_heads),
+            "sink": zeros(n_layers, self.n_heads), "last": zeros(n_layers, self.n_heads),
+            "events": [], "per_sequence": [],
         }
         self._layer_slot = {layer: i for i, layer in enumerate(self.layers)}
 
@@ -107,42 +157,58 @@ class AttentionStats:
             grow = length - acc["count"].shape[0]
             acc["count"] = torch.nn.functional.pad(acc["count"], (0, grow))
             acc["received"] = torch.nn.functional.pad(acc["received"], (0, grow))
-        acc["count"][:length] += (ctx.n_queries > 0).sum(0).to(torch.float64)
+        acc["count"][:length] += ctx.real.sum(0).to(torch.float64)  # every real key is seen by itself
         self.n_sequences += int(ctx.real.shape[0])
         self.real_rows += int(ctx.real.sum())
-        self.entropy_rows += int(((ctx.n_keys >= 2) & ctx.real).sum())
         self._ctx = ctx
 
     def update(self, layer: int, pattern: torch.Tensor) -> None:
         """Fold one layer's pattern [batch, head, query, key] of the current batch into the sums."""
         ctx, acc, slot = self._ctx, self._acc, self._layer_slot[layer]
+        attention = self.attention[slot]
+        device = acc["received"].device
         p = pattern.detach()
         if p.dtype not in (torch.float32, torch.float64):
-            p = p.float()
+            p = p.float()  # half-precision patterns are reduced in fp32 (sums in fp64)
+        n_queries, n_keys = ctx.counts(attention)
         real_q = ctx.real.to(p.dtype)  # [batch, query]
         row_sum = p.sum(-1)  # [batch, head, query]
-        # weight of each row once renormalised over its visible keys; pad rows weigh 0
-        row_weight = real_q[:, None] / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        # sum over real rows of p'; a batched vector-matrix product (einsum would copy p into a
-        # transposed layout first, which costs more than the product itself)
-        column_sum = (row_weight.unsqueeze(-2) @ p).squeeze(-2)
-        n_q = ctx.n_queries.to(p.dtype)[:, None]
+        total = row_sum.clamp_min(1.0) if attention.learned_sink else row_sum  # keys + sink
+        safe_total = torch.where(total > 0, total, torch.ones_like(total))
+        # weight of each row once renormalised; pad rows weigh 0. A batched vector-matrix product
+        # (einsum would copy p into a transposed layout first, which costs more than the product)
+        row_weight = real_q[:, None] / safe_total
+        column_sum = (row_weight.unsqueeze(-2) @ p).squeeze(-2)  # [batch, head, key]
+        n_q = n_queries.to(p.dtype)[:, None]
         alpha = column_sum / torch.where(n_q > 0, n_q, torch.ones_like(n_q))  # 0 on pad keys
         length = p.shape[-1]
-        acc["received"][slot, :, :length] += alpha.sum(0).to(torch.float64)
+        acc["received"][slot, :, :length] += alpha.sum(0).to(device, torch.float64)
         onehot = torch.nn.functional.one_hot(ctx.categories, len(CATEGORIES)).to(p.dtype)
-        acc["mass"][slot] += torch.einsum("bhk,bkc->hc", column_sum, onehot).to(torch.float64)
-        acc["row_sum"][slot] += (row_sum * real_q[:, None]).sum((0, 2)).to(torch.float64)
-        # normalised entropy of the renormalised row: H = log s - (1/s) sum p log p
-        plogp = _sum_plogp(p)
-        safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        entropy = torch.log(safe_sum) - plogp / safe_sum
-        n_k = ctx.n_keys.to(p.dtype)[:, None]
-        keep = (n_k >= 2) & ctx.real[:, None]
-        log_n = torch.log(torch.where(keep, n_k, torch.full_like(n_k, 2.0)))
-        acc["entropy"][slot] += torch.where(keep, entropy / log_n, torch.zeros_like(entropy)).sum((0, 2)).to(torch.float64)
+        acc["mass"][slot] += torch.einsum("bhk,bkc->hc", column_sum, onehot).to(device, torch.float64)
+        acc["row_sum"][slot] += (row_sum * real_q[:, None]).sum((0, 2)).to(device, torch.float64)
+        sink = total - row_sum  # the learned sink's raw share (0 without one)
+        if attention.learned_sink:
+            acc["sink"][slot] += (sink / safe_total * real_q[:, None]).sum((0, 2)).to(device, torch.float64)
+        if ctx.last is not None:
+            last = ctx.last.to(column_sum.device)[:, None, None].expand(-1, column_sum.shape[1], 1)
+            acc["last"][slot] += column_sum.gather(2, last).sum((0, 2)).to(device, torch.float64)
+        # normalised entropy of the renormalised row: H = log t - (1/t) (sum p log p + s log s)
+        plogp = _sum_plogp(p, attention)
+        if attention.learned_sink:
+            plogp = plogp + torch.special.xlogy(sink, sink)
+        entropy = torch.log(safe_total) - plogp / safe_total
+        outcomes = n_keys.to(p.dtype)[:, None] + (1.0 if attention.learned_sink else 0.0)
+        keep = (outcomes >= 2) & ctx.real[:, None]
+        log_n = torch.log(torch.where(keep, outcomes, torch.full_like(outcomes, 2.0)))
+        acc["entropy"][slot] += torch.where(keep, entropy / log_n, torch.zeros_like(entropy)).sum((0, 2)).to(
+            device, torch.float64)
+        acc["entropy_rows"][slot] += float(keep[:, 0].sum())
+        # each sequence's own alpha at the first positions (Gu et al. threshold per sample)
+        first = min(PER_SEQUENCE_POSITIONS, length)
+        own = torch.where(ctx.real[:, None, :first], alpha[..., :first], torch.full_like(alpha[..., :first], float("nan")))
+        acc["per_sequence"].append((slot, ctx.sequence_ids.to(device), own.to(device, torch.float64)))
         # hidden-sink candidates (positions >= 1) above the recording floor
-        hits = (alpha > self.sink_floor)
+        hits = alpha > self.sink_floor
         hits[..., 0] = False
         if bool(hits.any()):
             b, h, k = hits.nonzero(as_tuple=True)
@@ -150,7 +216,7 @@ class AttentionStats:
                 ctx.sequence_ids[b].to(torch.float64), torch.full_like(b, layer, dtype=torch.float64),
                 h.to(torch.float64), k.to(torch.float64), ctx.tokens[b, k].to(torch.float64),
                 alpha[b, h, k].to(torch.float64),
-            ], dim=1))
+            ], dim=1).to(device))
 
     def finish(self, decode: Any = None) -> "AttentionStats":
         """Move accumulators to numpy; ``decode(token_id) -> str`` names the sink tokens."""
@@ -158,8 +224,15 @@ class AttentionStats:
         self.received_sum = acc["received"].cpu().numpy()
         self.received_count = acc["count"].cpu().numpy()
         self.entropy_sum = acc["entropy"].cpu().numpy()
+        self.entropy_rows = acc["entropy_rows"].cpu().numpy()
         self.mass_sum = acc["mass"].cpu().numpy()
         self.row_sum_sum = acc["row_sum"].cpu().numpy()
+        self.learned_sink_sum = acc["sink"].cpu().numpy()
+        self.last_sum = acc["last"].cpu().numpy()
+        per_sequence = np.full((self.n_sequences, len(self.layers), self.n_heads, PER_SEQUENCE_POSITIONS), np.nan)
+        for slot, ids, values in acc["per_sequence"]:
+            per_sequence[ids.cpu().numpy(), slot, :, : values.shape[-1]] = values.cpu().numpy()
+        self.per_sequence = per_sequence
         events = torch.cat(acc["events"]).cpu().numpy() if acc["events"] else np.zeros((0, len(_EVENT_FIELDS)))
         self.events = {name: events[:, i] for i, name in enumerate(_EVENT_FIELDS)}
         for name in _EVENT_FIELDS[:-1]:
@@ -186,9 +259,10 @@ class AttentionStats:
 
     @property
     def entropy(self) -> np.ndarray:
-        """Mean normalised row entropy [layer, head] (rows with >= 2 visible keys)."""
+        """Mean normalised row entropy [layer, head] (rows with >= 2 outcomes)."""
         self._need()
-        return self.entropy_sum / max(self.entropy_rows, 1)
+        rows = np.broadcast_to(np.asarray(self.entropy_rows, dtype=float), (len(self.layers),))
+        return self.entropy_sum / np.maximum(rows, 1)[:, None]
 
     @property
     def category_mass(self) -> np.ndarray:
@@ -198,12 +272,36 @@ class AttentionStats:
 
     @property
     def first_token_mass(self) -> np.ndarray:
-        """Mean share of each row's attention on its first token (BOS when present) [layer, head]."""
+        """Mean share of each row's attention on its first token (BOS or [CLS] when present) [layer, head]."""
         return self.category_mass[..., CATEGORIES.index("first")]
 
     @property
+    def last_token_mass(self) -> np.ndarray:
+        """Mean share of each row's attention on its sequence's last real token ([SEP] in an encoder's
+        input) [layer, head]; NaN for statistics saved before it was collected."""
+        self._need()
+        if self.last_sum is None:
+            return np.full((len(self.layers), self.n_heads), np.nan)
+        return self.last_sum / max(self.real_rows, 1)
+
+    @property
+    def learned_sink_mass(self) -> np.ndarray:
+        """Mean share of the learned sink, ``1 - sum_j p_ij``, over real rows [layer, head]; 0 in layers
+        without a learned sink logit."""
+        self._need()
+        if self.learned_sink_sum is None:
+            return np.zeros((len(self.layers), self.n_heads))
+        return self.learned_sink_sum / max(self.real_rows, 1)
+
+    @property
+    def has_learned_sinks(self) -> bool:
+        """Whether any collected layer has a learned sink logit."""
+        return any(att.learned_sink for att in self.attention)
+
+    @property
     def row_sum(self) -> np.ndarray:
-        """Mean raw row sum [layer, head]: 1 for plain softmax, above 1 under an unnormalised boost."""
+        """Mean raw row sum [layer, head]: 1 for plain softmax, above 1 under an unnormalised boost,
+        ``1 - learned_sink_mass`` for an unedited learned-sink layer."""
         self._need()
         return self.row_sum_sum / max(self.real_rows, 1)
 
@@ -213,15 +311,41 @@ class AttentionStats:
             raise InputError(f"layer {layer} was not collected (collected: {self.layers})")
         return self.layers.index(layer)
 
-    def sink_rate(self, eps: float = 0.3, position: int = 0) -> float:
-        """Gu et al.'s Sink_k^eps in percent: share of (layer, head) pairs with alpha_position > eps."""
+    def _per_sequence_default(self, per_sequence: bool | None) -> bool:
+        if per_sequence is None:
+            return self.metadata.get("protocol") == "gu2024"
+        return bool(per_sequence)
+
+    def sink_rate(self, eps: float = 0.3, position: int = 0, per_sequence: bool | None = None) -> float:
+        """Gu et al.'s Sink_k^eps in percent: share of (layer, head) pairs with alpha_position > eps.
+
+        ``per_sequence=True`` thresholds each sequence's own alpha and averages the indicator over
+        sequences, layers and heads, as Gu et al.'s released code does (``(attn / arange(T, 0,
+        -1)).sum(-2) > eps``); ``False`` thresholds the sequence-averaged alpha. ``None`` (the
+        default) follows the collection's protocol: per sequence under ``protocol="gu2024"``.
+        """
+        if self._per_sequence_default(per_sequence):
+            if self.per_sequence is None:
+                raise InputError("these statistics were saved without per-sequence alpha: collect them again")
+            if not 0 <= position < self.per_sequence.shape[-1]:
+                raise InputError(f"per-sequence alpha is kept for positions 0..{self.per_sequence.shape[-1] - 1}, "
+                                 f"got position {position}")
+            return metrics.sink_rate(self.per_sequence[..., position], eps)
         received = self.received
         if not 0 <= position < received.shape[-1]:
             raise InputError(f"position {position} out of range (0..{received.shape[-1] - 1})")
         return metrics.sink_rate(received[:, :, position], eps)
 
+    def _layer_sink_rates(self, eps: float, per_sequence: bool | None) -> np.ndarray:
+        if self._per_sequence_default(per_sequence) and self.per_sequence is not None:
+            values = self.per_sequence[..., 0]
+            with np.errstate(invalid="ignore"):
+                return 100.0 * np.nanmean(np.where(np.isnan(values), np.nan, values > eps), axis=(0, 2))
+        return 100.0 * (self.received[:, :, 0] > eps).mean(1)
+
     def hidden_sinks(self, tau: float = 0.1) -> "Any":
-        """ACT-style sinks: per sequence, (layer, head, position >= 1) with alpha_k > tau, and the token.
+        """ACT-style hidden sinks: per sequence, (layer, head, position) with alpha_k > tau, except the
+        first position above tau, which ACT keeps as the attention sink (normally position 0).
 
         Returns a pandas DataFrame sorted by alpha, one row per (sequence, layer, head, position).
         """
@@ -231,15 +355,22 @@ class AttentionStats:
             raise InputError(f"tau={tau} is below the recording floor {self.sink_floor} used when collecting")
         frame = pd.DataFrame({k: v for k, v in self.events.items()})
         frame = frame[frame["alpha"] > tau].copy()
+        if self.per_sequence is not None and len(frame):
+            slot = frame["layer"].map({layer: i for i, layer in enumerate(self.layers)}).to_numpy()
+            alpha0 = self.per_sequence[frame["sequence"].to_numpy(), slot, frame["head"].to_numpy(), 0]
+            keys = ["sequence", "layer", "head"]
+            first = frame["position"] == frame.groupby(keys)["position"].transform("min")
+            frame = frame[~(first.to_numpy() & ~(alpha0 > tau))]  # position 0 below tau: the first is kept
         frame["token"] = frame["token_id"].map(lambda t: self.token_text.get(int(t), str(int(t))))
         return frame.sort_values("alpha", ascending=False).reset_index(drop=True)
 
     def to_frame(self) -> "Any":
-        """Tidy table, one row per (layer, head): first-token mass, entropy, category shares, alpha_0, row sum."""
+        """Tidy table, one row per (layer, head): first- and last-token mass, learned-sink mass,
+        entropy, category shares, alpha_0, row sum."""
         import pandas as pd
 
         rows = []
-        mass, received = self.category_mass, self.received
+        mass, received, last, sink = self.category_mass, self.received, self.last_token_mass, self.learned_sink_mass
         for i, layer in enumerate(self.layers):
             for head in range(self.n_heads):
                 row = {"layer": layer, "head": head, "first_token_mass": float(mass[i, head, 0]),
@@ -247,6 +378,8 @@ class AttentionStats:
                        "row_sum": float(self.row_sum[i, head])}
                 for c, name in enumerate(CATEGORIES[1:], start=1):
                     row[f"mass_{name}"] = float(mass[i, head, c])
+                row["last_token_mass"] = float(last[i, head])
+                row["learned_sink_mass"] = float(sink[i, head])
                 rows.append(row)
         return pd.DataFrame(rows)
 
@@ -263,16 +396,19 @@ class AttentionStats:
                              "received": received.reshape(-1),
                              "n_sequences": np.tile(self.received_count, n_layers * n_heads)})
 
-    def layer_summary(self) -> "Any":
-        """Per layer: mean first-token mass, mean entropy, sink rate (eps 0.3, position 0) over heads."""
+    def layer_summary(self, eps: float = 0.3, per_sequence: bool | None = None) -> "Any":
+        """Per layer: mean first- and last-token mass, learned-sink mass, entropy, and the sink rate
+        (``eps``, position 0; thresholded as :meth:`sink_rate` does) over heads."""
         import pandas as pd
 
-        received0 = self.received[:, :, 0]
         return pd.DataFrame({
             "layer": self.layers,
             "first_token_mass": self.first_token_mass.mean(1),
             "entropy": self.entropy.mean(1),
-            "sink_rate": 100.0 * (received0 > 0.3).mean(1),
+            "sink_rate": self._layer_sink_rates(eps, per_sequence),
+            "last_token_mass": self.last_token_mass.mean(1),
+            "learned_sink_mass": self.learned_sink_mass.mean(1),
+            "attention": [att.describe() for att in self.attention],
         })
 
     # ------------------------------------------------------------------ merge and persistence
@@ -281,20 +417,29 @@ class AttentionStats:
         """Sum of two collections over the same layers and heads (e.g. two data shards)."""
         if self.layers != other.layers or self.n_heads != other.n_heads:
             raise InputError("can only merge statistics of the same layers and heads")
+        if self.attention != other.attention:
+            raise InputError("can only merge statistics of layers with the same attention (window, sinks)")
         n = max(self.received_sum.shape[-1], other.received_sum.shape[-1])
         grow = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])  # noqa: E731
         offset = self.n_sequences
         events = {k: np.concatenate([self.events[k], other.events[k] + (offset if k == "sequence" else 0)])
                   for k in _EVENT_FIELDS}
+        both = lambda a, b: None if a is None or b is None else a + b  # noqa: E731
+        per_sequence = (None if self.per_sequence is None or other.per_sequence is None
+                        else np.concatenate([self.per_sequence, other.per_sequence]))
+        rows = lambda s: np.broadcast_to(np.asarray(s.entropy_rows, dtype=float), (len(s.layers),))  # noqa: E731
         return AttentionStats(
             layers=list(self.layers), n_heads=self.n_heads,
             metadata={**self.metadata, "merged_with": other.metadata}, sink_floor=max(self.sink_floor, other.sink_floor),
             received_sum=grow(self.received_sum) + grow(other.received_sum),
             received_count=grow(self.received_count) + grow(other.received_count),
-            entropy_sum=self.entropy_sum + other.entropy_sum, entropy_rows=self.entropy_rows + other.entropy_rows,
+            entropy_sum=self.entropy_sum + other.entropy_sum, entropy_rows=rows(self) + rows(other),
             mass_sum=self.mass_sum + other.mass_sum, row_sum_sum=self.row_sum_sum + other.row_sum_sum,
             real_rows=self.real_rows + other.real_rows, n_sequences=self.n_sequences + other.n_sequences,
             events=events, token_text={**self.token_text, **other.token_text},
+            learned_sink_sum=both(self.learned_sink_sum, other.learned_sink_sum),
+            last_sum=both(self.last_sum, other.last_sum), per_sequence=per_sequence,
+            attention=list(self.attention),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -303,11 +448,15 @@ class AttentionStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {"layers": self.layers, "n_heads": self.n_heads, "metadata": self.metadata,
-                  "sink_floor": self.sink_floor, "entropy_rows": self.entropy_rows, "real_rows": self.real_rows,
+                  "sink_floor": self.sink_floor, "real_rows": self.real_rows,
                   "n_sequences": self.n_sequences, "token_text": {str(k): v for k, v in self.token_text.items()},
-                  "format": "tokext-attention-stats-1"}
+                  "attention": [vars(att) for att in self.attention], "format": FORMAT}
         arrays = {"received_sum": self.received_sum, "received_count": self.received_count,
-                  "entropy_sum": self.entropy_sum, "mass_sum": self.mass_sum, "row_sum_sum": self.row_sum_sum}
+                  "entropy_sum": self.entropy_sum, "mass_sum": self.mass_sum, "row_sum_sum": self.row_sum_sum,
+                  "entropy_rows": np.broadcast_to(np.asarray(self.entropy_rows, dtype=float), (len(self.layers),))}
+        for name in ("learned_sink_sum", "last_sum", "per_sequence"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         arrays.update({f"event_{k}": v for k, v in self.events.items()})
         with open(path, "wb") as handle:
             np.savez_compressed(handle, header=np.array(json.dumps(header)), **arrays)
@@ -315,18 +464,22 @@ class AttentionStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionStats":
-        """Read statistics written by :meth:`save`."""
+        """Read statistics written by :meth:`save` (this format, or the first one, without windows)."""
         try:
             data = np.load(Path(path), allow_pickle=False)
             header = json.loads(str(data["header"]))
+            optional = {name: data[name] if name in data.files else None
+                        for name in ("learned_sink_sum", "last_sum", "per_sequence")}
+            rows = data["entropy_rows"] if "entropy_rows" in data.files else int(header["entropy_rows"])
         except (OSError, KeyError, ValueError) as err:
             raise DataFileError(f"cannot read attention statistics from {path}: {err}") from None
+        attention = [LayerAttention(**att) for att in header["attention"]] if "attention" in header else None
         return cls(
             layers=list(header["layers"]), n_heads=int(header["n_heads"]), metadata=header["metadata"],
             sink_floor=float(header["sink_floor"]), received_sum=data["received_sum"],
             received_count=data["received_count"], entropy_sum=data["entropy_sum"],
-            entropy_rows=int(header["entropy_rows"]), mass_sum=data["mass_sum"], row_sum_sum=data["row_sum_sum"],
+            entropy_rows=rows, mass_sum=data["mass_sum"], row_sum_sum=data["row_sum_sum"],
             real_rows=int(header["real_rows"]), n_sequences=int(header["n_sequences"]),
             events={k: data[f"event_{k}"] for k in _EVENT_FIELDS},
-            token_text={int(k): v for k, v in header["token_text"].items()},
+            token_text={int(k): v for k, v in header["token_text"].items()}, attention=attention, **optional,
         )

@@ -1,8 +1,13 @@
 """Head ablation through the attention pattern (so it acts before the values are mixed).
 
 - ``"zero"``: the head attends nowhere (pattern row 0), so its output ``z = A V`` is 0;
-- ``"mean"``: uniform attention over the visible keys, so ``z`` is the mean value vector;
-- ``"first"``: all attention on the row's first real token (a dormant, sink-only head).
+- ``"mean"``: uniform attention over the keys the query can see (its window, in a sliding-window
+  layer), so ``z`` is the mean value vector of those keys;
+- ``"first"``: all attention on the row's first real token (a dormant, sink-only head); a row
+  whose window no longer reaches that token attends nowhere.
+
+In a learned-sink layer (gpt-oss) the row replaces the whole distribution: ``"zero"`` hands the
+sink everything (share 1), ``"mean"`` and ``"first"`` leave it nothing (share 0).
 """
 
 from __future__ import annotations
@@ -52,12 +57,12 @@ class HeadAblation(Intervention):
             if mode == "zero":
                 replacement = pattern.new_zeros(batch, width, n_q, n_k)
             elif mode == "mean":
-                visible = ctx.visible(pattern).to(pattern.dtype)  # [batch or 1, query, key]
+                visible = ctx.visible(pattern, layer).to(pattern.dtype)  # [batch or 1, query, key]
                 rows = visible / visible.sum(-1, keepdim=True).clamp_min(1.0)
                 replacement = rows[:, None].expand(batch, width, n_q, n_k)
             else:
-                onehot = torch.nn.functional.one_hot(ctx.first_key(pattern), n_k)  # [batch, key]
-                rows = (onehot[:, None, :].bool() & ctx.visible(pattern)).to(pattern.dtype)
+                first = ctx.key_offsets(pattern) == 0  # [batch, key]: the row's first real token
+                rows = (first[:, None, :] & ctx.visible(pattern, layer)).to(pattern.dtype)
                 replacement = rows[:, None].expand(batch, width, n_q, n_k)
             inplace = ctx.inplace_ok(name, pattern)
             if index is None:

@@ -8,7 +8,12 @@ is kept in closures and in a :class:`RunContext`, never on the dataclass and nev
 ``hook.ctx``.
 
 Patterns are ``blocks.{l}.attn.hook_pattern`` tensors [batch, head, query, key]. With a KV cache
-the queries are the last ``query`` positions of the ``key`` axis (``past = key - query``).
+the queries are the last ``query`` positions of the sequence so far, and a layer's keys its last
+``key`` positions (a sliding-window layer's cache keeps only its window). What a query can see
+comes from the model's :class:`~tokext.models.architectures.AttentionLayout`, per layer.
+
+Half-precision patterns are edited in float32 and cast back (:func:`bind`), so renormalisations
+and ratios never overflow or divide by an underflowed zero.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tokext.attention.masks import CAUSAL, visible_keys
 from tokext.errors import InputError, LayerIndexError
+from tokext.models.architectures import AttentionLayout, LayerAttention
 from tokext.models.hooks import ForwardInputs, HookFn, resolve_heads, resolve_layers
+from tokext.models.info import model_info
 from tokext.models.probes import require_pattern_edits
 
 Hooks = list[tuple[str, HookFn]]
@@ -32,21 +40,29 @@ Hooks = list[tuple[str, HookFn]]
 class RunContext:
     """Per-run facts about the forward pass in flight, shared by the hooks of one run.
 
-    ``inputs`` is the live :class:`~tokext.models.hooks.ForwardInputs` that :func:`tokext.models.hooks.capture_inputs`
-    fills (or, for :meth:`Intervention.hooks` used alone, one filled from ``embed.hook_in``, with
-    no attention mask). ``shared_points`` names hook points that carry hooks not owned by this run;
-    their tensors are never edited in place (someone else may hold a reference). ``None`` means
-    unknown: never edit in place. ``earlier_points`` names the hook points used by the
-    interventions listed before the one being bound (they act first there), so an intervention
-    that could act at an earlier point (the temperature's pre-softmax scores) keeps the order.
+    ``inputs`` is the live :class:`~tokext.models.hooks.ForwardInputs` that
+    :func:`tokext.models.hooks.capture_inputs` fills (or, for :meth:`Intervention.hooks` used alone,
+    one filled from ``embed.hook_in``, with no attention mask). ``layout`` is what each layer's
+    queries can see (:class:`~tokext.models.architectures.AttentionLayout`; default: causal).
+    ``shared_points`` names hook points that carry hooks not owned by this run; their tensors are
+    never edited in place (someone else may hold a reference). ``None`` means unknown: never edit
+    in place. ``earlier_points`` names the hook points used by the interventions listed before the
+    one being bound (they act first there), so an intervention that could act at an earlier point
+    (the temperature's pre-softmax scores) keeps the order.
+
+    Positions: the sequence so far has ``total`` positions (the 2-D attention mask's length, or
+    cached + new); the queries are its last ``query`` positions and a layer's keys its last
+    ``key`` positions (all of them, or the window a sliding-window cache keeps).
     """
 
     def __init__(self, inputs: ForwardInputs | None = None, shared_points: set[str] | None = None,
-                 strict: bool = False, earlier_points: set[str] | None = None):
+                 strict: bool = False, earlier_points: set[str] | None = None,
+                 layout: AttentionLayout | None = None):
         self.inputs = inputs if inputs is not None else ForwardInputs()
         self.shared_points = shared_points
         self.earlier_points = earlier_points if earlier_points is not None else set()
         self.strict = strict  # inputs are captured: a batch of strings has unknown padding
+        self.layout = layout
         self._history: torch.Tensor | None = None
         self._history_of: torch.Tensor | None = None
 
@@ -58,10 +74,16 @@ class RunContext:
             return False
         return not (torch.is_grad_enabled() and pattern.requires_grad)
 
-    def attention_mask(self, pattern: torch.Tensor) -> torch.Tensor | None:
-        """Bool [batch, key]: real (non-pad) keys, or ``None`` when the call had no mask."""
+    def attention(self, layer: int | None) -> LayerAttention:
+        """What a query of ``layer`` sees (causal when the layer or the layout is unknown)."""
+        if layer is None or self.layout is None:
+            return CAUSAL
+        return self.layout[layer]
+
+    def sequence_mask(self, pattern: torch.Tensor) -> torch.Tensor | None:
+        """The call's 2-D [batch, total] mask as Bool, checked against the pattern; None without one."""
         mask = self.inputs.attention_mask
-        batch, _, _, n_keys = pattern.shape
+        batch, _, n_q, n_k = pattern.shape
         if mask is None:
             if self.strict and self.inputs.tokens is None and batch > 1:
                 raise InputError(
@@ -69,34 +91,54 @@ class RunContext:
                     "hides it: tokenize (tokext.models.inputs.encode / pad) and pass token ids with attention_mask"
                 )
             return None
-        if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] != n_keys:
+        if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] < max(n_q, n_k):
             raise InputError(
                 f"attention_mask of shape {tuple(mask.shape)} does not match the attention pattern "
                 f"{tuple(pattern.shape)} [batch, head, query, key]: pass a 2-D [batch, past + new] 0/1 mask"
             )
         return mask.to(device=pattern.device, dtype=torch.bool)
 
+    def total(self, pattern: torch.Tensor) -> int:
+        """Positions in the sequence so far (cached + new)."""
+        mask = self.sequence_mask(pattern)
+        if mask is not None:
+            return int(mask.shape[1])
+        n_q, n_k = pattern.shape[-2:]
+        return max(int(n_k), int(self.inputs.past_len) + int(n_q))
+
+    def key_positions(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Long [key]: the position in the sequence of each key of this pattern."""
+        total, n_k = self.total(pattern), pattern.shape[-1]
+        return torch.arange(total - n_k, total, device=pattern.device)
+
+    def attention_mask(self, pattern: torch.Tensor) -> torch.Tensor | None:
+        """Bool [batch, key]: real (non-pad) keys of this pattern, or ``None`` when the call had no mask."""
+        mask = self.sequence_mask(pattern)
+        return None if mask is None else mask[:, mask.shape[1] - pattern.shape[-1]:]
+
     def real_queries(self, pattern: torch.Tensor) -> torch.Tensor | None:
         """Bool [batch, query]: real query rows (``None``: all)."""
-        mask = self.attention_mask(pattern)
-        return None if mask is None else mask[:, mask.shape[1] - pattern.shape[2]:]
+        mask = self.sequence_mask(pattern)
+        return None if mask is None else mask[:, mask.shape[1] - pattern.shape[-2]:]
 
-    def visible(self, pattern: torch.Tensor) -> torch.Tensor:
-        """Bool [batch or 1, query, key]: the query sees the key (causal, both real)."""
+    def visible(self, pattern: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Bool [batch or 1, query, key]: the query sees the key (within ``layer``'s reach, both real)."""
         _, _, n_q, n_k = pattern.shape
-        key_pos = torch.arange(n_k, device=pattern.device)
-        causal = key_pos[None, :] <= key_pos[n_k - n_q:, None]
-        mask = self.attention_mask(pattern)
+        mask = self.sequence_mask(pattern)
         if mask is None:
-            return causal[None]
-        return causal[None] & mask[:, None, :] & mask[:, n_k - n_q:, None]
+            mask = torch.ones(1, self.total(pattern), dtype=torch.bool, device=pattern.device)
+        return visible_keys(mask, n_q, n_keys=n_k, attention=self.attention(layer))
 
-    def first_key(self, pattern: torch.Tensor) -> torch.Tensor:
-        """Long [batch]: index of each row's first real key (its "position 0" under left padding)."""
-        mask = self.attention_mask(pattern)
+    def first_position(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Long [batch]: position of each row's first real token (its "position 0" under left padding)."""
+        mask = self.sequence_mask(pattern)
         if mask is None:
             return torch.zeros(pattern.shape[0], dtype=torch.long, device=pattern.device)
         return mask.to(torch.int8).argmax(1)
+
+    def key_offsets(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Long [batch, key]: each key's position counted from its row's first real token."""
+        return self.key_positions(pattern)[None, :] - self.first_position(pattern)[:, None]
 
     def key_tokens(self, pattern: torch.Tensor) -> torch.Tensor:
         """Long [batch, key]: token id of every key, the KV-cached ones included.
@@ -111,9 +153,10 @@ class RunContext:
                 "this intervention needs the token ids of the forward pass: call the model on a "
                 "[batch, pos] token tensor (not strings) inside `tokext.intervene`"
             )
+        total = self.total(pattern)
         history = self._history
-        if self._history_of is not tokens or history is None or history.shape[1] != n_k:
-            past = n_k - n_q
+        if self._history_of is not tokens or history is None or history.shape[1] != total:
+            past = total - n_q
             if past == 0:
                 history = tokens
             elif history is not None and tuple(history.shape) == (batch, past):
@@ -124,7 +167,26 @@ class RunContext:
                     "(its prefill) inside the same `tokext.intervene` block"
                 )
             self._history, self._history_of = history, tokens
-        return history.to(pattern.device)
+        return history[:, total - n_k:].to(pattern.device)
+
+
+def learned_sink_share(pattern: torch.Tensor) -> torch.Tensor:
+    """[..., query, 1]: the learned sink's share of each row of a learned-sink layer, ``1 - sum_j p_ij``
+    (0 where an earlier, unnormalised edit made the row sum to more than 1).
+
+    The share is a difference of numbers near 1, so edits that use it work in float64
+    (:func:`in_float64`): in float32 a small share would keep only a few significant digits.
+    """
+    return (1.0 - pattern.sum(-1, keepdim=True)).clamp_min(0.0)
+
+
+def in_float64(edit: Callable[[torch.Tensor, bool], torch.Tensor]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """An ``edit(sub, inplace)`` computed on a float64 copy and cast back (for learned-sink shares)."""
+    def wrapped(sub: torch.Tensor, inplace: bool) -> torch.Tensor:
+        out = edit(sub.double(), True).to(sub.dtype)
+        return sub.copy_(out) if inplace else out
+
+    return wrapped
 
 
 def on_heads(pattern: torch.Tensor, heads: torch.Tensor | None, inplace: bool,
@@ -266,7 +328,7 @@ def fwd_hooks(model: Any, *interventions: Intervention) -> list[tuple[str, HookF
     >>> logits = model.run_with_hooks(torch.randint(0, 64, (1, 8)), fwd_hooks=hooks)
     """
     validate(model, interventions, "fwd_hooks")
-    ctx = RunContext()
+    ctx = RunContext(layout=model_layout(model))
     hooks = bind(model, interventions, ctx)
     if any(iv.needs_tokens for iv in interventions) and FORWARD_HOOK in model.hook_dict:
         def record_tokens(tokens: torch.Tensor, hook: Any) -> None:
@@ -287,15 +349,42 @@ def validate(model: Any, interventions: Sequence[Intervention], caller: str) -> 
         require_pattern_edits(model, edited)
 
 
+def model_layout(model: Any) -> AttentionLayout | None:
+    """The model's :class:`AttentionLayout` (``None`` for stand-ins that are not models)."""
+    return model_info(model).attention if isinstance(model, torch.nn.Module) else None
+
+
 def bind(model: Any, interventions: Sequence[Intervention], ctx: RunContext,
-          fired: Counter | None = None) -> list[tuple[str, HookFn]]:
-    """Every intervention's hooks, in order; each is bound knowing the hook points of those before it."""
+         fired: Counter | None = None) -> list[tuple[str, HookFn]]:
+    """Every intervention's hooks, in order; each is bound knowing the hook points of those before it.
+
+    Every hook sees half-precision tensors in float32 (:func:`in_float32`).
+    """
     hooks: list[tuple[str, HookFn]] = []
     for i, iv in enumerate(interventions):
         ctx.earlier_points = {name for name, _ in hooks}
-        bound = iv.hooks(model, ctx)
+        bound = [(name, in_float32(fn)) for name, fn in iv.hooks(model, ctx)]
         hooks += bound if fired is None else [(name, _counted(fn, fired, i)) for name, fn in bound]
     return hooks
+
+
+def in_float32(fn: HookFn) -> HookFn:
+    """``fn`` run on a float32 copy of a float16 / bfloat16 tensor, its result cast back.
+
+    Edits renormalise rows and divide by row masses; in half precision a mass can underflow to
+    zero or a ratio overflow, and a NaN then spreads through every later layer.
+    """
+    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor | None:
+        if tensor.dtype not in (torch.float16, torch.bfloat16):
+            return fn(tensor, hook)
+        out = fn(tensor.float(), hook)
+        if out is None:
+            return None
+        limits = torch.finfo(tensor.dtype)  # a masked score stays finite (an -inf row would be NaN)
+        return out.clamp_(limits.min, limits.max).to(tensor.dtype)
+
+    hook.__name__ = getattr(fn, "__name__", "tokext_intervention")
+    return hook
 
 
 def _counted(fn: HookFn, fired: Counter, index: int) -> HookFn:

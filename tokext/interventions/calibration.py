@@ -1,10 +1,14 @@
 """Attention calibration (ACT; Yu et al., ICML 2024, arXiv 2406.15765).
 
 Per head and input, hidden sinks ``S`` are the keys whose mean received attention over the real
-queries that see them exceeds ``tau`` (the first real key excluded when ``exclude_first``).
-Their columns are scaled by ``beta`` and each row's freed mass goes to that row's non-sink
-entries in proportion to their weight, so every row keeps its sum (1 for plain softmax). A row
-with no non-sink mass is left unchanged (ACT's ``A'_{0,0} = 1``). Post-softmax.
+queries that see them exceeds ``tau``; with ``exclude_first`` the first of them is left alone, as
+ACT's released code does (``indices = nonzero(alpha > tau)[1:]``: the first index above tau,
+normally the initial token, is the sink that is kept). Their columns are scaled by ``beta`` and each
+row's freed mass goes to that row's non-sink entries in proportion to their weight, so every row
+keeps its sum (1 for plain softmax; ``1 - s_i`` in a learned-sink layer, whose sink share is
+unchanged). A row with no non-sink mass is left unchanged (ACT's ``A'_{0,0} = 1``). Post-softmax.
+"The real queries that see" a key follow the layer's attention: only those within the window in
+a sliding-window layer.
 
 In KV-cached decoding the column means are accumulated over every query seen so far in the
 generation, so a decode row uses the sinks of the whole sequence, as the last row of a full
@@ -63,7 +67,8 @@ class SinkCalibration(Intervention):
 
         def calibrate(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
             batch, _, n_q, n_k = pattern.shape
-            past = n_k - n_q
+            total = ctx.total(pattern)
+            past, first_key = total - n_q, total - n_k
             index = head_index(heads, pattern.device)
             sub = pattern if index is None else pattern.index_select(1, index)
             real_q = ctx.real_queries(pattern)
@@ -71,20 +76,23 @@ class SinkCalibration(Intervention):
                 column = sub.sum(2)  # [batch, head, key]: received mass from the real queries
             else:  # a batched vector-matrix product: no pattern-sized temporary
                 column = torch.matmul(real_q[:, None, None, :].to(sub.dtype), sub).squeeze(2)
-            count = ctx.visible(pattern).sum(1).to(sub.dtype).expand(batch, n_k)  # real queries seeing k
+            count = ctx.visible(pattern, layer).sum(1).to(sub.dtype).expand(batch, n_k)  # real queries seeing k
+            # accumulated over the whole sequence so far, by position (a window cache shows only its keys)
+            column = torch.nn.functional.pad(column, (first_key, 0))
+            count = torch.nn.functional.pad(count, (first_key, 0))
             old_column, old_count = acc["column"], acc["count"]
             if past > 0 and old_column is not None and old_column.shape == (*column.shape[:2], past):
                 column = column + torch.nn.functional.pad(old_column, (0, n_q))
                 count = count + torch.nn.functional.pad(old_count, (0, n_q))
             acc["column"], acc["count"] = column, count
             received = column / torch.where(count > 0, count, 1.0)[:, None]
-            sinks = received > tau
-            real_k = ctx.attention_mask(pattern)
-            if real_k is not None:
-                sinks &= real_k[:, None]
-            if exclude_first:
-                first = ctx.first_key(pattern)[:, None, None].expand(batch, sinks.shape[1], 1)
-                sinks.scatter_(2, first, False)
+            sinks = received > tau  # [batch, head, position]
+            real = ctx.sequence_mask(pattern)
+            if real is not None:
+                sinks &= real[:, None]
+            if exclude_first:  # ACT keeps the first position above tau
+                sinks.scatter_(2, sinks.to(torch.int8).argmax(2, keepdim=True), False)
+            sinks = sinks[..., first_key:]
             owned = index is not None and not (torch.is_grad_enabled() and pattern.requires_grad)
             edited = calibrate_rows(sub, sinks[:, :, None, :], beta, inplace=owned or ctx.inplace_ok(name, pattern))
             if index is None:

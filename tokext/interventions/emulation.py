@@ -6,6 +6,12 @@ removed. In every later layer ``l`` the entries under ``M`` are multiplied by
 ``1 + alpha * (1 - l / h)`` (``h`` = last layer index unless ``horizon`` is given). With a KV
 cache the decode step's row of the source layer covers all cached keys, so cached generation
 gives the tokens of recomputing the whole sequence.
+
+Sliding windows: ``M`` holds what layer 0 attends to, so a windowed source layer boosts only keys
+inside its window; when the source and an edited layer keep different keys in a KV cache (a window
+cache and a full one), ``M`` is aligned by position (keys the source never saw are not boosted).
+Learned sinks (gpt-oss): the sink's share is not touched; boosted rows sum to more than ``1 - s_i``
+(with ``renormalize=True`` each row keeps its sum, so the sink keeps its share).
 """
 
 from __future__ import annotations
@@ -113,6 +119,8 @@ class EarlyLayerEmulation(Intervention):
                 mask = state["mask"]
                 if layer == last:
                     state["mask"] = None  # keep no mask alive between forward passes
+                if mask is not None and mask.shape[:-1] == pattern.shape[:-1]:
+                    mask = _align_keys(mask, pattern.shape[-1])
                 if mask is None or mask.shape != pattern.shape:
                     raise InterventionNotAppliedError(
                         f"{self!r}: layer {layer} ran without the source layer {source}'s mask for this "
@@ -133,3 +141,14 @@ class EarlyLayerEmulation(Intervention):
         hooks: Hooks = [] if self.uniform else [(pattern_hook_name(source), record_mask)]
         hooks += [(pattern_hook_name(layer), make_boost(layer)) for layer in layers]
         return hooks
+
+
+def _align_keys(mask: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """``mask`` [..., key] over another layer's keys: both end at the newest position, so the last
+    keys are shared; keys the source layer did not keep (outside its window cache) are 0."""
+    have = mask.shape[-1]
+    if have == n_keys:
+        return mask
+    if have > n_keys:
+        return mask[..., have - n_keys:]
+    return torch.nn.functional.pad(mask, (n_keys - have, 0))

@@ -20,7 +20,9 @@ import torch
 from tokext.errors import InputError, InterventionNotAppliedError
 from tokext.models.hooks import HookFn, HookRun, attached, capture_inputs
 from tokext.models.inputs import Inputs, batches, encode, pad_id
-from tokext.interventions.base import FORWARD_HOOK, Intervention, RunContext, bind, model_device, validate
+from tokext.interventions.base import (
+    FORWARD_HOOK, Intervention, RunContext, bind, model_device, model_layout, validate,
+)
 
 @dataclass
 class InterventionRun:
@@ -56,7 +58,7 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Intervention
     validate(model, interventions, "intervene")
     run = InterventionRun(interventions=tuple(interventions))
     with capture_inputs(model) as inputs:
-        ctx = RunContext(inputs, shared_points=set(), strict=True)
+        ctx = RunContext(inputs, shared_points=set(), strict=True, layout=model_layout(model))
         hooks = bind(model, interventions, ctx, run.fired)
         ctx.shared_points = {name for name, _ in hooks if name in model.hook_dict and model.hook_dict[name].fwd_hooks}
         if interventions and FORWARD_HOOK in model.hook_dict:

@@ -3,6 +3,10 @@
 The extreme of :class:`~tokext.interventions.EarlyLayerEmulation`: target heads attend exactly as
 the same-index head of ``source_layer`` did in the same forward pass (a KV-cached decode row uses
 the source row of the same token, so cached generation equals recomputation).
+
+The source and target layers must see the same keys: copying a full-attention pattern into a
+sliding-window layer would attend outside the window (and a window cache does not hold those keys),
+so such a pair is refused. In a learned-sink layer the target's sink share becomes the source's.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
 from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, head_index, head_selection, is_int,
+    Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, head_index, head_selection, is_int, model_layout,
 )
 
 
@@ -46,6 +50,15 @@ class PatternPatch(Intervention):
         targets = resolve_layers(model, list(self.target_layers))
         if min(targets) <= source:
             raise LayerIndexError(f"target_layers {targets} must all come after source_layer={source}")
+        layout = model_layout(model)
+        if layout is not None:
+            reach = lambda att: (att.causal, att.window)  # noqa: E731
+            differ = [t for t in targets if reach(layout[t]) != reach(layout[source])]
+            if differ:
+                raise InputError(
+                    f"{self!r} on {layout.family}: layer {source} ({layout[source].describe()}) and layers {differ} "
+                    f"({', '.join(sorted({layout[t].describe() for t in differ}))}) see different keys, so a copied "
+                    "pattern would attend where the target cannot: patch between layers of the same attention kind")
         return source, head_selection(model, targets, self.heads)
 
     def edited_layers(self, model: Any) -> list[int]:

@@ -5,6 +5,11 @@
 PASTA's post-softmax form. A row whose whole mass sits on targets keeps its original values (the
 limit as ``scale`` goes to 0). Targets are fixed per row, so KV-cached generation gives the tokens
 of recomputation.
+
+Learned sinks (gpt-oss): a row's distribution is its keys plus the sink, whose share is
+``s_i = 1 - sum_j A_ij``. Renormalising keeps the whole distribution's total, so the sink keeps its
+share unless it is a target itself (``"sink"``): then ``w_sink = scale`` too, and the keys gain
+what the sink gives up (or the reverse for ``scale > 1``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from tokext.errors import InputError
 from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, check_bool, check_number, head_index,
-    head_selection, is_int, on_heads, scale_entries, split_row_mass,
+    head_selection, in_float64, is_int, learned_sink_share, model_layout, on_heads, scale_entries, split_row_mass,
 )
 from tokext.attention.metrics import CATEGORIES
 
@@ -35,6 +40,8 @@ class SinkRebalance(Intervention):
       - ``"categories"``: punctuation and whitespace/newline tokens (:data:`NON_SEMANTIC`), or
         any names from :data:`tokext.attention.metrics.CATEGORIES` (a name or a tuple of names);
         the first real token counts as ``"first"``, not by its text, as in the statistics;
+      - ``"sink"``: the learned sink logit's share of each row (models with one, e.g. gpt-oss;
+        needs ``renormalize=True``: the sink has no value vector, only its share can move);
       - a tuple of ints: positions counted from each row's first real token.
 
     >>> SinkRebalance(targets=(0, 1), scale=0.5)
@@ -56,7 +63,7 @@ class SinkRebalance(Intervention):
 
     @property
     def needs_tokens(self) -> bool:  # type: ignore[override]
-        return any(isinstance(t, str) and t != "first" for t in self._target_names())
+        return any(isinstance(t, str) and t not in ("first", "sink") for t in self._target_names())
 
     def _target_names(self) -> tuple:
         return (self.targets,) if isinstance(self.targets, str) else self.targets
@@ -66,8 +73,11 @@ class SinkRebalance(Intervention):
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
         selection = head_selection(model, self.layers, self.heads)
-        names = [t for t in self._target_names() if isinstance(t, str)]
+        names = [t for t in self._target_names() if isinstance(t, str) and t != "sink"]
         positions = [t for t in self._target_names() if not isinstance(t, str)]
+        scale_sink = "sink" in self._target_names()
+        if scale_sink:
+            self._check_sink_target(model, list(selection))
         categories = sorted({CATEGORIES.index(c) for n in names for c in (NON_SEMANTIC if n == "categories" else (n,))})
         table = None
         if any(c != CATEGORIES.index("first") for c in categories):
@@ -78,11 +88,27 @@ class SinkRebalance(Intervention):
                                  "model has none: target positions or 'first' instead")
             table = category_table(model)
         plan = _TargetPlan(categories=categories, positions=positions, table=table)
-        return [(pattern_hook_name(layer), self._hook(layer, heads, ctx, plan)) for layer, heads in selection.items()]
+        return [(pattern_hook_name(layer), self._hook(layer, heads, ctx, plan, scale_sink))
+                for layer, heads in selection.items()]
 
-    def _hook(self, layer: int, heads: list[int] | None, ctx: RunContext, plan: "_TargetPlan") -> Callable:
+    def _check_sink_target(self, model: Any, layers: list[int]) -> None:
+        """Refuse the ``"sink"`` target where there is no learned sink, or nothing to renormalise."""
+        layout = model_layout(model)
+        if not self.renormalize:
+            raise InputError(f"{self!r}: the learned sink has no value vector, so scaling its share changes "
+                             "nothing unless rows are renormalised: use renormalize=True")
+        without = [layer for layer in layers if layout is None or not layout[layer].learned_sink]
+        if without:
+            family = layout.family if layout is not None else "this model"
+            raise InputError(f"{self!r}: {family} has no learned sink logit in layers {without}; the 'sink' "
+                             "target exists only where one joins the softmax (gpt-oss)")
+
+    def _hook(self, layer: int, heads: list[int] | None, ctx: RunContext, plan: "_TargetPlan",
+              scale_sink: bool) -> Callable:
         name = pattern_hook_name(layer)
         scale, renormalize = self.scale, self.renormalize
+        learned = ctx.attention(layer).learned_sink
+        sink_weight = scale if scale_sink else 1.0
 
         def rebalance(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
             targets = plan.key_targets(pattern, ctx)[:, None, None, :]  # [batch, 1, 1, key]
@@ -91,12 +117,14 @@ class SinkRebalance(Intervention):
                 if not renormalize:
                     return scale_entries(sub, targets, scale, 1.0, inplace)
                 on_targets, elsewhere = split_row_mass(sub, targets)
-                total = elsewhere + scale * on_targets
+                sink = learned_sink_share(sub) if learned else 0.0
+                total = elsewhere + scale * on_targets + sink_weight * sink
                 keep = total <= 0  # only target mass: the limit scale -> 0 is the original row
-                ratio = torch.where(keep, 1.0, (on_targets + elsewhere) / torch.where(keep, 1.0, total))
+                ratio = torch.where(keep, 1.0, (on_targets + elsewhere + sink) / torch.where(keep, 1.0, total))
                 return scale_entries(sub, targets, torch.where(keep, 1.0, scale * ratio), ratio, inplace)
 
-            return on_heads(pattern, head_index(heads, pattern.device), ctx.inplace_ok(name, pattern), edit)
+            return on_heads(pattern, head_index(heads, pattern.device), ctx.inplace_ok(name, pattern),
+                            in_float64(edit) if learned else edit)
 
         return rebalance
 
@@ -110,9 +138,7 @@ class _TargetPlan:
     def key_targets(self, pattern: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         """Bool [batch, key]: which keys are targets."""
         batch, _, _, n_k = pattern.shape
-        first = ctx.first_key(pattern)  # [batch]
-        key_pos = torch.arange(n_k, device=pattern.device)[None, :]
-        offset = key_pos - first[:, None]  # position counted from the row's first real token
+        offset = ctx.key_offsets(pattern)  # [batch, key]: position counted from the row's first real token
         first_id = CATEGORIES.index("first")
         targets = torch.zeros(batch, n_k, dtype=torch.bool, device=pattern.device)
         if first_id in self.categories:
@@ -129,7 +155,7 @@ class _TargetPlan:
 
 
 def _normalise_targets(targets: Any) -> str | tuple:
-    choices = ("first", "categories", *[c for c in CATEGORIES if c != "first"])
+    choices = ("first", "categories", "sink", *[c for c in CATEGORIES if c != "first"])
     items = [targets] if isinstance(targets, (str, int)) else targets
     try:
         items = list(items)

@@ -16,7 +16,11 @@ from tokext.models.gguf import cache_dir
 from tokext.models.info import ModelInfo, model_info
 from tokext.models.loading import DEFAULT_MODEL, KNOWN_MODELS, load_model
 from tokext.models.native import native_model
-from tokext.models.probes import check_pattern_edits, check_score_edits, require_pattern_edits
+from tokext.models.probes import (
+    check_pattern_edits,
+    check_score_edits,
+    require_pattern_edits,
+)
 
 __all__ = [
     "DEFAULT_MODEL", "KNOWN_MODELS", "ModelInfo", "cache_dir", "check_pattern_edits", "check_score_edits",

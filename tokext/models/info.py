@@ -1,7 +1,8 @@
 """What tokext knows about a loaded model: :class:`ModelInfo`, kept per model instance.
 
 Every loader in :mod:`tokext.models.loading` registers the model it builds; bridges built
-elsewhere get a record on first use (:func:`model_info`).
+elsewhere get a record on first use (:func:`model_info`), with the attention layout read from the
+wrapped Hugging Face model's config (:mod:`tokext.models.architectures`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from tokext.models.architectures import (
+    AttentionLayout,
+    causal_layout,
+    layout_from_config,
+)
 
 
 @dataclass
@@ -22,6 +29,11 @@ class ModelInfo:
     on SmolLM2-135M on one CPU thread); it is ``None`` for bridges built elsewhere until
     :func:`check_pattern_edits` runs. ``score_edit_lands`` is the same for ``hook_attn_scores``,
     measured lazily by :func:`check_score_edits`.
+
+    ``prepend_bos`` is whether the model's own tokenizer (the Hugging Face one, before
+    TransformerLens swaps in a BOS-adding copy) puts its BOS first; tokext encodes text that way
+    unless told otherwise. ``attention`` is what a query can see in each layer (causal, a sliding
+    window, bidirectional, a learned sink), read from the model's config.
     """
 
     name: str
@@ -30,9 +42,22 @@ class ModelInfo:
     n_heads: int
     n_ctx: int
     prepend_bos: bool
+    attention: AttentionLayout | None = None
+    bos_token: str | None = None
     pattern_edit_lands: dict[int, bool] | None = None
     score_edit_lands: dict[int, bool] | None = None
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.attention is None:
+            self.attention = causal_layout(self.n_layers)
+
+    @property
+    def bos_description(self) -> str:
+        """How text is encoded by default, for tables and metadata (``"no BOS (tokenizer default)"``)."""
+        if self.prepend_bos:
+            return f"BOS {self.bos_token or ''} prepended (tokenizer default)".replace("  ", " ")
+        return "no BOS (tokenizer default)"
 
     @property
     def editable(self) -> bool | None:
@@ -58,9 +83,18 @@ def model_info(model: Any) -> ModelInfo:
             n_heads=int(cfg.n_heads),
             n_ctx=int(cfg.n_ctx),
             prepend_bos=tokenizer_adds_bos(tok),
+            attention=_layout_of(model),
+            bos_token=getattr(tok, "bos_token", None) if tok is not None else None,
         )
         _INFO[model] = info
     return info
+
+
+def _layout_of(model: Any) -> AttentionLayout:
+    """The attention layout of a bridge from its wrapped model's config; causal for native models."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    n_layers = int(model.cfg.n_layers)
+    return layout_from_config(config, n_layers) if config is not None else causal_layout(n_layers, "native")
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:

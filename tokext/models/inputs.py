@@ -27,8 +27,9 @@ def encode(
     """Tokenize ``inputs`` into a list of 1-D Long tensors, validated against the model.
 
     ``inputs``: a list of strings, a [n, pos] token tensor, or a list of token-id lists.
-    ``prepend_bos``: ``None`` keeps the tokenizer's default; True/False forces a leading BOS on or
-    off. ``max_len`` keeps each sequence's first ``max_len`` tokens (Gu et al. cut to 64).
+    ``prepend_bos``: ``None`` keeps the model's own tokenizer's default (recorded in
+    :class:`~tokext.models.info.ModelInfo`; SmolLM2's adds no BOS, Llama-2's adds ``<s>``);
+    True/False forces a leading BOS on or off. ``max_len`` keeps each sequence's first ``max_len`` tokens (Gu et al. cut to 64).
     """
     if isinstance(inputs, str):
         raise InputError("inputs must be a list of strings, not a single string: wrap it in a list")
@@ -86,6 +87,20 @@ def _tokenize_strings(model: Any, texts: list[str], prepend_bos: bool | None) ->
             raise InputError("prepend_bos=True but the tokenizer has no BOS token")
         seqs.append(torch.tensor(ids, dtype=torch.long))
     return seqs
+
+
+def bos_policy(model: Any, prepend_bos: bool | None = None) -> str:
+    """How :func:`encode` treats BOS for ``model``, in words, for tables and metadata.
+
+    >>> from tokext.models import native_model
+    >>> bos_policy(native_model())
+    'no BOS (tokenizer default)'
+    """
+    info = model_info(model)
+    if prepend_bos is None:
+        return info.bos_description
+    token = getattr(getattr(model, "tokenizer", None), "bos_token", None) or "BOS"
+    return f"{token} prepended (prepend_bos=True)" if prepend_bos else "no BOS (prepend_bos=False)"
 
 
 def pad_id(model: Any) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tokext.errors import TokextWarning, UnknownModelError
+from tokext.models.architectures import family_of, layout_from_config
 from tokext.models.gguf import converted_gguf_dir
 from tokext.models.info import ModelInfo, model_info, register, tokenizer_adds_bos
 from tokext.models.probes import check_pattern_edits, require_pattern_edits
@@ -111,14 +112,17 @@ def _smollm2_dir() -> Path:
 
 
 def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, source: str) -> Any:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens import TransformerBridge
+    from transformers import AutoConfig, AutoTokenizer
 
     is_local = Path(hf_dir).is_dir()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            hf_dir, dtype=dtype, attn_implementation="eager", local_files_only=is_local
-        )
+        config = AutoConfig.from_pretrained(hf_dir, local_files_only=is_local)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an encoder without its MLM head warns about new weights
+            hf_model = _model_class(config).from_pretrained(
+                hf_dir, dtype=dtype, attn_implementation="eager", local_files_only=is_local
+            )
         tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=is_local)
     except (OSError, ValueError) as err:
         hint = difflib.get_close_matches(hf_dir.lower(), list(KNOWN_MODELS), n=1, cutoff=0.5)
@@ -130,6 +134,7 @@ def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, sou
             "(config.json + weights + tokenizer) or a .gguf file path instead."
         ) from None
     hf_model.eval()
+    own_bos = tokenizer_adds_bos(tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(
@@ -137,15 +142,53 @@ def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, sou
         )
     bridge.eval()
     _repair_kv_cache_kwarg(bridge)
-    register(bridge, ModelInfo(
+    info = ModelInfo(
         name=name,
         source=source,
         n_layers=int(bridge.cfg.n_layers),
         n_heads=int(bridge.cfg.n_heads),
         n_ctx=int(bridge.cfg.n_ctx),
-        prepend_bos=tokenizer_adds_bos(bridge.tokenizer),
-    ))
+        prepend_bos=own_bos,
+        attention=layout_from_config(hf_model.config, int(bridge.cfg.n_layers)),
+        bos_token=tokenizer.bos_token,
+    )
+    _keep_own_bos_default(bridge, own_bos, info)
+    if not info.attention.known:
+        info.notes.append(f"architecture {info.attention.family} is not in tokext's table: visibility "
+                          f"read with the generic rule ({info.attention.describe()})")
+    register(bridge, info)
     return bridge
+
+
+def _model_class(config: Any) -> Any:
+    """The transformers auto class for ``config``: masked LM for encoders, causal LM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    family = family_of(getattr(config, "model_type", None))
+    encoder = family is not None and family.encoder and not getattr(config, "is_decoder", False)
+    return AutoModelForMaskedLM if encoder else AutoModelForCausalLM
+
+
+def _keep_own_bos_default(bridge: Any, own_bos: bool, info: ModelInfo) -> None:
+    """Make the bridge's tokenizer encode text as the model's own tokenizer does.
+
+    TransformerLens replaces the tokenizer by a copy that always prepends BOS (SmolLM2's own adds
+    none). The copy is switched back to the model's default, and the bridge told so
+    (``cfg.tokenizer_prepends_bos``), so TransformerLens's ``to_tokens`` still prepends BOS when
+    asked. A tokenizer that cannot be switched is left as it is, with a note.
+    """
+    tok = bridge.tokenizer
+    if tok is None or tokenizer_adds_bos(tok) == own_bos:
+        return
+    try:
+        tok.add_bos_token = own_bos
+    except (AttributeError, ValueError):
+        pass
+    if tokenizer_adds_bos(tok) == own_bos:
+        bridge.cfg.tokenizer_prepends_bos = own_bos
+    else:
+        info.prepend_bos = tokenizer_adds_bos(tok)
+        info.notes.append("the bridge's tokenizer could not be switched back to the model's own BOS default")
 
 
 def _repair_kv_cache_kwarg(bridge: Any) -> None:

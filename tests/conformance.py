@@ -1,0 +1,351 @@
+"""The conformance matrix: one tiny random model per architecture family, and an oracle written on
+plain transformers.
+
+- :data:`FAMILIES`: a builder per family (a transformers config and model class), saved with a
+  character tokenizer to a temporary directory and loaded through ``tokext.load_model``, like a
+  user's local model. Attention is sharpened (``initializer_range``) so patterns are peaked and
+  interventions move the logits by measurable amounts. Windows are 4 keys, inputs up to 14 tokens.
+- :func:`oracle_forward`: the same weights run by transformers itself, with an attention function
+  registered through ``AttentionInterface`` (Bloom, whose attention calls ``F.softmax`` directly,
+  through a stand-in for that call). It computes the softmax from the scores and the mask that
+  transformers built for the layer, hands the probabilities and the layer's own visibility
+  (from that mask) to an ``edit(layer, probs, info)`` written from the published formula
+  (``tests/reference_interventions.py``), and multiplies by the values. Nothing in it comes from
+  tokext.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tests.models_fixtures import CHARS, SPECIALS, VOCAB, _tokenizer, encode_text
+from tests.reference_interventions import Info
+
+WINDOW = 4
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               max_position_embeddings=128, initializer_range=0.3, **COMMON)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaConfig(num_key_value_heads=2, **DECODER), LlamaForCausalLM
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+    return MistralConfig(num_key_value_heads=2, sliding_window=WINDOW, **DECODER), MistralForCausalLM
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                       **DECODER), Qwen2ForCausalLM
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    return Qwen3Config(num_key_value_heads=2, head_dim=8, **DECODER), Qwen3ForCausalLM
+
+
+def _gemma():
+    from transformers import GemmaConfig, GemmaForCausalLM
+    return GemmaConfig(num_key_value_heads=2, head_dim=8, **DECODER), GemmaForCausalLM
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    return Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, attn_logit_softcapping=5.0,
+                        query_pre_attn_scalar=8, **DECODER), Gemma2ForCausalLM
+
+
+def _gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    return Gemma3TextConfig(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            **DECODER), Gemma3ForCausalLM
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+    return Phi3Config(num_key_value_heads=2, **DECODER), Phi3ForCausalLM
+
+
+def _olmo2():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+    return Olmo2Config(num_key_value_heads=2, **DECODER), Olmo2ForCausalLM
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    return GPTNeoXConfig(**DECODER), GPTNeoXForCausalLM
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, initializer_range=0.3, **COMMON), GPT2LMHeadModel
+
+
+def _gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+    # two experts, both used for every token: no discrete routing that float noise could flip
+    return GptOssConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, num_local_experts=2,
+                        num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.3,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        **COMMON), GptOssForCausalLM
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+    return BloomConfig(hidden_size=32, n_layer=3, n_head=4, initializer_range=0.3, **COMMON), BloomForCausalLM
+
+
+def _bert():
+    from transformers import BertConfig, BertForMaskedLM
+    return BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                      max_position_embeddings=128, initializer_range=0.3, vocab_size=VOCAB,
+                      pad_token_id=0), BertForMaskedLM
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+    return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                     max_position_embeddings=128, word_embed_proj_dim=32, init_std=0.3, **COMMON), OPTForCausalLM
+
+
+def _gptj():
+    from transformers import GPTJConfig, GPTJForCausalLM
+    return GPTJConfig(n_embd=32, n_layer=3, n_head=4, n_positions=128, rotary_dim=4, initializer_range=0.3,
+                      **COMMON), GPTJForCausalLM
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A family of the matrix: its builder and what tokext must do with it."""
+
+    name: str
+    build: Callable[[], tuple[Any, type]]
+    editable: bool = True  # TransformerLens rebuilds attention, so pattern edits land
+    generates: bool = True  # a decoder: cached greedy generation is checked
+    notes: str = ""
+
+
+FAMILIES = {spec.name: spec for spec in (
+    FamilySpec("Llama", _llama, notes="grouped-query attention, RoPE"),
+    FamilySpec("Mistral", _mistral, notes="sliding window on every layer"),
+    FamilySpec("Qwen2", _qwen2, notes="sliding window from max_window_layers"),
+    FamilySpec("Qwen3", _qwen3, notes="q/k norms"),
+    FamilySpec("Gemma", _gemma),
+    FamilySpec("Gemma 2", _gemma2, notes="alternating sliding window, attention softcap"),
+    FamilySpec("Gemma 3", _gemma3, notes="sliding window by layer_types"),
+    FamilySpec("Phi-3", _phi3, notes="fused QKV"),
+    FamilySpec("OLMo 2", _olmo2, notes="post-norm, q/k norms"),
+    FamilySpec("GPT-NeoX", _gpt_neox, notes="fused QKV, partial RoPE"),
+    FamilySpec("GPT-2", _gpt2, notes="learned positions"),
+    FamilySpec("gpt-oss", _gpt_oss, notes="alternating sliding window, learned sinks, MoE"),
+    FamilySpec("Bloom", _bloom, notes="ALiBi"),
+    FamilySpec("BERT", _bert, editable=False, generates=False,
+               notes="encoder (bidirectional); delegating adapter: edits refused"),
+    FamilySpec("OPT", _opt, editable=False, notes="delegating adapter: edits refused"),
+    FamilySpec("GPT-J", _gptj, editable=False, notes="delegating adapter: edits refused"),
+)}
+
+
+@functools.cache
+def family_dir(name: str) -> Path:
+    """The family's tiny model saved with the character tokenizer (once per session)."""
+    config, cls = FAMILIES[name].build()
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    root = Path(tempfile.mkdtemp(prefix="tokext-conformance-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    target = root / name.replace(" ", "_")
+    model.save_pretrained(target)
+    _tokenizer().save_pretrained(target)
+    return target
+
+
+@functools.cache
+def family_bridge(name: str) -> Any:
+    """The family's model loaded through ``tokext.load_model`` (once per session)."""
+    from tokext.models.loading import load_model
+
+    return load_model(str(family_dir(name)))
+
+
+TEXTS = ["the cat sat. on a mat, ok!", "hi! yes\nno, so", "q? 7 ab."]
+
+
+def sequences() -> list[list[int]]:
+    """Token ids of :data:`TEXTS`, BOS first: 26, 15 and 9 tokens (the longest spans six windows)."""
+    return [[1] + ids for ids in encode_text(TEXTS)]
+
+
+def padded(seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(map(len, seqs))
+    tokens = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(0, len(seq)) if side == "right" else slice(length - len(seq), length)
+        tokens[row, span] = torch.tensor(seq)
+        mask[row, span] = 1
+    return tokens, mask
+
+
+def char_of(token: int) -> str:
+    return CHARS[token - len(SPECIALS)] if token >= len(SPECIALS) else ""
+
+
+# ---------------------------------------------------------------------- the oracle
+
+
+class _State:
+    edit: Callable | None = None
+    score_edit: Callable | None = None  # (layer, scores incl. a sink column or not) -> scores
+    info: Info | None = None
+    probs: dict[int, torch.Tensor] = {}
+    layer: int | None = None
+    bloom_mask: torch.Tensor | None = None
+
+
+_STATE = _State()
+
+
+def _visible_from_mask(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    batch, _, q, k = shape
+    if mask is None:
+        return torch.ones(batch, q, k, dtype=torch.bool)
+    if mask.dtype == torch.bool:
+        visible = mask
+    else:
+        visible = mask > torch.finfo(mask.dtype).min / 2
+    return visible.expand(batch, visible.shape[1], q, k)[:, 0]
+
+
+def _apply(layer: int, probs: torch.Tensor, visible: torch.Tensor, learned_sink: bool) -> torch.Tensor:
+    info = _STATE.info
+    info.masks[layer] = visible
+    info.sinks[layer] = learned_sink
+    if _STATE.edit is not None:
+        probs = _STATE.edit(layer, probs, info)
+    _STATE.probs[layer] = probs.detach().clone()
+    return probs
+
+
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                     **kwargs):
+    """Eager attention from the published formula, with the edit between softmax and ``@ V``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = _visible_from_mask(attention_mask, scores.shape)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask.float()
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:  # a learned logit per head joins the softmax and is dropped after it
+        column = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        scores = torch.cat([scores, column], dim=-1)
+    if _STATE.score_edit is not None:
+        scores = _STATE.score_edit(int(module.layer_idx), scores)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    probs = _apply(int(module.layer_idx), probs, visible, sinks is not None)
+    out = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+class _BloomSoftmax:
+    """Stands in for ``torch.nn.functional`` inside Bloom's attention: its ``softmax`` is followed by
+    the edit; everything else is the real module."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.nn.functional, name)
+
+    @staticmethod
+    def softmax(scores, dim=-1, dtype=None):
+        scores = scores.float()
+        if _STATE.score_edit is not None:
+            scores = _STATE.score_edit(_STATE.layer, scores)
+        probs = torch.softmax(scores, dim=dim)
+        visible = _STATE.bloom_mask
+        visible = _visible_from_mask(visible, probs.shape)
+        return _apply(_STATE.layer, probs, visible, False).to(dtype or probs.dtype)
+
+
+@functools.cache
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("tokext_oracle", oracle_attention)
+    AttentionMaskInterface.register("tokext_oracle", eager_mask)
+
+
+@functools.cache
+def oracle_model(name: str) -> Any:
+    """The family's model loaded by transformers with the oracle attention (once per session)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    _register()
+    cls = AutoModelForMaskedLM if name == "BERT" else AutoModelForCausalLM
+    implementation = "eager" if name == "Bloom" else "tokext_oracle"
+    return cls.from_pretrained(family_dir(name), attn_implementation=implementation, dtype=torch.float32).eval()
+
+
+@contextlib.contextmanager
+def _bloom_hooks(model: Any):
+    import transformers.models.bloom.modeling_bloom as bloom
+
+    def before(module, args, kwargs):
+        _STATE.layer = int(module.layer_idx)
+        _STATE.bloom_mask = kwargs.get("attention_mask", args[3] if len(args) > 3 else None)
+
+    handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in model.modules()
+               if type(m).__name__ == "BloomAttention"]
+    original, bloom.F = bloom.F, _BloomSoftmax()
+    try:
+        yield
+    finally:
+        bloom.F = original
+        for handle in handles:
+            handle.remove()
+
+
+def oracle_forward(name: str, tokens: torch.Tensor, attention_mask: torch.Tensor, edit: Callable | None = None,
+                   score_edit: Callable | None = None) -> tuple[torch.Tensor, Info, dict[int, torch.Tensor]]:
+    """Logits of the family's model run by transformers with ``edit`` applied to every layer's
+    probabilities (``score_edit`` to its masked, softcapped scores, a sink logit included), the
+    :class:`~tests.reference_interventions.Info` it saw (with each layer's visibility from
+    transformers' own mask), and each layer's (edited) probabilities."""
+    model = oracle_model(name)
+    _STATE.edit, _STATE.score_edit = edit, score_edit
+    _STATE.info, _STATE.probs = Info(real=attention_mask.bool(), tokens=tokens), {}
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    # positions of a left-padded row count from its first real token (Bloom's ALiBi and BERT's
+    # absolute positions come from the model itself)
+    kwargs = {} if name in ("BERT", "Bloom") else {"position_ids": positions}
+    context = _bloom_hooks(model) if name == "Bloom" else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), context:
+            logits = model(input_ids=tokens, attention_mask=attention_mask, **kwargs).logits
+    finally:
+        _STATE.edit = _STATE.score_edit = None
+    return logits, _STATE.info, dict(_STATE.probs)

@@ -1,0 +1,339 @@
+"""The conformance matrix: every architecture family, measured exactly.
+
+For each family of ``tests/conformance.py`` (a tiny random model loaded through ``tokext.load_model``):
+
+- statistics (alpha_k, entropy, first- and last-token mass, learned-sink mass) against the same
+  quantities computed here, from the probabilities and the per-layer visibility of transformers'
+  own forward (the oracle), one sequence at a time, to 1e-5;
+- a padded batch gives the statistics of one-by-one runs;
+- every intervention against its formula applied inside transformers' forward (an
+  ``AttentionInterface`` function), compared as log-probabilities to 1e-5, and moving them;
+- KV-cached greedy generation under each intervention gives the tokens of recomputing the sequence;
+- delegating adapters (OPT, GPT-J, BERT) get statistics, and every edit is refused.
+
+README's support table is rendered from these results (:func:`support_table`); the last test checks
+that it is up to date (``TOKEXT_WRITE_SUPPORT_TABLE=1`` rewrites it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests import conformance as C
+from tests import reference_interventions as R
+from tokext.errors import InputError, UneditableAttentionError
+from tokext.evaluation.generation import greedy_generate
+from tokext.interventions import (
+    AttentionTemperature, EarlyLayerEmulation, HeadAblation, PatternPatch, SinkCalibration, SinkRebalance, intervene,
+)
+from tokext.attention.collect import collect_attention_stats
+from tokext.models.info import model_info
+
+TOL = 1e-5
+FAMILY_NAMES = list(C.FAMILIES)
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_START, TABLE_END = "<!-- support-table:start -->", "<!-- support-table:end -->"
+
+
+# ---------------------------------------------------------------------- statistics from the oracle
+
+
+def oracle_statistics(name: str) -> dict[str, np.ndarray]:
+    """alpha_k, entropy, first/last-token and learned-sink mass of each sequence run alone through
+    transformers, with the visibility of transformers' own masks, pooled as tokext documents them."""
+    seqs = C.sequences()
+    n_layers = len(model_info(C.family_bridge(name)).attention)
+    length = max(map(len, seqs))
+    received, seen = None, np.zeros(length)
+    entropy, rows, entropy_rows = None, 0, np.zeros(n_layers)
+    first = last = sink = None
+    for seq in seqs:
+        tokens = torch.tensor([seq])
+        _, info, probs = C.oracle_forward(name, tokens, torch.ones_like(tokens))
+        t = len(seq)
+        seen[:t] += 1
+        rows += t
+        for layer in range(n_layers):
+            p = probs[layer][0].double()  # [head, query, key]
+            visible = info.masks[layer][0]  # [query, key]
+            p = p * visible
+            heads = p.shape[0]
+            if received is None:
+                received = np.zeros((n_layers, heads, length))
+                entropy = np.zeros((n_layers, heads))
+                first, last, sink = (np.zeros((n_layers, heads)) for _ in range(3))
+            row = p.sum(-1)  # [head, query]
+            if info.sinks[layer]:
+                share = (1.0 - row).clamp_min(0.0)
+                total = row + share
+            else:
+                share, total = torch.zeros_like(row), row
+            q = p / total[..., None]
+            s = share / total
+            n_seers = visible.sum(0).double()  # [key]
+            received[layer, :, :t] += (q.sum(1) / n_seers).numpy()
+            outcomes = visible.sum(-1).double() + (1.0 if info.sinks[layer] else 0.0)
+            h = -(torch.special.xlogy(q, q).sum(-1) + torch.special.xlogy(s, s))
+            keep = outcomes >= 2
+            entropy[layer] += (h[:, keep] / torch.log(outcomes[keep])).sum(-1).numpy()
+            entropy_rows[layer] += int(keep.sum())
+            first[layer] += q[:, :, 0].sum(-1).numpy()
+            last[layer] += q[:, :, t - 1].sum(-1).numpy()
+            sink[layer] += s.sum(-1).numpy()
+    return {"received": received / seen, "entropy": entropy / entropy_rows[:, None], "first": first / rows,
+            "last": last / rows, "sink": sink / rows}
+
+
+def tokext_statistics(stats) -> dict[str, np.ndarray]:
+    return {"received": stats.received, "entropy": stats.entropy, "first": stats.first_token_mass,
+            "last": stats.last_token_mass, "sink": stats.learned_sink_mass}
+
+
+def max_error(ours: dict, theirs: dict) -> float:
+    return max(float(np.nanmax(np.abs(ours[k] - theirs[k]))) for k in theirs)
+
+
+# ---------------------------------------------------------------------- intervention cases
+
+
+def _is_first(info, b, j):
+    return j == info.first(b)
+
+
+def _is_non_semantic(info, b, j):
+    return j != info.first(b) and C.char_of(int(info.tokens[b, j])) in ".,!? \n"
+
+
+def _temperature(temperature):
+    def score_edit(layer, scores):
+        return (scores / temperature).clamp_min(torch.finfo(scores.dtype).min)
+    return score_edit
+
+
+def _same_kind_pair(name: str) -> tuple[int, tuple[int, ...]]:
+    """A source layer and the later layers that see the same keys (PatternPatch refuses others)."""
+    layout = model_info(C.family_bridge(name)).attention
+    reach = [(att.causal, att.window) for att in layout.layers]
+    for source in range(len(reach)):
+        targets = tuple(t for t in range(source + 1, len(reach)) if reach[t] == reach[source])
+        if targets:
+            return source, targets
+    raise AssertionError(f"{name}: no two layers of the same attention kind")
+
+
+def cases(name: str) -> dict[str, tuple]:
+    """case -> (interventions, reference edit, reference score edit)."""
+    n_layers = len(model_info(C.family_bridge(name)).attention)
+    last = n_layers - 1
+    source, targets = _same_kind_pair(name)
+    ablated = [(0, 1), (last, 3)]
+    out = {
+        "EarlyLayerEmulation(alpha=0.5)": ((EarlyLayerEmulation(alpha=0.5),), R.ref_emulation(alpha=0.5, n_layers=n_layers), None),
+        "EarlyLayerEmulation(renormalize)": ((EarlyLayerEmulation(alpha=1.0, renormalize=True),),
+                                             R.ref_emulation(alpha=1.0, renormalize=True, n_layers=n_layers), None),
+        "SinkCalibration()": ((SinkCalibration(),), R.ref_act(), None),
+        "SinkCalibration(all, beta=0)": ((SinkCalibration(tau=0.15, beta=0.0, exclude_first=False),),
+                                         R.ref_act(tau=0.15, beta=0.0, exclude_first=False), None),
+        "SinkRebalance()": ((SinkRebalance(),), R.ref_rebalance(_is_first), None),
+        "SinkRebalance(categories)": ((SinkRebalance("categories", scale=0.2),), R.ref_rebalance(_is_non_semantic, scale=0.2), None),
+        # the score path against softmax(scores / T), softcap first, a sink logit divided too
+        "AttentionTemperature(2.0)": ((AttentionTemperature(2.0),), None, _temperature(2.0)),
+        # the pattern path against p^(1/T) renormalised (with the sink's share as one more entry)
+        "AttentionTemperature(0.7, pattern)": ((AttentionTemperature(0.7, hook="pattern"),), R.ref_temperature(0.7), None),
+        "AttentionTemperature(1.5, scores)": ((AttentionTemperature(1.5, hook="scores"),), None, _temperature(1.5)),
+        "PatternPatch": ((PatternPatch(source, targets),), R.ref_patch(source, set(targets)), None),
+        "HeadAblation(mean)": ((HeadAblation(ablated, "mean"),), R.ref_ablation(set(ablated), "mean"), None),
+        "HeadAblation(first)": ((HeadAblation(ablated, "first"),), R.ref_ablation(set(ablated), "first"), None),
+    }
+    if model_info(C.family_bridge(name)).attention.learned_sinks:
+        out["SinkRebalance(sink, 0.5)"] = ((SinkRebalance("sink", scale=0.5),),
+                                           R.ref_rebalance(lambda info, b, j: False, scale=0.5, scale_sink=True), None)
+        out["SinkRebalance((first, sink), 3.0)"] = ((SinkRebalance(("first", "sink"), scale=3.0),),
+                                                    R.ref_rebalance(_is_first, scale=3.0, scale_sink=True), None)
+    return out
+
+
+def generation_cases(name: str) -> dict[str, tuple]:
+    """Interventions for the cached-generation check (ACT only on last-layer heads, where a recompute
+    and a cached decode calibrate the same rows)."""
+    last = len(model_info(C.family_bridge(name)).attention) - 1
+    out = {case: ivs for case, (ivs, _, _) in cases(name).items() if not case.startswith("SinkCalibration")}
+    out["SinkCalibration(last layer)"] = (SinkCalibration(heads=[(last, h) for h in range(4)]),)
+    return out
+
+
+# ---------------------------------------------------------------------- one report per family
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return logits.double().log_softmax(-1)
+
+
+@functools.cache
+def report(name: str) -> dict:
+    """Everything the matrix checks for one family, computed once."""
+    spec = C.FAMILIES[name]
+    model = C.family_bridge(name)
+    seqs = C.sequences()
+    out: dict = {"layout": model_info(model).attention.describe()}
+    batched = collect_attention_stats(model, seqs, batch_size=3, progress=False)
+    alone = collect_attention_stats(model, seqs, batch_size=1, progress=False)
+    out["stats_error"] = max_error(tokext_statistics(batched), oracle_statistics(name))
+    out["padding_error"] = max_error(tokext_statistics(batched), tokext_statistics(alone))
+    if not spec.editable:
+        return out
+    tokens, mask = C.padded(seqs, "left")
+    real = mask.bool()
+    with torch.no_grad():
+        base = _log_probs(model(tokens, attention_mask=mask))
+    plain, _, _ = C.oracle_forward(name, tokens, mask)
+    out["oracle_error"] = float((_log_probs(plain) - base).abs()[real].max())
+    out["interventions"] = {}
+    for case, (ivs, edit, score_edit) in cases(name).items():
+        with torch.no_grad(), intervene(model, *ivs):
+            ours = _log_probs(model(tokens, attention_mask=mask))
+        reference, _, _ = C.oracle_forward(name, tokens, mask, edit=edit, score_edit=score_edit)
+        out["interventions"][case] = {"error": float((ours - _log_probs(reference)).abs()[real].max()),
+                                      "moved": float((ours - base).abs()[real].max())}
+    if spec.generates:
+        prompts = [seq[:11] for seq in seqs[:2]] + [seqs[2][:5]]
+        out["generation"] = {}
+        for case, ivs in generation_cases(name).items():
+            with intervene(model, *ivs):
+                cached = greedy_generate(model, prompts, 8, batch_size=3, stop_at_eos=False, use_kv_cache=True)
+                recomputed = greedy_generate(model, prompts, 8, batch_size=3, stop_at_eos=False, use_kv_cache=False)
+            out["generation"][case] = cached == recomputed
+    return out
+
+
+@functools.cache
+def delegating_report(name: str) -> dict:
+    """Generation without edits, and the refusal of every edit, on a delegating adapter."""
+    model = C.family_bridge(name)
+    out: dict = {}
+    if C.FAMILIES[name].generates:
+        prompts = [seq[:11] for seq in C.sequences()[:2]]
+        cached = greedy_generate(model, prompts, 8, stop_at_eos=False, use_kv_cache=True)
+        out["generation"] = cached == greedy_generate(model, prompts, 8, stop_at_eos=False, use_kv_cache=False)
+    return out
+
+
+# ---------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_statistics_match_output_attentions(name):
+    error = report(name)["stats_error"]
+    assert error < TOL, f"{name}: max_diff={error:.3g} between collect_attention_stats and the oracle"
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_padded_statistics_equal_one_by_one(name):
+    error = report(name)["padding_error"]
+    assert error < TOL, f"{name}: max_diff={error:.3g} between a padded batch and one-by-one runs"
+
+
+EDITABLE = [n for n in FAMILY_NAMES if C.FAMILIES[n].editable]
+
+
+@pytest.mark.parametrize("name", EDITABLE)
+def test_oracle_is_the_model(name):
+    error = report(name)["oracle_error"]
+    assert error < TOL, f"{name}: the oracle's unedited forward differs from tokext's model by {error:.3g}"
+
+
+@pytest.mark.parametrize("name", EDITABLE)
+def test_interventions_match_the_oracle(name):
+    failures = []
+    for case, result in report(name)["interventions"].items():
+        if result["error"] >= TOL or result["moved"] <= 1e-3:
+            failures.append(f"{case}: max_diff={result['error']:.3g}, moved {result['moved']:.3g}")
+    assert not failures, f"{name}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("name", [n for n in EDITABLE if C.FAMILIES[n].generates])
+def test_cached_generation_equals_recompute(name):
+    mismatched = [case for case, same in report(name)["generation"].items() if not same]
+    assert not mismatched, f"{name}: cached greedy tokens differ from recomputed ones under {mismatched}"
+
+
+DELEGATING = [n for n in FAMILY_NAMES if not C.FAMILIES[n].editable]
+
+
+@pytest.mark.parametrize("name", DELEGATING)
+def test_delegating_adapters_refuse_every_edit(name):
+    from tests.test_bad_input import attached_hooks
+
+    model = C.family_bridge(name)
+    before = attached_hooks(model)
+    for ivs, _, _ in cases(name).values():
+        with pytest.raises(UneditableAttentionError, match=f"{name}.*do not reach the logits"):
+            with intervene(model, *ivs):
+                pass
+    assert attached_hooks(model) == before
+    if C.FAMILIES[name].generates:
+        assert delegating_report(name)["generation"], f"{name}: cached generation differs from recompute"
+
+
+def test_gpt_oss_rows_carry_the_learned_sink():
+    stats = collect_attention_stats(C.family_bridge("gpt-oss"), C.sequences(), progress=False)
+    assert stats.has_learned_sinks and (stats.learned_sink_mass > 0.01).all()
+    np.testing.assert_allclose(stats.row_sum, 1.0 - stats.learned_sink_mass, atol=1e-6)
+    assert "learned_sink_mass" in stats.to_frame() and "learned_sink_mass" in stats.layer_summary()
+
+
+def test_refusals_name_the_architecture_and_the_reason():
+    gemma2 = C.family_bridge("Gemma 2")
+    with pytest.raises(InputError, match="Gemma 2: layer 0 .*window 4.*see different keys"):
+        with intervene(gemma2, PatternPatch(0, (1,))):
+            pass
+    gpt_oss = C.family_bridge("gpt-oss")
+    with pytest.raises(InputError, match="Llama has no learned sink logit"):
+        with intervene(C.family_bridge("Llama"), SinkRebalance("sink")):
+            pass
+    with pytest.raises(InputError, match="renormalize=True"):
+        with intervene(gpt_oss, SinkRebalance("sink", renormalize=False)):
+            pass
+
+
+# ---------------------------------------------------------------------- README's support table
+
+
+def support_table() -> str:
+    """The README table, from the reports (✓ = checked to 1e-5 in tests/test_conformance.py)."""
+    lines = ["| architecture | attention (tiny model) | statistics | edits | cached generation | notes |",
+             "|---|---|---|---|---|---|"]
+    for name in FAMILY_NAMES:
+        spec, result = C.FAMILIES[name], report(name)
+        stats = "✓" if result["stats_error"] < TOL and result["padding_error"] < TOL else "✗"
+        if spec.editable:
+            exact = all(r["error"] < TOL and r["moved"] > 1e-3 for r in result["interventions"].values())
+            edits = f"✓ {len(result['interventions'])} cases" if exact else "✗"
+        else:
+            edits = "refused"
+        if not spec.generates:
+            generation = "n/a"
+        else:
+            same = result.get("generation") or delegating_report(name).get("generation")
+            generation = "✓" if (all(same.values()) if isinstance(same, dict) else same) else "✗"
+        lines.append(f"| {name} | {result['layout']} | {stats} | {edits} | {generation} | {spec.notes} |")
+    return "\n".join(lines)
+
+
+def test_readme_support_table_is_current():
+    table = support_table()
+    text = README.read_text(encoding="utf-8")
+    if os.environ.get("TOKEXT_WRITE_SUPPORT_TABLE"):
+        start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+        README.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
+        text = README.read_text(encoding="utf-8")
+    assert TABLE_START in text and TABLE_END in text, "README has no support-table markers"
+    current = text[text.index(TABLE_START) + len(TABLE_START): text.index(TABLE_END)].strip()
+    assert current == table, ("README's support table is out of date: rerun with TOKEXT_WRITE_SUPPORT_TABLE=1\n"
+                              + table)
