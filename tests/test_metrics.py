@@ -165,3 +165,51 @@ def test_random_padded_batch_matches_collect_attention_stats(tiny_llama_dir):
         assert got == expected, layer
     assert stats.sink_rate(0.3) == pytest.approx(tokext.sink_rate(np.stack(alpha0), 0.3))
     assert len(stats.hidden_sinks(0.1)) > 0
+
+
+# ---------------------------------------------------------------------- windows, encoders, learned sinks
+
+
+def test_visible_keys_with_a_window_by_hand():
+    from tokext.models.architectures import LayerAttention
+
+    mask = torch.tensor([[0, 1, 1, 1, 1]])  # one left pad
+    window = tokext.visible_keys(mask, attention=LayerAttention(window=2)).int().tolist()
+    assert window == [[[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]]
+    both = tokext.visible_keys(mask, attention=LayerAttention(causal=False)).int().tolist()
+    assert both == [[[0] * 5] + [[0, 1, 1, 1, 1]] * 4]
+    near = tokext.visible_keys(mask, attention=LayerAttention(causal=False, window=1)).int().tolist()
+    assert near[0][2] == [0, 1, 1, 1, 0]  # |i - k| <= 1
+    # a decode step of a window cache: 1 query, the last 2 keys of 5 positions
+    step = tokext.visible_keys(mask, 1, n_keys=2, attention=LayerAttention(window=2)).int().tolist()
+    assert step == [[[1, 1]]]
+
+
+@pytest.mark.parametrize("attention", ["causal", "window2", "window3", "bidirectional", "bidirectional-window1"])
+def test_visibility_counts_equal_sums_of_the_mask(attention):
+    from tokext.attention.masks import visibility_counts
+    from tokext.models.architectures import LayerAttention
+
+    kind = {"causal": LayerAttention(), "window2": LayerAttention(window=2), "window3": LayerAttention(window=3),
+            "bidirectional": LayerAttention(causal=False),
+            "bidirectional-window1": LayerAttention(causal=False, window=1)}[attention]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0]])
+    visible = tokext.visible_keys(mask, attention=kind)
+    n_queries, n_keys = visibility_counts(mask.bool(), kind)
+    assert torch.equal(n_queries, visible.sum(1).float()) and torch.equal(n_keys, visible.sum(2).float())
+
+
+def test_learned_sink_metrics_by_hand():
+    # one row of 2 visible keys [0.3, 0.5]: the sink has 0.2; entropy over 3 outcomes, log 3
+    pattern = torch.tensor([[[[1.0, 0.0], [0.3, 0.5]]]])
+    visible = tokext.visible_keys(torch.ones(1, 2, dtype=torch.long))
+    alpha = tokext.received_attention(pattern, visible, learned_sink=True)
+    assert torch.allclose(alpha[0, 0], torch.tensor([(1.0 + 0.3) / 2, 0.5]))
+    share = tokext.learned_sink_share(pattern, visible)
+    assert torch.allclose(share[0, 0], torch.tensor([0.0, 0.2]))
+    entropy = tokext.row_entropy(pattern, visible, learned_sink=True)[0, 0]
+    expected = -(0.3 * math.log(0.3) + 0.5 * math.log(0.5) + 0.2 * math.log(0.2)) / math.log(3)
+    assert entropy[0] == pytest.approx(0.0) and entropy[1] == pytest.approx(expected, abs=1e-6)
+    # without the sink the row is renormalised: 0.3/0.8 and 0.5/0.8
+    plain = tokext.received_attention(pattern, visible)
+    assert torch.allclose(plain[0, 0], torch.tensor([(1.0 + 0.375) / 2, 0.625]))

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from tokext.attention.engines.choose import DEFAULT_BUDGET, choose_engine
+from tokext.attention.engines.streaming import BlockGeometry, LayerChain, active_engine, streaming
 from tokext.attention.masks import first_real_position, last_real_position
 from tokext.attention.metrics import CATEGORIES, token_category
 from tokext.attention.protocols import Protocol, resolve_protocol
@@ -93,6 +95,8 @@ def collect_attention_stats(
     progress: bool = True,
     dataset: str | None = None,
     protocol: str | None = None,
+    engine: str = "hooks",
+    budget: int = DEFAULT_BUDGET,
 ) -> AttentionStats:
     """Attention statistics of ``model`` over ``inputs``, reduced inside the hooks.
 
@@ -104,7 +108,10 @@ def collect_attention_stats(
     shorter inputs refused, the tokenizer's own BOS default, sink rate thresholded per sequence;
     see :mod:`tokext.attention.protocols`). What each query sees comes from the model's layers
     (:attr:`tokext.models.info.ModelInfo.attention`). Memory is O(layers x heads x positions) plus
-    one layer's pattern at a time.
+    one layer's pattern at a time with ``engine="hooks"``, one block of query rows at a time with
+    ``engine="streaming"`` (same numbers; ``"auto"`` picks streaming when one layer's patterns of a
+    batch would exceed ``budget`` bytes). Inside a streaming ``intervene`` block the statistics join
+    its engine and see the edited blocks, as the hook engine's statistics see edited patterns.
 
     >>> from tokext.models import native_model
     >>> model = native_model()
@@ -127,20 +134,20 @@ def collect_attention_stats(
         metadata={"model": info.name, "source": info.source, "n_inputs": len(seqs),
                   "max_len": max_len, "prepend_bos": info.prepend_bos if prepend_bos is None else prepend_bos,
                   "bos": bos_policy(model, prepend_bos), "protocol": rules.name if rules else "default",
-                  "family": info.attention.family, "lengths": [int(s.numel()) for s in seqs],
+                  "family": info.attention.family, "encoder": info.attention.encoder,
+                  "cls_token": getattr(getattr(model, "tokenizer", None), "cls_token", None),
+                  "sep_token": getattr(getattr(model, "tokenizer", None), "sep_token", None),
+                  "lengths": [int(s.numel()) for s in seqs],
                   "dataset": dataset, "batch_size": batch_size},
     )
     stats.start(device, [info.attention[layer] for layer in chosen])
-
-    def make_hook(layer: int) -> Callable:
-        def hook(pattern: torch.Tensor, hook: Any) -> None:
-            stats.update(layer, pattern)
-        return hook
-
-    hooks = [(pattern_hook_name(layer), make_hook(layer)) for layer in chosen]
+    longest = max(int(s.numel()) for s in seqs)
+    which = "streaming" if active_engine(model) is not None else choose_engine(
+        model, engine, batch=min(batch_size, len(seqs)), length=longest, budget=budget)
+    stats.metadata["engine"] = which
     pad = pad_id(model)
     all_batches = list(batches(seqs, batch_size, pad))
-    with attached(model, hooks), torch.inference_mode():
+    with _observing(model, stats, chosen, which, budget), torch.inference_mode():
         for batch in tqdm(all_batches, desc="attention stats", disable=not progress, unit="batch"):
             tokens = batch.tokens.to(device)
             mask = batch.attention_mask.to(device)
@@ -149,6 +156,25 @@ def collect_attention_stats(
     decoder = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     decode = (lambda t: decoder.decode([t])) if decoder is not None else None
     return stats.finish(decode)
+
+
+def _observing(model: Any, stats: AttentionStats, layers: Sequence[int], engine: str, budget: int) -> Any:
+    """The statistics fed by hooks on ``hook_pattern`` or, streaming, by the engine's blocks."""
+    if engine == "hooks":
+        def make_hook(layer: int) -> Callable:
+            def hook(pattern: torch.Tensor, hook: Any) -> None:
+                stats.update(layer, pattern)
+            return hook
+
+        return attached(model, [(pattern_hook_name(layer), make_hook(layer)) for layer in layers])
+
+    def observer(layer: int) -> LayerChain:
+        def observe(block: torch.Tensor, geometry: BlockGeometry) -> None:
+            stats.update_block(layer, block, geometry.q_start, geometry.k_start)
+
+        return LayerChain(observers=[observe], finish=[lambda: stats.end_layer(layer)])
+
+    return streaming(model, {layer: observer(layer) for layer in layers}, budget=budget)
 
 
 def _protocol_length(rules: Protocol, max_len: int | None, prepend_bos: bool | None) -> int:

@@ -41,25 +41,28 @@ FORMAT = "tokext-attention-stats-2"
 PER_SEQUENCE_POSITIONS = 4  # alpha_k of each sequence is kept for these first positions (StreamingLLM's 4)
 
 
-def _sum_plogp(p: torch.Tensor, attention: LayerAttention = CAUSAL) -> torch.Tensor:
+def _sum_plogp(p: torch.Tensor, attention: LayerAttention = CAUSAL, query_start: int | None = None,
+               key_start: int = 0) -> torch.Tensor:
     """sum_k p log p over the key axis [batch, head, query], in query blocks.
 
     A causal pattern is zero above the diagonal (and, in a window, below it), so a block of queries
     only reads the keys its rows can see: the logarithm runs over about half the pattern (a sliver
-    of it for a window), and the temporary stays small. Bidirectional rows read every key.
+    of it for a window), and the temporary stays small. Bidirectional rows read every key. Row ``r``
+    is at position ``query_start + r`` and column ``c`` at ``key_start + c`` (default: the rows are
+    the last positions of the key axis).
     """
     batch, heads, queries, keys = p.shape
     budget = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * keys))
     rows = min(budget, max(_MIN_BLOCK_ROWS, -(-queries // 8)))
     out = torch.empty(p.shape[:-1], dtype=p.dtype, device=p.device)
-    offset = keys - queries  # keys before the first query (0 unless the pattern has a prefix)
+    offset = (keys - queries) if query_start is None else query_start - key_start  # column of row 0's position
     for start in range(0, queries, rows):
         stop = min(queries, start + rows)
         lo, hi = 0, keys
         if attention.causal:
-            hi = min(keys, offset + stop)
+            hi = max(0, min(keys, offset + stop))
             if attention.window is not None:
-                lo = max(0, offset + start - attention.window + 1)
+                lo = min(hi, max(0, offset + start - attention.window + 1))
         block = p[:, :, start:stop, lo:hi]
         out[:, :, start:stop] = torch.special.xlogy(block, block).sum(-1)
     return out
@@ -164,45 +167,75 @@ class AttentionStats:
 
     def update(self, layer: int, pattern: torch.Tensor) -> None:
         """Fold one layer's pattern [batch, head, query, key] of the current batch into the sums."""
+        self.update_block(layer, pattern)
+        self.end_layer(layer)
+
+    def update_block(self, layer: int, block: torch.Tensor, query_start: int = 0, key_start: int = 0,
+                     plogp: torch.Tensor | None = None) -> None:
+        """Fold a block of one layer's pattern into the sums: rows are the batch's queries
+        ``query_start ..`` and columns its keys ``key_start ..`` (a streaming engine's query blocks; the
+        whole pattern for the hook engine). Call :meth:`end_layer` once the layer's blocks are all in.
+
+        ``plogp`` [batch, head, row], when given, is ``sum_k p log p`` of each raw row (plus the
+        learned sink's ``s log s``), e.g. from the scores and the log-sum-exp of an unedited softmax.
+        """
         ctx, acc, slot = self._ctx, self._acc, self._layer_slot[layer]
         attention = self.attention[slot]
         device = acc["received"].device
-        p = pattern.detach()
+        p = block.detach()
         if p.dtype not in (torch.float32, torch.float64):
             p = p.float()  # half-precision patterns are reduced in fp32 (sums in fp64)
-        n_queries, n_keys = ctx.counts(attention)
-        real_q = ctx.real.to(p.dtype)  # [batch, query]
-        row_sum = p.sum(-1)  # [batch, head, query]
+        n_rows, n_cols = p.shape[-2:]
+        rows = slice(query_start, query_start + n_rows)
+        cols = slice(key_start, key_start + n_cols)
+        _, n_keys = ctx.counts(attention)
+        real_q = ctx.real[:, rows].to(p.dtype)  # [batch, row]
+        row_sum = p.sum(-1)  # [batch, head, row]
         total = row_sum.clamp_min(1.0) if attention.learned_sink else row_sum  # keys + sink
         safe_total = torch.where(total > 0, total, torch.ones_like(total))
         # weight of each row once renormalised; pad rows weigh 0. A batched vector-matrix product
         # (einsum would copy p into a transposed layout first, which costs more than the product)
         row_weight = real_q[:, None] / safe_total
-        column_sum = (row_weight.unsqueeze(-2) @ p).squeeze(-2)  # [batch, head, key]
-        n_q = n_queries.to(p.dtype)[:, None]
-        alpha = column_sum / torch.where(n_q > 0, n_q, torch.ones_like(n_q))  # 0 on pad keys
-        length = p.shape[-1]
-        acc["received"][slot, :, :length] += alpha.sum(0).to(device, torch.float64)
-        onehot = torch.nn.functional.one_hot(ctx.categories, len(CATEGORIES)).to(p.dtype)
+        column_sum = (row_weight.unsqueeze(-2) @ p).squeeze(-2)  # [batch, head, column]
+        pending = acc.setdefault("pending", {})
+        if slot not in pending:
+            pending[slot] = torch.zeros(*column_sum.shape[:2], ctx.real.shape[1], dtype=p.dtype, device=p.device)
+        pending[slot][..., cols] += column_sum
+        onehot = torch.nn.functional.one_hot(ctx.categories[:, cols], len(CATEGORIES)).to(p.dtype)
         acc["mass"][slot] += torch.einsum("bhk,bkc->hc", column_sum, onehot).to(device, torch.float64)
         acc["row_sum"][slot] += (row_sum * real_q[:, None]).sum((0, 2)).to(device, torch.float64)
         sink = total - row_sum  # the learned sink's raw share (0 without one)
         if attention.learned_sink:
             acc["sink"][slot] += (sink / safe_total * real_q[:, None]).sum((0, 2)).to(device, torch.float64)
         if ctx.last is not None:
-            last = ctx.last.to(column_sum.device)[:, None, None].expand(-1, column_sum.shape[1], 1)
-            acc["last"][slot] += column_sum.gather(2, last).sum((0, 2)).to(device, torch.float64)
+            last = ctx.last.to(column_sum.device) - key_start  # [batch]: the last real token's column
+            inside = ((last >= 0) & (last < n_cols)).to(p.dtype)[:, None, None]
+            index = last.clamp(0, n_cols - 1)[:, None, None].expand(-1, column_sum.shape[1], 1)
+            acc["last"][slot] += (column_sum.gather(2, index) * inside).sum((0, 2)).to(device, torch.float64)
         # normalised entropy of the renormalised row: H = log t - (1/t) (sum p log p + s log s)
-        plogp = _sum_plogp(p, attention)
-        if attention.learned_sink:
-            plogp = plogp + torch.special.xlogy(sink, sink)
+        if plogp is None:
+            plogp = _sum_plogp(p, attention, query_start, key_start)
+            if attention.learned_sink:
+                plogp = plogp + torch.special.xlogy(sink, sink)
         entropy = torch.log(safe_total) - plogp / safe_total
-        outcomes = n_keys.to(p.dtype)[:, None] + (1.0 if attention.learned_sink else 0.0)
-        keep = (outcomes >= 2) & ctx.real[:, None]
+        outcomes = n_keys[:, rows].to(p.dtype)[:, None] + (1.0 if attention.learned_sink else 0.0)
+        keep = (outcomes >= 2) & ctx.real[:, None, rows]
         log_n = torch.log(torch.where(keep, outcomes, torch.full_like(outcomes, 2.0)))
         acc["entropy"][slot] += torch.where(keep, entropy / log_n, torch.zeros_like(entropy)).sum((0, 2)).to(
             device, torch.float64)
         acc["entropy_rows"][slot] += float(keep[:, 0].sum())
+
+    def end_layer(self, layer: int) -> None:
+        """Finish a layer of the current batch: alpha_k from its column sums, per-sequence alpha,
+        hidden-sink candidates."""
+        ctx, acc, slot = self._ctx, self._acc, self._layer_slot[layer]
+        device = acc["received"].device
+        column_sum = acc.get("pending", {}).pop(slot)
+        n_queries, _ = ctx.counts(self.attention[slot])
+        n_q = n_queries.to(column_sum.dtype)[:, None]
+        alpha = column_sum / torch.where(n_q > 0, n_q, torch.ones_like(n_q))  # 0 on pad keys
+        length = alpha.shape[-1]
+        acc["received"][slot, :, :length] += alpha.sum(0).to(device, torch.float64)
         # each sequence's own alpha at the first positions (Gu et al. threshold per sample)
         first = min(PER_SEQUENCE_POSITIONS, length)
         own = torch.where(ctx.real[:, None, :first], alpha[..., :first], torch.full_like(alpha[..., :first], float("nan")))

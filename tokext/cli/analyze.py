@@ -7,6 +7,7 @@ import argparse
 EPILOG = """examples:
   tokext analyze                                  # SmolLM2-135M on the built-in prompts
   tokext analyze --model ./my-hf-model --data prompts.jsonl --n 128 --out results/mine
+  tokext analyze --data mmlu --protocol gu2024    # Gu et al.'s Sink_1^0.3 on 64-token texts
 """
 
 
@@ -20,7 +21,7 @@ def _analyze(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     try:
         result = analyze(args.model, data=args.data, n=args.n, out=args.out, batch_size=args.batch_size,
-                         max_len=args.max_len, progress=not args.quiet)
+                         max_len=args.max_len, progress=not args.quiet, protocol=args.protocol)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -33,10 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="measure where attention goes (sinks, entropy) over a prompt set",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF directory, a .gguf file or a hub id")
-    p.add_argument("--data", default=None, help=".txt (one prompt a line) or .jsonl (field 'text'); default: built-in prompts")
+    p.add_argument("--data", default=None, help=".txt (one prompt a line), .jsonl (field 'text'), 'mmlu' (MMLU "
+                   "question texts, long) or the built-in prompts (default)")
     p.add_argument("--n", type=int, default=64, help="number of prompts (default 64; all of them, with a warning, when the data holds fewer)")
     p.add_argument("--out", default=None, help="output directory (default results/analyze/<model>/)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=None, help="keep each prompt's first MAX_LEN tokens")
+    p.add_argument("--protocol", default=None, help="a published protocol: gu2024 (Gu et al. 2024: first 64 "
+                   "tokens, the tokenizer's BOS default, sink rate per sequence); default: tokext's")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_analyze)

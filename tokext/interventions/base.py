@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tokext.attention.masks import CAUSAL, visible_keys
+from tokext.attention.masks import CAUSAL, sees
 from tokext.errors import InputError, LayerIndexError
 from tokext.models.architectures import AttentionLayout, LayerAttention
 from tokext.models.hooks import ForwardInputs, HookFn, resolve_heads, resolve_layers
@@ -48,21 +48,26 @@ class RunContext:
     never edited in place (someone else may hold a reference). ``None`` means unknown: never edit
     in place. ``earlier_points`` names the hook points used by the interventions listed before the
     one being bound (they act first there), so an intervention that could act at an earlier point
-    (the temperature's pre-softmax scores) keeps the order.
+    (the temperature's pre-softmax scores) keeps the order; ``enclosing_points`` those an enclosing
+    streaming block already edits.
 
     Positions: the sequence so far has ``total`` positions (the 2-D attention mask's length, or
     cached + new); the queries are its last ``query`` positions and a layer's keys its last
-    ``key`` positions (all of them, or the window a sliding-window cache keeps).
+    ``key`` positions (all of them, or the window a sliding-window cache keeps). Under the
+    streaming engine a pattern is a block of rows and columns of that (``block``, set by the
+    engine), and every method here answers for the block.
     """
 
     def __init__(self, inputs: ForwardInputs | None = None, shared_points: set[str] | None = None,
                  strict: bool = False, earlier_points: set[str] | None = None,
-                 layout: AttentionLayout | None = None):
+                 layout: AttentionLayout | None = None, enclosing_points: set[str] | None = None):
         self.inputs = inputs if inputs is not None else ForwardInputs()
         self.shared_points = shared_points
         self.earlier_points = earlier_points if earlier_points is not None else set()
+        self.enclosing_points = enclosing_points if enclosing_points is not None else set()
         self.strict = strict  # inputs are captured: a batch of strings has unknown padding
         self.layout = layout
+        self.block: Any = None  # the streaming engine's BlockGeometry of the block in flight (None: whole)
         self._history: torch.Tensor | None = None
         self._history_of: torch.Tensor | None = None
 
@@ -80,10 +85,20 @@ class RunContext:
             return CAUSAL
         return self.layout[layer]
 
+    def _shape(self, pattern: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+        """``(queries of the call, first row, row stop, keys of the layer, first column, column stop)``:
+        the whole pattern, or the block a streaming engine hands over (``self.block``)."""
+        block = self.block
+        if block is None:
+            n_q, n_k = int(pattern.shape[-2]), int(pattern.shape[-1])
+            return n_q, 0, n_q, n_k, 0, n_k
+        return block.n_queries, block.q_start, block.q_stop, block.n_keys, block.k_start, block.k_stop
+
     def sequence_mask(self, pattern: torch.Tensor) -> torch.Tensor | None:
         """The call's 2-D [batch, total] mask as Bool, checked against the pattern; None without one."""
         mask = self.inputs.attention_mask
-        batch, _, n_q, n_k = pattern.shape
+        batch = pattern.shape[0]
+        n_q, _, _, n_k, _, _ = self._shape(pattern)
         if mask is None:
             if self.strict and self.inputs.tokens is None and batch > 1:
                 raise InputError(
@@ -103,31 +118,43 @@ class RunContext:
         mask = self.sequence_mask(pattern)
         if mask is not None:
             return int(mask.shape[1])
-        n_q, n_k = pattern.shape[-2:]
-        return max(int(n_k), int(self.inputs.past_len) + int(n_q))
+        n_q, _, _, n_k, _, _ = self._shape(pattern)
+        return max(n_k, int(self.inputs.past_len) + n_q)
 
     def key_positions(self, pattern: torch.Tensor) -> torch.Tensor:
-        """Long [key]: the position in the sequence of each key of this pattern."""
-        total, n_k = self.total(pattern), pattern.shape[-1]
-        return torch.arange(total - n_k, total, device=pattern.device)
+        """Long [key]: the position in the sequence of each key (column) of this pattern."""
+        total = self.total(pattern)
+        _, _, _, n_k, k0, k1 = self._shape(pattern)
+        return torch.arange(total - n_k + k0, total - n_k + k1, device=pattern.device)
+
+    def query_positions(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Long [query]: the position in the sequence of each query (row) of this pattern."""
+        total = self.total(pattern)
+        n_q, q0, q1, _, _, _ = self._shape(pattern)
+        return torch.arange(total - n_q + q0, total - n_q + q1, device=pattern.device)
+
+    def diagonal_offset(self, pattern: torch.Tensor) -> int:
+        """The ``offset`` of ``pattern.diagonal(offset, -2, -1)``: each query's own key."""
+        n_q, q0, _, n_k, k0, _ = self._shape(pattern)
+        return (n_k - n_q + q0) - k0
 
     def attention_mask(self, pattern: torch.Tensor) -> torch.Tensor | None:
         """Bool [batch, key]: real (non-pad) keys of this pattern, or ``None`` when the call had no mask."""
         mask = self.sequence_mask(pattern)
-        return None if mask is None else mask[:, mask.shape[1] - pattern.shape[-1]:]
+        return None if mask is None else mask[:, self.key_positions(pattern)]
 
     def real_queries(self, pattern: torch.Tensor) -> torch.Tensor | None:
         """Bool [batch, query]: real query rows (``None``: all)."""
         mask = self.sequence_mask(pattern)
-        return None if mask is None else mask[:, mask.shape[1] - pattern.shape[-2]:]
+        return None if mask is None else mask[:, self.query_positions(pattern)]
 
     def visible(self, pattern: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Bool [batch or 1, query, key]: the query sees the key (within ``layer``'s reach, both real)."""
-        _, _, n_q, n_k = pattern.shape
+        reach = sees(self.query_positions(pattern), self.key_positions(pattern), self.attention(layer))[None]
         mask = self.sequence_mask(pattern)
         if mask is None:
-            mask = torch.ones(1, self.total(pattern), dtype=torch.bool, device=pattern.device)
-        return visible_keys(mask, n_q, n_keys=n_k, attention=self.attention(layer))
+            return reach
+        return reach & self.attention_mask(pattern)[:, None, :] & self.real_queries(pattern)[:, :, None]
 
     def first_position(self, pattern: torch.Tensor) -> torch.Tensor:
         """Long [batch]: position of each row's first real token (its "position 0" under left padding)."""
@@ -146,7 +173,8 @@ class RunContext:
         The history of a cached generation is accumulated across decode steps, so the
         generation must start (its prefill must run) inside the same run.
         """
-        batch, _, n_q, n_k = pattern.shape
+        batch = pattern.shape[0]
+        n_q = self._shape(pattern)[0]
         tokens = self.inputs.tokens
         if tokens is None or tuple(tokens.shape) != (batch, n_q):
             raise InputError(
@@ -167,7 +195,7 @@ class RunContext:
                     "(its prefill) inside the same `tokext.intervene` block"
                 )
             self._history, self._history_of = history, tokens
-        return history[:, total - n_k:].to(pattern.device)
+        return history[:, self.key_positions(pattern)].to(pattern.device)
 
 
 def learned_sink_share(pattern: torch.Tensor) -> torch.Tensor:
@@ -187,6 +215,21 @@ def in_float64(edit: Callable[[torch.Tensor, bool], torch.Tensor]) -> Callable[[
         return sub.copy_(out) if inplace else out
 
     return wrapped
+
+
+def align_keys(tensor: torch.Tensor, have: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """``tensor`` [..., key] over the key positions ``have`` (contiguous), re-indexed to the positions
+    ``want``: shared positions are copied, the others are 0 (another layer's window, another block)."""
+    if have.numel() == want.numel() and bool((have == want).all()):
+        return tensor
+    out = tensor.new_zeros(*tensor.shape[:-1], want.numel())
+    if have.numel() == 0 or want.numel() == 0:
+        return out
+    a, c = int(have[0]), int(want[0])
+    lo, hi = max(a, c), min(a + have.numel(), c + want.numel())
+    if hi > lo:
+        out[..., lo - c: hi - c] = tensor[..., lo - a: hi - a]
+    return out
 
 
 def on_heads(pattern: torch.Tensor, heads: torch.Tensor | None, inplace: bool,
@@ -383,7 +426,13 @@ def in_float32(fn: HookFn) -> HookFn:
         limits = torch.finfo(tensor.dtype)  # a masked score stays finite (an -inf row would be NaN)
         return out.clamp_(limits.min, limits.max).to(tensor.dtype)
 
+    return _described_like(hook, fn)
+
+
+def _described_like(hook: HookFn, fn: HookFn) -> HookFn:
+    """``hook`` carrying ``fn``'s name and attributes (what the streaming engine reads of a stage)."""
     hook.__name__ = getattr(fn, "__name__", "tokext_intervention")
+    hook.__dict__.update(getattr(fn, "__dict__", {}))
     return hook
 
 
@@ -392,8 +441,7 @@ def _counted(fn: HookFn, fired: Counter, index: int) -> HookFn:
         fired[index] += 1
         return fn(tensor, hook)
 
-    hook.__name__ = getattr(fn, "__name__", "tokext_intervention")
-    return hook
+    return _described_like(hook, fn)
 
 
 # ---------------------------------------------------------------------- validation helpers

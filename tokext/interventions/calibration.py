@@ -12,7 +12,8 @@ a sliding-window layer.
 
 In KV-cached decoding the column means are accumulated over every query seen so far in the
 generation, so a decode row uses the sinks of the whole sequence, as the last row of a full
-recompute does. Cached and recomputed generation still differ when a calibrated layer feeds a
+recompute does. The streaming engine runs it in two passes over a layer's query blocks (column
+means first, calibration second), which costs a second computation of that layer's scores. Cached and recomputed generation still differ when a calibrated layer feeds a
 later one: recomputing re-calibrates earlier rows as ``S`` changes, which changes the keys and
 values of later layers. With only last-layer heads calibrated they agree exactly (tested).
 """
@@ -63,28 +64,35 @@ class SinkCalibration(Intervention):
     def _hook(self, layer: int, heads: list[int] | None, ctx: RunContext) -> Callable:
         name = pattern_hook_name(layer)
         tau, beta, exclude_first = self.tau, self.beta, self.exclude_first
+        # received mass and the number of real queries seeing each position, over the sequence so far
         acc: dict[str, torch.Tensor | None] = {"column": None, "count": None}
 
-        def calibrate(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
-            batch, _, n_q, n_k = pattern.shape
+        def observe(sub: torch.Tensor, pattern: torch.Tensor) -> None:
+            """Fold these rows' received mass into the sums (a new call extends those of the cached keys)."""
+            batch = pattern.shape[0]
             total = ctx.total(pattern)
-            past, first_key = total - n_q, total - n_k
-            index = head_index(heads, pattern.device)
-            sub = pattern if index is None else pattern.index_select(1, index)
+            n_call = ctx.block.n_queries if ctx.block is not None else pattern.shape[-2]
+            past = total - n_call
+            if ctx.block is None or ctx.block.q_start == 0:  # the first rows of a forward pass
+                old_column, old_count = acc["column"], acc["count"]
+                if past > 0 and old_column is not None and old_column.shape == (batch, sub.shape[1], past):
+                    acc["column"] = torch.nn.functional.pad(old_column, (0, n_call))
+                    acc["count"] = torch.nn.functional.pad(old_count, (0, n_call))
+                else:
+                    acc["column"] = sub.new_zeros(batch, sub.shape[1], total)
+                    acc["count"] = sub.new_zeros(batch, total)
             real_q = ctx.real_queries(pattern)
             if real_q is None:
                 column = sub.sum(2)  # [batch, head, key]: received mass from the real queries
             else:  # a batched vector-matrix product: no pattern-sized temporary
                 column = torch.matmul(real_q[:, None, None, :].to(sub.dtype), sub).squeeze(2)
-            count = ctx.visible(pattern, layer).sum(1).to(sub.dtype).expand(batch, n_k)  # real queries seeing k
-            # accumulated over the whole sequence so far, by position (a window cache shows only its keys)
-            column = torch.nn.functional.pad(column, (first_key, 0))
-            count = torch.nn.functional.pad(count, (first_key, 0))
-            old_column, old_count = acc["column"], acc["count"]
-            if past > 0 and old_column is not None and old_column.shape == (*column.shape[:2], past):
-                column = column + torch.nn.functional.pad(old_column, (0, n_q))
-                count = count + torch.nn.functional.pad(old_count, (0, n_q))
-            acc["column"], acc["count"] = column, count
+            keys = ctx.key_positions(pattern)
+            acc["column"][..., keys] += column
+            acc["count"][:, keys] += ctx.visible(pattern, layer).sum(1).to(sub.dtype).expand(batch, -1)
+
+        def sinks_of(pattern: torch.Tensor) -> torch.Tensor:
+            """Bool [batch, head, key]: the hidden sinks among this pattern's keys."""
+            column, count = acc["column"], acc["count"]
             received = column / torch.where(count > 0, count, 1.0)[:, None]
             sinks = received > tau  # [batch, head, position]
             real = ctx.sequence_mask(pattern)
@@ -92,15 +100,27 @@ class SinkCalibration(Intervention):
                 sinks &= real[:, None]
             if exclude_first:  # ACT keeps the first position above tau
                 sinks.scatter_(2, sinks.to(torch.int8).argmax(2, keepdim=True), False)
-            sinks = sinks[..., first_key:]
+            return sinks[..., ctx.key_positions(pattern)]
+
+        def calibrate(pattern: torch.Tensor, hook: Any) -> torch.Tensor | None:
+            phase = ctx.block.phase if ctx.block is not None else "both"
+            index = head_index(heads, pattern.device)
+            sub = pattern if index is None else pattern.index_select(1, index)
+            if phase in ("both", "observe"):
+                observe(sub, pattern)
+            if phase == "observe":
+                return None
             owned = index is not None and not (torch.is_grad_enabled() and pattern.requires_grad)
-            edited = calibrate_rows(sub, sinks[:, :, None, :], beta, inplace=owned or ctx.inplace_ok(name, pattern))
+            edited = calibrate_rows(sub, sinks_of(pattern)[:, :, None, :], beta,
+                                    inplace=owned or ctx.inplace_ok(name, pattern))
             if index is None:
                 return edited
             if ctx.inplace_ok(name, pattern):
                 return pattern.index_copy_(1, index, edited)
             return pattern.index_copy(1, index, edited)
 
+        # the streaming engine shows it every block twice: first to observe, then to calibrate
+        calibrate.stream_two_pass, calibrate.stream_replayable = True, False  # type: ignore[attr-defined]
         return calibrate
 
 

@@ -24,7 +24,7 @@ import torch
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
 from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, as_int_tuple, check_bool, check_number, is_int, rescale_rows,
+    Hooks, Intervention, RunContext, align_keys, as_int_tuple, check_bool, check_number, is_int, rescale_rows,
 )
 
 
@@ -97,16 +97,18 @@ class EarlyLayerEmulation(Intervention):
         source = resolve_layers(model, self.source_layer)[0]
         horizon = self.resolved_horizon(model)
         last = max(layers)
-        state: dict[str, torch.Tensor | None] = {"mask": None}
+        state: dict[str, Any] = {"mask": None, "keys": None}
         threshold, exclude_self = self.threshold, self.exclude_self
 
         def record_mask(pattern: torch.Tensor, hook: Any) -> None:
             # kept as 0/1 in the pattern's dtype: with a Bool operand every later layer's addcmul
             # casts element by element instead of running vectorised
             mask = (pattern > threshold).to(pattern.dtype)
-            if exclude_self:  # the key at the query's own absolute position: offset past = key - query
-                mask.diagonal(offset=pattern.shape[-1] - pattern.shape[-2], dim1=-2, dim2=-1).fill_(0)
-            state["mask"] = mask
+            if exclude_self:  # the key at the query's own position
+                mask.diagonal(offset=ctx.diagonal_offset(pattern), dim1=-2, dim2=-1).fill_(0)
+            state["mask"], state["keys"] = mask, ctx.key_positions(pattern)
+
+        record_mask.stream_id = record_mask  # type: ignore[attr-defined]  (what the streaming engine replays)
 
         def make_boost(layer: int) -> Any:
             gain = self.factor(layer, horizon)
@@ -120,7 +122,7 @@ class EarlyLayerEmulation(Intervention):
                 if layer == last:
                     state["mask"] = None  # keep no mask alive between forward passes
                 if mask is not None and mask.shape[:-1] == pattern.shape[:-1]:
-                    mask = _align_keys(mask, pattern.shape[-1])
+                    mask = align_keys(mask, state["keys"], ctx.key_positions(pattern))
                 if mask is None or mask.shape != pattern.shape:
                     raise InterventionNotAppliedError(
                         f"{self!r}: layer {layer} ran without the source layer {source}'s mask for this "
@@ -136,19 +138,11 @@ class EarlyLayerEmulation(Intervention):
                     edited = rescale_rows(edited, original, True)
                 return edited
 
+            if not self.uniform:
+                boost.stream_source, boost.stream_recorder = source, record_mask  # type: ignore[attr-defined]
             return boost
 
         hooks: Hooks = [] if self.uniform else [(pattern_hook_name(source), record_mask)]
         hooks += [(pattern_hook_name(layer), make_boost(layer)) for layer in layers]
         return hooks
 
-
-def _align_keys(mask: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """``mask`` [..., key] over another layer's keys: both end at the newest position, so the last
-    keys are shared; keys the source layer did not keep (outside its window cache) are 0."""
-    have = mask.shape[-1]
-    if have == n_keys:
-        return mask
-    if have > n_keys:
-        return mask[..., have - n_keys:]
-    return torch.nn.functional.pad(mask, (n_keys - have, 0))

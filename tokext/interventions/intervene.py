@@ -11,12 +11,15 @@ in next-token loss.
 from __future__ import annotations
 
 from collections import Counter
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from tokext.attention.engines.choose import DEFAULT_BUDGET, choose_engine
+from tokext.attention.engines.streaming import active_engine, stages_from_hooks, streaming
 from tokext.errors import InputError, InterventionNotAppliedError
 from tokext.models.hooks import HookFn, HookRun, attached, capture_inputs
 from tokext.models.inputs import Inputs, batches, encode, pad_id
@@ -29,9 +32,10 @@ class InterventionRun:
     """Handle of an :func:`intervene` block: what fired, and how often."""
 
     interventions: tuple[Intervention, ...]
-    fired: Counter = field(default_factory=Counter)  # intervention index -> hook calls
+    fired: Counter = field(default_factory=Counter)  # intervention index -> hook calls (blocks, when streaming)
     forwards: int = 0
     hooks: HookRun | None = None
+    engine: str = "hooks"
 
     def summary(self) -> dict[str, int]:
         """Hook calls per intervention (by repr)."""
@@ -39,12 +43,19 @@ class InterventionRun:
 
 
 @contextmanager
-def intervene(model: Any, *interventions: Intervention) -> Iterator[InterventionRun]:
+def intervene(model: Any, *interventions: Intervention, engine: str = "hooks", length: int | None = None,
+              budget: int = DEFAULT_BUDGET) -> Iterator[InterventionRun]:
     """Apply ``interventions`` (in order) to every forward pass inside the block.
 
     Works for plain forward passes, ``run_with_cache`` and ``model.generate`` (prefill and every
     KV-cached decode step), at any batch size; a 2-D ``attention_mask`` passed to the model marks
     padding. Nested blocks compose: the outer block's interventions act first.
+
+    ``engine``: ``"hooks"`` (TransformerLens's eager attention; a user's own ``hook_pattern``
+    hooks keep working), ``"streaming"`` (the model's own attention, one block of queries at a
+    time: no [T, T] pattern is held; :mod:`tokext.attention.engines.streaming`) or ``"auto"``
+    (streaming when one layer's eager patterns for inputs of ``length`` tokens, default the model's
+    context, would exceed ``budget`` bytes). Plain ``model(tokens)`` calls inside the block use it.
 
     >>> from tokext.models import native_model
     >>> from tokext.interventions import AttentionTemperature
@@ -56,15 +67,32 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Intervention
     2
     """
     validate(model, interventions, "intervene")
+    chosen = choose_engine(model, engine, length=length if length is not None else int(model.cfg.n_ctx),
+                           budget=budget)
     run = InterventionRun(interventions=tuple(interventions))
     with capture_inputs(model) as inputs:
-        ctx = RunContext(inputs, shared_points=set(), strict=True, layout=model_layout(model))
+        outer = active_engine(model)
+        ctx = RunContext(inputs, shared_points=set(), strict=True, layout=model_layout(model),
+                         enclosing_points=set() if outer is None else _engine_points(outer))
+        if outer is not None:
+            chosen = "streaming"  # an enclosing streaming block runs every forward pass
         hooks = bind(model, interventions, ctx, run.fired)
-        ctx.shared_points = {name for name, _ in hooks if name in model.hook_dict and model.hook_dict[name].fwd_hooks}
+        if chosen == "hooks":
+            ctx.shared_points = {name for name, _ in hooks if name in model.hook_dict and model.hook_dict[name].fwd_hooks}
+            attention, others = hooks, []
+        else:
+            attention = [(n, f) for n, f in hooks if n.endswith(("attn.hook_pattern", "attn.hook_attn_scores"))]
+            others = [(n, f) for n, f in hooks if (n, f) not in attention]
         if interventions and FORWARD_HOOK in model.hook_dict:
-            hooks.append((FORWARD_HOOK, _forward_counter(run)))
-        with attached(model, hooks) as hook_run:
-            run.hooks = hook_run
+            others.append((FORWARD_HOOK, _forward_counter(run)))
+        with contextlib.ExitStack() as stack:
+            if chosen == "hooks":
+                run.hooks = stack.enter_context(attached(model, attention + others))
+            else:
+                run.hooks = stack.enter_context(attached(model, others))
+                stack.enter_context(streaming(model, stages_from_hooks(attention), _block_setter(ctx),
+                                              budget=budget))
+            run.engine = chosen
             yield run
             silent = [repr(iv) for i, iv in enumerate(interventions) if run.fired[i] == 0]
             if run.forwards and silent:
@@ -73,6 +101,19 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Intervention
                     "fired (stop_at_layer before the edited layers, or a model whose attention never "
                     "calls hook_pattern?)"
                 )
+
+
+def _block_setter(ctx: RunContext) -> Any:
+    """Tell the run's context where the streaming engine's block lies."""
+    def on_block(geometry: Any) -> None:
+        ctx.block = geometry
+
+    return on_block
+
+
+def _engine_points(engine: Any) -> set[str]:
+    """Hook names of the layers whose pattern an enclosing streaming block already edits."""
+    return {f"blocks.{layer}.attn.hook_pattern" for layer in range(engine.info.n_layers) if engine.chain(layer).pattern}
 
 
 def _forward_counter(run: InterventionRun) -> HookFn:

@@ -19,7 +19,8 @@ import torch
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
 from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, head_index, head_selection, is_int, model_layout,
+    Hooks, Intervention, RunContext, align_keys, as_head_pairs, as_int_tuple, head_index, head_selection, is_int,
+    model_layout,
 )
 
 
@@ -67,10 +68,13 @@ class PatternPatch(Intervention):
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
         source, selection = self._plan(model)
         last = max(selection)
-        state: dict[str, torch.Tensor | None] = {"pattern": None}
+        state: dict[str, Any] = {"pattern": None, "keys": None}
 
         def record(pattern: torch.Tensor, hook: Any) -> None:
             state["pattern"] = pattern.detach().clone()  # later in-place edits must not reach it
+            state["keys"] = ctx.key_positions(pattern)
+
+        record.stream_id = record  # type: ignore[attr-defined]  (what the streaming engine replays)
 
         def make_patch(layer: int, heads: list[int] | None) -> Any:
             name = pattern_hook_name(layer)
@@ -79,6 +83,8 @@ class PatternPatch(Intervention):
                 saved = state["pattern"]
                 if layer == last:
                     state["pattern"] = None
+                if saved is not None and saved.shape[:-1] == pattern.shape[:-1]:
+                    saved = align_keys(saved, state["keys"], ctx.key_positions(pattern))
                 if saved is None or saved.shape != pattern.shape:
                     raise InterventionNotAppliedError(
                         f"{self!r}: layer {layer} ran without layer {source}'s pattern of the same forward pass")
@@ -90,6 +96,7 @@ class PatternPatch(Intervention):
                     return pattern.index_copy_(1, index, saved.index_select(1, index))
                 return pattern.index_copy(1, index, saved.index_select(1, index))
 
+            patch.stream_source, patch.stream_recorder = source, record  # type: ignore[attr-defined]
             return patch
 
         hooks: Hooks = [(pattern_hook_name(source), record)]

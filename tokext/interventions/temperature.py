@@ -107,7 +107,8 @@ class AttentionTemperature(Intervention):
         """Whether hooks on ``layer``'s pattern must run before this temperature."""
         name = pattern_hook_name(layer)
         point = getattr(model, "hook_dict", {}).get(name)
-        return name in ctx.earlier_points or bool(point is not None and point.fwd_hooks)
+        return (name in ctx.earlier_points or name in ctx.enclosing_points
+                or bool(point is not None and point.fwd_hooks))
 
     def _scores_hook(self, model: Any, layer: int, heads: list[int] | None, ctx: RunContext) -> Callable:
         """``scores / T`` before the softmax: the same pattern as :func:`tempered` at the cost of

@@ -44,6 +44,7 @@ class ModelInfo:
     prepend_bos: bool
     attention: AttentionLayout | None = None
     bos_token: str | None = None
+    first_special: str | None = None  # a special token the tokenizer puts first without a BOS ([CLS])
     pattern_edit_lands: dict[int, bool] | None = None
     score_edit_lands: dict[int, bool] | None = None
     notes: list[str] = field(default_factory=list)
@@ -57,6 +58,8 @@ class ModelInfo:
         """How text is encoded by default, for tables and metadata (``"no BOS (tokenizer default)"``)."""
         if self.prepend_bos:
             return f"BOS {self.bos_token or ''} prepended (tokenizer default)".replace("  ", " ")
+        if self.first_special:
+            return f"no BOS, {self.first_special} first (tokenizer default)"
         return "no BOS (tokenizer default)"
 
     @property
@@ -85,6 +88,7 @@ def model_info(model: Any) -> ModelInfo:
             prepend_bos=tokenizer_adds_bos(tok),
             attention=_layout_of(model),
             bos_token=getattr(tok, "bos_token", None) if tok is not None else None,
+            first_special=first_special_token(tok),
         )
         _INFO[model] = info
     return info
@@ -103,6 +107,17 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
         return False
     ids = tokenizer("a").input_ids
     return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def first_special_token(tokenizer: Any) -> str | None:
+    """The special token ``tokenizer`` puts first by default, other than BOS (BERT's [CLS]), or None."""
+    if tokenizer is None:
+        return None
+    ids = tokenizer("a").input_ids
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if ids and ids[0] in special and ids[0] != tokenizer.bos_token_id:
+        return tokenizer.convert_ids_to_tokens(ids[0])
+    return None
 
 
 def register(model: Any, info: ModelInfo) -> None:

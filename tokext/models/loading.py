@@ -21,7 +21,7 @@ import torch
 from tokext.errors import TokextWarning, UnknownModelError
 from tokext.models.architectures import family_of, layout_from_config
 from tokext.models.gguf import converted_gguf_dir
-from tokext.models.info import ModelInfo, model_info, register, tokenizer_adds_bos
+from tokext.models.info import ModelInfo, first_special_token, model_info, register, tokenizer_adds_bos
 from tokext.models.probes import check_pattern_edits, require_pattern_edits
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -151,6 +151,7 @@ def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, sou
         prepend_bos=own_bos,
         attention=layout_from_config(hf_model.config, int(bridge.cfg.n_layers)),
         bos_token=tokenizer.bos_token,
+        first_special=first_special_token(tokenizer),
     )
     _keep_own_bos_default(bridge, own_bos, info)
     if not info.attention.known:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokext.attention.collect import collect_attention_stats
-from tokext.models.info import model_info
-from tokext.models.loading import DEFAULT_MODEL, load_model
-from tokext.evaluation.prompts import load_prompts
+from tokext.attention.protocols import resolve_protocol
 from tokext.attention.stats import AttentionStats
+from tokext.errors import InputError, TokextWarning
+from tokext.evaluation.prompts import load_prompts
+from tokext.models.info import model_info
+from tokext.models.inputs import encode
+from tokext.models.loading import DEFAULT_MODEL, load_model
 
 
 @dataclass
@@ -42,24 +46,43 @@ def analyze(
     batch_size: int = 8,
     max_len: int | None = None,
     progress: bool = True,
+    protocol: str | None = None,
 ) -> AnalyzeResult:
     """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge.
 
-    The prompts are read and checked before the model is loaded, so a bad ``data`` file fails
-    at once with a :class:`tokext.errors.DataFileError` instead of after a full model load.
-    Returns the statistics, the output directory (``out``, default
+    The prompts and the protocol are read and checked before the model is loaded, so a bad
+    ``data`` file fails at once with a :class:`tokext.errors.DataFileError` instead of after a full
+    model load. ``protocol="gu2024"`` measures as Gu et al. 2024 did; prompts shorter than its 64
+    tokens are left out with a :class:`~tokext.errors.TokextWarning` saying how many (so use long
+    texts, e.g. ``data="mmlu"``). Returns the statistics, the output directory (``out``, default
     ``results/analyze/<model name>/``), the files written and the collection time in seconds.
     """
-    prompts = load_prompts(data, n)
+    rules = resolve_protocol(protocol)
+    prompts = load_prompts(data, None if rules else n)
     bridge = load_model(model) if isinstance(model, str) else model
+    if rules is not None:
+        prompts = _long_enough(bridge, prompts, rules.length, n)
     started = time.perf_counter()
     stats = collect_attention_stats(bridge, prompts, batch_size=batch_size, max_len=max_len,
-                                    progress=progress, dataset=str(data or "builtin"))
+                                    progress=progress, dataset=str(data or "builtin"), protocol=protocol)
     seconds = time.perf_counter() - started
     info = model_info(bridge)
     out_dir = Path(out) if out is not None else default_out_dir(info.name)
     files = write_outputs(stats, out_dir)
     return AnalyzeResult(stats=stats, out_dir=out_dir, files=files, seconds=seconds)
+
+
+def _long_enough(model: Any, prompts: list[str], length: int, n: int | None) -> list[str]:
+    """The first ``n`` prompts that encode to at least ``length`` tokens; warns when some are left out."""
+    kept = [p for p, ids in zip(prompts, encode(model, prompts)) if ids.numel() >= length]
+    if not kept:
+        raise InputError(f"none of the {len(prompts)} prompts has the {length} tokens the protocol needs: "
+                         "pass longer texts (e.g. --data mmlu)")
+    kept = kept[:n] if n is not None else kept
+    if len(kept) < (n if n is not None else len(prompts)):
+        warnings.warn(f"the protocol needs {length} tokens: using {len(kept)} of {len(prompts)} prompts "
+                      f"(the others are shorter)", TokextWarning, stacklevel=3)
+    return kept
 
 
 def write_outputs(stats: AttentionStats, out_dir: Path) -> list[Path]:
@@ -87,10 +110,28 @@ def write_outputs(stats: AttentionStats, out_dir: Path) -> list[Path]:
 
 
 def format_table(stats: AttentionStats) -> str:
-    """The per-layer table printed by ``tokext analyze``."""
+    """The per-layer table printed by ``tokext analyze``.
+
+    Every table says how text was encoded (BOS) and under which protocol. An encoder's first and
+    last real tokens are its [CLS] and [SEP] (named from the tokenizer), so both get a column; a
+    model with learned sink logits gets the sink's share.
+    """
+    meta = stats.metadata
     summary = stats.layer_summary()
-    lines = [f"{'layer':>5}  {'first-token mass':>16}  {'entropy':>7}  {'sink rate %':>11}"]
+    encoder = bool(meta.get("encoder"))
+    columns = [("first_token_mass", f"{meta.get('cls_token') or 'first-token'} mass" if encoder else "first-token mass")]
+    if encoder:
+        columns.append(("last_token_mass", f"{meta.get('sep_token') or 'last-token'} mass"))
+    if stats.has_learned_sinks:
+        columns.append(("learned_sink_mass", "learned-sink mass"))
+    columns += [("entropy", "entropy"), ("sink_rate", "sink rate %")]
+    per_sequence = stats._per_sequence_default(None)
+    lines = [f"{meta.get('model')} ({meta.get('family', 'unknown family')}): {meta.get('bos')}, "
+             f"protocol {meta.get('protocol', 'default')}, {stats.n_sequences} sequences",
+             "  ".join([f"{'layer':>5}"] + [f"{label:>{max(len(label), 7)}}" for _, label in columns])]
     for row in summary.itertuples(index=False):
-        lines.append(f"{row.layer:>5}  {row.first_token_mass:>16.3f}  {row.entropy:>7.3f}  {row.sink_rate:>11.1f}")
-    lines.append(f"overall sink rate (eps=0.3, position 0): {stats.sink_rate():.1f}% of (layer, head) pairs")
+        cells = [f"{getattr(row, key):>{max(len(label), 7)}.{1 if key == 'sink_rate' else 3}f}" for key, label in columns]
+        lines.append("  ".join([f"{row.layer:>5}"] + cells))
+    how = "each sequence's alpha thresholded, then averaged" if per_sequence else "sequence-averaged alpha thresholded"
+    lines.append(f"overall sink rate (eps=0.3, position 0, {how}): {stats.sink_rate():.1f}% of (layer, head) pairs")
     return "\n".join(lines)

@@ -1,0 +1,465 @@
+"""The streaming attention engine: the model's own attention code, one block of query rows at a time.
+
+Why this design. Attention is computed by the Hugging Face attention modules that the
+TransformerLens bridge wraps (``blocks.{l}.attn.original_component``), so RoPE, q/k norms, GQA,
+softcapping, sliding-window caches and learned sinks are transformers' own code, with one copy of
+the weights. For the duration of an :class:`StreamingEngine` block:
+
+- each attention bridge's ``forward`` calls its wrapped module instead of TransformerLens's eager
+  reimplementation;
+- the model's ``config._attn_implementation`` names an attention function registered through
+  transformers' ``AttentionInterface``: it receives the projected queries, keys (cache included)
+  and values, and computes ``softmax(q k^T)`` for one block of query rows at a time, over the keys
+  those rows can see (the layer's :class:`~tokext.models.architectures.LayerAttention`), hands the
+  block to the layer's stages (interventions) and observers (statistics), multiplies it by the
+  values and drops it. Peak memory per layer is O(batch x heads x block x T); the block's rows
+  adapt to a memory budget.
+- an ``AttentionMaskInterface`` function under the same name replaces transformers' 4-D mask with
+  the 2-D padding mask, shaped ``[batch, 1, 1, key]``: positions and padding are enough, and no
+  [T, T] mask is built.
+
+What needs more than one block:
+
+- a two-pass stage (ACT's column means) sees every block of the layer once with
+  ``geometry.phase == "observe"`` before a second pass applies it (``"apply"``): twice the layer's
+  attention scores;
+- a stage that reads another layer's pattern (early-layer emulation's mask, a pattern patch) has
+  that layer's queries and keys kept (O(T x d) per head) and its block for the same rows computed
+  again, replaying that layer's stages up to the one that records it.
+
+Models whose attention does not go through ``AttentionInterface`` (Bloom, MPT: ALiBi written inline)
+are refused, as are user hooks on ``hook_pattern`` / ``hook_attn_scores``, which would never fire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from tokext.attention.engines.choose import DEFAULT_BUDGET
+from tokext.attention.masks import sees
+from tokext.errors import InputError, InterventionNotAppliedError, UneditableAttentionError
+from tokext.models.architectures import LayerAttention
+from tokext.models.info import model_info
+
+NAME = "tokext_streaming"
+_BLOCK_FACTOR = 4  # scores, probabilities and two temporaries of a block, in fp32
+_ACTIVE: list["StreamingEngine"] = []
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Where a block lies: rows ``q_start:q_stop`` of the call's ``n_queries`` queries, columns
+    ``k_start:k_stop`` of the layer's ``n_keys`` keys (the queries are the keys' last positions)."""
+
+    layer: int
+    q_start: int
+    q_stop: int
+    n_queries: int
+    k_start: int
+    k_stop: int
+    n_keys: int
+    phase: str = "apply"  # "observe": the first pass of a two-pass stage
+
+
+Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class Stage:
+    """One step of a layer's chain: ``fn(block) -> replacement or None``.
+
+    ``two_pass``: ``fn`` first sees every block of the layer with ``phase="observe"`` (its result
+    ignored), then again with ``phase="apply"``. ``source``/``recorder``: ``fn`` needs what the stage
+    ``recorder`` of layer ``source`` recorded for the same rows. ``replayable``: ``fn`` is a pure
+    function of the block (it may run again on a recomputed block).
+    """
+
+    fn: Edit
+    two_pass: bool = False
+    replayable: bool = True
+    source: int | None = None
+    recorder: Edit | None = None
+
+
+@dataclass
+class LayerChain:
+    """What runs on one layer's blocks: score stages (masked, softcapped scores, before the softmax
+    and before a learned sink's column joins it), pattern stages (probabilities), observers
+    (``observe(block, geometry)`` after every stage) and ``finish`` callbacks after the last block."""
+
+    scores: list[Stage] = field(default_factory=list)
+    pattern: list[Stage] = field(default_factory=list)
+    observers: list[Callable[[torch.Tensor, BlockGeometry], None]] = field(default_factory=list)
+    finish: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass
+class _Stored:
+    """A layer's queries and keys of the call, kept for a later layer's stage (O(T x d) per head)."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    sinks: torch.Tensor | None
+    padding: torch.Tensor | None
+    scaling: float
+    softcap: float | None
+
+
+class StreamingEngine:
+    """Run ``model``'s forward passes with streaming attention while :meth:`active` lasts.
+
+    What runs on each layer's blocks is added and removed in nested parts (:meth:`adding`): an
+    ``intervene`` block adds its interventions' stages, a statistics collection its observers, in
+    the order they are entered. ``on_block(geometry)`` listeners are told where each block lies
+    before its stages run (``None`` after a layer). ``budget``: bytes a block may hold;
+    ``block_rows`` fixes the rows per block instead.
+    """
+
+    def __init__(self, model: Any, *, budget: int = DEFAULT_BUDGET, block_rows: int | None = None):
+        self.model = model
+        self.info = model_info(model)
+        self.budget = int(budget)
+        self.block_rows = block_rows
+        self.calls: dict[int, int] = {}  # layer -> attention calls seen (every layer must be reached)
+        self._parts: list[tuple[dict[int, LayerChain], Callable[[BlockGeometry | None], None] | None]] = []
+        self._stored: dict[int, _Stored] = {}
+        self._layer_of: dict[int, int] = {}
+        self._merged: dict[int, LayerChain] = {}
+
+    def chain(self, layer: int) -> LayerChain:
+        """Everything that runs on ``layer``'s blocks, in the order the parts were added."""
+        return self._merged.get(layer, _EMPTY)
+
+    def _merge(self) -> None:
+        merged: dict[int, LayerChain] = {}
+        for chains, _ in self._parts:
+            for layer, part in chains.items():
+                chain = merged.setdefault(layer, LayerChain())
+                chain.scores += part.scores
+                chain.pattern += part.pattern
+                chain.observers += part.observers
+                chain.finish += part.finish
+        self._merged = merged
+        self._sources = {stage.source for chain in merged.values() for stage in chain.pattern
+                         if stage.source is not None}
+
+    def on_block(self, geometry: BlockGeometry | None) -> None:
+        for _, listener in self._parts:
+            if listener is not None:
+                listener(geometry)
+
+    # ------------------------------------------------------------------ installing
+
+    def check(self) -> None:
+        """Refuse what the engine cannot run exactly, before anything is installed."""
+        if self.block_rows is not None and self.block_rows < 1:
+            raise InputError(f"block_rows must be at least 1, got {self.block_rows}")
+        config = getattr(getattr(self.model, "original_model", None), "config", None)
+        if config is None:
+            raise UneditableAttentionError(
+                f"{self.info.name}: the streaming engine runs the attention of a Hugging Face model wrapped by "
+                "TransformerLens, and this model wraps none (a TransformerLens-native model): use engine='hooks'")
+        family = self.info.attention.family
+        if family in ("Bloom", "MPT"):
+            raise UneditableAttentionError(
+                f"{self.info.name} ({family}): its attention adds ALiBi inline instead of calling transformers' "
+                "AttentionInterface, so the streaming engine cannot run it: use engine='hooks'")
+        foreign = [name for name, point in self.model.hook_dict.items()
+                   if name.endswith(("attn.hook_pattern", "attn.hook_attn_scores")) and point.fwd_hooks]
+        if foreign:
+            raise InputError(f"hooks are attached to {foreign[:3]}{' ...' if len(foreign) > 3 else ''}: the streaming "
+                             "engine never materialises hook_pattern, so they would not fire; remove them or use "
+                             "engine='hooks'")
+        for layer, chain in self._merged.items():
+            if len([stage for stage in chain.pattern if stage.two_pass]) > 1:
+                raise InputError(f"layer {layer}: two interventions need a first pass over the whole layer "
+                                 "(e.g. two SinkCalibrations); the streaming engine runs one: use engine='hooks'")
+            for stage in chain.pattern:
+                if stage.source is not None:
+                    self._check_replay(layer, stage)
+
+    def _check_replay(self, layer: int, stage: Stage) -> None:
+        chain = self.chain(stage.source)
+        recorders = [s.fn for s in chain.pattern]
+        if stage.recorder not in recorders:
+            raise InputError(f"layer {layer} reads layer {stage.source}'s pattern, which nothing there records")
+        before = chain.scores + chain.pattern[: recorders.index(stage.recorder)]
+        if any(not s.replayable for s in before):
+            raise InputError(f"layer {layer} reads layer {stage.source}'s pattern after an intervention there that "
+                             "keeps state across rows (SinkCalibration); the streaming engine cannot recompute it: "
+                             "list the reading intervention first, or use engine='hooks'")
+
+    @contextlib.contextmanager
+    def adding(self, chains: dict[int, LayerChain] | None = None,
+               on_block: Callable[[BlockGeometry | None], None] | None = None) -> Iterator["StreamingEngine"]:
+        """Run ``chains`` (after those added before) and tell ``on_block`` for the duration."""
+        part = (chains or {}, on_block)
+        self._parts.append(part)
+        try:
+            self._merge()
+            self.check()
+            yield self
+        finally:
+            self._parts = [p for p in self._parts if p is not part]
+            self._merge()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["StreamingEngine"]:
+        """Install the engine for the block; everything is restored on exit, also on error."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        self._merge()
+        self.check()
+        AttentionInterface.register(NAME, _attention)
+        AttentionMaskInterface.register(NAME, _padding_mask)
+        configs = _configs(self.model.original_model)
+        saved = [(c, c._attn_implementation) for c in configs]
+        swapped = []
+        try:
+            for layer, block in enumerate(self.model.blocks):
+                bridge = block.attn
+                wrapped = bridge.original_component
+                for module in wrapped.modules():
+                    self._layer_of[id(module)] = layer
+                object.__setattr__(bridge, "forward", _calling(wrapped))  # the bridge's __setattr__ forwards
+                swapped.append(bridge)
+            for config, _ in saved:
+                config._attn_implementation = NAME
+            _ACTIVE.append(self)
+            yield self
+        finally:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
+            for config, value in saved:
+                config._attn_implementation = value
+            for bridge in swapped:
+                object.__delattr__(bridge, "forward")
+            self._stored.clear()
+
+    def require_every_layer(self) -> None:
+        """Raise unless every layer's attention went through the engine."""
+        missing = [layer for layer in range(self.info.n_layers) if not self.calls.get(layer)]
+        if missing:
+            raise InterventionNotAppliedError(
+                f"{self.info.name}: layers {missing} did not call transformers' AttentionInterface, so the streaming "
+                "engine never saw them: use engine='hooks'")
+
+    # ------------------------------------------------------------------ one attention call
+
+    def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None) -> torch.Tensor:
+        """Blocked attention of one layer; returns ``[batch, query, head, d]`` as transformers expects."""
+        layer = self._layer_of.get(id(module))
+        if layer is None:
+            raise InterventionNotAppliedError(f"an attention module the engine does not know ran: {type(module).__name__}")
+        self.calls[layer] = self.calls.get(layer, 0) + 1
+        groups = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+        padding = None if attention_mask is None else (attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2)
+        stored = _Stored(query=query, key=key, sinks=getattr(module, "sinks", None), padding=padding,
+                         scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+                         softcap=float(softcap) if softcap else None)
+        if layer in self._sources:
+            self._stored[layer] = stored
+        chain = self.chain(layer)
+        batch, heads, n_q, dim = query.shape
+        out = torch.empty(batch, heads, n_q, value.shape[-1], dtype=value.dtype, device=value.device)
+        rows = self._rows(batch, heads, key.shape[2])
+        two_pass = next((i for i, s in enumerate(chain.pattern) if s.two_pass), None)
+        try:
+            if two_pass is not None:
+                for start in range(0, n_q, rows):
+                    self._probs(layer, stored, start, min(n_q, start + rows), chain, two_pass + 1, phase="observe")
+            for start in range(0, n_q, rows):
+                stop = min(n_q, start + rows)
+                probs, geometry = self._probs(layer, stored, start, stop, chain, len(chain.pattern))
+                for observe in chain.observers:
+                    observe(probs, geometry)
+                out[:, :, start:stop] = probs.to(value.dtype) @ value[:, :, geometry.k_start:geometry.k_stop]
+        finally:
+            self.on_block(None)
+        for finish in chain.finish:
+            finish()
+        return out.transpose(1, 2).contiguous()
+
+    def _rows(self, batch: int, heads: int, n_keys: int) -> int:
+        if self.block_rows is not None:
+            return self.block_rows
+        per_row = batch * heads * n_keys * 4 * _BLOCK_FACTOR
+        if per_row > self.budget:
+            raise InputError(f"memory budget of {self.budget} bytes is too small for one query row "
+                             f"({per_row} bytes for {batch} x {heads} heads x {n_keys} keys): raise the budget")
+        return max(1, self.budget // per_row)
+
+    def _probs(self, layer: int, stored: _Stored, start: int, stop: int, chain: LayerChain,
+               upto: int, phase: str = "apply") -> tuple[torch.Tensor, BlockGeometry]:
+        """Probabilities of rows ``start:stop`` after the score stages and the first ``upto`` pattern stages."""
+        attention = self.info.attention[layer]
+        n_q, n_k = stored.query.shape[2], stored.key.shape[2]
+        lo, hi = _key_range(attention, n_k - n_q + start, n_k - n_q + stop - 1, n_k)
+        geometry = BlockGeometry(layer, start, stop, n_q, lo, hi, n_k, phase)
+        scores = stored.query[:, :, start:stop] @ stored.key[:, :, lo:hi].transpose(-1, -2) * stored.scaling
+        if stored.softcap is not None:
+            scores = torch.tanh(scores / stored.softcap) * stored.softcap
+        reach = sees(torch.arange(n_k - n_q + start, n_k - n_q + stop, device=scores.device),
+                     torch.arange(lo, hi, device=scores.device), attention)[None]
+        if stored.padding is not None:
+            reach = reach & stored.padding[:, None, lo:hi]
+        scores = scores.masked_fill(~reach[:, None], torch.finfo(scores.dtype).min)
+        self.on_block(geometry)
+        for stage in chain.scores:
+            scores = _applied(stage.fn, scores)
+        if stored.sinks is not None:  # the learned sink logit joins the softmax and is dropped after it
+            column = stored.sinks.reshape(1, -1, 1, 1).to(scores).expand(*scores.shape[:-1], 1)
+            combined = torch.cat([scores, column], dim=-1)
+            combined = combined - combined.max(dim=-1, keepdim=True).values
+            probs = torch.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        probs = probs.to(stored.query.dtype)
+        for stage in chain.pattern[:upto]:
+            if stage.source is not None:
+                self._replay(stage, start, stop)
+                self.on_block(geometry)
+            probs = _applied(stage.fn, probs)
+        return probs, geometry
+
+    def _replay(self, stage: Stage, start: int, stop: int) -> None:
+        """Compute the source layer's block of the same rows again, up to and including its recorder."""
+        source = self._stored.get(stage.source)
+        if source is None:
+            raise InterventionNotAppliedError(f"layer {stage.source}'s queries and keys were not kept for this call")
+        chain = self.chain(stage.source)
+        recorder = [s.fn for s in chain.pattern].index(stage.recorder)
+        self._probs(stage.source, source, start, stop, chain, recorder + 1)
+
+
+_EMPTY = LayerChain()
+
+
+def active_engine(model: Any) -> StreamingEngine | None:
+    """The streaming engine running ``model`` now, if any (the innermost one)."""
+    for engine in reversed(_ACTIVE):
+        if engine.model is model:
+            return engine
+    return None
+
+
+@contextlib.contextmanager
+def streaming(model: Any, chains: dict[int, LayerChain] | None = None,
+              on_block: Callable[[BlockGeometry | None], None] | None = None, *, budget: int = DEFAULT_BUDGET,
+              block_rows: int | None = None) -> Iterator[StreamingEngine]:
+    """Run ``model`` with the streaming engine for the block, with ``chains`` added to what runs on
+    each layer. Inside another streaming block for the same model the chains join it (after the
+    outer ones), so statistics collected inside an ``intervene`` block see the edited blocks."""
+    engine = active_engine(model)
+    if engine is not None:
+        with engine.adding(chains, on_block):
+            yield engine
+        return
+    engine = StreamingEngine(model, budget=budget, block_rows=block_rows)
+    with engine.adding(chains, on_block), engine.active():
+        yield engine
+
+
+def _key_range(attention: LayerAttention, first: int, last: int, n_keys: int) -> tuple[int, int]:
+    """The keys rows at positions ``first..last`` (of the key axis) can see: ``[lo, hi)``."""
+    if attention.causal:
+        lo = 0 if attention.window is None else max(0, first - attention.window + 1)
+        return lo, min(n_keys, last + 1)
+    if attention.window is None:
+        return 0, n_keys
+    return max(0, first - attention.window), min(n_keys, last + attention.window + 1)
+
+
+def _applied(fn: Edit, tensor: torch.Tensor) -> torch.Tensor:
+    out = fn(tensor)
+    return tensor if out is None else out
+
+
+def _calling(wrapped: Any) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return wrapped(*args, **kwargs)
+
+    return forward
+
+
+def _configs(model: Any) -> list[Any]:
+    """The model's config and its sub-configs (a multimodal model keeps a text config)."""
+    configs, seen = [], set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation") and id(config) not in seen:
+            seen.add(id(config))
+            configs.append(config)
+    return configs
+
+
+def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+               softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function: hands the call to the active engine."""
+    if not _ACTIVE:
+        raise RuntimeError(f"the {NAME!r} attention ran outside a tokext streaming engine")
+    if dropout:
+        raise InputError("the streaming engine runs models in eval mode (attention dropout > 0)")
+    if softcap is None:
+        softcap = getattr(module, "attn_logit_softcapping", None)
+    return _ACTIVE[-1].attend(module, query, key, value, attention_mask, scaling, softcap), None
+
+
+def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                  mask_function: Any = None, attention_mask: torch.Tensor | None = None, dtype: Any = None,
+                  device: Any = None, **kwargs: Any) -> torch.Tensor | None:
+    """The ``AttentionMaskInterface`` function: the 2-D padding mask of the layer's keys as an additive
+    ``[batch, 1, 1, key]`` tensor (``None`` without padding); causality and windows come from the
+    layer's attention kind, positions from the key axis."""
+    if attention_mask is None:
+        return None
+    pad = attention_mask[:, kv_offset: kv_offset + kv_length].to(device=device, dtype=torch.bool)
+    if pad.shape[1] < kv_length:  # a static cache longer than the mask: the rest is not real
+        pad = torch.nn.functional.pad(pad, (0, kv_length - pad.shape[1]))
+    dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+    zero = torch.zeros((), dtype=dtype, device=pad.device)
+    lowest = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=pad.device)
+    return torch.where(pad, zero, lowest)[:, None, None, :]
+
+
+def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerChain]:
+    """Layer chains from TransformerLens-style ``(hook_name, fn)`` pairs on ``blocks.{l}.attn.hook_pattern``
+    and ``hook_attn_scores``; ``fn(tensor, hook)`` is called with ``hook=None``. Attributes of ``fn``
+    describe its :class:`Stage`: ``stream_two_pass``, ``stream_replayable`` (default True),
+    ``stream_source`` with ``stream_recorder`` (the function that records the source layer's
+    block, itself marked with ``stream_id``)."""
+    chains: dict[int, LayerChain] = {}
+    made: dict[int, Stage] = {}
+    pending: list[tuple[Stage, Callable]] = []
+    for name, fn in hooks:
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blocks" or parts[2] != "attn" or parts[3] not in ("hook_pattern",
+                                                                                              "hook_attn_scores"):
+            raise InputError(f"the streaming engine runs stages on hook_pattern and hook_attn_scores only, not {name!r}")
+        layer = int(parts[1])
+        stage = Stage(fn=_no_hook(fn), two_pass=bool(getattr(fn, "stream_two_pass", False)),
+                      replayable=bool(getattr(fn, "stream_replayable", True)), source=getattr(fn, "stream_source", None))
+        made[id(getattr(fn, "stream_id", fn))] = stage
+        if stage.source is not None:
+            pending.append((stage, getattr(fn, "stream_recorder")))
+        chain = chains.setdefault(layer, LayerChain())
+        (chain.scores if parts[3] == "hook_attn_scores" else chain.pattern).append(stage)
+    for stage, recorder in pending:
+        stage.recorder = made[id(recorder)].fn
+    return chains
+
+
+def _no_hook(fn: Callable) -> Edit:
+    def call(tensor: torch.Tensor) -> torch.Tensor | None:
+        return fn(tensor, None)
+
+    return call
