@@ -2,7 +2,8 @@
 
 Collects streaming statistics, prints a per-layer table, and writes the tidy CSV, the saved
 statistics and three figures (first-token mass and entropy by layer and head, received
-attention by key position).
+attention by key position); with ``html``, also the interactive explorer page for the first
+``html_prompts`` analysed prompts (:func:`tokext.viz.explorer.explore`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tokext.attention.collect import collect_attention_stats
+from tokext.errors import InputError
 from tokext.models.info import model_info
 from tokext.models.loading import DEFAULT_MODEL, load_model
 from tokext.evaluation.prompts import load_prompts
@@ -26,6 +28,7 @@ class AnalyzeResult:
     out_dir: Path
     files: list[Path]
     seconds: float
+    html: Path | None = None
 
 
 def default_out_dir(model_name: str) -> Path:
@@ -42,6 +45,8 @@ def analyze(
     batch_size: int = 8,
     max_len: int | None = None,
     progress: bool = True,
+    html: str | Path | None = None,
+    html_prompts: int = 16,
 ) -> AnalyzeResult:
     """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge.
 
@@ -49,8 +54,19 @@ def analyze(
     at once with a :class:`tokext.errors.DataFileError` instead of after a full model load.
     Returns the statistics, the output directory (``out``, default
     ``results/analyze/<model name>/``), the files written and the collection time in seconds.
+
+    ``html``: also write the explorer page there, for the first ``html_prompts`` prompts, each cut
+    to its first ``max_len`` tokens and at most :data:`~tokext.viz.explorer.DEFAULT_MAX_TOKENS`
+    (the page holds every head's pattern). A file there that is not an explorer page is an error,
+    raised before the model is loaded.
     """
+    from tokext.viz.explorer import DEFAULT_MAX_TOKENS, check_page_target, explore
+
     prompts = load_prompts(data, n)
+    if html is not None:
+        check_page_target(html)
+        if isinstance(html_prompts, bool) or not isinstance(html_prompts, int) or html_prompts < 1:
+            raise InputError(f"html_prompts must be a positive integer, got {html_prompts!r}")
     bridge = load_model(model) if isinstance(model, str) else model
     started = time.perf_counter()
     stats = collect_attention_stats(bridge, prompts, batch_size=batch_size, max_len=max_len,
@@ -59,7 +75,11 @@ def analyze(
     info = model_info(bridge)
     out_dir = Path(out) if out is not None else default_out_dir(info.name)
     files = write_outputs(stats, out_dir)
-    return AnalyzeResult(stats=stats, out_dir=out_dir, files=files, seconds=seconds)
+    page = None
+    if html is not None:
+        tokens = min(max_len, DEFAULT_MAX_TOKENS) if max_len else DEFAULT_MAX_TOKENS
+        page = explore(bridge, prompts[:html_prompts], max_tokens=tokens).save(html)
+    return AnalyzeResult(stats=stats, out_dir=out_dir, files=files, seconds=seconds, html=page)
 
 
 def write_outputs(stats: AttentionStats, out_dir: Path) -> list[Path]:
