@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from tests import explorer_reference as ref
 from tokext.cli import main
@@ -52,7 +53,8 @@ def test_baseline_patterns_and_scores_match_transformers(page, tiny_llama_dir):
         t = len(ids)
         entry = page.data["prompts"][index]
         assert entry["tokens"] == ref.labels(tiny_llama_dir, ids)
-        assert entry["n_tokens"] == len(full)
+        assert entry["cut"] == (len(full) > MAX_TOKENS) 
+        assert entry["label"] == AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ids)[:60]
         expected = ref.baseline_patterns(tiny_llama_dir, full)[:, :, :t, :t]  # the first t tokens of the full run
         run = entry["runs"]["baseline"]
         for layer in range(expected.shape[0]):
@@ -67,6 +69,12 @@ def test_baseline_patterns_and_scores_match_transformers(page, tiny_llama_dir):
                  for layer in range(truth["sinks"].shape[0])]
         assert run["sinks"] == sinks
         assert any(any(row) for row in run["sinks"])  # the comparison has something to compare
+
+
+def test_the_page_says_how_the_prompts_were_cut(page):
+    assert [p["cut"] for p in page.data["prompts"]] == [True, False]
+    assert f"2 prompt(s), each cut to its first {MAX_TOKENS} tokens (1 of them longer)" in page.html
+    assert "weights rounded to 3 decimals" in page.html
 
 
 def test_edited_patterns_match_the_reference_forward(page, tiny_llama_dir):

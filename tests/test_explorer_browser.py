@@ -59,8 +59,10 @@ def browser(tmp_path_factory):
         context.close()
 
 
-def open_page(context, path: Path) -> SimpleNamespace:
-    """Open ``path``; every request and page error is recorded, and every non-file request refused."""
+def open_page(context, path: Path, ready: bool = True) -> SimpleNamespace:
+    """Open ``path``; every request and page error is recorded, and every non-file request refused.
+
+    ``ready``: wait for the explorer's script to have drawn the grid (False for a page holding it)."""
     page = context.new_page()
     seen = SimpleNamespace(page=page, url=path.resolve().as_uri(), requests=[], refused=[], errors=[], sockets=[])
 
@@ -77,7 +79,8 @@ def open_page(context, path: Path) -> SimpleNamespace:
     page.on("pageerror", lambda error: seen.errors.append(str(error)))
     page.on("console", lambda message: seen.errors.append(message.text) if message.type == "error" else None)
     page.goto(seen.url)
-    page.wait_for_selector("body[data-ready='1']")
+    if ready:
+        page.wait_for_selector("body[data-ready='1']")
     return seen
 
 
@@ -101,7 +104,8 @@ def tiny(tiny_llama_dir, tmp_path_factory):
         edited = ref.edited_patterns(tiny_llama_dir, ids, ref.first_token_sink_removed())
         truth.append({"labels": ref.labels(tiny_llama_dir, ids), "baseline": baseline, "edited": edited,
                       "scores": {"baseline": ref.scores(baseline), "edited": ref.scores(edited)}})
-    return SimpleNamespace(path=path, truth=truth, n_layers=3, n_heads=4, decimals=page.data["decimals"])
+    return SimpleNamespace(explorer=page, path=path, truth=truth, n_layers=3, n_heads=4,
+                           decimals=page.data["decimals"])
 
 
 def cell_values(page) -> dict[tuple[int, int], float]:
@@ -206,6 +210,24 @@ def test_no_request_leaves_the_page(browser, tiny):
     page.wait_for_timeout(200)
     assert len(seen.requests) >= 1
     assert_nothing_left_the_page(seen)
+
+
+def test_notebook_view_renders_the_same_page(browser, tiny, tmp_path):
+    """What a notebook shows (``_repr_html_``: the page in a sandboxed iframe) works in the browser too."""
+    wrapper = tmp_path / "notebook.html"
+    wrapper.write_text(f"<!DOCTYPE html><html><body>{tiny.explorer._repr_html_()}</body></html>", encoding="utf-8")
+    seen = open_page(browser, wrapper, ready=False)
+    frame = seen.page.frame_locator("iframe")
+    frame.locator("body[data-ready='1']").wait_for()
+    assert frame.locator(".cell").count() == tiny.n_layers * tiny.n_heads
+    frame.locator(".cell[data-layer='2'][data-head='3']").click()
+    assert frame.locator("#head-title").text_content() == "layer 2, head 3 on prompt 0"
+    z = frame.locator("#plot-baseline").evaluate("gd => gd.data[0].z")
+    t = len(tiny.truth[0]["labels"])
+    want = np.where(np.tri(t, dtype=bool), tiny.truth[0]["baseline"][2, 3], np.nan)
+    assert np.nanmax(np.abs(_as_array(z) - want)) <= 0.5 * 10 ** -tiny.decimals + 1e-6
+    outside = [url for url in seen.requests if url != seen.url and not url.startswith(("data:", "blob:", "about:"))]
+    assert outside == [] and seen.refused == [] and seen.sockets == [] and seen.errors == []
 
 
 @pytest.mark.slow

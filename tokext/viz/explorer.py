@@ -229,21 +229,23 @@ def explore(
     interventions = [] if intervention is None else (
         [intervention] if isinstance(intervention, Intervention) else list(intervention))
     validate(model, interventions, "explore")
-    full = encode(model, prompts, prepend_bos=prepend_bos)
-    seqs = encode(model, prompts, max_len=max_tokens, prepend_bos=prepend_bos)
+    longer = encode(model, prompts, max_len=max_tokens + 1, prepend_bos=prepend_bos)  # one more: was it cut?
     info = model_info(model)
     runs = ["baseline", "edited"] if interventions else ["baseline"]
     entries = []
-    for seq, whole in zip(seqs, full):
+    for seq in longer:
+        cut, seq = seq.numel() > max_tokens, seq[:max_tokens]
         visible = visible_keys(torch.ones(1, seq.numel(), dtype=torch.long))
         patterns = {"baseline": capture_patterns(model, seq)}
         if interventions:
             patterns["edited"] = capture_patterns(model, seq, interventions)
         labels = token_labels(model, seq.tolist())
+        tokenizer = getattr(model, "tokenizer", None)
+        text = tokenizer.decode(seq.tolist()).replace("\n", "\\n") if tokenizer is not None else " ".join(labels)
         entries.append({
-            "label": " ".join(labels)[:60],
+            "label": text[:60],
             "tokens": labels,
-            "n_tokens": int(whole.numel()),
+            "cut": bool(cut),
             "runs": {run: _run_payload(patterns[run], visible, decimals, sink_eps) for run in runs},
         })
     data = {
@@ -271,11 +273,12 @@ def render_page(data: dict[str, Any]) -> str:
     script = assets.joinpath("explorer.js").read_text(encoding="utf-8")
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     esc = html.escape
-    cut = [i for i, p in enumerate(data["prompts"]) if p["n_tokens"] > len(p["tokens"])]
+    cut = sum(p["cut"] for p in data["prompts"])
     notes = [f"{len(data['prompts'])} prompt(s), each cut to its first {data['max_tokens']} tokens"
-             + (f" ({len(cut)} of them longer)" if cut else ""),
+             + (f" ({cut} of them longer)" if cut else ""),
              f"weights rounded to {data['decimals']} decimals",
              f"sink columns: keys whose received attention &alpha;<sub>k</sub> &gt; {data['sink_eps']:g}",
+             "learned-sink mass: 1 &minus; row sum (0 for softmax attention)",
              f"tokext {esc(data['version'])}"]
     title = f"{data['model']}: attention explorer"
     n_layers, n_heads = data["n_layers"], data["n_heads"]
