@@ -14,7 +14,8 @@ every layer's ``hook_pattern`` and returns an :class:`Explorer`. In a notebook i
 The page is self-contained: Plotly's JavaScript (from the ``plotly`` package) and the data are
 inlined, nothing is fetched, and it works offline from ``file://``. Weights are stored rounded to
 ``decimals`` decimals, only the causal (lower) triangle: about ``layers x heads x T^2 / 2``
-integers per prompt and run (1.7 MB of page for SmolLM2-135M at T = 64).
+integers per prompt and run: 1.3 MB for SmolLM2-135M (30 x 9 heads) at T = 64, next to the 4.8 MB
+of Plotly's JavaScript.
 
 The head scores come from :func:`head_scores`, which applies the attention room's metrics to the
 captured patterns, so the grid shows exactly what :func:`tokext.collect_attention_stats` would
