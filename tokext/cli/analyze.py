@@ -45,6 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html", metavar="FILE", default=None,
                    help="also write the interactive attention explorer (one offline HTML page) to FILE")
     p.add_argument("--html-prompts", type=int, default=16, metavar="N",
-                   help="prompts shown in the explorer: the first N analysed (default 16), each cut to 64 tokens")
+                   help="prompts shown in the explorer: the first N analysed (default 16), each cut to its first 64 tokens (fewer with --max-len)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_analyze)
