@@ -8,7 +8,12 @@ PIP_TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokext-installed
 
-.PHONY: install demo test test-fast bench clean-results
+# The explorer's browser test (tests/test_explorer_browser.py) drives Debian's `chromium` through
+# Playwright's Python package (in the test extra). `make test` installs chromium when it is missing
+# and we are root with apt-get; otherwise it prints a note and that test skips, saying why.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install browser demo test test-fast bench clean-results
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,14 +25,26 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (Debian) for the explorer's browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: installing chromium failed: the explorer's browser test cannot run"; \
+	else \
+	  echo "note: no $(CHROMIUM), and installing it needs root and apt-get: the explorer's browser test will skip"; \
+	fi
+
 demo: install
 	$(VENV)/bin/tokext analyze
 	$(VENV)/bin/tokext reproduce
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install browser
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install

@@ -40,6 +40,7 @@ _EXPORTS = {
     "PatternPatch": "tokext.interventions",
     "HeadAblation": "tokext.interventions",
     "greedy_generate": "tokext.evaluation.generation",
+    "explore": "tokext.viz.explorer",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -8,6 +8,7 @@ EPILOG = """examples:
   tokext analyze                                  # SmolLM2-135M on the built-in prompts
   tokext analyze --model ./my-hf-model --data prompts.jsonl --n 128 --out results/mine
   tokext analyze --data mmlu --protocol gu2024    # Gu et al.'s Sink_1^0.3 on 64-token texts
+  tokext analyze --n 16 --html results/explorer.html   # also the interactive explorer (offline HTML)
 """
 
 
@@ -21,12 +22,15 @@ def _analyze(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     try:
         result = analyze(args.model, data=args.data, n=args.n, out=args.out, batch_size=args.batch_size,
-                         max_len=args.max_len, progress=not args.quiet, protocol=args.protocol)
+                         max_len=args.max_len, progress=not args.quiet, protocol=args.protocol, html=args.html,
+                         html_prompts=args.html_prompts)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     print(format_table(result.stats))
     print(f"\n{result.stats.n_sequences} prompts in {result.seconds:.1f} s; wrote {len(result.files)} files to {result.out_dir}/")
+    if result.html is not None:
+        print(f"wrote the attention explorer to {result.html} (open it in a browser; it works offline)")
     return 0
 
 
@@ -42,5 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=None, help="keep each prompt's first MAX_LEN tokens")
     p.add_argument("--protocol", default=None, help="a published protocol: gu2024 (Gu et al. 2024: first 64 "
                    "tokens, the tokenizer's BOS default, sink rate per sequence); default: tokext's")
+    p.add_argument("--html", metavar="FILE", default=None,
+                   help="also write the interactive attention explorer (one offline HTML page) to FILE")
+    p.add_argument("--html-prompts", type=int, default=16, metavar="N",
+                   help="prompts shown in the explorer: the first N analysed (default 16), each cut to its first 64 tokens (fewer with --max-len)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_analyze)

@@ -2,7 +2,8 @@
 
 Collects streaming statistics, prints a per-layer table, and writes the tidy CSV, the saved
 statistics and three figures (first-token mass and entropy by layer and head, received
-attention by key position).
+attention by key position); with ``html``, also the interactive explorer page for the first
+``html_prompts`` analysed prompts (:func:`tokext.viz.explorer.explore`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class AnalyzeResult:
     out_dir: Path
     files: list[Path]
     seconds: float
+    html: Path | None = None
 
 
 def default_out_dir(model_name: str) -> Path:
@@ -47,6 +49,8 @@ def analyze(
     max_len: int | None = None,
     progress: bool = True,
     protocol: str | None = None,
+    html: str | Path | None = None,
+    html_prompts: int = 16,
 ) -> AnalyzeResult:
     """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge.
 
@@ -56,9 +60,20 @@ def analyze(
     tokens are left out with a :class:`~tokext.errors.TokextWarning` saying how many (so use long
     texts, e.g. ``data="mmlu"``). Returns the statistics, the output directory (``out``, default
     ``results/analyze/<model name>/``), the files written and the collection time in seconds.
+
+    ``html``: also write the explorer page there, for the first ``html_prompts`` prompts, each cut
+    to its first ``max_len`` tokens and at most :data:`~tokext.viz.explorer.DEFAULT_MAX_TOKENS`
+    (the page holds every head's pattern). A file there that is not an explorer page is an error,
+    raised before the model is loaded.
     """
+    from tokext.viz.explorer import DEFAULT_MAX_TOKENS, check_page_target, explore
+
     rules = resolve_protocol(protocol)
     prompts = load_prompts(data, None if rules else n)
+    if html is not None:
+        check_page_target(html)
+        if isinstance(html_prompts, bool) or not isinstance(html_prompts, int) or html_prompts < 1:
+            raise InputError(f"html_prompts must be a positive integer, got {html_prompts!r}")
     bridge = load_model(model) if isinstance(model, str) else model
     if rules is not None:
         prompts = _long_enough(bridge, prompts, rules.length, n)
@@ -69,7 +84,11 @@ def analyze(
     info = model_info(bridge)
     out_dir = Path(out) if out is not None else default_out_dir(info.name)
     files = write_outputs(stats, out_dir)
-    return AnalyzeResult(stats=stats, out_dir=out_dir, files=files, seconds=seconds)
+    page = None
+    if html is not None:
+        tokens = min(max_len, DEFAULT_MAX_TOKENS) if max_len else DEFAULT_MAX_TOKENS
+        page = explore(bridge, prompts[:html_prompts], max_tokens=tokens).save(html)
+    return AnalyzeResult(stats=stats, out_dir=out_dir, files=files, seconds=seconds, html=page)
 
 
 def _long_enough(model: Any, prompts: list[str], length: int, n: int | None) -> list[str]:
