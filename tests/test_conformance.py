@@ -9,7 +9,11 @@ For each family of ``tests/conformance.py`` (a tiny random model loaded through 
 - every intervention against its formula applied inside transformers' forward (an
   ``AttentionInterface`` function), compared as log-probabilities to 1e-5, and moving them;
 - KV-cached greedy generation under each intervention gives the tokens of recomputing the sequence;
-- delegating adapters (OPT, GPT-J, BERT) get statistics, and every edit is refused.
+- delegating adapters (OPT, GPT-J, BERT) get statistics, and every edit is refused;
+- the streaming engine (query blocks of 4 rows here, so every input spans several) gives the hook
+  engine's statistics, every intervention's log-probabilities (1e-5) and its generated tokens;
+  Bloom, whose attention adds ALiBi inline instead of calling transformers' AttentionInterface, is
+  refused by it.
 
 README's support table is rendered from these results (:func:`support_table`); the last test checks
 that it is up to date (``TOKEXT_WRITE_SUPPORT_TABLE=1`` rewrites it).
@@ -37,6 +41,8 @@ from tokext.models.info import model_info
 
 TOL = 1e-5
 FAMILY_NAMES = list(C.FAMILIES)
+NOT_STREAMING = {"Bloom"}  # ALiBi added inline: transformers' AttentionInterface is never called
+STREAM_BUDGET = 4 * 3 * 4 * 27 * 4 * 4  # bytes: query blocks of 4 rows for 3 sequences x 4 heads x 27 keys
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLE_START, TABLE_END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 
@@ -186,6 +192,11 @@ def report(name: str) -> dict:
     alone = collect_attention_stats(model, seqs, batch_size=1, progress=False)
     out["stats_error"] = max_error(tokext_statistics(batched), oracle_statistics(name))
     out["padding_error"] = max_error(tokext_statistics(batched), tokext_statistics(alone))
+    out["streams"] = name not in NOT_STREAMING
+    if out["streams"]:
+        streamed = collect_attention_stats(model, seqs, batch_size=3, progress=False, engine="streaming",
+                                           budget=STREAM_BUDGET)
+        out["streaming_stats_error"] = max_error(tokext_statistics(streamed), tokext_statistics(batched))
     if not spec.editable:
         return out
     tokens, mask = C.padded(seqs, "left")
@@ -201,14 +212,23 @@ def report(name: str) -> dict:
         reference, _, _ = C.oracle_forward(name, tokens, mask, edit=edit, score_edit=score_edit)
         out["interventions"][case] = {"error": float((ours - _log_probs(reference)).abs()[real].max()),
                                       "moved": float((ours - base).abs()[real].max())}
+        if out["streams"]:
+            with torch.no_grad(), intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET):
+                streamed = _log_probs(model(tokens, attention_mask=mask))
+            out["interventions"][case]["streaming_error"] = float((streamed - ours).abs()[real].max())
     if spec.generates:
         prompts = [seq[:11] for seq in seqs[:2]] + [seqs[2][:5]]
         out["generation"] = {}
+        out["streaming_generation"] = {}
         for case, ivs in generation_cases(name).items():
             with intervene(model, *ivs):
                 cached = greedy_generate(model, prompts, 8, batch_size=3, stop_at_eos=False, use_kv_cache=True)
                 recomputed = greedy_generate(model, prompts, 8, batch_size=3, stop_at_eos=False, use_kv_cache=False)
             out["generation"][case] = cached == recomputed
+            if out["streams"]:
+                with intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET):
+                    streamed = greedy_generate(model, prompts, 8, batch_size=3, stop_at_eos=False, use_kv_cache=True)
+                out["streaming_generation"][case] = streamed == cached
     return out
 
 
@@ -263,6 +283,31 @@ def test_cached_generation_equals_recompute(name):
     assert not mismatched, f"{name}: cached greedy tokens differ from recomputed ones under {mismatched}"
 
 
+STREAMING = [n for n in FAMILY_NAMES if n not in NOT_STREAMING]
+
+
+@pytest.mark.parametrize("name", STREAMING)
+def test_streaming_engine_gives_the_hook_engines_numbers(name):
+    result = report(name)
+    assert result["streaming_stats_error"] < TOL, f"{name}: streaming statistics differ by {result['streaming_stats_error']:.3g}"
+    if C.FAMILIES[name].editable:
+        worse = {case: r["streaming_error"] for case, r in result["interventions"].items() if r["streaming_error"] >= TOL}
+        assert not worse, f"{name}: streaming log-probabilities differ from the hook engine's: {worse}"
+    if C.FAMILIES[name].editable and C.FAMILIES[name].generates:
+        differ = [case for case, same in result["streaming_generation"].items() if not same]
+        assert not differ, f"{name}: streaming generation differs from the hook engine's under {differ}"
+
+
+def test_streaming_refuses_inline_alibi_attention():
+    from tokext.interventions import SinkRebalance
+
+    with pytest.raises(UneditableAttentionError, match="Bloom.*ALiBi inline.*AttentionInterface"):
+        collect_attention_stats(C.family_bridge("Bloom"), C.sequences(), engine="streaming", progress=False)
+    with pytest.raises(UneditableAttentionError, match="Bloom"):
+        with intervene(C.family_bridge("Bloom"), SinkRebalance(), engine="streaming"):
+            pass
+
+
 DELEGATING = [n for n in FAMILY_NAMES if not C.FAMILIES[n].editable]
 
 
@@ -307,8 +352,8 @@ def test_refusals_name_the_architecture_and_the_reason():
 
 def support_table() -> str:
     """The README table, from the reports (✓ = checked to 1e-5 in tests/test_conformance.py)."""
-    lines = ["| architecture | attention (tiny model) | statistics | edits | cached generation | notes |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| architecture | attention (tiny model) | statistics | edits | cached generation | streaming engine | notes |",
+             "|---|---|---|---|---|---|---|"]
     for name in FAMILY_NAMES:
         spec, result = C.FAMILIES[name], report(name)
         stats = "✓" if result["stats_error"] < TOL and result["padding_error"] < TOL else "✗"
@@ -322,7 +367,14 @@ def support_table() -> str:
         else:
             same = result.get("generation") or delegating_report(name).get("generation")
             generation = "✓" if (all(same.values()) if isinstance(same, dict) else same) else "✗"
-        lines.append(f"| {name} | {result['layout']} | {stats} | {edits} | {generation} | {spec.notes} |")
+        if not result["streams"]:
+            stream = "refused"
+        else:
+            same = result["streaming_stats_error"] < TOL and all(
+                r["streaming_error"] < TOL for r in result.get("interventions", {}).values()) and all(
+                result.get("streaming_generation", {}).values())
+            stream = "✓" if same else "✗"
+        lines.append(f"| {name} | {result['layout']} | {stats} | {edits} | {generation} | {stream} | {spec.notes} |")
     return "\n".join(lines)
 
 

@@ -147,15 +147,29 @@ def collect_attention_stats(
     stats.metadata["engine"] = which
     pad = pad_id(model)
     all_batches = list(batches(seqs, batch_size, pad))
+    no_logits = last_logits_only(model)
     with _observing(model, stats, chosen, which, budget), torch.inference_mode():
         for batch in tqdm(all_batches, desc="attention stats", disable=not progress, unit="batch"):
             tokens = batch.tokens.to(device)
             mask = batch.attention_mask.to(device)
             stats.begin_batch(batch_context(tokens, mask, batch.indices, table))
-            model(tokens, attention_mask=mask, return_type=None)
+            model(tokens, attention_mask=mask, return_type=None, **no_logits)
     decoder = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     decode = (lambda t: decoder.decode([t])) if decoder is not None else None
     return stats.finish(decode)
+
+
+def last_logits_only(model: Any) -> dict[str, int]:
+    """Forward kwargs that skip the unembedding of every position but the last, where the wrapped
+    model takes them (``logits_to_keep``): statistics need no logits, and at long context the full
+    logits (positions x vocabulary) cost more memory than all the attention."""
+    import inspect
+
+    forward = getattr(getattr(model, "original_model", None), "forward", None)
+    try:
+        return {"logits_to_keep": 1} if forward is not None and "logits_to_keep" in inspect.signature(forward).parameters else {}
+    except (TypeError, ValueError):
+        return {}
 
 
 def _observing(model: Any, stats: AttentionStats, layers: Sequence[int], engine: str, budget: int) -> Any:
@@ -169,8 +183,8 @@ def _observing(model: Any, stats: AttentionStats, layers: Sequence[int], engine:
         return attached(model, [(pattern_hook_name(layer), make_hook(layer)) for layer in layers])
 
     def observer(layer: int) -> LayerChain:
-        def observe(block: torch.Tensor, geometry: BlockGeometry) -> None:
-            stats.update_block(layer, block, geometry.q_start, geometry.k_start)
+        def observe(block: torch.Tensor, geometry: BlockGeometry, plogp: torch.Tensor | None) -> None:
+            stats.update_block(layer, block, geometry.q_start, geometry.k_start, plogp=plogp)
 
         return LayerChain(observers=[observe], finish=[lambda: stats.end_layer(layer)])
 

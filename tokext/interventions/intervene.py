@@ -155,13 +155,20 @@ def _loss_terms(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) 
     return float((losses * valid).sum()), int(valid.sum())
 
 
+def _engine_for(model: Any, engine: str, seqs: Sequence[torch.Tensor], batch_size: int) -> str:
+    """``engine`` resolved for these sequences (``"auto"``: by one layer's eager patterns)."""
+    return choose_engine(model, engine, batch=min(batch_size, len(seqs)), length=max(int(s.numel()) for s in seqs))
+
+
 def mean_loss(model: Any, inputs: Inputs, *interventions: Intervention, batch_size: int = 8,
-              max_len: int | None = None) -> float:
-    """Mean next-token loss over every real target token of ``inputs`` (right-padded batches)."""
+              max_len: int | None = None, engine: str = "hooks") -> float:
+    """Mean next-token loss over every real target token of ``inputs`` (right-padded batches).
+
+    ``engine`` as in :func:`intervene` (``"auto"`` decides by these inputs)."""
     seqs = encode(model, inputs, max_len=max_len)
     device = model_device(model)
     total, count = 0.0, 0
-    with torch.inference_mode(), intervene(model, *interventions):
+    with torch.inference_mode(), intervene(model, *interventions, engine=_engine_for(model, engine, seqs, batch_size)):
         for batch in batches(seqs, batch_size, pad_id(model)):
             tokens, mask = batch.tokens.to(device), batch.attention_mask.to(device)
             s, n = _loss_terms(model(tokens, attention_mask=mask), tokens, mask)
@@ -172,11 +179,12 @@ def mean_loss(model: Any, inputs: Inputs, *interventions: Intervention, batch_si
 
 
 def intervention_effect(model: Any, tokens: Inputs, intervention: Intervention | Sequence[Intervention],
-                        *, batch_size: int = 8, max_len: int | None = None) -> InterventionEffect:
+                        *, batch_size: int = 8, max_len: int | None = None, engine: str = "hooks") -> InterventionEffect:
     """Max |delta logit| over real positions and the change in mean next-token loss.
 
     ``tokens``: strings, a [batch, pos] token tensor or lists of token ids. ``intervention``: one
-    intervention or a sequence (applied in order). Raises like :func:`intervene`.
+    intervention or a sequence (applied in order). ``engine`` as in :func:`intervene` (both forward
+    passes use it; ``"auto"`` decides by these inputs). Raises like :func:`intervene`.
 
     >>> from tokext.models import native_model
     >>> from tokext.interventions import AttentionTemperature
@@ -186,13 +194,15 @@ def intervention_effect(model: Any, tokens: Inputs, intervention: Intervention |
     """
     chosen = _as_list(intervention)
     seqs = encode(model, tokens, max_len=max_len)
+    which = _engine_for(model, engine, seqs, batch_size)
     device = model_device(model)
     max_delta, before, after, count = 0.0, 0.0, 0.0, 0
     with torch.inference_mode():
         for batch in batches(seqs, batch_size, pad_id(model)):
             toks, mask = batch.tokens.to(device), batch.attention_mask.to(device)
-            base = model(toks, attention_mask=mask)
-            with intervene(model, *chosen):
+            with intervene(model, engine=which):  # the baseline, through the same engine
+                base = model(toks, attention_mask=mask)
+            with intervene(model, *chosen, engine=which):
                 edited = model(toks, attention_mask=mask)
             real = mask.bool()[..., None]
             max_delta = max(max_delta, float(((edited - base).abs() * real).max()))

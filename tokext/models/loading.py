@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tokext.errors import TokextWarning, UnknownModelError
+from tokext.errors import InputError, TokextWarning, UnknownModelError
 from tokext.models.architectures import family_of, layout_from_config
 from tokext.models.gguf import converted_gguf_dir
 from tokext.models.info import ModelInfo, first_special_token, model_info, register, tokenizer_adds_bos
@@ -41,6 +41,7 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     require_editable: bool = False,
+    n_ctx: int | None = None,
 ) -> Any:
     """Load a model as a TransformerLens 4 ``TransformerBridge``.
 
@@ -54,8 +55,15 @@ def load_model(
     can be edited). With ``require_editable=True`` the call raises
     :class:`UneditableAttentionError` when they do not reach the logits in every layer
     (delegating adapters such as OPT's); no hook stays attached either way.
+
+    ``n_ctx`` overrides the longest input tokext accepts (default: the model's context, from its
+    config). Beyond the context the model was trained on (SmolLM2-135M: 8,192 tokens) a
+    :class:`~tokext.errors.TokextWarning` says so: RoPE models run there, but nothing says they
+    behave as they do inside it.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+        raise InputError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     if isinstance(spec, str) and (Path(spec).expanduser() / "organism.json").is_file():
         from tokext.models.organism import load_organism
 
@@ -71,7 +79,23 @@ def load_model(
         warnings.warn(f"{note}; interventions will re-run the check and raise", TokextWarning, stacklevel=2)
     if require_editable:
         require_pattern_edits(bridge)
+    if n_ctx is not None:
+        _override_context(bridge, n_ctx)
     return bridge
+
+
+def _override_context(bridge: Any, n_ctx: int) -> None:
+    """Accept inputs of up to ``n_ctx`` tokens, warning when that is beyond the trained context."""
+    info = model_info(bridge)
+    config = getattr(getattr(bridge, "original_model", None), "config", None)
+    trained = getattr(config, "max_position_embeddings", None) or info.n_ctx
+    if n_ctx > trained:
+        note = (f"{info.name}: n_ctx={n_ctx} is beyond the {trained} tokens it was trained on; results there "
+                "are measured outside the trained context")
+        info.notes.append(note)
+        warnings.warn(note, TokextWarning, stacklevel=3)
+    info.n_ctx = n_ctx
+    bridge.cfg.n_ctx = n_ctx
 
 
 def _resolve_spec(spec: str) -> tuple[str, str, str]:

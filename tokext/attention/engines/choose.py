@@ -8,9 +8,9 @@ from typing import Any
 from tokext.errors import InputError
 
 ENGINES = ("hooks", "streaming", "auto")
-DEFAULT_BUDGET = 1 << 30
-"""Bytes one layer's attention may hold at once: the eager patterns under ``"auto"``, a query block
-of the streaming engine (1 GiB)."""
+DEFAULT_BUDGET = 128 << 20
+"""Bytes one layer's attention may hold at once (128 MiB): ``"auto"`` streams when one layer's eager
+patterns would exceed it, and a streaming query block fits in it."""
 
 _BYTES_EAGER = 8  # fp32 scores and probabilities are both alive in an eager layer
 

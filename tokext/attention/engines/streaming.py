@@ -89,11 +89,13 @@ class Stage:
 class LayerChain:
     """What runs on one layer's blocks: score stages (masked, softcapped scores, before the softmax
     and before a learned sink's column joins it), pattern stages (probabilities), observers
-    (``observe(block, geometry)`` after every stage) and ``finish`` callbacks after the last block."""
+    (``observe(block, geometry, plogp)`` after every stage; ``plogp`` is each row's ``sum p log p``
+    when the engine has it for free: an unedited softmax, else None) and ``finish`` callbacks after
+    the last block."""
 
     scores: list[Stage] = field(default_factory=list)
     pattern: list[Stage] = field(default_factory=list)
-    observers: list[Callable[[torch.Tensor, BlockGeometry], None]] = field(default_factory=list)
+    observers: list[Callable[..., None]] = field(default_factory=list)
     finish: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -276,11 +278,13 @@ class StreamingEngine:
             if two_pass is not None:
                 for start in range(0, n_q, rows):
                     self._probs(layer, stored, start, min(n_q, start + rows), chain, two_pass + 1, phase="observe")
+                self.on_block(None)
             for start in range(0, n_q, rows):
                 stop = min(n_q, start + rows)
-                probs, geometry = self._probs(layer, stored, start, stop, chain, len(chain.pattern))
+                probs, geometry, plogp = self._probs(layer, stored, start, stop, chain, len(chain.pattern),
+                                                     want_plogp=bool(chain.observers))
                 for observe in chain.observers:
-                    observe(probs, geometry)
+                    observe(probs, geometry, plogp)
                 out[:, :, start:stop] = probs.to(value.dtype) @ value[:, :, geometry.k_start:geometry.k_stop]
         finally:
             self.on_block(None)
@@ -297,9 +301,11 @@ class StreamingEngine:
                              f"({per_row} bytes for {batch} x {heads} heads x {n_keys} keys): raise the budget")
         return max(1, self.budget // per_row)
 
-    def _probs(self, layer: int, stored: _Stored, start: int, stop: int, chain: LayerChain,
-               upto: int, phase: str = "apply") -> tuple[torch.Tensor, BlockGeometry]:
-        """Probabilities of rows ``start:stop`` after the score stages and the first ``upto`` pattern stages."""
+    def _probs(self, layer: int, stored: _Stored, start: int, stop: int, chain: LayerChain, upto: int,
+               phase: str = "apply", want_plogp: bool = False) -> tuple[torch.Tensor, BlockGeometry, torch.Tensor | None]:
+        """Probabilities of rows ``start:stop`` after the score stages and the first ``upto`` pattern
+        stages, their geometry, and (``want_plogp``, an unedited softmax without a sink) each row's
+        ``sum p log p = sum p s - logsumexp(s)``, which costs no logarithm per entry."""
         attention = self.info.attention[layer]
         n_q, n_k = stored.query.shape[2], stored.key.shape[2]
         lo, hi = _key_range(attention, n_k - n_q + start, n_k - n_q + stop - 1, n_k)
@@ -315,6 +321,7 @@ class StreamingEngine:
         self.on_block(geometry)
         for stage in chain.scores:
             scores = _applied(stage.fn, scores)
+        plogp = None
         if stored.sinks is not None:  # the learned sink logit joins the softmax and is dropped after it
             column = stored.sinks.reshape(1, -1, 1, 1).to(scores).expand(*scores.shape[:-1], 1)
             combined = torch.cat([scores, column], dim=-1)
@@ -322,13 +329,17 @@ class StreamingEngine:
             probs = torch.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            if want_plogp and upto == 0 and scores.dtype == torch.float32:
+                # log p = s - lse, and lse = max(s) - log(max(p)): no log of every entry
+                lse = scores.amax(-1) - torch.log(probs.amax(-1))
+                plogp = (probs * scores).sum(-1) - lse
         probs = probs.to(stored.query.dtype)
         for stage in chain.pattern[:upto]:
             if stage.source is not None:
                 self._replay(stage, start, stop)
                 self.on_block(geometry)
             probs = _applied(stage.fn, probs)
-        return probs, geometry
+        return probs, geometry, plogp
 
     def _replay(self, stage: Stage, start: int, stop: int) -> None:
         """Compute the source layer's block of the same rows again, up to and including its recorder."""
