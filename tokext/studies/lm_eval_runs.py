@@ -97,14 +97,14 @@ def run_lm_eval(model: str = "smollm2-135m", tasks: Sequence[str] = ("tokext_mml
         from tokext.studies.config import check_model_spec
 
         check_model_spec(model)
+    out = Path(out) if out is not None else default_out_dir(model, limit)
+    _check_table_files(out)
     manager = task_manager(include_path, metadata)
     names = resolve_tasks(tasks, manager)
-    out = Path(out) if out is not None else default_out_dir(model, limit)
     key = {"model": model, "tasks": names, "limit": limit, "num_fewshot": num_fewshot, "metadata": metadata or {},
            "include_path": None if include_path is None else str(include_path), "engine": "hooks",
            "lm_eval": _lm_eval_version()}
     todo = [run for run in runs if not _finished(out / "runs" / run.label, key | {"interventions": run.text})]
-    _check_table_files(out)
     say = log or (lambda message: None)
     bridge = None
     for i, run in enumerate(runs, 1):
