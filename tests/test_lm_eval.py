@@ -295,6 +295,20 @@ def test_lm_eval_command_line_runs_model_type_tokext(fx, tmp_path):
     assert list((tmp_path / "out").rglob("samples_piqa_fixture_*.jsonl"))
 
 
+def test_python_equivalent_by_registered_name(fx, bridge, manager):
+    """simple_evaluate(model="tokext", model_args="...") after importing the adapter: the same scores
+    as a TokextLM built by hand (the intervention's own comma does not split the arguments)."""
+    import tokext.evaluation.lm_eval_adapter  # noqa: F401  (registers "tokext")
+
+    intervention = "SinkCalibration(tau=0.05, beta=0.2)"
+    by_name = lm_eval.simple_evaluate(model="tokext", model_args=f"model={fx.model},intervention={intervention}",
+                                      tasks=["siqa_fixture"], log_samples=True, task_manager=manager, batch_size=2)
+    assert by_name["config"]["tokext_interventions"] == [intervention]
+    by_hand = run(bridge, manager, ["siqa_fixture"], intervention)
+    a, b = loglikelihoods(by_name), loglikelihoods(by_hand)
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-5
+
+
 def test_tokext_eval_runs_pairs_and_resumes(fx, tmp_path, capsys):
     from tokext.cli.main import main
     from tokext.evaluation.lm_eval_tasks import PATH_METADATA
@@ -321,7 +335,7 @@ def test_tokext_eval_runs_pairs_and_resumes(fx, tmp_path, capsys):
     table = pd.read_csv(out / "paired.csv")
     method = next(n for n in runs if n != "baseline")
     for task, leaves in (("piqa_fixture", ["piqa_fixture"]),
-                         ("tokext_mmlu", ["tokext_mmlu_stem", "tokext_mmlu_humanities"])):
+                         ("tokext_mmlu", [f"tokext_mmlu_{c}" for c in ("stem", "humanities", "social_sciences", "other")])):
         b = [v for leaf in leaves for _, v in sorted(correct("baseline", leaf).items())]
         m = [v for leaf in leaves for _, v in sorted(correct(method, leaf).items())]
         row = table[(table["task"] == task) & (table["metric"] == "acc")].iloc[0]

@@ -129,6 +129,16 @@ class TokextLM(HFLM):
                              **options)
         bridge.eval()
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "TokextLM":
+        """As lm-eval's, but a comma inside brackets or quotes does not split the arguments, so
+        ``"model=smollm2-135m,intervention=SinkCalibration(tau=0.1, beta=0.5)"`` works from Python
+        as it does on lm-eval's command line (which splits the same way)."""
+        from lm_eval._cli.utils import key_val_to_dict
+
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**key_val_to_dict(arg_string or ""), **extra)
+
     # ------------------------------------------------------------------ interventions on every request
 
     @contextmanager
