@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,12 +51,22 @@ def task_dir() -> Path:
 
 def task_manager(include_path: str | Path | Sequence[str | Path] | None = None,
                  metadata: dict[str, Any] | None = None) -> Any:
-    """An lm-eval ``TaskManager`` that knows lm-eval's tasks, ``tokext_mmlu`` and ``include_path``."""
+    """An lm-eval ``TaskManager`` that knows lm-eval's tasks, ``tokext_mmlu`` and ``include_path``.
+
+    Indexing lm-eval's ~15,000 task files takes 10-20 s, so one manager per set of arguments is
+    kept for the life of the process (task files edited meanwhile are not seen).
+    """
     require_lm_eval()
+    extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    paths = (str(task_dir()), *(str(Path(p).expanduser().resolve()) for p in extra))
+    return _manager(paths, json.dumps(metadata or {}, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def _manager(paths: tuple[str, ...], metadata: str) -> Any:
     from lm_eval.tasks import TaskManager
 
-    extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
-    return TaskManager(include_path=[str(task_dir()), *(str(p) for p in extra)], metadata=metadata)
+    return TaskManager(include_path=list(paths), metadata=json.loads(metadata) or None)
 
 
 def resolve_tasks(names: Sequence[str], manager: Any) -> list[str]:
