@@ -254,7 +254,7 @@ def _load(model: Any, device: str | None, dtype: str | None) -> Any:
 
         if dtype is not None and str(dtype) not in _DTYPES:
             raise InputError(f"unknown dtype {dtype!r}: choose from {', '.join(_DTYPES)}")
-        return _checked(load_model(model, device=_device(device), dtype=_DTYPES[str(dtype or "auto")]))
+        return _checked(load_model(model, device=default_device(device), dtype=_DTYPES[str(dtype or "auto")]))
     return _checked(model)
 
 
@@ -267,7 +267,7 @@ def _checked(bridge: Any) -> Any:
     return bridge
 
 
-def _device(device: str | None) -> str:
+def default_device(device: str | None) -> str:
     """``device``, or the CPU when CUDA was asked for (lm-eval's default is cuda:0) but there is none."""
     if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
         return "cuda" if torch.cuda.is_available() else "cpu"

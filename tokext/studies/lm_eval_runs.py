@@ -61,7 +61,7 @@ def plan_runs(interventions: Sequence[str]) -> list[EvalRun]:
         ivs = as_interventions(text)
         if not ivs:
             raise InputError(f"empty intervention {text!r}")
-        canonical = ivs[0].__repr__() if len(ivs) == 1 else "[" + ", ".join(map(repr, ivs)) + "]"
+        canonical = repr(ivs[0]) if len(ivs) == 1 else "[" + ", ".join(map(repr, ivs)) + "]"
         if canonical in {r.text for r in runs}:
             raise InputError(f"intervention {text!r} is given twice (as {canonical})")
         slug = re.sub(r"[^A-Za-z0-9=.,-]+", "_", canonical).strip("_")[:60]
@@ -78,14 +78,15 @@ def run_lm_eval(model: str = "smollm2-135m", tasks: Sequence[str] = ("tokext_mml
                 *, limit: int | None = None, out: str | Path | None = None, batch_size: int = 8,
                 num_fewshot: int | None = None, device: str | None = None, include_path: str | Path | None = None,
                 metadata: dict[str, Any] | None = None, log: Callable[[str], None] | None = print,
-                loader: Callable[[str], Any] | None = None) -> pd.DataFrame:
+                loader: Callable[[str, str | None], Any] | None = None) -> pd.DataFrame:
     """Run the baseline and every intervention on ``tasks`` and return the paired table (also ``paired.csv``).
 
     ``model``: a tokext model spec (:func:`tokext.load_model`). ``tasks``: lm-eval task or group
     names (``tokext_mmlu``, and lm-eval's own with hub access). ``interventions``: texts such as
     ``"EarlyLayerEmulation(alpha=0.2)"`` (one run each; a list of calls is one combined run).
     ``limit``: the first N documents of every task. ``include_path`` / ``metadata``: as lm-eval's
-    ``TaskManager`` takes them. ``loader``: what loads the model (default :func:`tokext.load_model`).
+    ``TaskManager`` takes them. ``device``: default CUDA when there is one. ``loader(model, device)``:
+    what loads the model (default :func:`tokext.load_model`).
     """
     from tokext.evaluation.lm_eval_tasks import resolve_tasks, task_manager
 
@@ -130,9 +131,10 @@ def run_lm_eval(model: str = "smollm2-135m", tasks: Sequence[str] = ("tokext_mml
 
 
 def _load(model: str, device: str | None) -> Any:
+    from tokext.evaluation.lm_eval_adapter import default_device
     from tokext.models.loading import load_model
 
-    return load_model(model, **({} if device is None else {"device": device}))
+    return load_model(model, device=default_device(device))
 
 
 def _lm_eval_version() -> str:
