@@ -36,6 +36,14 @@ class DataFileError(InputError):
     """A data or config file that is missing, unreadable or malformed."""
 
 
+class InterventionSpecError(InputError):
+    """An intervention written as text (``"EarlyLayerEmulation(alpha=0.2)"``) that does not parse."""
+
+
+class MissingDependencyError(TokextError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
 class ModelConversionError(TokextError, RuntimeError):
     """Converting a model file (GGUF) into a loadable directory failed or gave an incomplete one."""
 

@@ -11,15 +11,16 @@ import sys
 import warnings
 from typing import Callable
 
-from tokext.cli import analyze, study, sweep
+from tokext.cli import analyze, eval, study, sweep
 from tokext.errors import TokextError, TokextWarning
 
-COMMAND_GROUPS = (analyze, study, sweep)
+COMMAND_GROUPS = (analyze, study, sweep, eval)
 """The modules of the subcommands; each has ``register(subparsers)``."""
 
 EPILOG = """examples:
   tokext analyze                                  # SmolLM2-135M on the built-in prompts
   tokext analyze --model ./my-hf-model --data prompts.jsonl --n 128 --out results/mine
+  tokext eval --tasks tokext_mmlu --limit 40 --intervention 'EarlyLayerEmulation()'
 """
 
 

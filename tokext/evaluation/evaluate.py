@@ -88,9 +88,14 @@ def continuation_prompt(item: Any) -> str:
 # ---------------------------------------------------------------------- batched forward passes
 
 
-def _forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int, take: Callable,
-                     progress: bool, desc: str) -> list[Any]:
-    """Run right-padded batches (longest first) and call ``take(logits_row, length, index)`` per sequence."""
+def forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int, take: Callable,
+                    progress: bool, desc: str) -> list[Any]:
+    """Run right-padded batches (longest first) and return ``take(logits_row, length, index)`` per sequence.
+
+    The attention mask goes with every batch, so active interventions and statistics see which
+    positions are padding. ``logits_row`` is [pos, vocab] of sequence ``index`` (its first
+    ``length`` positions are real); results come back in input order.
+    """
     from tqdm.auto import tqdm
 
     from tokext.models.inputs import batches, encode, pad_id
@@ -124,7 +129,7 @@ def continuation_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]
         target = torch.tensor(cont, device=rows.device)
         return rows.gather(-1, target[:, None])[:, 0].cpu().numpy().astype(np.float64)
 
-    return _forward_batches(model, seqs, batch_size, take, progress, desc)
+    return forward_batches(model, seqs, batch_size, take, progress, desc)
 
 
 # ---------------------------------------------------------------------- multiple choice
@@ -158,7 +163,7 @@ def score_letters(model: Any, items: Sequence[Any], *, batch_size: int = 8, prog
         row = logits[length - 1].float().log_softmax(-1)
         return row[torch.tensor(letter_ids[index], device=row.device)].cpu().numpy().astype(np.float64)
 
-    scores = _forward_batches(model, seqs, batch_size, take, progress, "letters")
+    scores = forward_batches(model, seqs, batch_size, take, progress, "letters")
     rows = []
     for item, lp in zip(items, scores):
         pred = int(np.argmax(lp))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ def greedy_generate(
     stop_at_eos: bool = True,
     eos_token_id: int | None = None,
     prepend_bos: bool | None = None,
+    stop_strings: Sequence[str] = (),
     engine: str = "hooks",
 ) -> list[list[int]]:
     """Greedy continuation of each prompt: only the new token ids, in input order.
@@ -39,9 +40,11 @@ def greedy_generate(
     ``prompts``: strings, a [n, pos] token tensor or lists of token ids (``prepend_bos`` as in
     :func:`tokext.models.inputs.encode`). With ``stop_at_eos`` a row stops after emitting EOS (kept as
     its last token); native models have no tokenizer, so pass ``eos_token_id`` or
-    ``stop_at_eos=False``. ``engine``: ``"hooks"``, ``"streaming"`` or ``"auto"`` (by the longest
-    prompt plus the new tokens), as in :func:`tokext.intervene`; inside a streaming ``intervene``
-    block generation always streams.
+    ``stop_at_eos=False``. A row also stops once the text of its new tokens contains one of
+    ``stop_strings`` (the tokens are kept; cutting the text at the stop string is the caller's job).
+    ``engine``: ``"hooks"``, ``"streaming"`` or ``"auto"`` (by the longest prompt plus the new
+    tokens), as in :func:`tokext.intervene`; inside a streaming ``intervene`` block generation always
+    streams.
 
     >>> from tokext.models import native_model
     >>> out = greedy_generate(native_model(), [[1, 2, 3], [4, 5]], 4, stop_at_eos=False)
@@ -61,6 +64,7 @@ def greedy_generate(
         eos = model.tokenizer.eos_token_id
     if stop_at_eos and eos is None:
         raise InputError("stop_at_eos=True needs an EOS id: pass eos_token_id=... or stop_at_eos=False")
+    stop = _stop_check(model, stop_strings)
     native = info.source == "native"
     results: list[list[int]] = [[] for _ in seqs]
     if max_new_tokens == 0:
@@ -69,20 +73,34 @@ def greedy_generate(
         model, engine, batch=min(batch_size, len(seqs)), length=longest + max_new_tokens)
     with streaming(model) if which == "streaming" else contextlib.nullcontext():
         _generate_all(model, seqs, results, max_new_tokens, batch_size=batch_size, use_kv_cache=use_kv_cache,
-                      native=native, eos=eos if stop_at_eos else None)
+                      native=native, eos=eos if stop_at_eos else None, stop=stop)
     return results
 
 
 def _generate_all(model: Any, seqs: list[torch.Tensor], results: list[list[int]], max_new_tokens: int, *,
-                  batch_size: int, use_kv_cache: bool, native: bool, eos: int | None) -> None:
+                  batch_size: int, use_kv_cache: bool, native: bool, eos: int | None,
+                  stop: Callable[[list[int]], bool] | None) -> None:
     for batch in batches(seqs, batch_size, pad_id(model), side="left"):
         with warnings.catch_warnings():  # transformers 5.2x renamed the cache kwarg the bridge passes
             warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
             rows = _generate_batch(model, batch.tokens, batch.attention_mask, max_new_tokens,
                                    use_cache=use_kv_cache and not native, explicit_positions=not native,
-                                   eos=eos, filler=pad_id(model))
+                                   eos=eos, filler=pad_id(model), stop=stop)
         for row, index in zip(rows, batch.indices):
             results[index] = row
+
+
+def _stop_check(model: Any, stop_strings: Sequence[str]) -> Callable[[list[int]], bool] | None:
+    """Whether a row's new tokens, decoded, contain a stop string (``None``: no stop strings)."""
+    if isinstance(stop_strings, str):
+        raise InputError("stop_strings must be a list of strings, not one string: wrap it in a list")
+    strings = [s for s in stop_strings if s]
+    if not strings:
+        return None
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise InputError("stop_strings need a model with a tokenizer to decode the new tokens")
+    return lambda ids: any(s in tokenizer.decode(ids) for s in strings)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -90,7 +108,8 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _generate_batch(model: Any, tokens: torch.Tensor, mask: torch.Tensor, max_new: int, *, use_cache: bool,
-                    explicit_positions: bool, eos: int | None, filler: int) -> list[list[int]]:
+                    explicit_positions: bool, eos: int | None, filler: int,
+                    stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     device = next(model.parameters()).device
     tokens, mask = tokens.to(device), mask.to(device)
     n = tokens.shape[0]
@@ -109,6 +128,8 @@ def _generate_batch(model: Any, tokens: torch.Tensor, mask: torch.Tensor, max_ne
             nxt = torch.where(done, torch.full_like(nxt, filler), nxt)
             for row in (~done).nonzero().flatten().tolist():
                 out[row].append(int(nxt[row]))
+                if stop is not None and stop(out[row]):
+                    done[row] = True
             if eos is not None:
                 done |= nxt == eos
             if step == max_new - 1 or bool(done.all()):

@@ -154,6 +154,15 @@ def letter_prompt(item: MCItem) -> str:
     return f"{item.question}\n\n{_options(item)}\nAnswer:"
 
 
+def mmlu_harness_prompt(item: MCItem) -> str:
+    """lm-evaluation-harness's zero-shot MMLU prompt: the subject's description line, the question
+    (stripped), one ``"A. ..."`` line per option, ``"Answer:"`` (``tasks/mmlu/default``; the
+    ``tokext_mmlu`` tasks of :mod:`tokext.evaluation.lm_eval_tasks` render the same text)."""
+    subject = " ".join(item.subject.split("_"))
+    description = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    return f"{description}{item.question.strip()}\n{_options(item)}\nAnswer:"
+
+
 def cot_prompt(item: MCItem) -> str:
     """The CoT form: an instruction asking for an "Analysis:" of every option and a "Response:" line
     with the one chosen letter, then the question and options; it ends with ``"\\nAnalysis:"``."""

@@ -13,7 +13,8 @@ Every intervention is a frozen dataclass of hyperparameters acting on
 
 :mod:`~tokext.interventions.base` holds what they share (the per-run context, the binding of a
 list of interventions to a model); :mod:`~tokext.interventions.intervene` the ``with`` block and
-the measured effect on the logits.
+the measured effect on the logits; :mod:`~tokext.interventions.parse` interventions written as text
+(``"EarlyLayerEmulation(alpha=0.2)"``, for command lines), parsed without evaluating anything.
 
 May import: :mod:`tokext.attention`, :mod:`tokext.models` and :mod:`tokext.errors`.
 """
@@ -25,6 +26,7 @@ from tokext.interventions.emulation import EarlyLayerEmulation
 from tokext.interventions.intervene import (
     InterventionEffect, InterventionRun, intervene, intervention_effect, mean_loss,
 )
+from tokext.interventions.parse import intervention_classes, parse_interventions
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
@@ -32,5 +34,6 @@ from tokext.interventions.temperature import AttentionTemperature
 __all__ = [
     "AttentionTemperature", "EarlyLayerEmulation", "HeadAblation", "HeadSelection", "Intervention",
     "InterventionEffect", "InterventionRun", "PatternPatch", "RunContext", "SinkCalibration",
-    "SinkRebalance", "fwd_hooks", "intervene", "intervention_effect", "mean_loss", "select_heads_greedy",
+    "SinkRebalance", "fwd_hooks", "intervene", "intervention_classes", "intervention_effect", "mean_loss",
+    "parse_interventions", "select_heads_greedy",
 ]

@@ -144,11 +144,10 @@ def canonical_json(obj: Any) -> str:
 
 
 def intervention_classes() -> dict[str, type]:
-    """Intervention class name -> class, from :mod:`tokext.interventions`."""
-    import tokext.interventions as ivs
+    """Intervention class name -> class (:func:`tokext.interventions.parse.intervention_classes`, imported lazily)."""
+    from tokext.interventions.parse import intervention_classes as classes
 
-    return {name: obj for name in ivs.__all__ if isinstance(obj := getattr(ivs, name), type)
-            and issubclass(obj, ivs.Intervention) and obj is not ivs.Intervention}
+    return classes()
 
 
 def _did_you_mean(value: Any, choices: list[str]) -> str:
