@@ -2,7 +2,8 @@
 
 For each family of ``tests/conformance.py`` (a tiny random model loaded through ``tokext.load_model``):
 
-- statistics (alpha_k, entropy, first- and last-token mass, learned-sink mass) against the same
+- statistics (alpha_k, entropy, first- and last-token mass, learned-sink mass, first-token mass
+  and entropy by query position) against the same
   quantities computed here, from the probabilities and the per-layer visibility of transformers'
   own forward (the oracle), one sequence at a time, to 1e-5;
 - a padded batch gives the statistics of one-by-one runs;
@@ -40,6 +41,7 @@ from tokext.attention.collect import collect_attention_stats
 from tokext.models.info import model_info
 
 TOL = 1e-5
+BINS = [0, 1, 3, 8, 27]  # query-position bins of the by-position statistics (the longest input has 26 tokens)
 FAMILY_NAMES = list(C.FAMILIES)
 NOT_STREAMING = {"Bloom"}  # ALiBi added inline: transformers' AttentionInterface is never called
 STREAM_BUDGET = 4 * 3 * 4 * 27 * 4 * 4  # bytes: query blocks of 4 rows for 3 sequences x 4 heads x 27 keys
@@ -59,12 +61,17 @@ def oracle_statistics(name: str) -> dict[str, np.ndarray]:
     received, seen = None, np.zeros(length)
     entropy, rows, entropy_rows = None, 0, np.zeros(n_layers)
     first = last = sink = None
+    bins = len(BINS) - 1
+    bin_rows, bin_entropy_rows = np.zeros(bins), np.zeros((n_layers, bins))
+    bin_first = bin_entropy = None
     for seq in seqs:
         tokens = torch.tensor([seq])
         _, info, probs = C.oracle_forward(name, tokens, torch.ones_like(tokens))
         t = len(seq)
         seen[:t] += 1
         rows += t
+        which_bin = np.searchsorted(BINS, np.arange(t), side="right") - 1  # query position -> bin
+        bin_rows += np.bincount(which_bin, minlength=bins)
         for layer in range(n_layers):
             p = probs[layer][0].double()  # [head, query, key]
             visible = info.masks[layer][0]  # [query, key]
@@ -74,6 +81,7 @@ def oracle_statistics(name: str) -> dict[str, np.ndarray]:
                 received = np.zeros((n_layers, heads, length))
                 entropy = np.zeros((n_layers, heads))
                 first, last, sink = (np.zeros((n_layers, heads)) for _ in range(3))
+                bin_first, bin_entropy = np.zeros((n_layers, heads, bins)), np.zeros((n_layers, heads, bins))
             row = p.sum(-1)  # [head, query]
             if info.sinks[layer]:
                 share = (1.0 - row).clamp_min(0.0)
@@ -89,20 +97,37 @@ def oracle_statistics(name: str) -> dict[str, np.ndarray]:
             keep = outcomes >= 2
             entropy[layer] += (h[:, keep] / torch.log(outcomes[keep])).sum(-1).numpy()
             entropy_rows[layer] += int(keep.sum())
+            normalised = torch.where(keep, h / torch.log(outcomes.clamp_min(2)), torch.zeros_like(h)).numpy()
+            for b in range(bins):
+                in_bin = which_bin == b
+                bin_first[layer, :, b] += q[:, in_bin, 0].sum(-1).numpy()
+                bin_entropy[layer, :, b] += normalised[:, in_bin].sum(-1)
+                bin_entropy_rows[layer, b] += int(keep.numpy()[in_bin].sum())
             first[layer] += q[:, :, 0].sum(-1).numpy()
             last[layer] += q[:, :, t - 1].sum(-1).numpy()
             sink[layer] += s.sum(-1).numpy()
+    with np.errstate(invalid="ignore"):  # bin 0 (the first token sees itself alone) has no entropy
+        entropy_by_position = bin_entropy / bin_entropy_rows[:, None]
     return {"received": received / seen, "entropy": entropy / entropy_rows[:, None], "first": first / rows,
-            "last": last / rows, "sink": sink / rows}
+            "last": last / rows, "sink": sink / rows, "first_by_position": bin_first / bin_rows,
+            "entropy_by_position": entropy_by_position}
 
 
 def tokext_statistics(stats) -> dict[str, np.ndarray]:
     return {"received": stats.received, "entropy": stats.entropy, "first": stats.first_token_mass,
-            "last": stats.last_token_mass, "sink": stats.learned_sink_mass}
+            "last": stats.last_token_mass, "sink": stats.learned_sink_mass,
+            "first_by_position": stats.by_position.first_token_mass, "entropy_by_position": stats.by_position.entropy}
 
 
 def max_error(ours: dict, theirs: dict) -> float:
-    return max(float(np.nanmax(np.abs(ours[k] - theirs[k]))) for k in theirs)
+    """Largest difference; a value NaN on one side only (an empty bin, say) counts as infinite."""
+    worst = 0.0
+    for k in theirs:
+        a, b = np.asarray(ours[k], dtype=float), np.asarray(theirs[k], dtype=float)
+        if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+            return float("inf")
+        worst = max(worst, float(np.nanmax(np.abs(a - b))) if np.isfinite(a).any() else 0.0)
+    return worst
 
 
 # ---------------------------------------------------------------------- intervention cases
@@ -188,14 +213,14 @@ def report(name: str) -> dict:
     model = C.family_bridge(name)
     seqs = C.sequences()
     out: dict = {"layout": model_info(model).attention.describe()}
-    batched = collect_attention_stats(model, seqs, batch_size=3, progress=False)
-    alone = collect_attention_stats(model, seqs, batch_size=1, progress=False)
+    batched = collect_attention_stats(model, seqs, batch_size=3, progress=False, position_bins=BINS)
+    alone = collect_attention_stats(model, seqs, batch_size=1, progress=False, position_bins=BINS)
     out["stats_error"] = max_error(tokext_statistics(batched), oracle_statistics(name))
     out["padding_error"] = max_error(tokext_statistics(batched), tokext_statistics(alone))
     out["streams"] = name not in NOT_STREAMING
     if out["streams"]:
         streamed = collect_attention_stats(model, seqs, batch_size=3, progress=False, engine="streaming",
-                                           budget=STREAM_BUDGET)
+                                           budget=STREAM_BUDGET, position_bins=BINS)
         out["streaming_stats_error"] = max_error(tokext_statistics(streamed), tokext_statistics(batched))
     if not spec.editable:
         return out

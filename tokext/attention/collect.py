@@ -17,6 +17,7 @@ from tokext.attention.engines.choose import DEFAULT_BUDGET, choose_engine
 from tokext.attention.engines.streaming import BlockGeometry, LayerChain, active_engine, streaming
 from tokext.attention.masks import first_real_position, last_real_position
 from tokext.attention.metrics import CATEGORIES, token_category
+from tokext.attention.positions import PositionProfile, check_bins
 from tokext.attention.protocols import Protocol, resolve_protocol
 from tokext.attention.stats import AttentionStats, BatchContext
 from tokext.errors import InputError
@@ -97,6 +98,7 @@ def collect_attention_stats(
     protocol: str | None = None,
     engine: str = "hooks",
     budget: int = DEFAULT_BUDGET,
+    position_bins: Sequence[int] | None = None,
 ) -> AttentionStats:
     """Attention statistics of ``model`` over ``inputs``, reduced inside the hooks.
 
@@ -112,6 +114,8 @@ def collect_attention_stats(
     ``engine="streaming"`` (same numbers; ``"auto"`` picks streaming when one layer's patterns of a
     batch would exceed ``budget`` bytes). Inside a streaming ``intervene`` block the statistics join
     its engine and see the edited blocks, as the hook engine's statistics see edited patterns.
+    ``position_bins`` (edges of query positions, e.g. :func:`~tokext.attention.positions.log_position_bins`)
+    also resolves first-token mass and entropy by query position (``stats.by_position``).
 
     >>> from tokext.models import native_model
     >>> model = native_model()
@@ -139,6 +143,8 @@ def collect_attention_stats(
                   "sep_token": getattr(getattr(model, "tokenizer", None), "sep_token", None),
                   "lengths": [int(s.numel()) for s in seqs],
                   "dataset": dataset, "batch_size": batch_size},
+        by_position=None if position_bins is None else PositionProfile(
+            edges=check_bins(position_bins), n_layers=len(chosen), n_heads=info.n_heads),
     )
     stats.start(device, [info.attention[layer] for layer in chosen])
     longest = max(int(s.numel()) for s in seqs)

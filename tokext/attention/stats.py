@@ -15,7 +15,9 @@ Conventions (the formulas live in :mod:`tokext.attention.metrics`):
 - ``category_mass`` [layer, head, category]: mean share of a real row's mass on each category;
 - ``learned_sink_mass`` [layer, head]: mean share of the learned sink (``1 - sum_j p_ij``, gpt-oss);
 - rows are renormalised over their visible keys before any of these (a learned-sink row over keys
-  plus sink, as the model uses it); ``row_sum`` keeps the raw sum.
+  plus sink, as the model uses it); ``row_sum`` keeps the raw sum;
+- ``by_position`` (when collected with position bins): first-token mass and entropy per bin of
+  query positions (:class:`~tokext.attention.positions.PositionProfile`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import numpy as np
 import torch
 
 from tokext.attention import metrics
-from tokext.attention.masks import CAUSAL, visibility_counts
+from tokext.attention.masks import CAUSAL, first_real_position, visibility_counts
 from tokext.attention.metrics import CATEGORIES
+from tokext.attention.positions import PositionProfile
 from tokext.errors import DataFileError, InputError
 from tokext.models.architectures import LayerAttention
 
@@ -82,6 +85,14 @@ class BatchContext:
     sequence_ids: torch.Tensor  # Long [batch]
     last: torch.Tensor | None = None  # Long [batch]: each row's last real token
     _counts: dict = field(default_factory=dict, repr=False)
+    _first: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def first(self) -> torch.Tensor:
+        """Long [batch]: each row's first real token (its BOS or [CLS] when present)."""
+        if self._first is None:
+            self._first = first_real_position(self.real)
+        return self._first
 
     def counts(self, attention: LayerAttention = CAUSAL) -> tuple[torch.Tensor, torch.Tensor]:
         """``(n_queries [batch, key], n_keys [batch, query])`` for a layer of this kind (floats)."""
@@ -123,6 +134,7 @@ class AttentionStats:
     last_sum: np.ndarray | None = None
     per_sequence: np.ndarray | None = None  # [sequence, layer, head, position < PER_SEQUENCE_POSITIONS]
     attention: list[LayerAttention] | None = None  # what each collected layer's queries see
+    by_position: PositionProfile | None = None  # statistics per bin of query positions, when asked for
     # running torch accumulators while collecting
     _acc: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -151,6 +163,8 @@ class AttentionStats:
             "events": [], "per_sequence": [],
         }
         self._layer_slot = {layer: i for i, layer in enumerate(self.layers)}
+        if self.by_position is not None:
+            self.by_position.start(device)
 
     def begin_batch(self, ctx: BatchContext) -> None:
         """Count the batch's sequences, key positions and rows (once, not per layer)."""
@@ -221,9 +235,16 @@ class AttentionStats:
         outcomes = n_keys[:, rows].to(p.dtype)[:, None] + (1.0 if attention.learned_sink else 0.0)
         keep = (outcomes >= 2) & ctx.real[:, None, rows]
         log_n = torch.log(torch.where(keep, outcomes, torch.full_like(outcomes, 2.0)))
-        acc["entropy"][slot] += torch.where(keep, entropy / log_n, torch.zeros_like(entropy)).sum((0, 2)).to(
-            device, torch.float64)
+        normalised = torch.where(keep, entropy / log_n, torch.zeros_like(entropy))
+        acc["entropy"][slot] += normalised.sum((0, 2)).to(device, torch.float64)
         acc["entropy_rows"][slot] += float(keep[:, 0].sum())
+        if self.by_position is not None:
+            positions = torch.arange(query_start, query_start + n_rows, device=p.device)[None] - ctx.first[:, None]
+            first_col = (ctx.first.to(p.device) - key_start)  # [batch]: the first real token's column
+            inside = ((first_col >= 0) & (first_col < n_cols)).to(p.dtype)[:, None, None]
+            index = first_col.clamp(0, n_cols - 1)[:, None, None, None].expand(-1, p.shape[1], n_rows, 1)
+            first_mass = p.gather(3, index).squeeze(-1) * inside / safe_total
+            self.by_position.add(slot, positions, ctx.real[:, rows], first_mass, normalised, keep)
 
     def end_layer(self, layer: int) -> None:
         """Finish a layer of the current batch: alpha_k from its column sums, per-sequence alpha,
@@ -266,6 +287,8 @@ class AttentionStats:
         for slot, ids, values in acc["per_sequence"]:
             per_sequence[ids.cpu().numpy(), slot, :, : values.shape[-1]] = values.cpu().numpy()
         self.per_sequence = per_sequence
+        if self.by_position is not None:
+            self.by_position.finish()
         events = torch.cat(acc["events"]).cpu().numpy() if acc["events"] else np.zeros((0, len(_EVENT_FIELDS)))
         self.events = {name: events[:, i] for i, name in enumerate(_EVENT_FIELDS)}
         for name in _EVENT_FIELDS[:-1]:
@@ -473,6 +496,8 @@ class AttentionStats:
             learned_sink_sum=both(self.learned_sink_sum, other.learned_sink_sum),
             last_sum=both(self.last_sum, other.last_sum), per_sequence=per_sequence,
             attention=list(self.attention),
+            by_position=(None if self.by_position is None or other.by_position is None
+                         else self.by_position.merge(other.by_position)),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -491,6 +516,8 @@ class AttentionStats:
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
         arrays.update({f"event_{k}": v for k, v in self.events.items()})
+        if self.by_position is not None:
+            arrays.update(self.by_position.arrays())
         with open(path, "wb") as handle:
             np.savez_compressed(handle, header=np.array(json.dumps(header)), **arrays)
         return path
@@ -504,6 +531,7 @@ class AttentionStats:
             optional = {name: data[name] if name in data.files else None
                         for name in ("learned_sink_sum", "last_sum", "per_sequence")}
             rows = data["entropy_rows"] if "entropy_rows" in data.files else int(header["entropy_rows"])
+            by_position = PositionProfile.from_arrays(data)
         except (OSError, KeyError, ValueError) as err:
             raise DataFileError(f"cannot read attention statistics from {path}: {err}") from None
         attention = [LayerAttention(**att) for att in header["attention"]] if "attention" in header else None
@@ -514,5 +542,6 @@ class AttentionStats:
             entropy_rows=rows, mass_sum=data["mass_sum"], row_sum_sum=data["row_sum_sum"],
             real_rows=int(header["real_rows"]), n_sequences=int(header["n_sequences"]),
             events={k: data[f"event_{k}"] for k in _EVENT_FIELDS},
-            token_text={int(k): v for k, v in header["token_text"].items()}, attention=attention, **optional,
+            token_text={int(k): v for k, v in header["token_text"].items()}, attention=attention,
+            by_position=by_position, **optional,
         )

@@ -13,6 +13,7 @@ DEFAULT_BUDGET = 128 << 20
 patterns would exceed it, and a streaming query block fits in it."""
 
 _BYTES_EAGER = 8  # fp32 scores and probabilities are both alive in an eager layer
+_BYTES_STREAMING = 16  # fp32 scores, probabilities and two temporaries of a streaming block
 
 
 def check_engine(engine: str) -> str:
@@ -39,6 +40,19 @@ def choose_engine(model: Any, engine: str = "hooks", *, batch: int = 1, length: 
     'hooks'
     """
     check_engine(engine)
-    if engine != "auto":
-        return engine
-    return "streaming" if eager_bytes(model, batch, length) > budget else "hooks"
+    if engine == "auto":
+        engine = "streaming" if eager_bytes(model, batch, length) > budget else "hooks"
+    if engine == "streaming":
+        block_rows(model, batch, length, budget)  # a budget too small for one row fails here, before any work
+    return engine
+
+
+def block_rows(model: Any, batch: int, n_keys: int, budget: int = DEFAULT_BUDGET) -> int:
+    """Query rows of one streaming block that fit in ``budget`` bytes for ``batch`` sequences over
+    ``n_keys`` keys; an :class:`InputError` when not even one row fits."""
+    per_row = batch * int(model.cfg.n_heads) * n_keys * _BYTES_STREAMING
+    if per_row > budget:
+        raise InputError(f"a memory budget of {budget} bytes is too small for one streaming block: one query row "
+                         f"needs {per_row} bytes ({batch} sequences x {model.cfg.n_heads} heads x {n_keys} keys x "
+                         f"{_BYTES_STREAMING} bytes); raise budget to at least {per_row}")
+    return max(1, budget // per_row)

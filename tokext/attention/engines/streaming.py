@@ -39,14 +39,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from tokext.attention.engines.choose import DEFAULT_BUDGET
+from tokext.attention.engines.choose import DEFAULT_BUDGET, block_rows
 from tokext.attention.masks import sees
 from tokext.errors import InputError, InterventionNotAppliedError, UneditableAttentionError
 from tokext.models.architectures import LayerAttention
 from tokext.models.info import model_info
 
 NAME = "tokext_streaming"
-_BLOCK_FACTOR = 4  # scores, probabilities and two temporaries of a block, in fp32
 _ACTIVE: list["StreamingEngine"] = []
 
 
@@ -272,7 +271,7 @@ class StreamingEngine:
         chain = self.chain(layer)
         batch, heads, n_q, dim = query.shape
         out = torch.empty(batch, heads, n_q, value.shape[-1], dtype=value.dtype, device=value.device)
-        rows = self._rows(batch, heads, key.shape[2])
+        rows = self._rows(batch, key.shape[2])
         two_pass = next((i for i, s in enumerate(chain.pattern) if s.two_pass), None)
         try:
             if two_pass is not None:
@@ -292,14 +291,8 @@ class StreamingEngine:
             finish()
         return out.transpose(1, 2).contiguous()
 
-    def _rows(self, batch: int, heads: int, n_keys: int) -> int:
-        if self.block_rows is not None:
-            return self.block_rows
-        per_row = batch * heads * n_keys * 4 * _BLOCK_FACTOR
-        if per_row > self.budget:
-            raise InputError(f"memory budget of {self.budget} bytes is too small for one query row "
-                             f"({per_row} bytes for {batch} x {heads} heads x {n_keys} keys): raise the budget")
-        return max(1, self.budget // per_row)
+    def _rows(self, batch: int, n_keys: int) -> int:
+        return self.block_rows if self.block_rows is not None else block_rows(self.model, batch, n_keys, self.budget)
 
     def _probs(self, layer: int, stored: _Stored, start: int, stop: int, chain: LayerChain, upto: int,
                phase: str = "apply", want_plogp: bool = False) -> tuple[torch.Tensor, BlockGeometry, torch.Tensor | None]:
