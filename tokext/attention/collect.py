@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from tokext.models.devices import input_device
 from tokext.models.hooks import attached, pattern_hook_name, resolve_layers
 from tokext.models.inputs import Inputs, batches, encode, pad_id
 from tokext.attention.metrics import CATEGORIES, token_category
@@ -109,7 +110,7 @@ def collect_attention_stats(
     chosen = resolve_layers(model, layers)
     seqs = encode(model, inputs, max_len=max_len, prepend_bos=prepend_bos)
     info = model_info(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     table = category_table(model, tokenizer)
     stats = AttentionStats(
         layers=chosen, n_heads=info.n_heads, sink_floor=sink_floor,

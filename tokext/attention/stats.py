@@ -112,11 +112,20 @@ class AttentionStats:
         self.real_rows += int(ctx.real.sum())
         self.entropy_rows += int(((ctx.n_keys >= 2) & ctx.real).sum())
         self._ctx = ctx
+        self._ctx_on = {ctx.real.device: ctx}  # the batch's facts per device its layers run on
+
+    def _batch_on(self, device: torch.device) -> BatchContext:
+        """The current batch context on ``device`` (a model may span devices: one copy per device)."""
+        if device not in self._ctx_on:
+            ctx = self._ctx
+            self._ctx_on[device] = BatchContext(**{name: getattr(ctx, name).to(device) for name in ctx.__dataclass_fields__})
+        return self._ctx_on[device]
 
     def update(self, layer: int, pattern: torch.Tensor) -> None:
         """Fold one layer's pattern [batch, head, query, key] of the current batch into the sums."""
-        ctx, acc, slot = self._ctx, self._acc, self._layer_slot[layer]
+        acc, slot = self._acc, self._layer_slot[layer]
         p = pattern.detach()
+        ctx, home = self._batch_on(p.device), acc["entropy"].device  # sums stay where start() put them
         if p.dtype not in (torch.float32, torch.float64):
             p = p.float()
         real_q = ctx.real.to(p.dtype)  # [batch, query]
@@ -129,10 +138,10 @@ class AttentionStats:
         n_q = ctx.n_queries.to(p.dtype)[:, None]
         alpha = column_sum / torch.where(n_q > 0, n_q, torch.ones_like(n_q))  # 0 on pad keys
         length = p.shape[-1]
-        acc["received"][slot, :, :length] += alpha.sum(0).to(torch.float64)
+        acc["received"][slot, :, :length] += alpha.sum(0).to(home, torch.float64)
         onehot = torch.nn.functional.one_hot(ctx.categories, len(CATEGORIES)).to(p.dtype)
-        acc["mass"][slot] += torch.einsum("bhk,bkc->hc", column_sum, onehot).to(torch.float64)
-        acc["row_sum"][slot] += (row_sum * real_q[:, None]).sum((0, 2)).to(torch.float64)
+        acc["mass"][slot] += torch.einsum("bhk,bkc->hc", column_sum, onehot).to(home, torch.float64)
+        acc["row_sum"][slot] += (row_sum * real_q[:, None]).sum((0, 2)).to(home, torch.float64)
         # normalised entropy of the renormalised row: H = log s - (1/s) sum p log p
         plogp = _sum_plogp(p)
         safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
@@ -140,7 +149,7 @@ class AttentionStats:
         n_k = ctx.n_keys.to(p.dtype)[:, None]
         keep = (n_k >= 2) & ctx.real[:, None]
         log_n = torch.log(torch.where(keep, n_k, torch.full_like(n_k, 2.0)))
-        acc["entropy"][slot] += torch.where(keep, entropy / log_n, torch.zeros_like(entropy)).sum((0, 2)).to(torch.float64)
+        acc["entropy"][slot] += torch.where(keep, entropy / log_n, torch.zeros_like(entropy)).sum((0, 2)).to(home, torch.float64)
         # hidden-sink candidates (positions >= 1) above the recording floor
         hits = (alpha > self.sink_floor)
         hits[..., 0] = False
@@ -150,7 +159,7 @@ class AttentionStats:
                 ctx.sequence_ids[b].to(torch.float64), torch.full_like(b, layer, dtype=torch.float64),
                 h.to(torch.float64), k.to(torch.float64), ctx.tokens[b, k].to(torch.float64),
                 alpha[b, h, k].to(torch.float64),
-            ], dim=1))
+            ], dim=1).to(home))
 
     def finish(self, decode: Any = None) -> "AttentionStats":
         """Move accumulators to numpy; ``decode(token_id) -> str`` names the sink tokens."""
@@ -167,7 +176,7 @@ class AttentionStats:
         if decode is not None:
             self.token_text = {int(t): decode(int(t)) for t in np.unique(self.events["token_id"])}
         self._acc = {}
-        self._ctx = None
+        self._ctx, self._ctx_on = None, {}
         return self
 
     # ------------------------------------------------------------------ results

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tokext.errors import InputError, LayerIndexError
+from tokext.models.devices import input_device
 from tokext.models.hooks import ForwardInputs, HookFn, resolve_heads, resolve_layers
 from tokext.models.probes import require_pattern_edits
 
@@ -387,4 +388,4 @@ def head_index(heads: list[int] | None, device: torch.device) -> torch.Tensor | 
 
 
 def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)

@@ -91,7 +91,7 @@ class EarlyLayerEmulation(Intervention):
         source = resolve_layers(model, self.source_layer)[0]
         horizon = self.resolved_horizon(model)
         last = max(layers)
-        state: dict[str, torch.Tensor | None] = {"mask": None}
+        state: dict[str, Any] = {"mask": None, "moved": {}}  # moved: the mask's copy per other device
         threshold, exclude_self = self.threshold, self.exclude_self
 
         def record_mask(pattern: torch.Tensor, hook: Any) -> None:
@@ -100,7 +100,7 @@ class EarlyLayerEmulation(Intervention):
             mask = (pattern > threshold).to(pattern.dtype)
             if exclude_self:  # the key at the query's own absolute position: offset past = key - query
                 mask.diagonal(offset=pattern.shape[-1] - pattern.shape[-2], dim1=-2, dim2=-1).fill_(0)
-            state["mask"] = mask
+            state["mask"], state["moved"] = mask, {}
 
         def make_boost(layer: int) -> Any:
             gain = self.factor(layer, horizon)
@@ -111,8 +111,12 @@ class EarlyLayerEmulation(Intervention):
                 if self.uniform:
                     return pattern.mul_(gain) if inplace else pattern * gain
                 mask = state["mask"]
+                if mask is not None and mask.device != pattern.device:  # layers on several devices
+                    if pattern.device not in state["moved"]:
+                        state["moved"][pattern.device] = mask.to(pattern.device)
+                    mask = state["moved"][pattern.device]
                 if layer == last:
-                    state["mask"] = None  # keep no mask alive between forward passes
+                    state["mask"], state["moved"] = None, {}  # keep no mask alive between forward passes
                 if mask is None or mask.shape != pattern.shape:
                     raise InterventionNotAppliedError(
                         f"{self!r}: layer {layer} ran without the source layer {source}'s mask for this "
