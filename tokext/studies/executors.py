@@ -156,8 +156,10 @@ class _Worker:
 
     def __init__(self, loader: Loader, threads: int):
         import torch
+        from transformers.utils import logging as hf_logging
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        hf_logging.disable_progress_bar()  # workers' output reaches the driver's terminal
         torch.set_num_threads(max(1, threads))
         self.loader, self.model_name, self.model = loader, None, None
 
