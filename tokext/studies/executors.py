@@ -207,10 +207,18 @@ class RayExecutor:
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
-        if self.address:
-            _check_reachable(self.address, timeout=min(5.0, self.connect_timeout))
-            kwargs["address"] = self.address
-        failure: list[BaseException] = []
+        if not self.address or self.address == "local":
+            # a new local cluster starts in this (the main) thread: Ray ties its processes' lives
+            # to the thread that started them (PR_SET_PDEATHSIG), so a helper thread would kill them
+            try:
+                ray.init(**kwargs)
+            except Exception as e:  # noqa: BLE001 - one line for the user
+                raise ClusterError(f"cannot start a local Ray cluster: {' '.join(str(e).split())[:300]}") from None
+            self._started = True
+            return
+        _check_reachable(self.address, timeout=min(5.0, self.connect_timeout))
+        kwargs["address"] = self.address
+        failure: list[BaseException] = []  # joining only: bounded by a thread, since ray.init keeps retrying
 
         def init() -> None:
             try:
@@ -222,13 +230,10 @@ class RayExecutor:
         thread.start()
         thread.join(self.connect_timeout)
         if thread.is_alive():
-            raise ClusterError(f"no Ray cluster answered at {self.address or 'a new local cluster'} within "
-                               f"{self.connect_timeout:.0f} s")
+            raise ClusterError(f"no Ray cluster answered at {self.address} within {self.connect_timeout:.0f} s")
         if failure:
-            e = failure[0]
-            where = f"at {self.address}" if self.address else "(starting a local one)"
-            raise ClusterError(f"cannot connect to a Ray cluster {where}: {' '.join(str(e).split())[:300]}") from None
-        self._started = not self.address
+            raise ClusterError(f"cannot connect to the Ray cluster at {self.address}: "
+                               f"{' '.join(str(failure[0]).split())[:300]}") from None
 
     def close(self) -> None:
         """Shut down the local cluster this executor started (a cluster it joined keeps running)."""
