@@ -15,6 +15,10 @@ the same whichever ran the cells.
 
 A worker returns a cell's per-item frame; nothing is written on the workers, so a cell is never
 half-written and an interrupted driver loses only the cells in flight.
+
+An executor is any object with ``name``, ``connect()`` (reach what it needs, before the sweep
+writes anything), ``run(config, cells, items, done, *, loader, progress, log)`` and ``close()``;
+:func:`make_executor` builds one by name.
 """
 
 from __future__ import annotations
