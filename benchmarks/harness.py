@@ -2,8 +2,11 @@
 
 Each worker process loads the model, runs one warm-up and ``repeats`` timed runs of a single
 method, and prints one JSON line: median seconds, and peak resident memory (``ru_maxrss``) in
-total and above what the process held before the first forward pass. Ratios are always taken
-against the plain forward pass measured in the same invocation.
+total and above what the process held before the first forward pass (on CUDA also the peak of
+``torch.cuda.max_memory_allocated``). Ratios are always taken against the baseline method (the
+plain eager forward pass unless ``--baseline`` says otherwise) measured in the same invocation.
+``--device`` and ``--dtype`` choose where and in what precision the model runs; ``--seq-lens``
+replaces the default sizes by one sequence of each length.
 """
 
 from __future__ import annotations
@@ -31,18 +34,37 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_method(run: Callable[[], object], repeats: int) -> dict:
-    """Warm up once, then time ``repeats`` runs; memory is measured around the warm-up as well."""
+def time_method(run: Callable[[], object], repeats: int, device: str = "cpu") -> dict:
+    """Warm up once, then time ``repeats`` runs; memory is measured around the warm-up as well.
+
+    On CUDA each run is timed up to ``torch.cuda.synchronize()``, and the peak allocated GPU
+    memory is reported as ``peak_gpu_mib``.
+    """
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+        def timed():
+            run()
+            torch.cuda.synchronize()
+    else:
+        timed = run
     before = rss_mib()
-    run()
+    timed()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        timed()
         times.append(time.perf_counter() - start)
     peak = peak_rss_mib()
-    return {"seconds": statistics.median(times), "times": times, "peak_rss_mib": peak,
-            "peak_extra_mib": peak - before, "baseline_rss_mib": before}
+    out = {"seconds": statistics.median(times), "times": times, "peak_rss_mib": peak,
+           "peak_extra_mib": peak - before, "baseline_rss_mib": before}
+    if cuda:
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def run_workers(script: str, jobs: Sequence[dict], rounds: int, *, memory_limit_gib: float | None = None,
@@ -85,8 +107,13 @@ def ratio_table(results: list[dict], key: dict[str, str], baseline: str = "plain
     grouped = ok.groupby(config_cols + ["method"], sort=False).agg(
         seconds=("seconds", "median"), peak_rss_mib=("peak_rss_mib", "median"),
         peak_extra_mib=("peak_extra_mib", "median")).reset_index()
-    lines = ["| " + " | ".join(key[c] for c in config_cols) + " | method | median s | x plain | peak RSS MiB | x plain | peak extra MiB |",
-             "|" + "---|" * (len(config_cols) + 6)]
+    short = "plain" if baseline == "plain_forward" else baseline.removesuffix("_forward")
+    gpu = "peak_gpu_mib" in ok.columns
+    if gpu:
+        gpu_peaks = ok.groupby(config_cols + ["method"], sort=False)["peak_gpu_mib"].median()
+    lines = ["| " + " | ".join(key[c] for c in config_cols) + f" | method | median s | x {short} | peak RSS MiB | "
+             f"x {short} | peak extra MiB |" + (f" peak GPU MiB | x {short} |" if gpu else ""),
+             "|" + "---|" * (len(config_cols) + 6 + 2 * gpu)]
     for config, group in grouped.groupby(config_cols, sort=False):
         config = config if isinstance(config, tuple) else (config,)
         base = group[group["method"] == baseline]
@@ -94,9 +121,13 @@ def ratio_table(results: list[dict], key: dict[str, str], baseline: str = "plain
             continue
         base_s, base_m = float(base["seconds"].iloc[0]), float(base["peak_rss_mib"].iloc[0])
         for row in group.itertuples(index=False):
-            lines.append("| " + " | ".join(str(v) for v in config) +
-                         f" | {row.method} | {row.seconds:.3f} | {row.seconds / base_s:.2f} | {row.peak_rss_mib:.0f} | "
-                         f"{row.peak_rss_mib / base_m:.2f} | {row.peak_extra_mib:.0f} |")
+            line = ("| " + " | ".join(str(v) for v in config) +
+                    f" | {row.method} | {row.seconds:.3f} | {row.seconds / base_s:.2f} | {row.peak_rss_mib:.0f} | "
+                    f"{row.peak_rss_mib / base_m:.2f} | {row.peak_extra_mib:.0f} |")
+            if gpu:
+                mine, theirs = gpu_peaks[(*config, row.method)], gpu_peaks[(*config, baseline)]
+                line += f" {mine:.0f} | {mine / theirs:.2f} |"
+            lines.append(line)
     failed = frame[frame["failed"].fillna(False).astype(bool)] if "failed" in frame else frame.iloc[0:0]
     for row in failed.to_dict("records"):
         lines.append("| " + " | ".join(str(row.get(c)) for c in config_cols) + f" | {row['method']} | failed: {row['error']} | | | | |")
@@ -113,19 +144,75 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="also write the raw results as JSON here")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of the methods (plain_forward is always measured)")
+                   help="comma-separated subset of the methods (the baseline is always measured)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--seq-lens", default=None, help="comma-separated T values, one sequence each (e.g. 2048,8192)")
+    p.add_argument("--baseline", default="plain_forward",
+                   help="the method ratios are taken to: plain_forward (eager, hooks off) or sdpa_forward "
+                        "(transformers' fused attention)")
     return p
 
 
+def seq_len_configs(args: argparse.Namespace) -> list[dict] | None:
+    """``--seq-lens``: one sequence of each length, batch 1 (None when not given)."""
+    if not args.seq_lens:
+        return None
+    return [dict(seq_len=int(t), n_seqs=1, batch_size=1) for t in args.seq_lens.split(",") if t.strip()]
+
+
+def load_for_job(job: dict):
+    """The job's model on its device and dtype (threads limited on the CPU)."""
+    import torch
+    import tokext
+
+    if job.get("device", "cpu") == "cpu":
+        torch.set_num_threads(job.get("threads", 2))
+    return tokext.load_model(job["model"], device=job.get("device", "cpu"), dtype=job.get("dtype", "float32"))
+
+
+def sdpa_forward(job: dict, make_batches: Callable) -> Callable[[], None]:
+    """A forward pass of the same checkpoint in transformers with fused (SDPA) attention, no hooks.
+
+    ``make_batches(model)`` builds the job's token batches from anything with ``.tokenizer`` and
+    ``.cfg.d_vocab`` (no TransformerLens model is loaded in this process, so memory is comparable).
+    """
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tokext.models.devices import resolve_dtype
+    from tokext.models.loading import _resolve_spec
+
+    if job.get("device", "cpu") == "cpu":
+        torch.set_num_threads(job.get("threads", 2))
+    hf_dir = _resolve_spec(job["model"])[0]
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa", dtype=resolve_dtype(job.get("dtype", "float32")))
+    hf = hf.to(job.get("device", "cpu")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    batches = [b.to(job.get("device", "cpu"))
+               for b in make_batches(SimpleNamespace(tokenizer=tokenizer, cfg=SimpleNamespace(d_vocab=hf.config.vocab_size)))]
+
+    def run():
+        with torch.inference_mode():
+            for tokens in batches:
+                hf(tokens, use_cache=False)
+
+    return run
+
+
 def chosen_methods(args: argparse.Namespace, methods: Sequence[str]) -> list[str]:
-    """``methods`` narrowed by ``--methods``; the plain forward pass always stays first."""
+    """``methods`` narrowed by ``--methods``; the baseline always stays first."""
+    baseline = getattr(args, "baseline", "plain_forward")
+    if baseline not in methods:
+        raise SystemExit(f"unknown baseline {baseline!r}: choose from {list(methods)}")
     if not args.methods:
-        return list(methods)
+        return [baseline] + [m for m in methods if m != baseline]
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(wanted) - set(methods))
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}: choose from {list(methods)}")
-    return ["plain_forward"] + [m for m in methods if m in wanted and m != "plain_forward"]
+    return [baseline] + [m for m in methods if m in wanted and m != baseline]
 
 
 def run_worker_if_asked(args: argparse.Namespace, worker: Callable[[dict], dict]) -> bool:
@@ -140,11 +227,17 @@ def benchmark(script: str, title: str, args: argparse.Namespace, configs: Sequen
               rounds: int, repeats: int, memory_limit_gib: float | None = None) -> list[dict]:
     """Run every (configuration, method) job interleaved, print the ratio table, save raw JSON."""
     methods = chosen_methods(args, methods)
-    jobs = [dict(model=args.model, method=m, repeats=repeats, **c) for c in configs for m in methods]
+    device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
+    jobs = [dict(model=args.model, method=m, repeats=repeats, device=device, dtype=dtype, **c)
+            for c in configs for m in methods]
+    if device != "cpu":
+        memory_limit_gib = None  # an address-space cap breaks CUDA's start-up
     results = run_workers(script, jobs, rounds, memory_limit_gib=memory_limit_gib)
-    print(f"{title}: model {args.model}, fp32, CPU ({os.cpu_count()} cores), "
+    where = f"CPU ({os.cpu_count()} cores)" if device == "cpu" else device
+    print(f"{title}: model {args.model}, {dtype}, {where}, "
           f"{rounds} round(s) x {repeats} timed run(s) after a warm-up, one process per run")
-    print(ratio_table(results, {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"}))
+    print(ratio_table(results, {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"},
+                      baseline=getattr(args, "baseline", "plain_forward")))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return results

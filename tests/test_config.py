@@ -105,7 +105,7 @@ def test_errors_name_the_file_and_field(tmp_path, text, expected):
 
 def test_valid_keys_are_listed(tmp_path):
     message = error_of(tmp_path, "model = 'x'\n" + BASE)
-    assert "Valid keys: version, name, description, models, seeds, batch_size, tasks, interventions" in message
+    assert "Valid keys: version, name, description, models, seeds, batch_size, dtype, resources, tasks, interventions" in message
 
 
 def test_missing_data_file_is_caught_by_validate(tmp_path):
@@ -143,3 +143,50 @@ def test_eval_spec_loads_seeded_items():
 def test_parse_config_rejects_non_tables():
     with pytest.raises(InputError, match="expected a table"):
         parse_config({"version": 1, "tasks": ["arithmetic"]})
+
+
+def test_resources_and_dtype(tmp_path):
+    from tokext.studies.config import with_overrides
+    from tokext.studies.sweep import expand
+
+    plain = load_config(write(tmp_path, BASE, "plain.toml"))
+    placed = load_config(write(tmp_path, BASE + """
+[resources]
+workers = 4
+num_cpus = 2
+num_gpus = 0.25
+max_retries = 5
+device_map = { "model.layers.0" = 0, "lm_head" = "cpu" }
+max_memory = { "0" = "20GiB", cpu = "64GiB" }
+""", "placed.toml"))
+    r = placed.resources
+    assert (r.workers, r.num_cpus, r.num_gpus, r.max_retries) == (4, 2.0, 0.25, 5)
+    assert placed.load_options() == {"dtype": "float32", "device_map": {"model.layers.0": 0, "lm_head": "cpu"},
+                                     "max_memory": {"0": "20GiB", "cpu": "64GiB"}}
+    # where cells run changes neither the config hash nor a cell id
+    assert placed.config_hash() == plain.config_hash()
+    assert [c.id for c in expand(placed)] == [c.id for c in expand(plain)]
+    half = load_config(write(tmp_path, BASE.replace('name = "t"', 'name = "t"\ndtype = "bfloat16"'), "half.toml"))
+    assert half.dtype == "bfloat16" and half.load_options() == {"dtype": "bfloat16"}
+    assert half.config_hash() != plain.config_hash()
+    assert not {c.id for c in expand(half)} & {c.id for c in expand(plain)}  # other numbers, other cells
+    assert with_overrides(plain, dtype="bfloat16").config_hash() == half.config_hash()
+    moved = with_overrides(placed, device="cuda", workers=None)
+    assert moved.resources.device == "cuda" and moved.resources.workers == 4
+
+
+@pytest.mark.parametrize("table, expected", [
+    ("[resources]\nworker = 2\n", "resources: unknown key 'worker'. Did you mean 'workers'?"),
+    ("[resources]\nnum_gpus = 1.5\n", "resources.num_gpus: a worker takes a fraction of one GPU or a whole number"),
+    ("[resources]\nnum_cpus = 0\n", "resources.num_cpus: expected a number > 0.0"),
+    ("[resources]\nmax_retries = -1\n", "resources.max_retries: expected an integer >= 0"),
+    ("[resources]\ndevice_map = \"fastest\"\n", "resources.device_map: expected one of auto"),
+    ("[resources]\ndevice_map = { \"model.layers.0\" = true }\n", "resources.device_map.model.layers.0: expected a device"),
+])
+def test_bad_resources_name_the_field(tmp_path, table, expected):
+    assert expected in error_of(tmp_path, BASE + table)
+
+
+def test_bad_dtype_names_the_choices(tmp_path):
+    message = error_of(tmp_path, BASE.replace('name = "t"', 'name = "t"\ndtype = "fp8"'))
+    assert "dtype: expected one of float32, float16, bfloat16, float64, got 'fp8'" in message

@@ -56,5 +56,13 @@ class InterventionNotAppliedError(TokextError, RuntimeError):
     """An intervention's hooks never fired, or fired without changing the output."""
 
 
+class MissingExtraError(TokextError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it (``tokext[ray]``)."""
+
+
+class ClusterError(TokextError, RuntimeError):
+    """A compute cluster (Ray) cannot be reached, or its workers failed more often than allowed."""
+
+
 class TokextWarning(UserWarning):
     """Something tokext did differently from what was asked, and says so (one line on the CLI)."""

@@ -21,6 +21,7 @@ from tokext.attention.positions import PositionProfile, check_bins
 from tokext.attention.protocols import Protocol, resolve_protocol
 from tokext.attention.stats import AttentionStats, BatchContext
 from tokext.errors import InputError
+from tokext.models.devices import input_device
 from tokext.models.hooks import attached, pattern_hook_name, resolve_layers
 from tokext.models.info import model_info
 from tokext.models.inputs import Inputs, batches, bos_policy, encode, pad_id
@@ -131,7 +132,7 @@ def collect_attention_stats(
     if rules is not None:
         _refuse_short(rules, seqs)
     info = model_info(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     table = category_table(model, tokenizer)
     stats = AttentionStats(
         layers=chosen, n_heads=info.n_heads, sink_floor=sink_floor,

@@ -178,6 +178,16 @@ class AttentionStats:
         self.n_sequences += int(ctx.real.shape[0])
         self.real_rows += int(ctx.real.sum())
         self._ctx = ctx
+        self._ctx_on = {ctx.real.device: ctx}  # the batch's facts per device its layers run on
+
+    def _batch_on(self, device: torch.device) -> BatchContext:
+        """The current batch context on ``device`` (a model may span devices: one copy per device)."""
+        if device not in self._ctx_on:
+            ctx = self._ctx
+            self._ctx_on[device] = BatchContext(
+                real=ctx.real.to(device), categories=ctx.categories.to(device), tokens=ctx.tokens.to(device),
+                sequence_ids=ctx.sequence_ids.to(device), last=None if ctx.last is None else ctx.last.to(device))
+        return self._ctx_on[device]
 
     def update(self, layer: int, pattern: torch.Tensor) -> None:
         """Fold one layer's pattern [batch, head, query, key] of the current batch into the sums."""
@@ -193,10 +203,11 @@ class AttentionStats:
         ``plogp`` [batch, head, row], when given, is ``sum_k p log p`` of each raw row (plus the
         learned sink's ``s log s``), e.g. from the scores and the log-sum-exp of an unedited softmax.
         """
-        ctx, acc, slot = self._ctx, self._acc, self._layer_slot[layer]
+        acc, slot = self._acc, self._layer_slot[layer]
         attention = self.attention[slot]
-        device = acc["received"].device
+        device = acc["received"].device  # sums stay where start() put them
         p = block.detach()
+        ctx = self._batch_on(p.device)
         if p.dtype not in (torch.float32, torch.float64):
             p = p.float()  # half-precision patterns are reduced in fp32 (sums in fp64)
         n_rows, n_cols = p.shape[-2:]
@@ -249,9 +260,10 @@ class AttentionStats:
     def end_layer(self, layer: int) -> None:
         """Finish a layer of the current batch: alpha_k from its column sums, per-sequence alpha,
         hidden-sink candidates."""
-        ctx, acc, slot = self._ctx, self._acc, self._layer_slot[layer]
+        acc, slot = self._acc, self._layer_slot[layer]
         device = acc["received"].device
         column_sum = acc.get("pending", {}).pop(slot)
+        ctx = self._batch_on(column_sum.device)
         n_queries, _ = ctx.counts(self.attention[slot])
         n_q = n_queries.to(column_sum.dtype)[:, None]
         alpha = column_sum / torch.where(n_q > 0, n_q, torch.ones_like(n_q))  # 0 on pad keys
@@ -297,6 +309,7 @@ class AttentionStats:
             self.token_text = {int(t): decode(int(t)) for t in np.unique(self.events["token_id"])}
         self._acc = {}
         self._ctx = None
+        self._ctx_on = {}
         return self
 
     # ------------------------------------------------------------------ results

@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import argparse
 
+from tokext.cli.sweep import add_executor_flags
+
 REPRODUCE_EPILOG = """examples:
   tokext reproduce              # the study on SmolLM2-135M + the organism, < 20 min on 2 CPU cores
   tokext reproduce --quick      # a smoke run in < 3 min (results/reproduce/quick, figures in --figures)
   tokext reproduce --full       # the complete grids of experiments/*.toml (hours on a CPU)
   tokext reproduce --force      # recompute every step instead of reusing cached results
+  tokext reproduce --full --executor ray --address 10.0.0.5:6379   # the sweeps' cells on a Ray cluster
 """
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from tokext.cli.sweep import make_executor_from
     from tokext.studies.reproduce import Reproduction
 
     mode = "quick" if args.quick else "full" if args.full else "default"
     figures = args.figures or ("figures" if mode == "default" else f"results/reproduce/{mode}/figures")
-    Reproduction(mode, results=args.results, model=args.model, force=args.force).run(figures)
+    executor = make_executor_from(args)
+    try:
+        Reproduction(mode, results=args.results, model=args.model, force=args.force, executor=executor).run(figures)
+    finally:
+        executor.close()
     return 0
 
 
@@ -60,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model spec (default smollm2-135m)")
     p.add_argument("--results", default="results/reproduce", help="results root (a folder per mode)")
     p.add_argument("--figures", default=None, help="figure folder (default figures/ for the default mode)")
+    add_executor_flags(p)
     p.set_defaults(run=_reproduce)
 
     p = sub.add_parser("figures", help="build the figures and REPORT.md from saved results (no model)",

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from tokext.errors import InputError
+from tokext.models.devices import input_device
 
 MC_METHODS = ("letter", "continuation", "cot")
 
@@ -103,7 +104,7 @@ def forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int, 
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     tensors = encode(model, [list(s) for s in seqs])  # checks vocabulary and context length
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[Any] = [None] * len(seqs)
     with torch.inference_mode(), tqdm(total=len(seqs), desc=desc, disable=not progress, leave=False) as bar:
         for batch in batches(tensors, batch_size, pad_id(model), side="right"):

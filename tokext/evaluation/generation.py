@@ -18,6 +18,7 @@ import torch
 from tokext.attention.engines.choose import choose_engine
 from tokext.attention.engines.streaming import active_engine, streaming
 from tokext.errors import InputError, SequenceTooLongError
+from tokext.models.devices import input_device
 from tokext.models.inputs import Inputs, batches, encode, pad_id
 from tokext.models.info import model_info
 
@@ -110,7 +111,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def _generate_batch(model: Any, tokens: torch.Tensor, mask: torch.Tensor, max_new: int, *, use_cache: bool,
                     explicit_positions: bool, eos: int | None, filler: int,
                     stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     n = tokens.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
@@ -124,7 +125,7 @@ def _generate_batch(model: Any, tokens: torch.Tensor, mask: torch.Tensor, max_ne
         else:
             logits = model(tokens, attention_mask=mask, **extra)
         for step in range(max_new):
-            nxt = logits[:, -1].argmax(-1)
+            nxt = logits[:, -1].argmax(-1).to(device)  # the logits live on the last layer's device
             nxt = torch.where(done, torch.full_like(nxt, filler), nxt)
             for row in (~done).nonzero().flatten().tolist():
                 out[row].append(int(nxt[row]))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from tokext.errors import InputError
+from tokext.models.devices import input_device
 from tokext.models.hooks import attached, pattern_hook_name
 from tokext.models.inputs import pad
 from tokext.models.organism import Organism, OrganismExample
@@ -122,7 +123,7 @@ def sink_mass(organism: Organism, n: int = 200, seed: int = 0) -> torch.Tensor:
 
     def reducer(layer: int):
         def hook(pattern: torch.Tensor, hook: Any) -> None:
-            sums[layer] += (pattern[..., 0] * queries[:, None, :]).sum((0, 2))
+            sums[layer] += (pattern[..., 0] * queries[:, None, :].to(pattern.device)).sum((0, 2)).to(sums.device)
         return hook
 
     hooks = [(pattern_hook_name(layer), reducer(layer)) for layer in range(sums.shape[0])]
@@ -132,6 +133,6 @@ def sink_mass(organism: Organism, n: int = 200, seed: int = 0) -> torch.Tensor:
 
 
 def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 

@@ -30,6 +30,7 @@ import torch
 from tokext.attention.masks import CAUSAL, sees
 from tokext.errors import InputError, LayerIndexError
 from tokext.models.architectures import AttentionLayout, LayerAttention
+from tokext.models.devices import input_device
 from tokext.models.hooks import ForwardInputs, HookFn, resolve_heads, resolve_layers
 from tokext.models.info import model_info
 from tokext.models.probes import require_pattern_edits
@@ -524,4 +525,4 @@ def head_index(heads: list[int] | None, device: torch.device) -> torch.Tensor | 
 
 
 def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)

@@ -97,7 +97,7 @@ class EarlyLayerEmulation(Intervention):
         source = resolve_layers(model, self.source_layer)[0]
         horizon = self.resolved_horizon(model)
         last = max(layers)
-        state: dict[str, Any] = {"mask": None, "keys": None}
+        state: dict[str, Any] = {"mask": None, "keys": None, "moved": {}}  # moved: the mask's copy per other device
         threshold, exclude_self = self.threshold, self.exclude_self
 
         def record_mask(pattern: torch.Tensor, hook: Any) -> None:
@@ -106,7 +106,7 @@ class EarlyLayerEmulation(Intervention):
             mask = (pattern > threshold).to(pattern.dtype)
             if exclude_self:  # the key at the query's own position
                 mask.diagonal(offset=ctx.diagonal_offset(pattern), dim1=-2, dim2=-1).fill_(0)
-            state["mask"], state["keys"] = mask, ctx.key_positions(pattern)
+            state["mask"], state["keys"], state["moved"] = mask, ctx.key_positions(pattern), {}
 
         record_mask.stream_id = record_mask  # type: ignore[attr-defined]  (what the streaming engine replays)
 
@@ -119,8 +119,12 @@ class EarlyLayerEmulation(Intervention):
                 if self.uniform:
                     return pattern.mul_(gain) if inplace else pattern * gain
                 mask = state["mask"]
+                if mask is not None and mask.device != pattern.device:  # layers on several devices
+                    if pattern.device not in state["moved"]:
+                        state["moved"][pattern.device] = mask.to(pattern.device)
+                    mask = state["moved"][pattern.device]
                 if layer == last:
-                    state["mask"] = None  # keep no mask alive between forward passes
+                    state["mask"], state["moved"] = None, {}  # keep no mask alive between forward passes
                 if mask is not None and mask.shape[:-1] == pattern.shape[:-1]:
                     mask = align_keys(mask, state["keys"], ctx.key_positions(pattern))
                 if mask is None or mask.shape != pattern.shape:

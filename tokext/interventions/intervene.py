@@ -147,6 +147,7 @@ def _as_list(intervention: Intervention | Sequence[Intervention]) -> list[Interv
 
 def _loss_terms(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy over real targets, and their count."""
+    tokens, mask = tokens.to(logits.device), mask.to(logits.device)  # logits: the last layer's device
     targets = tokens[:, 1:]
     valid = mask[:, 1:].bool() & mask[:, :-1].bool()
     losses = torch.nn.functional.cross_entropy(
@@ -204,7 +205,7 @@ def intervention_effect(model: Any, tokens: Inputs, intervention: Intervention |
                 base = model(toks, attention_mask=mask)
             with intervene(model, *chosen, engine=which):
                 edited = model(toks, attention_mask=mask)
-            real = mask.bool()[..., None]
+            real = mask.bool()[..., None].to(edited.device)
             max_delta = max(max_delta, float(((edited - base).abs() * real).max()))
             s0, n = _loss_terms(base, toks, mask)
             s1, _ = _loss_terms(edited, toks, mask)

@@ -88,7 +88,7 @@ class PatternPatch(Intervention):
                 if saved is None or saved.shape != pattern.shape:
                     raise InterventionNotAppliedError(
                         f"{self!r}: layer {layer} ran without layer {source}'s pattern of the same forward pass")
-                saved = saved.to(pattern.dtype)
+                saved = saved.to(pattern.device, pattern.dtype)  # the source layer may sit on another device
                 index = head_index(heads, pattern.device)
                 if index is None:
                     return saved if not ctx.inplace_ok(name, pattern) else pattern.copy_(saved)

@@ -20,6 +20,7 @@ import torch
 
 from tokext.errors import InputError, TokextWarning, UnknownModelError
 from tokext.models.architectures import family_of, layout_from_config
+from tokext.models.devices import check_device_map_modules, check_placement, normalized_max_memory, resolve_dtype
 from tokext.models.gguf import converted_gguf_dir
 from tokext.models.info import ModelInfo, first_special_token, model_info, register, tokenizer_adds_bos
 from tokext.models.probes import check_pattern_edits, require_pattern_edits
@@ -38,12 +39,24 @@ KNOWN_MODELS = {
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device_map: str | dict[str, Any] | None = None,
+    n_devices: int | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | None = None,
     require_editable: bool = False,
     n_ctx: int | None = None,
 ) -> Any:
     """Load a model as a TransformerLens 4 ``TransformerBridge``.
+
+    Placement: ``device`` puts the whole model on one device (default ``"cpu"``). For a model
+    across devices, ``device_map`` (``"auto"``, ``"balanced"``, or a dict of module name ->
+    ``"cuda:N"`` / GPU index / ``"cpu"`` / ``"disk"``), ``n_devices`` (split over this many GPUs)
+    and ``max_memory`` (accelerate's per-device budget) are passed to TransformerLens 4's
+    ``boot_transformers``, which has accelerate place the modules; ``offload_folder`` holds
+    disk-offloaded weights. Every device named is checked before anything loads
+    (:func:`tokext.models.devices.check_placement`). ``dtype`` is a torch dtype or its name.
 
     ``spec`` is ``"smollm2-135m"`` (the offline default), a local Hugging Face model directory, a
     path to a ``.gguf`` file, a hub id (needs network access or a filled hub cache), or the
@@ -64,13 +77,24 @@ def load_model(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
         raise InputError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+    dtype = resolve_dtype(dtype)
+    max_memory = normalized_max_memory(max_memory)
+    check_placement(device, device_map, n_devices, max_memory)
+    spread = device_map is not None or (n_devices is not None and n_devices > 1)
     if isinstance(spec, str) and (Path(spec).expanduser() / "organism.json").is_file():
         from tokext.models.organism import load_organism
 
+        if spread:
+            raise InputError(f"{spec}: a model organism is a 2-layer model on one device; device_map and "
+                             "n_devices are for Hugging Face models")
         bridge = load_organism(Path(spec).expanduser()).attach()
+        if device is not None and torch.device(device) != torch.device("cpu"):
+            bridge = bridge.to(device)
     else:
         hf_dir, name, source = _resolve_spec(spec)
-        bridge = _boot_hf_dir(hf_dir, name, device=device, dtype=dtype, source=source)
+        placement = ({"device_map": device_map, "n_devices": n_devices, "max_memory": max_memory,
+                      "offload_folder": offload_folder} if spread else {"device": device or "cpu"})
+        bridge = _boot_hf_dir(hf_dir, name, dtype=dtype, source=source, **placement)
     try:
         check_pattern_edits(bridge)
     except Exception as err:  # the probe forward itself failed: say so, and let require_* re-raise
@@ -135,19 +159,27 @@ def _smollm2_dir() -> Path:
     return converted_gguf_dir(pkg, SMOLLM2_GGUF)
 
 
-def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, source: str) -> Any:
+def _boot_hf_dir(hf_dir: str, name: str, *, dtype: torch.dtype, source: str, device: str | torch.device | None = None,
+                 device_map: str | dict[str, Any] | None = None, n_devices: int | None = None,
+                 max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None) -> Any:
+    """Boot ``hf_dir`` as a bridge: on one ``device`` (tokext loads the HF model, the bridge moves
+    it), or across devices (the bridge loads it with ``device_map`` / ``n_devices`` / ``max_memory``,
+    placed by accelerate; a dict map's module names are checked on a weightless skeleton first)."""
     from transformer_lens import TransformerBridge
     from transformers import AutoConfig, AutoTokenizer
 
     is_local = Path(hf_dir).is_dir()
+    spread = device_map is not None or n_devices is not None
     try:
         config = AutoConfig.from_pretrained(hf_dir, local_files_only=is_local)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an encoder without its MLM head warns about new weights
-            hf_model = _model_class(config).from_pretrained(
-                hf_dir, dtype=dtype, attn_implementation="eager", local_files_only=is_local
-            )
         tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=is_local)
+        hf_model = None
+        if not spread:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an encoder without its MLM head warns about new weights
+                hf_model = _model_class(config).from_pretrained(
+                    hf_dir, dtype=dtype, attn_implementation="eager", local_files_only=is_local
+                )
     except (OSError, ValueError) as err:
         hint = difflib.get_close_matches(hf_dir.lower(), list(KNOWN_MODELS), n=1, cutoff=0.5)
         did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
@@ -157,13 +189,24 @@ def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, sou
             "Without hub access, download the model elsewhere and pass its local directory "
             "(config.json + weights + tokenizer) or a .gguf file path instead."
         ) from None
-    hf_model.eval()
     own_bos = tokenizer_adds_bos(tokenizer)
+    if isinstance(device_map, dict):  # module names checked on a weightless skeleton
+        with torch.device("meta"):
+            skeleton = _model_class(config).from_config(config)
+        check_device_map_modules(device_map, skeleton)
+        del skeleton
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(
-            hf_dir, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-        )
+        if hf_model is not None:
+            hf_model.eval()
+            bridge = TransformerBridge.boot_transformers(
+                hf_dir, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            )
+        else:
+            bridge = TransformerBridge.boot_transformers(
+                hf_dir, tokenizer=tokenizer, dtype=dtype, device_map=device_map, n_devices=n_devices,
+                max_memory=max_memory, offload_folder=offload_folder,
+            )
     bridge.eval()
     _repair_kv_cache_kwarg(bridge)
     info = ModelInfo(
@@ -173,7 +216,7 @@ def _boot_hf_dir(hf_dir: str, name: str, *, device: str, dtype: torch.dtype, sou
         n_heads=int(bridge.cfg.n_heads),
         n_ctx=int(bridge.cfg.n_ctx),
         prepend_bos=own_bos,
-        attention=layout_from_config(hf_model.config, int(bridge.cfg.n_layers)),
+        attention=layout_from_config(config, int(bridge.cfg.n_layers)),
         bos_token=tokenizer.bos_token,
         first_special=first_special_token(tokenizer),
     )

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from tokext.errors import UneditableAttentionError
+from tokext.models.devices import input_device
 from tokext.models.hooks import attached
 from tokext.models.info import model_info
 
@@ -128,4 +129,4 @@ def require_pattern_edits(model: Any, layers: list[int] | None = None) -> None:
 
 
 def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)

@@ -126,6 +126,7 @@ class _SpanAccumulator:
         # alpha_k under uniform causal rows: mean over the queries that see k of 1 / (their visible keys)
         uniform = (real_f / real_f.cumsum(1).clamp_min(1)).flip(1).cumsum(1).flip(1) / self.n_queries.clamp_min(1)
         self.real = real
+        self._on = {real.device: (real, self.masks, self.n_queries)}  # per device the model's layers run on
         for k in ("after", "filler", "content", "first"):
             self.counts[k] += float(self.masks[k].sum())
         self.counts["spans"] += float((end > start).sum())
@@ -134,12 +135,16 @@ class _SpanAccumulator:
 
     def update(self, slot: int, pattern: torch.Tensor) -> None:
         p = pattern.detach().to(torch.float32)
+        if p.device not in self._on:
+            self._on[p.device] = (self.real.to(p.device), {k: v.to(p.device) for k, v in self.masks.items()},
+                                  self.n_queries.to(p.device))
+        real, masks, n_queries = self._on[p.device]
         row_sum = p.sum(-1)
         # renormalise each counted row over its visible keys; rows that do not count weigh 0
-        weight = self.real[:, None].to(p.dtype) / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        alpha = torch.einsum("bhqk,bhq->bhk", p, weight) / self.n_queries.clamp_min(1).to(p.dtype)[:, None]
-        m = {k: v[:, None] for k, v in self.masks.items()}
-        span_mass = torch.einsum("bhqk,bk->bhq", p, self.masks["filler"].to(p.dtype)) * weight
+        weight = real[:, None].to(p.dtype) / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        alpha = torch.einsum("bhqk,bhq->bhk", p, weight) / n_queries.clamp_min(1).to(p.dtype)[:, None]
+        m = {k: v[:, None] for k, v in masks.items()}
+        span_mass = torch.einsum("bhqk,bk->bhq", p, masks["filler"].to(p.dtype)) * weight
         sink = alpha > self.eps
 
         def add(name: str, value: torch.Tensor) -> None:
@@ -173,6 +178,7 @@ def _span_forward(model: Any, seqs: Sequence[Sequence[int]], spans: Sequence[tup
     Only the first ``stat_lengths[i]`` tokens of sequence i count as queries and keys (the rest, e.g.
     a scored continuation, feed ``take(logits_row, index)`` only).
     """
+    from tokext.models.devices import input_device
     from tokext.models.hooks import attached, pattern_hook_name, resolve_layers
     from tokext.models.inputs import batches, pad_id
     from tokext.models.info import model_info
@@ -190,7 +196,7 @@ def _span_forward(model: Any, seqs: Sequence[Sequence[int]], spans: Sequence[tup
             acc.update(slot, pattern)
         return hook
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     tensors = [torch.as_tensor(list(s), dtype=torch.long) for s in seqs]
     hooks = [(pattern_hook_name(layer), hook_for(slot)) for slot, layer in enumerate(chosen)]
     with attached(model, hooks), torch.inference_mode():

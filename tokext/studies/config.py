@@ -32,6 +32,28 @@ A baseline (no intervention) always runs. Lists expand only for scalar parameter
 are themselves lists (``layers``, ``heads``, ``target_layers``, positional ``targets``) take the
 list as one value: write one ``[[interventions]]`` entry per value to compare several. Unknown
 keys, names and values are :class:`tokext.errors.DataFileError`\\ s naming the file and field.
+
+Numerics and placement (both optional)::
+
+    dtype = "bfloat16"               # float32 (default) | bfloat16 | float16 | float64: part of the
+                                     # config hash and of every cell id (it changes the numbers)
+
+    [resources]                      # where cells run; changes no result, the config hash or a cell id
+    workers = 4                      # Ray executor: model workers (actors), each loads its model once;
+                                     # default: the cluster's GPUs / num_gpus, else its CPUs / num_cpus
+    num_cpus = 1                     # CPUs per worker (also its torch threads)
+    num_gpus = 1                     # GPUs per worker: default 1 where the cluster has GPUs, else 0;
+                                     # a fraction (0.25) packs small models 4 to a GPU; 2+ spreads one
+                                     # model over that many GPUs (n_devices)
+    max_retries = 3                  # a cell whose worker dies (process or node lost) is rerun this often
+    device = "cuda"                  # the model's device: default cpu (serial), cuda on a GPU worker (Ray)
+    device_map = "auto"              # or a table: { "model.embed_tokens" = 0, "model.layers.0" = 0, ... }
+    n_devices = 2                    # split each model over this many GPUs
+    max_memory = { "0" = "20GiB", cpu = "64GiB" }   # accelerate's per-device budget
+    offload_folder = "/scratch/offload"             # where "disk" entries of a device_map live
+
+``dtype`` and the placement keys are passed to :func:`tokext.models.load_model`; the Ray keys are
+read by :class:`tokext.studies.executors.RayExecutor` (the serial executor ignores them).
 """
 
 from __future__ import annotations
@@ -50,7 +72,11 @@ from tokext.errors import DataFileError, TokextError
 from tokext.evaluation.spec import MC_METHODS, MC_TASKS, ORGANISM_TASK, EvalSpec
 
 CONFIG_VERSION = 1
-_TOP_KEYS = ("version", "name", "description", "models", "seeds", "batch_size", "tasks", "interventions")
+_TOP_KEYS = ("version", "name", "description", "models", "seeds", "batch_size", "dtype", "resources", "tasks",
+             "interventions")
+_RESOURCE_KEYS = ("workers", "num_cpus", "num_gpus", "max_retries", "device", "device_map", "n_devices", "max_memory",
+                  "offload_folder")
+DEFAULT_DTYPE = "float32"
 _COMMON_TASK_KEYS = ("name", "n", "max_new_tokens")
 _REASONING_KEYS = ("levels", "cot", "shots")
 _MC_KEYS = ("method", "path", "labels_path")
@@ -102,8 +128,37 @@ class InterventionEntry:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """The ``[resources]`` table: how and where cells run. Nothing here changes a result.
+
+    ``None`` means "decide from the machine": see the module docstring for each default.
+    """
+
+    workers: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    max_retries: int = 3
+    device: str | None = None
+    device_map: str | tuple[tuple[str, Any], ...] | None = None  # a dict map as sorted pairs (hashable)
+    n_devices: int | None = None
+    max_memory: tuple[tuple[Any, Any], ...] | None = None
+    offload_folder: str | None = None
+
+    def placement(self) -> dict[str, Any]:
+        """The placement keywords of :func:`tokext.models.load_model` that are set."""
+        out = {"device": self.device, "n_devices": self.n_devices, "offload_folder": self.offload_folder,
+               "device_map": dict(self.device_map) if isinstance(self.device_map, tuple) else self.device_map,
+               "max_memory": dict(self.max_memory) if self.max_memory is not None else None}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def replace(self, **changes: Any) -> "Resources":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class StudyConfig:
-    """A whole sweep config. ``source`` is the file it was read from (not part of the hash)."""
+    """A whole sweep config. ``source`` is the file it was read from; it and ``resources`` are not
+    part of the hash, nor is ``dtype`` when it is the default float32 (so older configs keep theirs)."""
 
     version: int
     name: str
@@ -113,7 +168,13 @@ class StudyConfig:
     batch_size: int
     tasks: tuple[TaskEntry, ...]
     interventions: tuple[InterventionEntry, ...]
+    dtype: str = DEFAULT_DTYPE
+    resources: Resources = dataclasses.field(default_factory=Resources, compare=False)
     source: str | None = dataclasses.field(default=None, compare=False)
+
+    def load_options(self) -> dict[str, Any]:
+        """Keywords for :func:`tokext.models.load_model`: the dtype and the placement that is set."""
+        return {"dtype": self.dtype, **self.resources.placement()}
 
     def eval_specs(self) -> list[EvalSpec]:
         return [spec for seed in self.seeds for task in self.tasks for spec in task.specs(seed)]
@@ -126,6 +187,9 @@ class StudyConfig:
         """Plain JSON types (lists, not tuples); what :meth:`config_hash` hashes."""
         out = dataclasses.asdict(self)
         out.pop("source")
+        out.pop("resources")
+        if out["dtype"] == DEFAULT_DTYPE:
+            out.pop("dtype")
         return json.loads(canonical_json(out))
 
     def config_hash(self) -> str:
@@ -243,7 +307,82 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
         except (TokextError, TypeError, ValueError) as e:
             message = str(e).replace(f"{entry.type}.__init__() ", "")
             raise r.fail(f"interventions[{i}] ({entry.type})", message) from None
-    return StudyConfig(version, name, description, models, seeds, batch_size, tasks, interventions, source)
+    dtype = raw.get("dtype", DEFAULT_DTYPE)
+    if not isinstance(dtype, str) or dtype not in _dtype_names():
+        raise r.fail("dtype", f"expected one of {', '.join(_dtype_names())}, got {dtype!r}")
+    resources = _resources(r, raw.get("resources", {}))
+    return StudyConfig(version, name, description, models, seeds, batch_size, tasks, interventions, dtype=dtype,
+                       resources=resources, source=source)
+
+
+def with_overrides(config: StudyConfig, *, dtype: str | None = None, **resources: Any) -> StudyConfig:
+    """``config`` with a new ``dtype`` and ``[resources]`` keys (command-line flags), checked as the file's are.
+
+    ``None`` values leave a key as the config has it.
+    """
+    r = _Reader("command line")
+    if dtype is not None and dtype not in _dtype_names():
+        raise r.fail("--dtype", f"expected one of {', '.join(_dtype_names())}, got {dtype!r}")
+    table = {k: v for k, v in dataclasses.asdict(config.resources).items() if v is not None}
+    for key in ("device_map", "max_memory"):
+        if isinstance(table.get(key), (tuple, list)):
+            table[key] = dict(table[key])
+    table.update({k: v for k, v in resources.items() if v is not None})
+    return config.replace(dtype=dtype or config.dtype, resources=_resources(r, table))
+
+
+def _dtype_names() -> list[str]:
+    from tokext.models.devices import DTYPES
+
+    return list(DTYPES)
+
+
+def _resources(r: _Reader, table: Any) -> Resources:
+    """The ``[resources]`` table, type-checked (devices are checked where the model loads)."""
+    from tokext.models.devices import DEVICE_MAP_STRATEGIES
+
+    r.keys(table, _RESOURCE_KEYS, "resources")
+
+    def number(key: str, *, low: float, low_open: bool) -> float | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (low_open and value == low):
+            raise r.fail(f"resources.{key}", f"expected a number {'>' if low_open else '>='} {low}, got {value!r}")
+        return float(value)
+
+    workers = r.int(table["workers"], "resources.workers", low=1) if "workers" in table else None
+    num_cpus = number("num_cpus", low=0.0, low_open=True)
+    num_gpus = number("num_gpus", low=0.0, low_open=False)
+    if num_gpus is not None and num_gpus > 1 and not num_gpus.is_integer():
+        raise r.fail("resources.num_gpus", f"a worker takes a fraction of one GPU or a whole number of GPUs, "
+                                           f"got {num_gpus}")
+    max_retries = r.int(table.get("max_retries", 3), "resources.max_retries", low=0)
+    device = r.str(table["device"], "resources.device") if "device" in table else None
+    device_map = table.get("device_map")
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise r.fail("resources.device_map", f"expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a table "
+                                                 f"of module name -> device, got {device_map!r}")
+    elif isinstance(device_map, dict):
+        if not device_map:
+            raise r.fail("resources.device_map", "empty table")
+        for key, value in device_map.items():
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise r.fail(f"resources.device_map.{key}", f"expected a device (\"cuda:0\", 0, \"cpu\", \"disk\"), got {value!r}")
+        device_map = tuple(sorted(device_map.items()))
+    elif device_map is not None:
+        raise r.fail("resources.device_map", f"expected a strategy name or a table, got {device_map!r}")
+    n_devices = r.int(table["n_devices"], "resources.n_devices", low=1) if "n_devices" in table else None
+    max_memory = table.get("max_memory")
+    if max_memory is not None:
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise r.fail("resources.max_memory", f"expected a table of device -> size, got {max_memory!r}")
+        max_memory = tuple(sorted(max_memory.items()))
+    folder = r.str(table["offload_folder"], "resources.offload_folder") if "offload_folder" in table else None
+    return Resources(workers=workers, num_cpus=num_cpus if num_cpus is not None else 1.0, num_gpus=num_gpus,
+                     max_retries=max_retries, device=device, device_map=device_map, n_devices=n_devices,
+                     max_memory=max_memory, offload_folder=folder)
 
 
 def _task(r: _Reader, table: Any, where: str) -> TaskEntry:

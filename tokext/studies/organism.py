@@ -22,6 +22,7 @@ import torch
 
 from tokext.errors import InputError
 from tokext.evaluation.organism import evaluate_organism, sink_mass
+from tokext.models.devices import input_device
 from tokext.models.inputs import pad
 from tokext.models.organism import (
     FORMAT_VERSION, CharTokenizer, Organism, OrganismExample, check_target, save_organism,
@@ -146,4 +147,4 @@ def train_organism_cli(out_dir: str | Path, steps: int = 1500, seed: int = 0, fo
 
 
 def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)

@@ -77,13 +77,19 @@ class Reproduction:
     """Runs the steps of one mode into ``results/reproduce/<mode>/``, reusing finished steps."""
 
     def __init__(self, mode: str = "default", *, results: str | Path = "results/reproduce", model: str = "smollm2-135m",
-                 force: bool = False, log: Callable[[str], None] = print):
+                 force: bool = False, log: Callable[[str], None] = print, executor: Any = "serial"):
+        """``executor``: where the sweep steps' cells run (``"serial"``, ``"ray"`` or an executor of
+        :mod:`tokext.studies.executors`); the other steps run in this process."""
+        from tokext.studies.executors import make_executor
+
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}: choose one of {sorted(MODES)}")
         self.mode, self.sizes, self.model_spec, self.force, self.log = mode, MODES[mode], model, force, log
         self.root = Path(results) / mode
         self._model = None
         self.timings: dict[str, float] = {}
+        self._owns_executor = isinstance(executor, str)
+        self.executor = make_executor(executor) if self._owns_executor else executor
 
     @property
     def model(self) -> Any:
@@ -124,6 +130,7 @@ class Reproduction:
         """Full patterns of a few heads on one prompt (small: one prompt, a handful of heads)."""
         import torch
 
+        from tokext.models.devices import input_device
         from tokext.models.hooks import attached, pattern_hook_name
         from tokext.models.info import model_info
 
@@ -131,7 +138,7 @@ class Reproduction:
         info = model_info(self.model)
         layers = [0, 1, min(5, info.n_layers - 1), info.n_layers - 1]
         heads = [0, 0, 0, 0]
-        tokens = self.model.tokenizer(prompt, return_tensors="pt").input_ids.to(next(self.model.parameters()).device)
+        tokens = self.model.tokenizer(prompt, return_tensors="pt").input_ids.to(input_device(self.model))
         kept: dict[int, np.ndarray] = {}
 
         def keep(layer: int):
@@ -175,8 +182,10 @@ class Reproduction:
             if not Path(str(config_path)).is_file():
                 raise InputError(f"{config_path} not found: `tokext reproduce` runs from a checkout of the repository")
             config = load_config(str(config_path))
+            # serial: the model already loaded here; elsewhere each worker loads model_spec itself
+            loader = (lambda spec: model) if self.executor.name == "serial" else None
             run_sweep(config, folder, limit=limit, models=[model_spec], progress=False,
-                      loader=lambda spec: model, force=True, log=self.log)
+                      loader=loader, force=True, log=self.log, executor=self.executor)
         summarize(folder)
         write_provenance(folder, model=model_info(model).name, config=[Path(str(c)).name for c in configs],
                          limit=limit)
@@ -247,8 +256,12 @@ class Reproduction:
         steps = [("analyze", self.analyze), ("patterns", self.patterns), ("profiles", self.profiles),
                  ("ablation", self.ablation), ("mmlu", self.mmlu), ("organism", self.organism),
                  ("organism_ablation", self.organism_ablation), ("computed_tokens", self.computed_tokens), ("finetune", self.finetune)]
-        for name, run in steps:
-            self.step(name, run)
+        try:
+            for name, run in steps:
+                self.step(name, run)
+        finally:
+            if self._owns_executor:
+                self.executor.close()
         figures = build_all(self.root, figures_dir, tables=report_tables(self.root))
         self.log(f"{len(figures)} figures and REPORT.md written to {figures_dir}/")
         return Path(figures_dir)

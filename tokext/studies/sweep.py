@@ -12,6 +12,10 @@ cell in flight. Layout of the results directory::
 
 A directory whose ``cells.csv`` was written by another config is refused unless ``force=True``
 (then finished cells whose id still matches are reused, and the rest appended; nothing is deleted).
+
+Cells run on an executor (:mod:`tokext.studies.executors`): in this process one after another
+(``serial``, the default) or on a Ray cluster (``ray``); this module stays the only writer of
+results either way, so the layout above does not depend on where the cells ran.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import hashlib
 import json
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,8 +34,8 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from tokext.evaluation.spec import EvalSpec
-from tokext.studies.config import StudyConfig, canonical_json, load_config, validate
-from tokext.errors import DataFileError, InputError, TokextError
+from tokext.studies.config import DEFAULT_DTYPE, StudyConfig, canonical_json, load_config, validate
+from tokext.errors import DataFileError, InputError
 
 CELL_COLUMNS = (
     "cell_id", "baseline_id", "config_hash", "study", "model", "task", "method", "level", "cot", "seed", "shots",
@@ -46,12 +49,14 @@ BASELINE = "baseline"
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work; ``intervention`` is ``None`` for the baseline."""
+    """One unit of work; ``intervention`` is ``None`` for the baseline. ``dtype`` is part of the id
+    unless it is the default float32 (so the ids of float32 cells are what they always were)."""
 
     model: str
     spec: EvalSpec
     label: str = BASELINE
     intervention: Any = None
+    dtype: str = DEFAULT_DTYPE
 
     @property
     def params(self) -> dict[str, Any]:
@@ -61,11 +66,13 @@ class Cell:
     def id(self) -> str:
         kind = None if self.intervention is None else type(self.intervention).__name__
         key = {"model": self.model, "spec": self.spec.to_dict(), "intervention": kind, "params": self.params}
+        if self.dtype != DEFAULT_DTYPE:
+            key["dtype"] = self.dtype
         return hashlib.sha1(canonical_json(key).encode()).hexdigest()[:12]
 
     @property
     def baseline_id(self) -> str:
-        return Cell(self.model, self.spec).id
+        return Cell(self.model, self.spec, dtype=self.dtype).id
 
     @property
     def intervention_repr(self) -> str:
@@ -76,7 +83,8 @@ def expand(config: StudyConfig) -> list[Cell]:
     """Every cell of ``config``: per model and eval spec, the baseline then each intervention."""
     ivs = config.expanded_interventions()
     return [cell for model in config.models for spec in config.eval_specs()
-            for cell in [Cell(model, spec)] + [Cell(model, spec, label, iv) for label, iv in ivs]]
+            for cell in [Cell(model, spec, dtype=config.dtype)]
+            + [Cell(model, spec, label, iv, config.dtype) for label, iv in ivs]]
 
 
 def with_limit(config: StudyConfig, limit: int | None) -> StudyConfig:
@@ -163,15 +171,21 @@ def _save_config(out: Path, config: StudyConfig) -> None:
 
 def run_sweep(config: StudyConfig | str | Path, out: str | Path | None = None, *, force: bool = False,
               limit: int | None = None, models: Sequence[str] | None = None, progress: bool = True,
-              loader: Callable[[str], Any] | None = None, log: Callable[[str], None] | None = None) -> pd.DataFrame:
+              loader: Callable[[str], Any] | None = None, log: Callable[[str], None] | None = None,
+              executor: Any = "serial") -> pd.DataFrame:
     """Run every unfinished cell of ``config`` and return its rows of ``cells.csv``.
 
     ``limit``: at most this many items per cell. ``models``: replaces the config's models (the same
-    study on another model). ``loader``: model spec -> model (default :func:`tokext.load_model`).
+    study on another model). ``loader``: model spec -> model (default :func:`tokext.load_model`
+    with the config's ``dtype`` and ``[resources]`` placement). ``executor``: ``"serial"`` (this
+    process), ``"ray"`` (a local Ray cluster, started and stopped here) or an executor object of
+    :mod:`tokext.studies.executors` (e.g. ``RayExecutor(address=...)``, left open for the caller).
     Everything is validated (config, data files, interventions) before the first model loads, and
     each model's interventions are bound to it before its first cell runs.
     """
     from tqdm.auto import tqdm
+
+    from tokext.studies.executors import make_executor
 
     if not isinstance(config, StudyConfig):
         config = load_config(config)
@@ -180,7 +194,29 @@ def run_sweep(config: StudyConfig | str | Path, out: str | Path | None = None, *
     config = with_limit(config, limit)
     log = log or (lambda msg: tqdm.write(msg))
     validate(config)
-    out = Path(out) if out is not None else default_out_dir(config, limit)
+    owned = isinstance(executor, str) or executor is None
+    if owned:
+        executor = make_executor(executor)
+    if executor.name == "serial" and loader is None:  # placement checked before anything loads
+        from tokext.models.devices import check_placement, normalized_max_memory
+
+        place = config.resources.placement()
+        check_placement(place.get("device"), place.get("device_map"), place.get("n_devices"),
+                        normalized_max_memory(place.get("max_memory")))
+    try:
+        executor.connect()  # a cluster that does not answer fails here, before anything is written
+        return _run_on(executor, config, Path(out) if out is not None else default_out_dir(config, limit), force,
+                       loader, progress, log)
+    finally:
+        if owned:
+            executor.close()
+
+
+def _run_on(executor: Any, config: StudyConfig, out: Path, force: bool, loader: Callable[[str], Any] | None,
+            progress: bool, log: Callable[[str], None]) -> pd.DataFrame:
+    """The body of :func:`run_sweep` once the executor is connected: prepare ``out``, run, read back."""
+    from tqdm.auto import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "items").mkdir(exist_ok=True)
     chash = config.config_hash()
@@ -191,10 +227,11 @@ def run_sweep(config: StudyConfig | str | Path, out: str | Path | None = None, *
     todo = [c for c in cells if c.id not in done]
     log(f"{config.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {out}/")
     items = {spec: spec.load() for spec in {c.spec for c in todo}}
-    rev, loader = git_revision(), loader or _default_loader
+    rev = git_revision()
     bar = tqdm(total=len(todo), desc=config.name, disable=not progress, unit="cell")
+    done_cell = _writer(config, out, cells_csv, chash, rev, bar, log)
     try:
-        _run_cells(config, todo, items, out, cells_csv, chash, rev, loader, progress, bar, log)
+        executor.run(config, todo, items, done_cell, loader=loader, progress=progress, log=log)
     except KeyboardInterrupt:
         log(f"interrupted: {bar.n} cell(s) of this run are saved in {cells_csv}; rerun the same command to resume")
         raise
@@ -206,44 +243,21 @@ def run_sweep(config: StudyConfig | str | Path, out: str | Path | None = None, *
     return table
 
 
-def _run_cells(config: StudyConfig, todo: list[Cell], items: dict, out: Path, cells_csv: Path, chash: str,
-               rev: str, loader: Callable[[str], Any], progress: bool, bar: Any, log: Callable[[str], None]) -> None:
+def _writer(config: StudyConfig, out: Path, cells_csv: Path, chash: str, rev: str, bar: Any,
+            log: Callable[[str], None]) -> Callable[[Cell, pd.DataFrame, float], None]:
+    """What the driver does with each finished cell: its items file (atomically), then its row."""
     from tokext.version import __version__
-    from tokext.evaluation.evaluate import evaluate
-    from tokext.interventions import intervene
 
-    for model_name in config.models:
-        mine = [c for c in todo if c.model == model_name]
-        if not mine:
-            continue
-        model = loader(model_name)
-        for cell in {c.intervention_repr: c for c in mine if c.intervention is not None}.values():
-            try:
-                with intervene(model, cell.intervention):
-                    pass
-            except TokextError as e:
-                raise type(e)(f"{config.source}: intervention {cell.label!r} on {model_name}: {e}") from None
-        for cell in mine:
-            start = time.perf_counter()
-            ivs = [] if cell.intervention is None else [cell.intervention]
-            df = evaluate(model, cell.spec, ivs, batch_size=config.batch_size, progress=progress,
-                          items=items[cell.spec])
-            seconds = time.perf_counter() - start
-            df.insert(0, "cell_id", cell.id)
-            _atomic_write(out / "items" / f"{cell.id}.csv", df.to_csv(index=False, lineterminator="\n"))
-            row = _row(cell, df, seconds, config, chash, rev, __version__)
-            _append_row(cells_csv, row)
-            bar.update(1)
-            log(f"  {cell.spec.task} {cell.spec.level_label} {cell.spec.method}{' cot' if cell.spec.cot else ''} "
-                f"seed {cell.spec.seed} {cell.intervention_repr}: acc {row['accuracy']:.3f} loss {row['loss']:.3f} "
-                f"(n={row['n_items']}, {seconds:.0f} s)")
-        del model
+    def done(cell: Cell, df: pd.DataFrame, seconds: float) -> None:
+        _atomic_write(out / "items" / f"{cell.id}.csv", df.to_csv(index=False, lineterminator="\n"))
+        row = _row(cell, df, seconds, config, chash, rev, __version__)
+        _append_row(cells_csv, row)
+        bar.update(1)
+        log(f"  {cell.spec.task} {cell.spec.level_label} {cell.spec.method}{' cot' if cell.spec.cot else ''} "
+            f"seed {cell.spec.seed} {cell.intervention_repr}: acc {row['accuracy']:.3f} loss {row['loss']:.3f} "
+            f"(n={row['n_items']}, {seconds:.0f} s)")
 
-
-def _default_loader(spec: str) -> Any:
-    from tokext.models.loading import load_model
-
-    return load_model(spec)
+    return done
 
 
 def _row(cell: Cell, df: pd.DataFrame, seconds: float, config: StudyConfig, chash: str, rev: str,
