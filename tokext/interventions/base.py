@@ -115,10 +115,11 @@ class RunContext:
         return mask.to(device=pattern.device, dtype=torch.bool)
 
     def total(self, pattern: torch.Tensor) -> int:
-        """Positions in the sequence so far (cached + new)."""
-        mask = self.sequence_mask(pattern)
+        """Positions in the sequence so far (cached + new). Needs no padding mask: a batch of strings
+        (padding unknown) still has a length."""
+        mask = self.inputs.attention_mask
         if mask is not None:
-            return int(mask.shape[1])
+            return int(self.sequence_mask(pattern).shape[1])
         n_q, _, _, n_k, _, _ = self._shape(pattern)
         return max(n_k, int(self.inputs.past_len) + n_q)
 

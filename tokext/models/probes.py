@@ -121,8 +121,8 @@ def require_pattern_edits(model: Any, layers: list[int] | None = None) -> None:
         info = model_info(model)
         cls = type(model.blocks[bad[0]].attn).__name__
         raise UneditableAttentionError(
-            f"{info.name} ({info.attention.family}): writes to hook_pattern do not reach the logits in layers {bad} "
-            f"(attention bridge {cls} runs attention itself and fires the hook afterwards). "
+            f"{info.name}: writes to hook_pattern do not reach the logits in layers {bad} "
+            f"({info.attention.family}'s attention bridge {cls} runs attention itself and fires the hook afterwards). "
             "Pattern interventions cannot work on this model; use a model whose TransformerLens "
             "adapter rebuilds attention (Llama, Mistral, Qwen, GPT-2, ...)."
         )
