@@ -211,6 +211,31 @@ def ref_rebalance(target_fn, scale=0.0, renormalize=True, layers=None, heads=Non
     return edit
 
 
+def ref_zerotuning(gamma_of):
+    """ZeroTuning (arXiv 2505.11739): with a_0 the row's mass on its first real key and gamma the
+    head's factor, a_0' = gamma a_0 / D and a_j' = a_j / D, D = (gamma - 1) a_0 + 1, on the row
+    normalised to sum 1; the result is scaled back to the row's incoming sum.
+
+    ``gamma_of(layer, head)`` gives each head's factor (1: the head is left alone)."""
+
+    def edit(layer, p, info):
+        out = p.clone()
+        for b, hi, i in _rows(p):
+            gamma = gamma_of(layer, hi)
+            total = float(p[b, hi, i].sum())
+            if gamma == 1 or total <= 0:
+                continue
+            row = p[b, hi, i] / total
+            first = info.first(b)
+            d = (gamma - 1) * float(row[first]) + 1
+            new = row / d
+            new[first] = gamma * row[first] / d
+            out[b, hi, i] = new * total
+        return out
+
+    return edit
+
+
 def ref_temperature(temperature, layers=None, heads=None):
     """p^(1/T) / sum over visible keys of p^(1/T).
 

@@ -36,7 +36,8 @@ MC_METHODS = ("letter", "continuation", "cot")
 # ---------------------------------------------------------------------- tokenization helpers
 
 
-def _tokenizer(model: Any) -> Any:
+def model_tokenizer(model: Any) -> Any:
+    """``model``'s tokenizer; an :class:`InputError` for the organism and for models without one."""
     tok = getattr(model, "tokenizer", None)
     if getattr(model, "organism", None) is not None:
         raise InputError("the model organism has a character vocabulary and answers only the task 'organism'")
@@ -88,9 +89,14 @@ def continuation_prompt(item: Any) -> str:
 # ---------------------------------------------------------------------- batched forward passes
 
 
-def _forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int, take: Callable,
-                     progress: bool, desc: str) -> list[Any]:
-    """Run right-padded batches (longest first) and call ``take(logits_row, length, index)`` per sequence."""
+def forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int, take: Callable,
+                    progress: bool, desc: str) -> list[Any]:
+    """Run right-padded batches (longest first) and call ``take(logits_row, length, index)`` per sequence.
+
+    ``logits_row`` is the sequence's [pos, vocab] logits (pad positions included), ``length`` its
+    real length; the values ``take`` returns come back in input order. Nothing else is kept, so a
+    ``take`` that reduces the row (one position's log-probabilities) keeps memory small.
+    """
     from tqdm.auto import tqdm
 
     from tokext.models.inputs import batches, encode, pad_id
@@ -124,7 +130,7 @@ def continuation_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]
         target = torch.tensor(cont, device=rows.device)
         return rows.gather(-1, target[:, None])[:, 0].cpu().numpy().astype(np.float64)
 
-    return _forward_batches(model, seqs, batch_size, take, progress, desc)
+    return forward_batches(model, seqs, batch_size, take, progress, desc)
 
 
 # ---------------------------------------------------------------------- multiple choice
@@ -147,7 +153,7 @@ def score_letters(model: Any, items: Sequence[Any], *, batch_size: int = 8, prog
     from tokext.evaluation.mc import LETTERS, letter_prompt
 
     prompt_fn = prompt_fn or letter_prompt
-    tok = _tokenizer(model)
+    tok = model_tokenizer(model)
     items = list(items)
     prompts = [prompt_fn(it) for it in items]
     seqs = [list(tok(p).input_ids) for p in prompts]
@@ -158,7 +164,7 @@ def score_letters(model: Any, items: Sequence[Any], *, batch_size: int = 8, prog
         row = logits[length - 1].float().log_softmax(-1)
         return row[torch.tensor(letter_ids[index], device=row.device)].cpu().numpy().astype(np.float64)
 
-    scores = _forward_batches(model, seqs, batch_size, take, progress, "letters")
+    scores = forward_batches(model, seqs, batch_size, take, progress, "letters")
     rows = []
     for item, lp in zip(items, scores):
         pred = int(np.argmax(lp))
@@ -179,7 +185,7 @@ def score_continuations(model: Any, items: Sequence[Any], *, batch_size: int = 8
     from tokext.evaluation.mc import LETTERS
 
     prompt_fn = prompt_fn or continuation_prompt
-    tok = _tokenizer(model)
+    tok = model_tokenizer(model)
     items = list(items)
     pairs, owner = [], []
     for i, item in enumerate(items):
@@ -240,7 +246,7 @@ def generate_texts(model: Any, prompts: Sequence[str], max_new_tokens: int, *, b
 
     from tokext.evaluation.generation import greedy_generate
 
-    tok = _tokenizer(model)
+    tok = model_tokenizer(model)
     lengths = [len(tok(p).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     texts, counts = [""] * len(prompts), [0] * len(prompts)
@@ -259,7 +265,7 @@ def auto_max_new_tokens(model: Any, examples: Sequence[Any], cot: bool) -> int:
     """A generation cap that fits every gold answer: longest gold target in tokens, x1.25, + 4."""
     from tokext.evaluation.tasks import target
 
-    tok = _tokenizer(model)
+    tok = model_tokenizer(model)
     longest = max(len(tok(target(ex, cot), add_special_tokens=False).input_ids) for ex in examples)
     return int(math.ceil(longest * 1.25)) + 4
 
@@ -288,7 +294,7 @@ def evaluate_reasoning(model: Any, examples: Sequence[Any], *, cot: bool, max_ne
                                    desc="cot" if cot else "direct")
     losses = [math.nan] * len(examples)
     if loss:
-        tok = _tokenizer(model)
+        tok = model_tokenizer(model)
         pairs = [encode_pair(tok, p, target(ex, cot)) for p, ex in zip(prompts, examples)]
         losses = [-float(lp.mean()) for lp in
                   continuation_logprobs(model, pairs, batch_size=batch_size, progress=progress, desc="loss")]

@@ -98,6 +98,12 @@ class RunContext:
             return torch.zeros(pattern.shape[0], dtype=torch.long, device=pattern.device)
         return mask.to(torch.int8).argmax(1)
 
+    def first_key_mask(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Bool [batch, key]: each row's first real key (none in a row without real keys)."""
+        keys = torch.arange(pattern.shape[-1], device=pattern.device)[None, :] == self.first_key(pattern)[:, None]
+        mask = self.attention_mask(pattern)
+        return keys if mask is None else keys & mask
+
     def key_tokens(self, pattern: torch.Tensor) -> torch.Tensor:
         """Long [batch, key]: token id of every key, the KV-cached ones included.
 
