@@ -86,7 +86,7 @@ class ZeroTuning(Intervention):
     """
 
     gamma: float = 1.0
-    head_gammas: HeadGammas | None = None
+    head_gammas: tuple[tuple[int, int, float], ...] | None = None  # spelled out: sweep configs read the annotation
     layers: tuple[int, ...] | None = None
     heads: tuple[tuple[int, int], ...] | None = None
 
