@@ -35,11 +35,12 @@ def test_one_factor_on_every_head_is_sink_rebalance_of_the_first_token(tiny_llam
 
 
 def test_validation_against_the_model(tiny_native):
-    for iv, message in [(ZeroTuning(head_gammas=[(3, 0, 2.0)]), r"head_gammas: layer 3 .*0\.\.2"),
-                        (ZeroTuning(head_gammas=[(0, 4, 2.0)]), r"head_gammas: head 4 .*0\.\.3"),
-                        (ZeroTuning(gamma=2.0, layers=(0,), head_gammas=[(0, h, 1.0) for h in range(4)]),
-                         "nothing to edit")]:
-        with pytest.raises(LayerIndexError, match=message), intervene(tiny_native, iv):
+    cases = [(ZeroTuning(head_gammas=[(3, 0, 2.0)]), LayerIndexError, r"head_gammas: layer 3 .*0\.\.2"),
+             (ZeroTuning(head_gammas=[(0, 4, 2.0)]), LayerIndexError, r"head_gammas: head 4 .*0\.\.3"),
+             (ZeroTuning(gamma=2.0, layers=(0,), head_gammas=[(0, h, 1.0) for h in range(4)]), InputError,
+              "nothing to edit")]
+    for iv, error, message in cases:
+        with pytest.raises(error, match=message), intervene(tiny_native, iv):
             pass
     bad = [dict(), dict(gamma=0.0), dict(gamma=-1.0), dict(gamma=float("nan")), dict(gamma=1.0, layers=(1,)),
            dict(head_gammas=[(0, 1)]), dict(head_gammas=[(0, 1, 0.0)]), dict(head_gammas=[(0, 1, 2.0), (0, 1, 3.0)]),

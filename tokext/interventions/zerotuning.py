@@ -120,7 +120,7 @@ class ZeroTuning(Intervention):
                 table.setdefault(layer, [1.0] * n_heads)[head] = gamma
         table = {layer: row for layer, row in sorted(table.items()) if any(g != 1 for g in row)}
         if not table:
-            raise LayerIndexError(f"{self!r}: every head it selects has factor 1 on this model: nothing to edit")
+            raise InputError(f"{self!r}: every head it selects has factor 1 on this model: nothing to edit")
         return table
 
     def edited_layers(self, model: Any) -> list[int]:
