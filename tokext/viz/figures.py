@@ -51,15 +51,20 @@ def head_patterns(results: Path, out: Path) -> Figure | None:
     layers, heads = data["layers"].tolist(), data["heads"].tolist()
     meta = _provenance(results / "patterns")
     cols = len(layers)
-    fig, axes = plt.subplots(1, cols, figsize=(plots.FULL_WIDTH, plots.FULL_WIDTH / cols + 0.9), squeeze=False)
+    fig, axes = plt.subplots(1, cols + 1, figsize=(plots.FULL_WIDTH, plots.FULL_WIDTH / cols + 0.9), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * cols + [0.05]})
+    axes, cax = axes[:, :cols], axes[0][cols]
     labels = [t.replace("\n", "\\n") for t in tokens]
     for ax, layer, head, pattern in zip(axes[0], layers, heads, data["patterns"]):
         sns.heatmap(pattern, ax=ax, cmap="rocket_r", vmin=0, vmax=1, cbar=False, square=True,
                     xticklabels=labels, yticklabels=labels if ax is axes[0][0] else False)
         ax.set_title(f"layer {layer}, head {head}")
-        ax.tick_params(labelsize=4.5, length=0)
+        ax.tick_params(labelsize=5.5, length=0)
         ax.set_xlabel("key")
     axes[0][0].set_ylabel("query")
+    bar = fig.colorbar(axes[0][-1].collections[0], cax=cax)
+    bar.set_label("attention weight", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     caption = (f"Attention patterns (post-softmax) of selected heads of {meta.get('model')} on one prompt: an "
                f"early layer spreads attention, downstream layers send most of it to the first token "
                f"({tokens[0]!r}), the sink column. Prompt: {meta.get('prompt')!r}.")
