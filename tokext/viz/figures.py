@@ -177,7 +177,8 @@ def _gamma_counts(triples: str) -> str:
 
 
 def _short(name: str) -> str:
-    name = _label(name)
+    """One line for an axis label: :func:`_label`, EarlyLayerEmulation written ELE, at most 48 characters."""
+    name = _label(name).replace("EarlyLayerEmulation", "ELE")
     return name if len(name) <= 48 else name[:45] + "..."
 
 
@@ -227,7 +228,8 @@ def ablation(results: Path, out: Path) -> Figure | None:
                f"{meta.get('model', 'the model')} per intervention and task, n={n} items per cell"
                + ("; per MMLU category (letter scoring)" if mmlu_path.is_file() else "")
                + ("; and on the 2-layer model organism (its held-out arithmetic, CoT and direct)"
-                  if organism_path.is_file() else "") + ". Exact McNemar p-values are in the report tables.")
+                  if organism_path.is_file() else "") + ". ELE = EarlyLayerEmulation. Exact McNemar p-values are in "
+               "the report tables.")
     note = f"model {meta.get('model')} | config {meta.get('config')} | n={n}/cell | greedy, {meta.get('shots', 3)}-shot"
     return Figure("fig4_ablation", "Ablation: accuracy differences with 95% CI", caption,
                   plots.save(fig, out, "fig4_ablation", note))
@@ -295,6 +297,7 @@ def organism(results: Path, out: Path) -> Figure | None:
     left.plot(log["step"], log["bos_attention"], marker="o", ms=2, lw=1, label="max-head attention to BOS")
     left.plot(log["step"], log["accuracy"], marker="s", ms=2, lw=1, label="held-out accuracy")
     left.set_xlabel("training step")
+    left.set_ylabel("accuracy / attention share")
     left.legend(frameon=False)
     plots.layer_head_heatmap(stats.first_token_mass, stats.layers, title="first-token mass (trained)",
                              label="share of row mass", ax=right)
@@ -388,6 +391,10 @@ def finetune(results: Path, out: Path) -> Figure | None:
             ax.plot(rows_d["layer"], rows_d[column], color=color, ls=ls, marker=marker, ms=2, lw=1)
         ax.set_title(f"change in {label}", fontsize=7, pad=2)
         ax.tick_params(labelsize=6, pad=1)
+        if 0 < trained < n_layers:  # the frozen layers do not change: show the last few of them for context
+            first = max(0, n_layers - trained - 4)
+            ax.set_xlim(first - 0.5, n_layers - 0.5)
+            ax.set_xticks(range(first, n_layers))
     _bottom_labels(axes, len(columns), "layer")
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -402,8 +409,8 @@ def finetune(results: Path, out: Path) -> Figure | None:
     caption = (f"Fine-tuning diagnostic (arXiv 2403.14932 v3): {meta.get('model', 'SmolLM2-135M')} fine-tuned for "
                f"{meta.get('steps')} steps on {meta.get('task')} worked solutions, last {trained} layers only (shaded); "
                f"change (after minus before) of the head-averaged attention profile per layer on held-out task records "
-               f"and on natural prompts. The frozen layers see the same inputs and do not change "
-               f"(largest |change| there {frozen:.1g}).")
+               f"and on natural prompts. The frozen layers see the same inputs and do not change (largest |change| in "
+               f"layers 0-{n_layers - trained - 1}: {frozen:.1g}); the last four of them are drawn for context.")
     note = f"model {meta.get('model')} | task {meta.get('task')} | steps {meta.get('steps')} | lr {meta.get('lr')}"
     return Figure("fig7_finetune", "Change of the attention profile with fine-tuning", caption,
                   plots.save(fig, out, "fig7_finetune", note))
