@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=8, help="calibration items per level")
     parser.add_argument("--seed", type=int, default=1, help="calibration items' seed (the study scores seed 0)")
     parser.add_argument("--study-n", type=int, default=40, help="items the study scores per level (overlap check)")
+    parser.add_argument("--shots", type=int, default=3, help="few-shot demos per prompt (the study's 3)")
     parser.add_argument("--layers", default="0-1", help="candidate layers: every head of each ('0-1' or '0,3,7')")
     parser.add_argument("--objectives", default="supervised,unsupervised")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     if unknown or not objectives:
         raise InputError(f"unknown objectives {unknown}: choose from {', '.join(OBJECTIVES)}")
     levels = [int(x) for x in args.levels.split(",")]
-    specs = [EvalSpec(args.task, level=level, n=args.n, seed=args.seed) for level in levels]
+    specs = [EvalSpec(args.task, level=level, n=args.n, seed=args.seed, shots=args.shots) for level in levels]
     items = {spec.level: spec.load() for spec in specs}  # bad task or level: an error before the model loads
     overlap = {level: len({ex.question for ex in items[level]}
                           & {ex.question for ex in EvalSpec(args.task, level=level, n=args.study_n, seed=0).load()})

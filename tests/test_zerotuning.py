@@ -145,3 +145,39 @@ def test_calibration_refuses_bad_input_before_any_forward_pass(tiny_native):
     assert not calls
     with pytest.raises(InputError, match="finite"):
         calibrate_zerotuning(tiny_native, lambda m: math.nan, candidates=[(0, 0)])
+
+
+def _driver():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "zerotuning_calibrate.py"
+    spec = importlib.util.spec_from_file_location("zerotuning_calibrate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibration_driver_writes_a_record_that_reproduces_its_score(tiny_llama_dir, tmp_path, capsys):
+    import json
+
+    from tokext.evaluation.objectives import gold_answer_nll
+    from tokext.evaluation.spec import EvalSpec
+    from tokext.models.loading import load_model
+
+    driver, out = _driver(), tmp_path / "zt"
+    argv = ["--model", str(tiny_llama_dir), "--levels", "1", "--n", "2", "--study-n", "4", "--shots", "0",
+            "--layers", "0", "--objectives", "supervised", "--out", str(out)]
+    assert driver.main(argv) == 0
+    record = json.loads((out / "supervised.json").read_text())
+    assert record["study_overlap"] == {"1": 0} and record["n_per_level"] == 2 and len(record["profile"]) == 4
+    spec = EvalSpec("lookup", level=1, n=2, seed=1, shots=0)
+    model = load_model(str(tiny_llama_dir))
+    best = record["baseline"]
+    if record["head_gammas"]:
+        with torch.no_grad(), intervene(model, ZeroTuning(head_gammas=record["head_gammas"])):
+            best = gold_answer_nll(spec)(model)
+    assert record["best"] == pytest.approx(best, abs=1e-6)
+    assert driver.main(argv) == 0 and "done already" in capsys.readouterr().out  # a finished objective is kept
+    with pytest.raises(InputError, match="unknown objectives"):
+        driver.main(argv[:-4] + ["--objectives", "accuracy", "--out", str(out)])
