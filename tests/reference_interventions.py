@@ -231,6 +231,36 @@ def ref_rebalance(target_fn, scale=0.0, renormalize=True, layers=None, heads=Non
     return edit
 
 
+def ref_zerotuning(gamma_of):
+    """ZeroTuning (arXiv 2505.11739): with a_0 the row's mass on its first real key and gamma the
+    head's factor, a_0' = gamma a_0 / D and a_j' = a_j / D, D = (gamma - 1) a_0 + 1, on the row
+    normalised to sum 1; the result is scaled back to the row's incoming sum. In a learned-sink
+    layer the sink's share s = 1 - sum_j A(i,j) is one more entry of the row (divided by D too).
+
+    ``gamma_of(layer, head)`` gives each head's factor (1: the head is left alone)."""
+
+    def edit(layer, p, info):
+        out = p.clone()
+        for b, hi, i in _rows(p):
+            gamma = gamma_of(layer, hi)
+            total = float(p[b, hi, i].sum())
+            if gamma == 1 or total <= 0:
+                continue
+            # the sink's share is a difference of numbers near 1: that row in float64
+            original = p[b, hi, i].double() if info.sink(layer) else p[b, hi, i]
+            sink = max(0.0, 1.0 - float(original.sum())) if info.sink(layer) else 0.0
+            whole = float(original.sum()) + sink  # the row's distribution: its keys and the sink
+            row = original / whole
+            first = info.first(b)
+            d = (gamma - 1) * float(row[first]) + 1
+            new = row / d
+            new[first] = gamma * row[first] / d
+            out[b, hi, i] = (new * whole).to(out.dtype)
+        return out
+
+    return edit
+
+
 def ref_temperature(temperature, layers=None, heads=None):
     """p^(1/T) / sum over visible keys of p^(1/T).
 

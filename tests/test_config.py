@@ -64,6 +64,32 @@ layers = [1, 2]
     assert [(s.level, s.cot) for s in specs] == [(1, False), (1, True), (2, False), (2, True)]
 
 
+def test_zerotuning_factors_round_trip_through_a_config(tmp_path):
+    """A list of scalar gammas is a grid; per-head (layer, head, gamma) triples are one value, as asdict writes them."""
+    import dataclasses
+
+    from tokext.interventions import ZeroTuning
+    from tokext.studies.sweep import Cell
+
+    config = load_config(write(tmp_path, BASE + """
+[[interventions]]
+type = "ZeroTuning"
+gamma = [0.3, 2.0]
+layers = [0, 1]
+[[interventions]]
+type = "ZeroTuning"
+head_gammas = [[0, 1, 0.5], [1, 3, 4.0]]
+"""))
+    ivs = [iv for _, iv in config.expanded_interventions()]
+    assert ivs == [ZeroTuning(gamma=0.3, layers=(0, 1)), ZeroTuning(gamma=2.0, layers=(0, 1)),
+                   ZeroTuning(head_gammas=((0, 1, 0.5), (1, 3, 4.0)))]
+    tuned = ivs[-1]
+    assert ZeroTuning(**json.loads(json.dumps(dataclasses.asdict(tuned)))) == tuned  # what cells.csv stores
+    spec = config.eval_specs()[0]
+    assert Cell("m", spec, "x", tuned).id == Cell("m", spec, "y", ZeroTuning(head_gammas=[[0, 1, 0.5], [1, 3, 4]])).id
+    assert "ZeroTuning" in error_of(tmp_path, BASE + '[[interventions]]\ntype = "ZeroTuning"\nhead_gammas = [[0, 1]]\n')
+
+
 def test_hash_is_stable_and_sensitive(tmp_path):
     a = load_config(write(tmp_path, BASE, "a.toml"))
     b = load_config(write(tmp_path, "# a comment\n" + BASE, "b.toml"))

@@ -35,7 +35,8 @@ from tests import reference_interventions as R
 from tokext.errors import InputError, UneditableAttentionError
 from tokext.evaluation.generation import greedy_generate
 from tokext.interventions import (
-    AttentionTemperature, EarlyLayerEmulation, HeadAblation, PatternPatch, SinkCalibration, SinkRebalance, intervene,
+    AttentionTemperature, EarlyLayerEmulation, HeadAblation, PatternPatch, SinkCalibration, SinkRebalance, ZeroTuning,
+    intervene,
 )
 from tokext.attention.collect import collect_attention_stats
 from tokext.models.info import model_info
@@ -181,6 +182,10 @@ def cases(name: str) -> dict[str, tuple]:
         "PatternPatch": ((PatternPatch(source, targets),), R.ref_patch(source, set(targets)), None),
         "HeadAblation(mean)": ((HeadAblation(ablated, "mean"),), R.ref_ablation(set(ablated), "mean"), None),
         "HeadAblation(first)": ((HeadAblation(ablated, "first"),), R.ref_ablation(set(ablated), "first"), None),
+        "ZeroTuning(0.5)": ((ZeroTuning(gamma=0.5),), R.ref_zerotuning(lambda layer, head: 0.5), None),
+        "ZeroTuning(per head)": ((ZeroTuning(head_gammas=[(0, 1, 3.0), (last, 2, 0.25)]),),
+                                 R.ref_zerotuning(lambda layer, head: {(0, 1): 3.0, (last, 2): 0.25}.get((layer, head), 1.0)),
+                                 None),
     }
     if model_info(C.family_bridge(name)).attention.learned_sinks:
         out["SinkRebalance(sink, 0.5)"] = ((SinkRebalance("sink", scale=0.5),),

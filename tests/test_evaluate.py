@@ -263,3 +263,62 @@ def test_scoring_too_long_an_item_is_a_clear_error(model):
                        category="Other", source="test")
     with pytest.raises(InputError, match="context"):
         score_letters(model, [long_item], progress=False)
+
+
+def _entropy(logp: torch.Tensor) -> float:
+    return float(-(logp.exp() * logp).sum())
+
+
+def test_calibration_objectives_on_multiple_choice(model, hf):
+    """ZeroTuning's supervised and unsupervised objectives against plain transformers' next-token log-probabilities."""
+    from tokext.evaluation.mc import letter_prompt
+    from tokext.evaluation.objectives import answer_entropy, gold_answer_nll
+
+    spec = {"task": "mmlu", "method": "letter", "n": len(ITEMS)}
+    tok = model.tokenizer
+    nll, over_letters, over_vocab = [], [], []
+    for item in ITEMS:
+        ref = _reference_next_logprobs(hf, tok, letter_prompt(item))
+        letters = torch.stack([ref[tok.convert_tokens_to_ids(x)] for x in "ABCD"[: len(item.choices)]])
+        nll.append(-float(letters[item.label]))
+        over_letters.append(_entropy(letters.log_softmax(-1)))
+        over_vocab.append(_entropy(ref))
+    assert gold_answer_nll(spec, items=ITEMS, batch_size=2)(model) == pytest.approx(np.mean(nll), abs=1e-4)
+    assert answer_entropy(spec, items=ITEMS)(model) == pytest.approx(np.mean(over_letters), abs=1e-4)
+    assert answer_entropy(spec, items=ITEMS, over="vocab", batch_size=3)(model) == pytest.approx(np.mean(over_vocab),
+                                                                                                abs=1e-4)
+    assert 0 < np.mean(over_letters) < math.log(4)
+
+
+def test_calibration_objectives_on_a_reasoning_task(model, hf):
+    from tokext.evaluation.objectives import answer_entropy, gold_answer_nll
+    from tokext.evaluation.tasks import get_task, prompt, target
+
+    spec = {"task": "arithmetic", "level": 1, "n": 3, "shots": 1, "seed": 2}
+    examples = get_task("arithmetic").generate(3, seed=2, level=1)
+    tok = model.tokenizer
+    nll, entropy = [], []
+    for ex in examples:
+        text = prompt(ex, False, shots=1, demo_seed=2)
+        ctx, full = tok(text).input_ids, tok(text + target(ex, False)).input_ids
+        with torch.no_grad():
+            logp = hf(torch.tensor([full])).logits[0].double().log_softmax(-1)
+        nll.append(-np.mean([float(logp[p - 1, full[p]]) for p in range(len(ctx), len(full))]))
+        entropy.append(_entropy(_reference_next_logprobs(hf, tok, text)))
+    assert gold_answer_nll(spec, batch_size=2)(model) == pytest.approx(np.mean(nll), abs=1e-4)
+    assert answer_entropy(spec)(model) == pytest.approx(np.mean(entropy), abs=1e-4)
+
+
+def test_calibration_objectives_refuse_what_they_cannot_score():
+    from tokext.evaluation.objectives import answer_entropy, gold_answer_nll
+
+    with pytest.raises(InputError, match="over='vocab'"):
+        answer_entropy({"task": "lookup", "level": 1, "n": 2}, over="choices")
+    with pytest.raises(InputError, match="over must be one of"):
+        answer_entropy({"task": "mmlu", "method": "letter", "n": 2}, over="bits", items=ITEMS)
+    with pytest.raises(InputError, match="continuation"):
+        gold_answer_nll({"task": "mmlu", "method": "continuation", "n": 2}, items=ITEMS)
+    with pytest.raises(InputError, match="unknown task"):
+        gold_answer_nll({"task": "lookups", "n": 2})
+    with pytest.raises(InputError, match="EvalSpec"):
+        gold_answer_nll("lookup")

@@ -18,11 +18,13 @@ from tokext.interventions.intervene import intervene
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
+from tokext.interventions.zerotuning import ZeroTuning
 
 ROW_LOCAL = [(), (EarlyLayerEmulation(),), (EarlyLayerEmulation(alpha=1.0),), (SinkRebalance("categories", 0.1),),
              (AttentionTemperature(0.7),), (PatternPatch(0, (2,)),), (HeadAblation([(1, 0)], "first"),),
              (EarlyLayerEmulation(alpha=1.0), SinkRebalance(scale=0.5)), (SinkRebalance((0, 2), scale=0.1),),
              (HeadAblation([(1, 0), (2, 1)], "zero"),), (HeadAblation([(1, 0), (2, 3)], "mean"),),
+             (ZeroTuning(gamma=0.5, head_gammas=[(2, 1, 3.0)]),),
              # ACT's sinks depend on every row's received attention. A decode step uses the column
              # means of all rows so far, which is what recomputing gives for the last row; earlier
              # rows are re-calibrated by a recompute, though, and change the keys and values of later

@@ -21,11 +21,12 @@ from tokext.interventions.intervene import intervene, intervention_effect, mean_
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
+from tokext.interventions.zerotuning import ZeroTuning
 from tokext.models.info import model_info
 from tokext.models.native import native_model
 
 ALL = [EarlyLayerEmulation(alpha=1.0), SinkCalibration(), SinkRebalance(), AttentionTemperature(0.5),
-       PatternPatch(0, (1, 2)), HeadAblation([(1, 1)], "mean")]
+       PatternPatch(0, (1, 2)), HeadAblation([(1, 1)], "mean"), ZeroTuning(head_gammas=[(1, 0, 0.5), (2, 3, 2.0)])]
 
 
 def _hook_count(model) -> int:
@@ -218,7 +219,7 @@ def test_repr_and_asdict_round_trip():
         assert repr(iv).startswith(type(iv).__name__ + "(")
         hash(iv)
     namespace = {cls.__name__: cls for cls in (EarlyLayerEmulation, SinkCalibration, SinkRebalance,
-                                               AttentionTemperature, PatternPatch, HeadAblation)}
+                                               AttentionTemperature, PatternPatch, HeadAblation, ZeroTuning)}
     for iv in ALL + [PatternPatch(0, range(1, 30)), HeadAblation([(15, h) for h in range(9)], "first")]:
         assert eval(repr(iv), namespace) == iv  # noqa: S307 - readable and still valid Python
     assert repr(PatternPatch(0, range(1, 30))) == "PatternPatch(source_layer=0, target_layers=range(1, 30))"

@@ -28,6 +28,7 @@ from tokext.interventions.intervene import intervene
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
+from tokext.interventions.zerotuning import ZeroTuning
 
 N_LAYERS, N_HEADS = 3, 2
 FAKE = SimpleNamespace(cfg=SimpleNamespace(n_layers=N_LAYERS, n_heads=N_HEADS, d_vocab=VOCAB), tokenizer=_tokenizer())
@@ -85,6 +86,8 @@ interventions = st.one_of(
     st.builds(AttentionTemperature, st.floats(0.2, 5.0)),
     st.just(PatternPatch(0, (1, 2))),
     st.builds(lambda m: HeadAblation([(1, 0), (2, 1)], m), st.sampled_from(["zero", "mean", "first"])),
+    st.tuples(st.floats(0.05, 5.0), st.floats(0.05, 5.0)).filter(lambda g: g != (1.0, 1.0)).map(
+        lambda g: ZeroTuning(gamma=g[0], head_gammas=[(1, 0, g[1])])),
 )
 
 
@@ -185,7 +188,8 @@ def test_padded_batch_equals_one_by_one_native(tiny_native, lengths, side, iv, s
 
 
 @pytest.mark.parametrize("iv", [EarlyLayerEmulation(alpha=1.0), SinkCalibration(), SinkRebalance("categories", 0.1),
-                                AttentionTemperature(0.5), PatternPatch(0, (2,)), HeadAblation([(1, 2)], "first")],
+                                AttentionTemperature(0.5), PatternPatch(0, (2,)), HeadAblation([(1, 2)], "first"),
+                                ZeroTuning(gamma=0.25)],
                          ids=repr)
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])

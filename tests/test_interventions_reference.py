@@ -24,6 +24,7 @@ from tokext.interventions.intervene import intervene
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
+from tokext.interventions.zerotuning import ZeroTuning
 
 TEXTS = ["the cat sat. on a mat, ok", "hi! yes\nno", "q? 7"]
 ABLATED = [(0, 0), (1, 3)]
@@ -42,6 +43,10 @@ def _is_non_semantic(info, b, j):
 def _is_position(*positions):
     return lambda info, b, j: (j - info.first(b)) in positions
 
+
+_ZT_FACTORS = {(0, 0): 1.0, (0, 1): 0.25, (0, 2): 1.0, (0, 3): 1.0, (1, 0): 3.0, (1, 1): 3.0, (1, 2): 1.0,
+               (1, 3): 3.0, (2, 0): 1.0, (2, 1): 1.0, (2, 2): 1.0, (2, 3): 4.0}
+"""Per-head factors of the "zerotuning-heads" case, written out: gamma 3 on layer 1, overridden per head."""
 
 CASES = {
     "emulation": (EarlyLayerEmulation(alpha=0.5), lambda: R.ref_emulation(alpha=0.5)),
@@ -78,6 +83,13 @@ CASES = {
     "emulation-then-temperature": ((EarlyLayerEmulation(alpha=1.0, renormalize=True), AttentionTemperature(2.0)),
                                    lambda: R.compose(R.ref_emulation(alpha=1.0, renormalize=True),
                                                      R.ref_temperature(2.0))),
+    "zerotuning-all": (ZeroTuning(gamma=0.5), lambda: R.ref_zerotuning(lambda layer, head: 0.5)),
+    "zerotuning-heads": (ZeroTuning(gamma=3.0, layers=(1,), head_gammas=[(0, 1, 0.25), (1, 2, 1.0), (2, 3, 4.0)]),
+                         lambda: R.ref_zerotuning(lambda layer, head: _ZT_FACTORS[layer, head])),
+    # rows that do not sum to 1 (uniform emulation scales every entry): ZeroTuning keeps each row's sum
+    "emulation-then-zerotuning": ((EarlyLayerEmulation(alpha=1.0, uniform=True), ZeroTuning(gamma=2.0, layers=(1, 2))),
+                                  lambda: R.compose(R.ref_emulation(alpha=1.0, uniform=True),
+                                                    R.ref_zerotuning(lambda layer, head: 2.0 if layer else 1.0))),
     "patch": (PatternPatch(0, (1, 2)), lambda: R.ref_patch(0, {1, 2})),
     "patch-heads": (PatternPatch(1, (2,), heads=[(2, 1), (2, 3)]), lambda: R.ref_patch(1, {2}, {(2, 1), (2, 3)})),
     "ablation-zero": (HeadAblation(ABLATED, "zero"), lambda: R.ref_ablation(set(ABLATED), "zero")),

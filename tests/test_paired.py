@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokext.errors import InputError
-from tokext.studies.paired import discordant_counts, mcnemar_exact, paired_bootstrap_ci, paired_summary
+from tokext.studies.paired import (
+    discordant_counts, mcnemar_exact, paired_bootstrap_ci, paired_mean_ci, paired_summary,
+)
 
 
 def table(n11: int, n10: int, n01: int, n00: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +88,25 @@ def test_bootstrap_matches_index_resampling():
     want_lo, want_hi = np.percentile(boot, [2.5, 97.5])
     _, lo, hi = paired_bootstrap_ci(base, meth, n_boot=20000, seed=5)
     assert lo == pytest.approx(want_lo, abs=0.006) and hi == pytest.approx(want_hi, abs=0.006)
+
+
+def test_mean_difference_interval_matches_normal_approximation():
+    """Per-item losses: the percentile interval of the mean change is close to mean +- z * sd / sqrt(n)."""
+    rng = np.random.default_rng(4)
+    n = 5000
+    base = rng.gamma(2.0, 0.5, n)
+    meth = base + rng.normal(0.05, 0.4, n)
+    d = meth - base
+    se = d.std(ddof=1) / np.sqrt(n)
+    diff, lo, hi = paired_mean_ci(base, meth, n_boot=20000, seed=0)
+    assert diff == pytest.approx(d.mean())
+    assert lo == pytest.approx(d.mean() - 1.959964 * se, abs=0.1 * se)
+    assert hi == pytest.approx(d.mean() + 1.959964 * se, abs=0.1 * se)
+    with_nan = np.append(meth, np.nan)
+    assert paired_mean_ci(np.append(base, 1.0), with_nan, n_boot=20000, seed=0) == (diff, lo, hi)
+    assert all(np.isnan(paired_mean_ci([np.nan], [1.0])))
+    with pytest.raises(InputError, match="1-D"):
+        paired_mean_ci([1.0, 2.0], [1.0])
 
 
 def test_bootstrap_seeded():

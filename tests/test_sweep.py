@@ -161,8 +161,13 @@ def test_summary_paired_stats_equal_tokext_paired(finished):
     for key, col in (("diff", "diff"), ("ci_lo", "ci_lo"), ("ci_hi", "ci_hi"), ("p_mcnemar", "p_mcnemar"),
                      ("n01", "n01"), ("n10", "n10"), ("acc_baseline", "acc_baseline")):
         assert row[col] == pytest.approx(want[key]), col
+    loss_b = items[items["cell_id"] == row["baseline_id"]].set_index("id")["loss"]
+    loss_m = items[items["cell_id"] == row["cell_id"]].set_index("id")["loss"].loc[loss_b.index]
+    assert row["dloss_lo"] <= row["delta_loss"] <= row["dloss_hi"]
+    assert row["delta_loss"] == pytest.approx(float((loss_m - loss_b).mean()))
     base_rows = table[table["label"] == "baseline"]
     assert (base_rows["diff"] == 0).all() and (base_rows["p_mcnemar"] == 1).all()
+    assert (base_rows["dloss_lo"] == 0).all() and (base_rows["dloss_hi"] == 0).all()
 
 
 def test_cli_ablate_and_validate(tiny, finished, capsys):

@@ -39,6 +39,8 @@ _EXPORTS = {
     "AttentionTemperature": "tokext.interventions",
     "PatternPatch": "tokext.interventions",
     "HeadAblation": "tokext.interventions",
+    "ZeroTuning": "tokext.interventions",
+    "calibrate_zerotuning": "tokext.interventions",
     "greedy_generate": "tokext.evaluation.generation",
     "explore": "tokext.viz.explorer",
 }

@@ -37,7 +37,8 @@ MC_METHODS = ("letter", "continuation", "cot")
 # ---------------------------------------------------------------------- tokenization helpers
 
 
-def _tokenizer(model: Any) -> Any:
+def model_tokenizer(model: Any) -> Any:
+    """``model``'s tokenizer; an :class:`InputError` for the organism and for models without one."""
     tok = getattr(model, "tokenizer", None)
     if getattr(model, "organism", None) is not None:
         raise InputError("the model organism has a character vocabulary and answers only the task 'organism'")
@@ -91,11 +92,13 @@ def continuation_prompt(item: Any) -> str:
 
 def forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int, take: Callable,
                     progress: bool, desc: str) -> list[Any]:
-    """Run right-padded batches (longest first) and return ``take(logits_row, length, index)`` per sequence.
+    """Run right-padded batches (longest first) and call ``take(logits_row, length, index)`` per sequence.
 
     The attention mask goes with every batch, so active interventions and statistics see which
-    positions are padding. ``logits_row`` is [pos, vocab] of sequence ``index`` (its first
-    ``length`` positions are real); results come back in input order.
+    positions are padding. ``logits_row`` is the sequence's [pos, vocab] logits (pad positions
+    included), ``length`` its real length; the values ``take`` returns come back in input order.
+    Nothing else is kept, so a ``take`` that reduces the row (one position's log-probabilities)
+    keeps memory small.
     """
     from tqdm.auto import tqdm
 
@@ -153,7 +156,7 @@ def score_letters(model: Any, items: Sequence[Any], *, batch_size: int = 8, prog
     from tokext.evaluation.mc import LETTERS, letter_prompt
 
     prompt_fn = prompt_fn or letter_prompt
-    tok = _tokenizer(model)
+    tok = model_tokenizer(model)
     items = list(items)
     prompts = [prompt_fn(it) for it in items]
     seqs = [list(tok(p).input_ids) for p in prompts]
@@ -185,7 +188,7 @@ def score_continuations(model: Any, items: Sequence[Any], *, batch_size: int = 8
     from tokext.evaluation.mc import LETTERS
 
     prompt_fn = prompt_fn or continuation_prompt
-    tok = _tokenizer(model)
+    tok = model_tokenizer(model)
     items = list(items)
     pairs, owner = [], []
     for i, item in enumerate(items):
@@ -246,7 +249,7 @@ def generate_texts(model: Any, prompts: Sequence[str], max_new_tokens: int, *, b
 
     from tokext.evaluation.generation import greedy_generate
 
-    tok = _tokenizer(model)
+    tok = model_tokenizer(model)
     lengths = [len(tok(p).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     texts, counts = [""] * len(prompts), [0] * len(prompts)
@@ -265,7 +268,7 @@ def auto_max_new_tokens(model: Any, examples: Sequence[Any], cot: bool) -> int:
     """A generation cap that fits every gold answer: longest gold target in tokens, x1.25, + 4."""
     from tokext.evaluation.tasks import target
 
-    tok = _tokenizer(model)
+    tok = model_tokenizer(model)
     longest = max(len(tok(target(ex, cot), add_special_tokens=False).input_ids) for ex in examples)
     return int(math.ceil(longest * 1.25)) + 4
 
@@ -294,7 +297,7 @@ def evaluate_reasoning(model: Any, examples: Sequence[Any], *, cot: bool, max_ne
                                    desc="cot" if cot else "direct")
     losses = [math.nan] * len(examples)
     if loss:
-        tok = _tokenizer(model)
+        tok = model_tokenizer(model)
         pairs = [encode_pair(tok, p, target(ex, cot)) for p, ex in zip(prompts, examples)]
         losses = [-float(lp.mean()) for lp in
                   continuation_logprobs(model, pairs, batch_size=batch_size, progress=progress, desc="loss")]

@@ -9,12 +9,16 @@ Every intervention is a frozen dataclass of hyperparameters acting on
 - :class:`SinkRebalance`: scale attention to the first token, token categories or positions, renormalise;
 - :class:`AttentionTemperature`: exact softmax temperature;
 - :class:`PatternPatch`: copy a source layer's pattern into later layers;
-- :class:`HeadAblation`: zero / mean / first-token ablation of heads.
+- :class:`HeadAblation`: zero / mean / first-token ablation of heads;
+- :class:`ZeroTuning`: per-head scaling of the initial token's attention, renormalised, and its
+  calibration :func:`calibrate_zerotuning`.
 
 :mod:`~tokext.interventions.base` holds what they share (the per-run context, the binding of a
 list of interventions to a model); :mod:`~tokext.interventions.intervene` the ``with`` block and
 the measured effect on the logits; :mod:`~tokext.interventions.parse` interventions written as text
-(``"EarlyLayerEmulation(alpha=0.2)"``, for command lines), parsed without evaluating anything.
+(``"EarlyLayerEmulation(alpha=0.2)"``, for command lines), parsed without evaluating anything;
+:mod:`~tokext.interventions.search` the scoring of trials on a calibration set that ACT's head
+selection and ZeroTuning's calibration share.
 
 May import: :mod:`tokext.attention`, :mod:`tokext.models` and :mod:`tokext.errors`.
 """
@@ -30,10 +34,11 @@ from tokext.interventions.parse import intervention_classes, parse_interventions
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
+from tokext.interventions.zerotuning import ZeroTuning, ZeroTuningCalibration, calibrate_zerotuning
 
 __all__ = [
     "AttentionTemperature", "EarlyLayerEmulation", "HeadAblation", "HeadSelection", "Intervention",
     "InterventionEffect", "InterventionRun", "PatternPatch", "RunContext", "SinkCalibration",
-    "SinkRebalance", "fwd_hooks", "intervene", "intervention_classes", "intervention_effect", "mean_loss",
-    "parse_interventions", "select_heads_greedy",
+    "SinkRebalance", "ZeroTuning", "ZeroTuningCalibration", "calibrate_zerotuning", "fwd_hooks", "intervene",
+    "intervention_classes", "intervention_effect", "mean_loss", "parse_interventions", "select_heads_greedy",
 ]

@@ -169,6 +169,13 @@ class RunContext:
         """Long [batch, key]: each key's position counted from its row's first real token."""
         return self.key_positions(pattern)[None, :] - self.first_position(pattern)[:, None]
 
+    def first_key_mask(self, pattern: torch.Tensor) -> torch.Tensor:
+        """Bool [batch, key]: each row's first real key (none in a row without real keys, none in a
+        streaming block of keys that does not hold it)."""
+        keys = self.key_offsets(pattern) == 0
+        mask = self.attention_mask(pattern)
+        return keys if mask is None else keys & mask
+
     def key_tokens(self, pattern: torch.Tensor) -> torch.Tensor:
         """Long [batch, key]: token id of every key, the KV-cached ones included.
 

@@ -30,6 +30,7 @@ from tokext.interventions.base import (
     Hooks, Intervention, RunContext, as_head_pairs, check_bool, check_number, head_index, head_selection,
     scale_entries, split_row_mass,
 )
+from tokext.interventions.search import all_heads, default_score, score_each, score_with
 
 
 @dataclass(frozen=True, repr=False)
@@ -181,31 +182,28 @@ def select_heads_greedy(
     """
     from tqdm.auto import tqdm
 
-    from tokext.interventions.intervene import intervene, mean_loss
-
     settings = {"tau": tau, "beta": beta, "exclude_first": exclude_first}
     SinkCalibration(**settings)  # validate before any forward pass
-    if candidates is None:
-        n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-        candidates = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    candidates = list(as_head_pairs("candidates", candidates, allow_none=False))
+    candidates = list(as_head_pairs("candidates", candidates if candidates is not None else all_heads(model),
+                                    allow_none=False))
     head_selection(model, None, candidates)  # validates indices
-    if score is None:
-        def score(m: Any) -> float:
-            return mean_loss(m, inputs, batch_size=batch_size)
+    score = score if score is not None else default_score(inputs, batch_size)
 
-    with torch.inference_mode():
-        baseline = float(score(model))
+    def calibrated(heads: list[tuple[int, int]]) -> SinkCalibration:
+        return SinkCalibration(heads=heads, **settings)
+
+    baseline = score_with(model, score)
+    if not cumulative:  # each head alone against the baseline
+        scores = score_each(model, score, candidates, lambda pair: calibrated([pair]), progress=progress,
+                            desc="ACT head selection")
+        kept = [pair for pair in candidates if scores[pair] < baseline - min_gain]
+        return HeadSelection(heads=tuple(kept), baseline=baseline, scores=scores, settings=settings)
     kept: list[tuple[int, int]] = []
     scores: dict[tuple[int, int], float] = {}
     current = baseline
     for pair in tqdm(candidates, desc="ACT head selection", disable=not progress):
-        trial = (kept if cumulative else []) + [pair]
-        with torch.inference_mode(), intervene(model, SinkCalibration(heads=trial, **settings)):
-            value = float(score(model))
-        scores[pair] = value
-        reference = current if cumulative else baseline
-        if value < reference - min_gain:
+        scores[pair] = score_with(model, score, calibrated(kept + [pair]))
+        if scores[pair] < current - min_gain:
             kept.append(pair)
-            current = value if cumulative else current
+            current = scores[pair]
     return HeadSelection(heads=tuple(kept), baseline=baseline, scores=scores, settings=settings)

@@ -116,17 +116,37 @@ class SinkRebalance(Intervention):
             def edit(sub: torch.Tensor, inplace: bool) -> torch.Tensor:
                 if not renormalize:
                     return scale_entries(sub, targets, scale, 1.0, inplace)
-                on_targets, elsewhere = split_row_mass(sub, targets)
-                sink = learned_sink_share(sub) if learned else 0.0
-                total = elsewhere + scale * on_targets + sink_weight * sink
-                keep = total <= 0  # only target mass: the limit scale -> 0 is the original row
-                ratio = torch.where(keep, 1.0, (on_targets + elsewhere + sink) / torch.where(keep, 1.0, total))
-                return scale_entries(sub, targets, torch.where(keep, 1.0, scale * ratio), ratio, inplace)
+                return rebalance_rows(sub, targets, scale, inplace=inplace, learned_sink=learned,
+                                      sink_scale=sink_weight)
 
             return on_heads(pattern, head_index(heads, pattern.device), ctx.inplace_ok(name, pattern),
                             in_float64(edit) if learned else edit)
 
         return rebalance
+
+
+def rebalance_rows(pattern: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor | float, *,
+                   inplace: bool, learned_sink: bool = False, sink_scale: float = 1.0) -> torch.Tensor:
+    """Entries on ``keys`` times ``scale``, then each row rescaled to its original sum.
+
+    ``keys`` is Bool ``[batch, heads or 1, 1, key]``; ``scale`` a scalar or a per-head tensor
+    ``[1, heads, 1, 1]`` (ZeroTuning's factors). With row mass ``t`` on the keys and ``r``
+    elsewhere, key entries get ``scale * S / D`` and the others ``S / D``, ``S = t + r``,
+    ``D = r + scale * t``: for softmax rows (``S = 1``) this is ``softmax`` with ``log scale``
+    added to the keys' scores. A row whose mass is all on the keys and ``scale = 0`` (``D = 0``)
+    keeps its original values, the limit as ``scale`` goes to 0.
+
+    ``learned_sink``: the layer's softmax has a learned sink logit whose share ``s = 1 - S`` is one
+    more entry of the row, weighted by ``sink_scale``: ``S = t + r + s``, ``D = r + scale * t +
+    sink_scale * s``, still ``softmax`` with the logits moved (call it in float64, see
+    :func:`~tokext.interventions.base.learned_sink_share`).
+    """
+    on_keys, elsewhere = split_row_mass(pattern, keys)
+    sink = learned_sink_share(pattern) if learned_sink else 0.0
+    total = elsewhere + scale * on_keys + sink_scale * sink
+    keep = total <= 0
+    ratio = torch.where(keep, 1.0, (on_keys + elsewhere + sink) / torch.where(keep, 1.0, total))
+    return scale_entries(pattern, keys, torch.where(keep, 1.0, scale * ratio), ratio, inplace)
 
 
 @dataclass
@@ -142,7 +162,7 @@ class _TargetPlan:
         first_id = CATEGORIES.index("first")
         targets = torch.zeros(batch, n_k, dtype=torch.bool, device=pattern.device)
         if first_id in self.categories:
-            targets |= offset == 0
+            targets |= ctx.first_key_mask(pattern)
         if self.table is not None:
             category = self.table.to(pattern.device)[ctx.key_tokens(pattern)]
             category = torch.where(offset == 0, first_id, category)

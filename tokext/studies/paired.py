@@ -1,4 +1,4 @@
-"""Paired comparison of a method against the baseline on the same items (per-item correctness).
+"""Paired comparison of a method against the baseline on the same items (per-item correctness, per-item loss).
 
 Both arrays hold one boolean per item, in the same item order. The accuracy difference is
 ``mean(method) - mean(baseline)``; its uncertainty comes from a percentile bootstrap over items, and
@@ -82,6 +82,36 @@ def mcnemar_exact(baseline: Any, method: Any) -> float:
     if n01 + n10 == 0:
         return 1.0
     return float(binomtest(n01, n01 + n10, 0.5, alternative="two-sided").pvalue)
+
+
+def paired_mean_ci(
+    baseline: Any, method: Any, n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``(diff, lo, hi)``: the mean of ``method - baseline`` over items (a per-item value such as the
+    answer loss) and its percentile-bootstrap interval at ``level``, resampling items.
+
+    Items where either value is NaN are left out; with none left the result is NaN.
+
+    >>> paired_mean_ci([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])
+    (0.5, 0.5, 0.5)
+    """
+    b, m = (np.asarray(x, dtype=float) for x in (baseline, method))
+    if b.ndim != 1 or b.shape != m.shape:
+        raise InputError(f"baseline and method must be 1-D with one value per item, got shapes {b.shape} and {m.shape}")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise InputError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise InputError(f"level must be strictly between 0 and 1, got {level!r}")
+    d = (m - b)[~(np.isnan(b) | np.isnan(m))]
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // len(d))  # replicates per batch of index draws: bounded memory
+    boot = np.concatenate([d[rng.integers(0, len(d), size=(min(chunk, n_boot - start), len(d)))].mean(1)
+                           for start in range(0, int(n_boot), chunk)])
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return float(d.mean()), float(lo), float(hi)
 
 
 def paired_summary(

@@ -20,7 +20,7 @@ from tokext.interventions import Intervention, intervene, intervention_effect
 def default_interventions(n_layers: int, n_heads: int) -> list[Intervention]:
     """The interventions at their defaults (values chosen where a parameter has no default)."""
     from tokext.interventions import (AttentionTemperature, EarlyLayerEmulation, HeadAblation, PatternPatch,
-                                      SinkCalibration, SinkRebalance)
+                                      SinkCalibration, SinkRebalance, ZeroTuning)
 
     mid = n_layers // 2
     return [
@@ -34,6 +34,7 @@ def default_interventions(n_layers: int, n_heads: int) -> list[Intervention]:
         PatternPatch(0, (1,)),
         PatternPatch(0, tuple(range(1, n_layers))),
         HeadAblation([(mid, h) for h in range(n_heads)], "zero"),
+        ZeroTuning(gamma=0.5),  # every head, as the authors' code by default, in the paper's direction for QA
     ]
 
 

@@ -278,13 +278,15 @@ def report_tables(root: Path) -> str:
         if not path.is_file():
             continue
         table = pd.read_csv(path)
-        rows = ["| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | delta loss |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | "
+                "delta loss [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in table.itertuples(index=False):
             is_base = r.cell_id == r.baseline_id
             diff = "baseline" if is_base else f"{r.diff:+.3f} [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]"
             p = "" if is_base else f"{r.p_mcnemar:.3f}"
             dl = "" if is_base else f"{r.delta_loss:+.4f}"
+            if not is_base and pd.notna(getattr(r, "dloss_lo", float("nan"))):
+                dl += f" [{r.dloss_lo:+.4f}, {r.dloss_hi:+.4f}]"
             form = "CoT" if str(r.cot) == "True" else ("letter" if r.method == "letter" else "direct")
             rows.append(f"| {r.task} | {r.level} | {form} | {'none' if is_base else r.intervention} | {r.n_items} | "
                         f"{r.accuracy:.3f} | {diff} | {p} | {r.loss:.4f} | {dl} |")

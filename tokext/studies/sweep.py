@@ -43,7 +43,7 @@ CELL_COLUMNS = (
     "git_rev", "tokext_version", "date", "spec",
 )
 PAIRED_COLUMNS = ("acc_baseline", "diff", "ci_lo", "ci_hi", "p_mcnemar", "n01", "n10", "n_paired",
-                  "loss_baseline", "delta_loss")
+                  "loss_baseline", "delta_loss", "dloss_lo", "dloss_hi")
 BASELINE = "baseline"
 
 
@@ -307,9 +307,11 @@ def summarize(results_dir: str | Path, *, n_boot: int = 10000, seed: int = 0, wr
 
     Added columns: acc_baseline, diff (accuracy minus baseline), ci_lo / ci_hi (paired bootstrap
     95% CI), p_mcnemar (exact), n01 / n10 (items fixed / broken), n_paired, loss_baseline,
-    delta_loss. Baseline rows carry diff 0 and p 1. Written to ``summary.csv`` with ``write``.
+    delta_loss (mean loss minus the baseline's) and dloss_lo / dloss_hi (paired bootstrap 95% CI of
+    the per-item loss change; NaN where the cell has no loss). Baseline rows carry diff 0 and p 1.
+    Written to ``summary.csv`` with ``write``.
     """
-    from tokext.studies.paired import paired_summary
+    from tokext.studies.paired import paired_mean_ci, paired_summary
 
     cells = read_cells(results_dir)
     items = {cid: df for cid, df in load_items(results_dir, list(cells["cell_id"])).groupby("cell_id")} if len(cells) else {}
@@ -327,9 +329,12 @@ def summarize(results_dir: str | Path, *, n_boot: int = 10000, seed: int = 0, wr
         s = paired_summary(merged["correct_b"].astype(bool).to_numpy(), merged["correct_m"].astype(bool).to_numpy(),
                            n_boot=n_boot, seed=seed)
         base_loss = float(by_id.loc[base_id, "loss"])
+        _, dloss_lo, dloss_hi = paired_mean_ci(merged["loss_b"].astype(float).to_numpy(),
+                                               merged["loss_m"].astype(float).to_numpy(), n_boot=n_boot, seed=seed)
         stats.append({"acc_baseline": s["acc_baseline"], "diff": s["diff"], "ci_lo": s["ci_lo"], "ci_hi": s["ci_hi"],
                       "p_mcnemar": s["p_mcnemar"], "n01": s["n01"], "n10": s["n10"], "n_paired": s["n"],
-                      "loss_baseline": base_loss, "delta_loss": float(row["loss"]) - base_loss})
+                      "loss_baseline": base_loss, "delta_loss": float(row["loss"]) - base_loss,
+                      "dloss_lo": dloss_lo, "dloss_hi": dloss_hi})
     table = pd.concat([cells, pd.DataFrame(stats, columns=list(PAIRED_COLUMNS), index=cells.index)], axis=1)
     if write:
         _atomic_write(Path(results_dir) / "summary.csv", table.to_csv(index=False, lineterminator="\n"))

@@ -9,6 +9,8 @@ and returns a :class:`Figure` record whose caption states model, data, n and set
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,15 +51,20 @@ def head_patterns(results: Path, out: Path) -> Figure | None:
     layers, heads = data["layers"].tolist(), data["heads"].tolist()
     meta = _provenance(results / "patterns")
     cols = len(layers)
-    fig, axes = plt.subplots(1, cols, figsize=(plots.FULL_WIDTH, plots.FULL_WIDTH / cols + 0.9), squeeze=False)
+    fig, axes = plt.subplots(1, cols + 1, figsize=(plots.FULL_WIDTH, plots.FULL_WIDTH / cols + 0.9), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * cols + [0.05]})
+    axes, cax = axes[:, :cols], axes[0][cols]
     labels = [t.replace("\n", "\\n") for t in tokens]
     for ax, layer, head, pattern in zip(axes[0], layers, heads, data["patterns"]):
         sns.heatmap(pattern, ax=ax, cmap="rocket_r", vmin=0, vmax=1, cbar=False, square=True,
                     xticklabels=labels, yticklabels=labels if ax is axes[0][0] else False)
         ax.set_title(f"layer {layer}, head {head}")
-        ax.tick_params(labelsize=4.5, length=0)
+        ax.tick_params(labelsize=5.5, length=0)
         ax.set_xlabel("key")
     axes[0][0].set_ylabel("query")
+    bar = fig.colorbar(axes[0][-1].collections[0], cax=cax)
+    bar.set_label("attention weight", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     caption = (f"Attention patterns (post-softmax) of selected heads of {meta.get('model')} on one prompt: an "
                f"early layer spreads attention, downstream layers send most of it to the first token "
                f"({tokens[0]!r}), the sink column. Prompt: {meta.get('prompt')!r}.")
@@ -89,32 +96,89 @@ def sink_and_entropy(results: Path, out: Path) -> Figure | None:
 
 
 def intervention_profiles(results: Path, out: Path) -> Figure | None:
-    """Figure 3: sink mass and entropy vs layer, baseline vs each intervention."""
+    """Figure 3: first-token mass and entropy vs layer, one small panel per intervention over the baseline."""
     path = results / "profiles" / "by_layer.csv"
     if not path.is_file():
         return None
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    from matplotlib.lines import Line2D
 
     frame = pd.read_csv(path)
-    frame["intervention"] = frame["intervention"].map(_short)
     meta = _provenance(results / "profiles")
-    fig, axes = plt.subplots(1, 2, figsize=(plots.FULL_WIDTH, 3.0), sharex=True)
-    order = ["baseline"] + [i for i in frame["intervention"].unique() if i != "baseline"]
-    palette = dict(zip(order, ["black"] + sns.color_palette("tab10", len(order) - 1)))
-    for ax, column, label in zip(axes, ["first_token_mass", "entropy"], ["first-token mass", "normalised entropy"]):
-        sns.lineplot(frame, x="layer", y=column, hue="intervention", hue_order=order, palette=palette, ax=ax,
-                     lw=1, legend=ax is axes[1])
-        ax.set_ylabel(label)
-    axes[1].legend(fontsize=5, frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
-    caption = (f"Layer-wise first-token mass and entropy (head-averaged; rows renormalised) of {meta.get('model')} "
-               f"with each intervention at its default settings, on {meta.get('n_prompts')} built-in prompts.")
+    base = frame[frame["intervention"] == "baseline"].sort_values("layer")
+    names = [i for i in frame["intervention"].unique() if i != "baseline"]
+    cols = 4
+    rows = -(-(len(names) + 1) // cols)  # one slot left for the legend
+    fig, axes = plt.subplots(rows, cols, figsize=(plots.FULL_WIDTH, 1.35 * rows + 0.5), sharex=True, sharey=True,
+                             squeeze=False)
+    mass, entropy = "tab:red", "tab:blue"
+    for ax, name in zip(axes.flat, names):
+        one = frame[frame["intervention"] == name].sort_values("layer")
+        ax.plot(base["layer"], base["first_token_mass"], color="0.7", lw=1.8)
+        ax.plot(base["layer"], base["entropy"], color="0.7", lw=1.8, ls="--")
+        ax.plot(one["layer"], one["first_token_mass"], color=mass, lw=1)
+        ax.plot(one["layer"], one["entropy"], color=entropy, lw=1, ls="--")
+        ax.set_title(_label(name, width=30), fontsize=6, pad=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.tick_params(labelsize=6, pad=1)
+    _bottom_labels(axes, len(names), "layer")
+    handles = [Line2D([], [], color="0.7", lw=1.8, label="baseline: first-token mass"),
+               Line2D([], [], color="0.7", lw=1.8, ls="--", label="baseline: entropy"),
+               Line2D([], [], color=mass, lw=1, label="with the intervention: mass"),
+               Line2D([], [], color=entropy, lw=1, ls="--", label="with the intervention: entropy")]
+    list(axes.flat)[len(names)].legend(handles=handles, loc="center", frameon=False, fontsize=6)
+    fig.supylabel("first-token mass / normalised entropy", fontsize=7)
+    caption = (f"Layer-wise first-token mass (solid) and normalised entropy (dashed), head-averaged with rows "
+               f"renormalised, of {meta.get('model')} on {meta.get('n_prompts')} built-in prompts: one panel per "
+               f"intervention at its default settings (colour), over the baseline (grey) repeated in every panel.")
     note = f"model {meta.get('model')} | data built-in prompts | n={meta.get('n_prompts')} | interventions at defaults"
     return Figure("fig3_profiles", "Layer-wise profiles under interventions", caption,
                   plots.save(fig, out, "fig3_profiles", note))
 
 
+def _bottom_labels(axes: Any, used: int, label: str) -> None:
+    """In a grid of shared-x panels with ``used`` filled (row-major), hide the empty ones and give the
+    lowest panel of each column its x tick labels and ``label``."""
+    flat = list(axes.flat)
+    for ax in flat[used:]:
+        ax.axis("off")
+    cols = axes.shape[1]
+    for col in range(cols):
+        filled = [i for i in range(col, used, cols)]
+        if filled:
+            flat[filled[-1]].xaxis.set_tick_params(labelbottom=True)
+            flat[filled[-1]].set_xlabel(label, fontsize=7)
+
+
+def _label(name: str, width: int | None = None) -> str:
+    """A readable form of an intervention's repr: head lists, ranges and per-head factors spelled briefly;
+    with ``width``, the class name on one line and its parameters wrapped below."""
+    text = re.sub(r"heads=\[\(l, h\) for l in \[(\d+)\] for h in range\((\d+), (\d+)\)\]",
+                  lambda m: f"layer {m[1]}, heads {m[2]}-{int(m[3]) - 1}", name)
+    text = re.sub(r"range\((\d+), (\d+)\)", lambda m: f"{m[1]}-{int(m[2]) - 1}", text)
+    text = re.sub(r"\((\d+),\)", r"\1", text)
+    text = re.sub(r"head_gammas=(\(\(.*?\)\))", lambda m: _gamma_counts(m[1]), text)
+    text = text.replace("PatternPatch(source_layer=", "PatternPatch(").replace(", target_layers=", " -> ")
+    text = text.replace("AttentionTemperature(temperature=", "AttentionTemperature(")
+    if width is None or "(" not in text or text.endswith("()"):
+        return text
+    head, _, args = text.partition("(")
+    return head + "\n" + "\n".join(textwrap.wrap("(" + args, width, break_long_words=False, break_on_hyphens=False))
+
+
+def _gamma_counts(triples: str) -> str:
+    """``((l, h, g), ...)`` as ``n heads x g`` per factor (ZeroTuning's calibrated factors)."""
+    import ast
+
+    counts: dict[float, int] = {}
+    for *_, gamma in ast.literal_eval(triples):
+        counts[gamma] = counts.get(gamma, 0) + 1
+    return ", ".join(f"{n} heads x{gamma:g}" for gamma, n in sorted(counts.items(), reverse=True))
+
+
 def _short(name: str) -> str:
+    """One line for an axis label: :func:`_label`, EarlyLayerEmulation written ELE, at most 48 characters."""
+    name = _label(name).replace("EarlyLayerEmulation", "ELE")
     return name if len(name) <= 48 else name[:45] + "..."
 
 
@@ -164,36 +228,57 @@ def ablation(results: Path, out: Path) -> Figure | None:
                f"{meta.get('model', 'the model')} per intervention and task, n={n} items per cell"
                + ("; per MMLU category (letter scoring)" if mmlu_path.is_file() else "")
                + ("; and on the 2-layer model organism (its held-out arithmetic, CoT and direct)"
-                  if organism_path.is_file() else "") + ". Exact McNemar p-values are in the report tables.")
+                  if organism_path.is_file() else "") + ". ELE = EarlyLayerEmulation. Exact McNemar p-values are in "
+               "the report tables.")
     note = f"model {meta.get('model')} | config {meta.get('config')} | n={n}/cell | greedy, {meta.get('shots', 3)}-shot"
     return Figure("fig4_ablation", "Ablation: accuracy differences with 95% CI", caption,
                   plots.save(fig, out, "fig4_ablation", note))
 
 
 def alpha_sweep(results: Path, out: Path) -> Figure | None:
-    """Figure 5: early-layer emulation, alpha vs accuracy difference and loss change, masked vs uniform."""
+    """Figure 5: early-layer emulation, alpha vs accuracy difference and loss change with paired 95% CI bands."""
     path = results / "ablation" / "summary.csv"
     if not path.is_file():
         return None
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     table = pd.read_csv(path)
     table = table[table["label"].isin(["masked", "uniform"])].copy()
     if table.empty:
         return None
     table["alpha"] = table["params"].map(lambda p: json.loads(p).get("alpha", 0.2))
-    fig, axes = plt.subplots(1, 2, figsize=(plots.FULL_WIDTH, 2.6))
-    for ax, column, label in zip(axes, ["diff", "delta_loss"], ["accuracy difference", "change in answer loss"]):
-        sns.lineplot(table, x="alpha", y=column, hue="label", style="task", markers=True, ax=ax, lw=1,
-                     legend=ax is axes[1])
-        ax.set_xscale("log")
-        ax.axhline(0, color="0.3", lw=0.8, ls="--")
-        ax.set_ylabel(label)
-    axes[1].legend(fontsize=6, frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
+    cells = list(table.groupby(["task", "level"], sort=True))
+    fig, axes = plt.subplots(len(cells), 2, figsize=(plots.FULL_WIDTH, 2.0 * len(cells) + 0.5), squeeze=False,
+                             sharex=True)
+    alphas = sorted(table["alpha"].unique())
+    colors = {"masked": "tab:blue", "uniform": "tab:orange"}
+    panels = [("diff", "ci_lo", "ci_hi", "accuracy difference"), ("delta_loss", "dloss_lo", "dloss_hi",
+                                                                  "change in answer loss (nats)")]
+    for row, ((task, level), rows) in enumerate(cells):
+        for ax, (column, lo, hi, label) in zip(axes[row], panels):
+            for name, color in colors.items():
+                line = rows[rows["label"] == name].sort_values("alpha")
+                if lo in line and line[lo].notna().any():
+                    ax.fill_between(line["alpha"], line[lo], line[hi], color=color, alpha=0.18, lw=0)
+                ax.plot(line["alpha"], line[column], marker="o", ms=3, lw=1.2, color=color,
+                        label=f"{name} (95% CI band)")
+            ax.axhline(0, color="0.3", lw=0.8, ls="--")
+            ax.set_xscale("log")
+            ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
+            ax.set_ylabel(label)
+            n = int(rows["n_items"].median())
+            acc = rows["acc_baseline"].dropna()
+            base = f", baseline acc {acc.iloc[0]:.3f}" if len(acc) else ""
+            ax.set_title(f"{task} level {level} (n={n}{base})", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("alpha")
+    axes[0][1].legend(fontsize=6, frameon=False, loc="best")
     meta = _provenance(results / "ablation")
     caption = (f"Early-layer emulation on {meta.get('model')}: accuracy difference and change in teacher-forced answer "
-               f"loss against alpha, masked (the released method) vs uniform (the first release's behaviour).")
+               f"loss against alpha ({', '.join(f'{a:g}' for a in alphas)}), masked (the released method) vs uniform "
+               f"(the first release's behaviour), each against the baseline on the same items. Bands: paired 95% "
+               f"bootstrap intervals over items (10,000 resamples).")
     return Figure("fig5_alpha_sweep", "Alpha sweep of early-layer emulation", caption,
                   plots.save(fig, out, "fig5_alpha_sweep", f"model {meta.get('model')} | config {meta.get('config')}"))
 
@@ -212,15 +297,19 @@ def organism(results: Path, out: Path) -> Figure | None:
     left.plot(log["step"], log["bos_attention"], marker="o", ms=2, lw=1, label="max-head attention to BOS")
     left.plot(log["step"], log["accuracy"], marker="s", ms=2, lw=1, label="held-out accuracy")
     left.set_xlabel("training step")
+    left.set_ylabel("accuracy / attention share")
     left.legend(frameon=False)
     plots.layer_head_heatmap(stats.first_token_mass, stats.layers, title="first-token mass (trained)",
                              label="share of row mass", ax=right)
     accuracy = meta.get("accuracy", {})
+    first, last = log.iloc[0], log.iloc[-1]
     caption = (f"The model organism (2-layer TransformerLens-native model trained from scratch on CoT arithmetic for "
                f"{meta.get('steps')} steps): held-out exact match CoT {accuracy.get('cot', float('nan')):.3f}, direct "
-               f"{accuracy.get('direct', float('nan')):.3f}; attention to the BOS token grows during training. Heatmap: "
-               f"first-token mass over {stats.n_sequences} held-out prompts.")
-    return Figure("fig8_organism", "The model organism grows a BOS sink", caption,
+               f"{accuracy.get('direct', float('nan')):.3f}. Left: held-out accuracy and the largest per-head mean "
+               f"attention to BOS during training ({first['bos_attention']:.2f} at step {int(first['step'])}, "
+               f"{last['bos_attention']:.2f} at step {int(last['step'])}). Right: first-token mass of the trained model "
+               f"per layer and head over {stats.n_sequences} held-out prompts (mean {stats.first_token_mass.mean():.2f}).")
+    return Figure("fig8_organism", "The model organism: accuracy and attention to BOS", caption,
                   plots.save(fig, out, "fig8_organism", f"organism | steps {meta.get('steps')} | seed 0 | n={stats.n_sequences} prompts"))
 
 
@@ -255,42 +344,76 @@ def computed_tokens(results: Path, out: Path) -> Figure | None:
     axes[2].set_ylabel(r"mean received attention $\alpha_k$")
     axes[2].set_yscale("log")
     axes[2].legend(frameon=False, fontsize=5)
-    for ax in axes:
+    counts = sorted(filler["count"].unique().tolist())
+    ticks = [max(c, 0.5) for c in counts]
+    for ax in axes:  # one labelled tick per count (log-axis minor labels collide on short ranges)
         ax.set_xscale("log")
-        ax.set_xlabel("filler tokens (0 plotted at 0.5)")
+        ax.set_xlim(min(ticks) / 1.4, max(ticks) * 1.4)
+        ax.set_xticks(ticks, [str(c) for c in counts])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_xlabel("filler tokens")
     n = int(filler["n"].iloc[0])
     task = f"{filler['task'].iloc[0]} level {filler['level'].iloc[0]}"
     caption = (f"Computed tokens on {meta.get('model', 'the model')}: filler tokens ({meta.get('filler', ' .')!r}) inserted "
                f"at position(s) {', '.join(map(str, positions))} of the final question of {task} prompts ({filler['shots'].iloc[0]}-shot, n={n} per count). Left: "
                f"accuracy and teacher-forced answer loss; middle: share of the later rows' attention on the filler span; "
                f"right: mean received attention of filler keys vs content keys vs the first token (do fillers become sinks?).")
-    note = f"model {meta.get('model')} | {task} | n={n}/count | counts {sorted(filler['count'].unique().tolist())}"
+    note = f"model {meta.get('model')} | {task} | n={n}/count | counts {counts} (0 drawn at 0.5 on the log axis)"
     return Figure("fig6_computed_tokens", "Computed-token study", caption, plots.save(fig, out, "fig6_computed_tokens", note))
 
 
 def finetune(results: Path, out: Path) -> Figure | None:
-    """Figure 7: layerwise sink and token-category profile before vs after fine-tuning."""
+    """Figure 7: the change (after - before fine-tuning) of the layerwise attention profile, trained layers shaded."""
     path = results / "finetune" / "profiles.csv"
     if not path.is_file():
         return None
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     table = pd.read_csv(path)
     meta = _provenance(results / "finetune")
-    columns = [("first_token_mass", "first-token mass"), ("mass_punctuation", "punctuation mass"),
-               ("mass_whitespace", "newline/space mass"), ("entropy", "entropy")]
-    fig, axes = plt.subplots(1, len(columns), figsize=(plots.FULL_WIDTH, 2.4), sharex=True)
-    for ax, (column, label) in zip(axes, columns):
-        sns.lineplot(table, x="layer", y=column, hue="phase", style="dataset", ax=ax, lw=1,
-                     legend=ax is axes[-1], palette={"before": "tab:blue", "after": "tab:red"})
-        ax.set_ylabel(label)
-    axes[-1].legend(fontsize=5.5, frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
+    columns = [(c, label) for c, label in [("first_token_mass", "first-token mass"), ("mass_punctuation", "punctuation mass"),
+                                           ("mass_whitespace", "newline/space mass"), ("mass_digit", "digit mass"),
+                                           ("entropy", "normalised entropy")] if c in table]
+    keyed = table.set_index(["phase", "dataset", "layer"])
+    change = (keyed.loc["after"] - keyed.loc["before"]).reset_index()
+    n_layers = int(table["layer"].max()) + 1
+    trained = int(meta.get("train_layers") or 0)
+    cols = 3
+    rows = -(-(len(columns) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(plots.FULL_WIDTH, 1.6 * rows + 0.5), sharex=True, squeeze=False)
+    styles = {"task": ("tab:red", "-", "o"), "natural": ("tab:blue", "--", "s")}
+    for ax, (column, label) in zip(axes.flat, columns):
+        if trained:
+            ax.axvspan(n_layers - trained - 0.5, n_layers - 0.5, color="0.88", lw=0, zorder=0)
+        ax.axhline(0, color="0.3", lw=0.8)
+        for dataset, (color, ls, marker) in styles.items():
+            rows_d = change[change["dataset"] == dataset].sort_values("layer")
+            ax.plot(rows_d["layer"], rows_d[column], color=color, ls=ls, marker=marker, ms=2, lw=1)
+        ax.set_title(f"change in {label}", fontsize=7, pad=2)
+        ax.tick_params(labelsize=6, pad=1)
+        if 0 < trained < n_layers:  # the frozen layers do not change: show the last few of them for context
+            first = max(0, n_layers - trained - 4)
+            ax.set_xlim(first - 0.5, n_layers - 0.5)
+            ax.set_xticks(range(first, n_layers))
+    _bottom_labels(axes, len(columns), "layer")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Line2D([], [], color=c, ls=ls, marker=m, ms=3, lw=1, label=f"{d} prompts" if d == "natural" else
+                      "held-out task records") for d, (c, ls, m) in styles.items()]
+    handles.append(Patch(color="0.88", label=f"fine-tuned layers ({n_layers - trained}-{n_layers - 1})"))
+    list(axes.flat)[len(columns)].legend(handles=handles, loc="center", frameon=False, fontsize=6)
+    fig.supylabel("after - before", fontsize=7)
+    frozen = change[change["layer"] < n_layers - trained][[c for c, _ in columns]].abs().to_numpy().max() \
+        if trained and trained < n_layers else float("nan")
     caption = (f"Fine-tuning diagnostic (arXiv 2403.14932 v3): {meta.get('model', 'SmolLM2-135M')} fine-tuned for "
-               f"{meta.get('steps')} steps on {meta.get('task')} worked solutions (last {meta.get('train_layers')} layers); "
-               f"attention profile per layer before vs after on held-out task records and on natural prompts.")
+               f"{meta.get('steps')} steps on {meta.get('task')} worked solutions, last {trained} layers only (shaded); "
+               f"change (after minus before) of the head-averaged attention profile per layer on held-out task records "
+               f"and on natural prompts. The frozen layers see the same inputs and do not change (largest |change| in "
+               f"layers 0-{n_layers - trained - 1}: {frozen:.1g}); the last four of them are drawn for context.")
     note = f"model {meta.get('model')} | task {meta.get('task')} | steps {meta.get('steps')} | lr {meta.get('lr')}"
-    return Figure("fig7_finetune", "Sink profile before vs after fine-tuning", caption, plots.save(fig, out, "fig7_finetune", note))
+    return Figure("fig7_finetune", "Change of the attention profile with fine-tuning", caption,
+                  plots.save(fig, out, "fig7_finetune", note))
 
 
 BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
