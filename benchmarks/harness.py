@@ -34,8 +34,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_method(run: Callable[[], object], repeats: int, device: str = "cpu") -> dict:
-    """Warm up once, then time ``repeats`` runs; memory is measured around the warm-up as well.
+def time_method(run: Callable[[], object], repeats: int, device: str = "cpu", warmup: bool = True) -> dict:
+    """Warm up once (unless ``warmup=False``: long runs, where one untimed pass would double the
+    cost), then time ``repeats`` runs; memory is measured around the warm-up as well.
 
     On CUDA each run is timed up to ``torch.cuda.synchronize()``, and the peak allocated GPU
     memory is reported as ``peak_gpu_mib``.
@@ -53,7 +54,8 @@ def time_method(run: Callable[[], object], repeats: int, device: str = "cpu") ->
     else:
         timed = run
     before = rss_mib()
-    timed()
+    if warmup:
+        timed()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -142,6 +144,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-warmup", action="store_true",
+                   help="time the first run (for long runs, where a warm-up pass would double the cost)")
     p.add_argument("--out", default=None, help="also write the raw results as JSON here")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of the methods (the baseline is always measured)")

@@ -107,7 +107,7 @@ def worker(job: dict) -> dict:
                 model(tokens, return_type=None, logits_to_keep=1)
     else:
         raise SystemExit(f"unknown method {method}")
-    return time_method(run, job["repeats"])
+    return time_method(run, job["repeats"], warmup=job.get("warmup", True))
 
 
 def figure(results: list[dict], path: Path) -> None:
@@ -175,14 +175,15 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown method(s) {unknown}: choose from {METHODS}")
         if "sdpa_forward" not in methods:
             methods = ["sdpa_forward", *methods]
-        jobs = [dict(model=args.model, method=m, seq_len=t, repeats=1 if args.quick else args.repeats)
+        jobs = [dict(model=args.model, method=m, seq_len=t, repeats=1 if args.quick else args.repeats,
+                     warmup=not args.no_warmup)
                 for t in lengths for m in methods if not (m in EAGER and t > args.eager_up_to)]
         rounds = 1 if args.quick else args.rounds
         results = run_workers(__file__, jobs, rounds, memory_limit_gib=args.memory_limit_gib, timeout=6 * 3600)
         import os
         print(f"streaming engine vs a transformers SDPA forward pass: model {args.model}, fp32, CPU "
-              f"({os.cpu_count()} cores, 2 threads), {rounds} round(s) x {jobs[0]['repeats']} timed run(s) after a "
-              "warm-up, one process per run, one sequence of T tokens")
+              f"({os.cpu_count()} cores, 2 threads), {rounds} round(s) x {jobs[0]['repeats']} timed run(s) "
+              f"{'without' if args.no_warmup else 'after a'} warm-up, one process per run, one sequence of T tokens")
         print(ratio_table(results, {"seq_len": "T"}, baseline="sdpa_forward").replace("x plain", "x SDPA"))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
