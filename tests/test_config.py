@@ -131,7 +131,7 @@ def test_errors_name_the_file_and_field(tmp_path, text, expected):
 
 def test_valid_keys_are_listed(tmp_path):
     message = error_of(tmp_path, "model = 'x'\n" + BASE)
-    assert "Valid keys: version, name, description, models, seeds, batch_size, dtype, resources, tasks, interventions" in message
+    assert "Valid keys: version, name, description, models, seeds, batch_size, dtype, engine, resources, tasks, interventions" in message
 
 
 def test_missing_data_file_is_caught_by_validate(tmp_path):

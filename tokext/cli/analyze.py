@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from tokext.cli.flags import add_engine_flag
+
 EPILOG = """examples:
   tokext analyze                                  # SmolLM2-135M on the built-in prompts
   tokext analyze --model ./my-hf-model --data prompts.jsonl --n 128 --out results/mine
   tokext analyze --data mmlu --protocol gu2024    # Gu et al.'s Sink_1^0.3 on 64-token texts
   tokext analyze --n 16 --html results/explorer.html   # also the interactive explorer (offline HTML)
+  tokext analyze --data long.txt --engine streaming     # long prompts: no [T, T] pattern is held
 """
 
 
@@ -23,7 +26,7 @@ def _analyze(args: argparse.Namespace) -> int:
     try:
         result = analyze(args.model, data=args.data, n=args.n, out=args.out, batch_size=args.batch_size,
                          max_len=args.max_len, progress=not args.quiet, protocol=args.protocol, html=args.html,
-                         html_prompts=args.html_prompts)
+                         html_prompts=args.html_prompts, engine=args.engine)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -50,5 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write the interactive attention explorer (one offline HTML page) to FILE")
     p.add_argument("--html-prompts", type=int, default=16, metavar="N",
                    help="prompts shown in the explorer: the first N analysed (default 16), each cut to its first 64 tokens (fewer with --max-len)")
+    add_engine_flag(p, "hooks", "hooks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_analyze)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from tokext.cli.flags import add_engine_flag
+
 ABLATE_EPILOG = """examples:
   tokext ablate --config experiments/a_method.toml                  # results/ablate/a_method/
   tokext ablate --config experiments/a_method.toml --limit 8        # smoke test, 8 items per cell
@@ -40,7 +42,8 @@ def _configured(args: argparse.Namespace):
     config = load_config(args.config)
     if getattr(args, "model", None):
         config = config.replace(models=tuple(args.model))
-    return with_overrides(config, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
+    return with_overrides(config, dtype=getattr(args, "dtype", None), engine=getattr(args, "engine", None),
+                          device=getattr(args, "device", None),
                           n_devices=getattr(args, "n_devices", None),
                           device_map=_json_or_name(getattr(args, "device_map", None), "--device-map"),
                           max_memory=_json_or_name(getattr(args, "max_memory", None), "--max-memory"))
@@ -114,8 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--summarize", metavar="DIR", default=None, help="only print/write paired stats of DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_executor_flags(p)
-    place = p.add_argument_group("model placement (override the config's dtype and [resources])")
+    place = p.add_argument_group("model placement (override the config's dtype, engine and [resources])")
     place.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    add_engine_flag(place, None, "the config's engine (default hooks)")
     place.add_argument("--device", default=None, help="one device for each model: cpu, cuda, cuda:N, mps")
     place.add_argument("--device-map", default=None,
                        help='a model across devices: auto, balanced, sequential or JSON {"model.layers.0": 0, ...}')

@@ -338,12 +338,13 @@ def evaluate_mc_cot(model: Any, items: Sequence[Any], *, max_new_tokens: int = 2
 
 
 def evaluate(model: Any, spec: Any, interventions: Sequence[Any] = (), *, batch_size: int = 8,
-             progress: bool = True, items: Sequence[Any] | None = None) -> pd.DataFrame:
+             progress: bool = True, items: Sequence[Any] | None = None, engine: str = "hooks") -> pd.DataFrame:
     """Evaluate ``model`` on ``spec`` (a :class:`tokext.studies.config.EvalSpec`) with ``interventions`` active.
 
     ``spec`` may also be a dict of :class:`~tokext.studies.config.EvalSpec` fields, e.g.
     ``{"task": "verbal", "level": 1, "n": 40}``. ``items``: the spec's items when already loaded
-    (``spec.load()`` otherwise).
+    (``spec.load()`` otherwise). ``engine``: how attention runs in every forward pass (``"hooks"``,
+    ``"streaming"`` or ``"auto"``, as in :func:`tokext.interventions.intervene`).
     """
     from tokext.evaluation.spec import EvalSpec
     from tokext.interventions import intervene
@@ -353,8 +354,8 @@ def evaluate(model: Any, spec: Any, interventions: Sequence[Any] = (), *, batch_
 
     items = list(items) if items is not None else spec.load()
     if spec.task == "organism":
-        return _evaluate_organism(model, spec, interventions, items, batch_size, progress)
-    with intervene(model, *interventions):
+        return _evaluate_organism(model, spec, interventions, items, batch_size, progress, engine)
+    with intervene(model, *interventions, engine=engine):
         if spec.method == "generate":
             return evaluate_reasoning(model, items, cot=spec.cot, max_new_tokens=spec.max_new_tokens,
                                       batch_size=batch_size, shots=spec.shots, demo_seed=spec.seed,
@@ -370,7 +371,7 @@ def evaluate(model: Any, spec: Any, interventions: Sequence[Any] = (), *, batch_
 
 
 def _evaluate_organism(model: Any, spec: Any, interventions: Sequence[Any], items: Sequence[Any], batch_size: int,
-                       progress: bool) -> pd.DataFrame:
+                       progress: bool, engine: str = "hooks") -> pd.DataFrame:
     """Task ``organism``: the organism's own problems (test split), greedy, with ``interventions``."""
     from tokext.interventions import intervene
     from tokext.evaluation.organism import evaluate_organism_items
@@ -383,6 +384,6 @@ def _evaluate_organism(model: Any, spec: Any, interventions: Sequence[Any], item
     if organism.config["task"] != DEFAULT_TASK:
         raise InputError(f"this organism was trained on {organism.config['task']}; task 'organism' evaluates the "
                          f"default problems {DEFAULT_TASK}: use tokext.evaluation.organism.evaluate_organism_items directly")
-    with intervene(model, *interventions):
+    with intervene(model, *interventions, engine=engine):
         return evaluate_organism_items(organism, items, cot=spec.cot, batch_size=max(batch_size, 1),
                                        progress=progress)

@@ -51,6 +51,7 @@ def analyze(
     protocol: str | None = None,
     html: str | Path | None = None,
     html_prompts: int = 16,
+    engine: str = "hooks",
 ) -> AnalyzeResult:
     """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge.
 
@@ -65,9 +66,15 @@ def analyze(
     to its first ``max_len`` tokens and at most :data:`~tokext.viz.explorer.DEFAULT_MAX_TOKENS`
     (the page holds every head's pattern). A file there that is not an explorer page is an error,
     raised before the model is loaded.
+
+    ``engine``: how attention runs while the statistics are collected (``"hooks"``, ``"streaming"``
+    or ``"auto"``, see :func:`~tokext.attention.collect.collect_attention_stats`); the numbers are
+    the same, the streaming engine needs no [T, T] pattern, for long prompts.
     """
+    from tokext.attention.engines.choose import check_engine
     from tokext.viz.explorer import DEFAULT_MAX_TOKENS, check_page_target, explore
 
+    check_engine(engine)
     rules = resolve_protocol(protocol)
     prompts = load_prompts(data, None if rules else n)
     if html is not None:
@@ -79,7 +86,8 @@ def analyze(
         prompts = _long_enough(bridge, prompts, rules.length, n)
     started = time.perf_counter()
     stats = collect_attention_stats(bridge, prompts, batch_size=batch_size, max_len=max_len,
-                                    progress=progress, dataset=str(data or "builtin"), protocol=protocol)
+                                    progress=progress, dataset=str(data or "builtin"), protocol=protocol,
+                                    engine=engine)
     seconds = time.perf_counter() - started
     info = model_info(bridge)
     out_dir = Path(out) if out is not None else default_out_dir(info.name)

@@ -33,10 +33,13 @@ are themselves lists (``layers``, ``heads``, ``target_layers``, positional ``tar
 list as one value: write one ``[[interventions]]`` entry per value to compare several. Unknown
 keys, names and values are :class:`tokext.errors.DataFileError`\\ s naming the file and field.
 
-Numerics and placement (both optional)::
+Numerics, attention engine and placement (all optional)::
 
     dtype = "bfloat16"               # float32 (default) | bfloat16 | float16 | float64: part of the
                                      # config hash and of every cell id (it changes the numbers)
+    engine = "streaming"             # hooks (default) | streaming | auto: how attention runs in every
+                                     # cell (tokext.attention.engines); the engines give the same
+                                     # numbers to 1e-5, so it is not in the hash or a cell id
 
     [resources]                      # where cells run; changes no result, the config hash or a cell id
     workers = 4                      # Ray executor: model workers (actors), each loads its model once;
@@ -52,8 +55,9 @@ Numerics and placement (both optional)::
     max_memory = { "0" = "20GiB", cpu = "64GiB" }   # accelerate's per-device budget
     offload_folder = "/scratch/offload"             # where "disk" entries of a device_map live
 
-``dtype`` and the placement keys are passed to :func:`tokext.models.load_model`; the Ray keys are
-read by :class:`tokext.studies.executors.RayExecutor` (the serial executor ignores them).
+``dtype`` and the placement keys are passed to :func:`tokext.models.load_model`, ``engine`` to
+:func:`tokext.evaluation.evaluate.evaluate`; the Ray keys are read by
+:class:`tokext.studies.executors.RayExecutor` (the serial executor ignores them).
 """
 
 from __future__ import annotations
@@ -72,11 +76,12 @@ from tokext.errors import DataFileError, TokextError
 from tokext.evaluation.spec import MC_METHODS, MC_TASKS, ORGANISM_TASK, EvalSpec
 
 CONFIG_VERSION = 1
-_TOP_KEYS = ("version", "name", "description", "models", "seeds", "batch_size", "dtype", "resources", "tasks",
-             "interventions")
+_TOP_KEYS = ("version", "name", "description", "models", "seeds", "batch_size", "dtype", "engine", "resources",
+             "tasks", "interventions")
 _RESOURCE_KEYS = ("workers", "num_cpus", "num_gpus", "max_retries", "device", "device_map", "n_devices", "max_memory",
                   "offload_folder")
 DEFAULT_DTYPE = "float32"
+DEFAULT_ENGINE = "hooks"
 _COMMON_TASK_KEYS = ("name", "n", "max_new_tokens")
 _REASONING_KEYS = ("levels", "cot", "shots")
 _MC_KEYS = ("method", "path", "labels_path")
@@ -157,8 +162,9 @@ class Resources:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A whole sweep config. ``source`` is the file it was read from; it and ``resources`` are not
-    part of the hash, nor is ``dtype`` when it is the default float32 (so older configs keep theirs)."""
+    """A whole sweep config. ``source`` is the file it was read from; it, ``engine`` and ``resources``
+    are not part of the hash, nor is ``dtype`` when it is the default float32 (so older configs keep
+    theirs)."""
 
     version: int
     name: str
@@ -169,6 +175,7 @@ class StudyConfig:
     tasks: tuple[TaskEntry, ...]
     interventions: tuple[InterventionEntry, ...]
     dtype: str = DEFAULT_DTYPE
+    engine: str = dataclasses.field(default=DEFAULT_ENGINE, compare=False)
     resources: Resources = dataclasses.field(default_factory=Resources, compare=False)
     source: str | None = dataclasses.field(default=None, compare=False)
 
@@ -187,6 +194,7 @@ class StudyConfig:
         """Plain JSON types (lists, not tuples); what :meth:`config_hash` hashes."""
         out = dataclasses.asdict(self)
         out.pop("source")
+        out.pop("engine")
         out.pop("resources")
         if out["dtype"] == DEFAULT_DTYPE:
             out.pop("dtype")
@@ -310,13 +318,16 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
     dtype = raw.get("dtype", DEFAULT_DTYPE)
     if not isinstance(dtype, str) or dtype not in _dtype_names():
         raise r.fail("dtype", f"expected one of {', '.join(_dtype_names())}, got {dtype!r}")
+    engine = _engine(r, raw.get("engine", DEFAULT_ENGINE), "engine")
     resources = _resources(r, raw.get("resources", {}))
     return StudyConfig(version, name, description, models, seeds, batch_size, tasks, interventions, dtype=dtype,
-                       resources=resources, source=source)
+                       engine=engine, resources=resources, source=source)
 
 
-def with_overrides(config: StudyConfig, *, dtype: str | None = None, **resources: Any) -> StudyConfig:
-    """``config`` with a new ``dtype`` and ``[resources]`` keys (command-line flags), checked as the file's are.
+def with_overrides(config: StudyConfig, *, dtype: str | None = None, engine: str | None = None,
+                   **resources: Any) -> StudyConfig:
+    """``config`` with a new ``dtype``, ``engine`` and ``[resources]`` keys (command-line flags), checked
+    as the file's are.
 
     ``None`` values leave a key as the config has it.
     """
@@ -328,7 +339,17 @@ def with_overrides(config: StudyConfig, *, dtype: str | None = None, **resources
         if isinstance(table.get(key), (tuple, list)):
             table[key] = dict(table[key])
     table.update({k: v for k, v in resources.items() if v is not None})
-    return config.replace(dtype=dtype or config.dtype, resources=_resources(r, table))
+    engine = _engine(r, engine, "--engine") if engine is not None else config.engine
+    return config.replace(dtype=dtype or config.dtype, engine=engine, resources=_resources(r, table))
+
+
+def _engine(r: _Reader, value: Any, where: str) -> str:
+    """An attention engine name (:data:`tokext.attention.engines.choose.ENGINES`)."""
+    from tokext.attention.engines.choose import ENGINES
+
+    if not isinstance(value, str) or value not in ENGINES:
+        raise r.fail(where, f"expected one of {', '.join(ENGINES)}, got {value!r}.{_did_you_mean(value, list(ENGINES))}")
+    return value
 
 
 def _dtype_names() -> list[str]:

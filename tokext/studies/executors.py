@@ -62,13 +62,16 @@ def check_interventions(model: Any, model_name: str, labelled: Sequence[tuple[st
             raise type(e)(f"{source}: intervention {label!r} on {model_name}: {e}") from None
 
 
-def run_cell(model: Any, cell: Cell, items: Any, batch_size: int, progress: bool = False) -> tuple["pd.DataFrame", float]:
-    """Evaluate one cell on a loaded model: its per-item frame (``cell_id`` first) and the seconds it took."""
+def run_cell(model: Any, cell: Cell, items: Any, batch_size: int, progress: bool = False,
+             engine: str = "hooks") -> tuple["pd.DataFrame", float]:
+    """Evaluate one cell on a loaded model with attention run by ``engine``: its per-item frame
+    (``cell_id`` first) and the seconds it took."""
     from tokext.evaluation.evaluate import evaluate
 
     start = time.perf_counter()
     interventions = [] if cell.intervention is None else [cell.intervention]
-    frame = evaluate(model, cell.spec, interventions, batch_size=batch_size, progress=progress, items=items)
+    frame = evaluate(model, cell.spec, interventions, batch_size=batch_size, progress=progress, items=items,
+                     engine=engine)
     seconds = time.perf_counter() - start
     frame.insert(0, "cell_id", cell.id)
     return frame, seconds
@@ -112,7 +115,7 @@ class SerialExecutor:
             model = loader(model_name)
             check_interventions(model, model_name, model_interventions(mine, model_name), config.source)
             for cell in mine:
-                frame, seconds = run_cell(model, cell, items[cell.spec], config.batch_size, progress)
+                frame, seconds = run_cell(model, cell, items[cell.spec], config.batch_size, progress, config.engine)
                 done(cell, frame, seconds)
             del model
 
@@ -170,13 +173,14 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, cell: Cell, items: Any, batch_size: int, labelled: list, source: str | None) -> tuple:
+    def run(self, cell: Cell, items: Any, batch_size: int, labelled: list, source: str | None,
+            engine: str = "hooks") -> tuple:
         if cell.model != self.model_name:
             self.model, self.model_name = None, None  # one model per worker: free the old one first
             model = self.loader(cell.model)
             check_interventions(model, cell.model, labelled, source)
             self.model, self.model_name = model, cell.model
-        frame, seconds = run_cell(self.model, cell, items, batch_size)
+        frame, seconds = run_cell(self.model, cell, items, batch_size, engine=engine)
         return frame, seconds, os.getpid()
 
 
@@ -331,7 +335,7 @@ class RayExecutor:
             pick = next((c for c in queue if c.model == holds[worker]), queue[0])
             queue.remove(pick)
             ref = actors[worker].run.remote(pick, refs[pick.spec], config.batch_size, labelled[pick.model],
-                                            config.source)
+                                            config.source, config.engine)
             cells_in_flight[ref] = (worker, pick)
 
         def probe(worker: int, since: float) -> None:
