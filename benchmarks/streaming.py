@@ -63,10 +63,12 @@ def worker(job: dict) -> dict:
     tokens = torch.tensor(long_token_sequences(model, length))
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
 
+    categories = category_table(model)  # before the bridge is dropped for a plain transformers model
+
     def statistics_of(patterns):
         stats = AttentionStats(layers=list(range(n_layers)), n_heads=n_heads)
         stats.start(torch.device("cpu"))
-        stats.begin_batch(batch_context(tokens, torch.ones_like(tokens), [0], category_table(model)))
+        stats.begin_batch(batch_context(tokens, torch.ones_like(tokens), [0], categories))
         for layer, pattern in enumerate(patterns):
             stats.update(layer, pattern)
         return stats.finish()

@@ -201,7 +201,8 @@ class AttentionStats:
         whole pattern for the hook engine). Call :meth:`end_layer` once the layer's blocks are all in.
 
         ``plogp`` [batch, head, row], when given, is ``sum_k p log p`` of each raw row (plus the
-        learned sink's ``s log s``), e.g. from the scores and the log-sum-exp of an unedited softmax.
+        learned sink's ``s log s``), from the scores and the log-sum-exp of an unedited softmax;
+        outside a learned-sink layer such rows sum to 1, which saves summing them.
         """
         acc, slot = self._acc, self._layer_slot[layer]
         attention = self.attention[slot]
@@ -215,7 +216,10 @@ class AttentionStats:
         cols = slice(key_start, key_start + n_cols)
         _, n_keys = ctx.counts(attention)
         real_q = ctx.real[:, rows].to(p.dtype)  # [batch, row]
-        row_sum = p.sum(-1)  # [batch, head, row]
+        if plogp is not None and not attention.learned_sink:  # an unedited softmax: rows sum to 1
+            row_sum = torch.ones(p.shape[:-1], dtype=p.dtype, device=p.device)
+        else:
+            row_sum = p.sum(-1)  # [batch, head, row]
         total = row_sum.clamp_min(1.0) if attention.learned_sink else row_sum  # keys + sink
         safe_total = torch.where(total > 0, total, torch.ones_like(total))
         # weight of each row once renormalised; pad rows weigh 0. A batched vector-matrix product

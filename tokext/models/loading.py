@@ -104,12 +104,15 @@ def load_model(
     if require_editable:
         require_pattern_edits(bridge)
     if n_ctx is not None:
-        _override_context(bridge, n_ctx)
+        override_context(bridge, n_ctx)
     return bridge
 
 
-def _override_context(bridge: Any, n_ctx: int) -> None:
-    """Accept inputs of up to ``n_ctx`` tokens, warning when that is beyond the trained context."""
+def override_context(bridge: Any, n_ctx: int) -> None:
+    """Accept inputs of up to ``n_ctx`` tokens on a loaded model (what ``load_model(..., n_ctx=)``
+    does), with a :class:`~tokext.errors.TokextWarning` when that is beyond the trained context."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise InputError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     info = model_info(bridge)
     config = getattr(getattr(bridge, "original_model", None), "config", None)
     trained = getattr(config, "max_position_embeddings", None) or info.n_ctx

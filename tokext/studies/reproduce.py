@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -42,30 +41,27 @@ class Sizes:
     finetune_steps: int
     organism_steps: int
     organism_items: int | None  # problems per organism sweep cell (None: the config's n)
+    long_lengths: tuple[int, ...] = (512, 2048)  # the long-context study's context lengths
+    long_windows: tuple[int, ...] = (1,)  # its text windows per length (one count, or one per length)
 
 
 MODES = {
     "quick": Sizes(analyze_prompts=8, profile_prompts=4, ablation_items=2, mmlu_items=2, computed_items=4,
-                   computed_counts=(0, 8), finetune_steps=4, organism_steps=30, organism_items=8),
+                   computed_counts=(0, 8), finetune_steps=4, organism_steps=30, organism_items=8,
+                   long_lengths=(64, 256), long_windows=(1,)),
     "default": Sizes(analyze_prompts=64, profile_prompts=16, ablation_items=None, mmlu_items=None, computed_items=24,
                      computed_counts=(0, 4, 16, 64), finetune_steps=60, organism_steps=1500,
-                     organism_items=None),
+                     organism_items=None, long_lengths=(512, 1024, 2048, 4096, 8192), long_windows=(2, 2, 1, 1, 1)),
     "full": Sizes(analyze_prompts=80, profile_prompts=80, ablation_items=None, mmlu_items=None, computed_items=80,
                   computed_counts=(0, 1, 2, 4, 8, 16, 32, 64), finetune_steps=300, organism_steps=3000,
-                  organism_items=None),
+                  organism_items=None, long_lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768),
+                  long_windows=(4, 4, 4, 2, 2, 1, 1)),
 }
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_provenance(folder: Path, **fields: Any) -> None:
     """Mark a step as done: its settings, the tokext version, git revision and date."""
+    from tokext.studies.sweep import git_revision
     from tokext.version import __version__
 
     record = {**fields, "tokext": __version__, "git": git_revision(),
@@ -248,6 +244,18 @@ class Reproduction:
             argv += ["--n-eval", "4", "--n-natural", "4", "--n-train", "8"]
         self._run_main(main, argv, "the fine-tuning diagnostic")
 
+    def long_context(self, folder: Path) -> None:
+        """Attention against context length and query position (the streaming engine; beyond the
+        trained context with the n_ctx override, on a model loaded for it)."""
+        from tokext.models.loading import load_model
+        from tokext.studies.long_context import run_long_context
+
+        longest = max(self.sizes.long_lengths)
+        model = self.model
+        if longest > int(model.cfg.n_ctx):
+            model = load_model(self.model_spec, n_ctx=longest)
+        run_long_context(model, folder, lengths=self.sizes.long_lengths, windows=self.sizes.long_windows, log=self.log)
+
     # ------------------------------------------------------------------ all
 
     def run(self, figures_dir: str | Path = "figures") -> Path:
@@ -255,7 +263,8 @@ class Reproduction:
 
         steps = [("analyze", self.analyze), ("patterns", self.patterns), ("profiles", self.profiles),
                  ("ablation", self.ablation), ("mmlu", self.mmlu), ("organism", self.organism),
-                 ("organism_ablation", self.organism_ablation), ("computed_tokens", self.computed_tokens), ("finetune", self.finetune)]
+                 ("organism_ablation", self.organism_ablation), ("computed_tokens", self.computed_tokens), ("finetune", self.finetune),
+                 ("long_context", self.long_context)]
         try:
             for name, run in steps:
                 self.step(name, run)

@@ -416,9 +416,80 @@ def finetune(results: Path, out: Path) -> Figure | None:
                   plots.save(fig, out, "fig7_finetune", note))
 
 
+def long_context(results: Path, out: Path) -> Figure | None:
+    """Figure 9: first-token mass, entropy and hidden sinks against query position and context length."""
+    folder = results / "long_context"
+    if not (folder / "layers.csv").is_file() or not (folder / "positions.csv").is_file():
+        return None
+    import matplotlib.pyplot as plt
+
+    layers = pd.read_csv(folder / "layers.csv")
+    positions = pd.read_csv(folder / "positions.csv")
+    meta = _provenance(folder)
+    trained = meta.get("trained_context")
+    lengths = sorted(layers["length"].unique().tolist())
+    colors = dict(zip(lengths, plt.cm.viridis(np.linspace(0.0, 0.9, len(lengths)))))
+
+    def line_style(length: int) -> dict[str, Any]:
+        beyond = trained is not None and length > trained
+        label = f"T={length:,}" + (" (beyond trained)" if beyond else "")
+        return {"color": colors[length], "ls": "--" if beyond else "-", "label": label, "lw": 1.1}
+
+    fig, axes = plt.subplots(2, 2, figsize=(plots.FULL_WIDTH, 4.6))
+    (by_position, first_by_layer), (entropy_by_layer, sinks) = axes
+    rows = positions[positions["rows"] > 0].copy()
+    rows["centre"] = np.sqrt(rows["bin_start"].clip(lower=0.5) * rows["bin_stop"].clip(lower=1))
+    for length in lengths:
+        mine = rows[rows["length"] == length]
+        # mean over layers and windows of each bin (every bin of a length has the same query rows)
+        curve = mine.groupby("centre", as_index=False)["first_token_mass"].mean()
+        by_position.plot(curve["centre"], curve["first_token_mass"], marker="o", ms=2, **line_style(length))
+        per_layer = layers[layers["length"] == length].groupby("layer", as_index=False)[
+            ["first_token_mass", "entropy"]].mean()
+        first_by_layer.plot(per_layer["layer"], per_layer["first_token_mass"], **line_style(length))
+        entropy_by_layer.plot(per_layer["layer"], per_layer["entropy"], **line_style(length))
+    by_position.set_xscale("log")
+    by_position.set_xlabel("query position (log bins)")
+    by_position.set_ylabel("first-token mass (mean over layers, heads)")
+    first_by_layer.set_xlabel("layer")
+    first_by_layer.set_ylabel("first-token mass (mean over heads, rows)")
+    entropy_by_layer.set_xlabel("layer")
+    entropy_by_layer.set_ylabel("normalised entropy")
+    count = layers.groupby(["length", "window"], as_index=False)["hidden_sinks"].sum()
+    mean = count.groupby("length", as_index=False)["hidden_sinks"].mean()
+    sinks.plot(mean["length"], mean["hidden_sinks"], color="0.3", lw=1, marker="o", ms=3, label="mean over windows")
+    sinks.scatter(count["length"], count["hidden_sinks"], s=8, color="tab:red", zorder=3, label="one text window")
+    if trained is not None and max(lengths) > trained:
+        sinks.axvspan(trained * 1.0001, max(lengths) * 1.3, color="0.9", zorder=0, label="beyond trained context")
+        by_position.axvline(trained, color="0.5", lw=0.8, ls=":")
+    sinks.set_xscale("log", base=2)
+    sinks.set_xticks(lengths, [f"{length // 1024}k" if length >= 1024 else str(length) for length in lengths])
+    sinks.xaxis.set_minor_locator(plt.NullLocator())
+    sinks.set_xlabel("context length T")
+    sinks.set_ylabel(f"hidden sinks (alpha > {meta.get('tau', 0.1)}), all layers")
+    sinks.legend(frameon=False, fontsize=5)
+    first_by_layer.legend(frameon=False, fontsize=5, ncol=2)
+    for ax, letter in zip(axes.flat, "abcd"):
+        ax.set_title(f"({letter})", fontsize=7, loc="left")
+    windows = meta.get("windows", {})
+    trained_text = f"{trained:,}" if trained else "?"
+    caption = (f"Long context on {meta.get('model')}: one sequence of T tokens of natural text (MMLU test questions in "
+               f"file order) per text window ({', '.join(f'T={int(k):,}: {v}' for k, v in windows.items())}), "
+               f"statistics of every layer and head collected by the {meta.get('engine', 'streaming')} engine. "
+               f"(a) first-token mass against query position, (b) first-token mass and (c) normalised entropy by "
+               f"layer, (d) ACT hidden sinks (a key other than the first with mean received attention above "
+               f"tau={meta.get('tau', 0.1)}, keys seen by at least {meta.get('min_queries', 64)} queries), summed over "
+               f"layers. Dashed / shaded: lengths beyond the "
+               f"{trained_text}-token context the model was trained on (run with the n_ctx override).")
+    note = (f"model {meta.get('model')} | data {meta.get('data')} | engine {meta.get('engine')} | "
+            f"trained context {trained} | experiments/long_context.py")
+    return Figure("fig9_long_context", "Attention sinks at long context", caption,
+                  plots.save(fig, out, "fig9_long_context", note))
+
+
 BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     head_patterns, sink_and_entropy, intervention_profiles, ablation, alpha_sweep, computed_tokens, finetune,
-    organism,
+    organism, long_context,
 ]
 
 
@@ -434,7 +505,7 @@ def build_all(results: str | Path, out: str | Path, *, tables: str = "") -> list
     if not figures:
         raise DataFileError(f"no results to plot under {results} (run `tokext reproduce` first)")
     steps = ["analyze", "patterns", "profiles", "ablation", "mmlu", "organism", "organism_ablation", "computed_tokens",
-             "finetune"]
+             "finetune", "long_context"]
     done = [s for s in steps if (results / s / "provenance.json").is_file()]
     missing = [s for s in steps if s not in done]
     lines = ["# tokext report", "", f"Built from `{results}` by `tokext figures`. Steps with results: "

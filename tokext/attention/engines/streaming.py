@@ -34,6 +34,7 @@ are refused, as are user hooks on ``hook_pattern`` / ``hook_attn_scores``, which
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -301,16 +302,14 @@ class StreamingEngine:
         ``sum p log p = sum p s - logsumexp(s)``, which costs no logarithm per entry."""
         attention = self.info.attention[layer]
         n_q, n_k = stored.query.shape[2], stored.key.shape[2]
-        lo, hi = _key_range(attention, n_k - n_q + start, n_k - n_q + stop - 1, n_k)
+        first, last = n_k - n_q + start, n_k - n_q + stop - 1  # positions (on the key axis) of the rows
+        lo, hi = _key_range(attention, first, last, n_k)
         geometry = BlockGeometry(layer, start, stop, n_q, lo, hi, n_k, phase)
-        scores = stored.query[:, :, start:stop] @ stored.key[:, :, lo:hi].transpose(-1, -2) * stored.scaling
+        # the scale goes on the [rows, d] queries, not on the [rows, keys] scores
+        scores = (stored.query[:, :, start:stop] * stored.scaling) @ stored.key[:, :, lo:hi].transpose(-1, -2)
         if stored.softcap is not None:
             scores = torch.tanh(scores / stored.softcap) * stored.softcap
-        reach = sees(torch.arange(n_k - n_q + start, n_k - n_q + stop, device=scores.device),
-                     torch.arange(lo, hi, device=scores.device), attention)[None]
-        if stored.padding is not None:
-            reach = reach & stored.padding[:, None, lo:hi]
-        scores = scores.masked_fill(~reach[:, None], torch.finfo(scores.dtype).min)
+        _mask_block(scores, attention, first, last, lo, hi, stored.padding)
         self.on_block(geometry)
         for stage in chain.scores:
             scores = _applied(stage.fn, scores)
@@ -323,9 +322,7 @@ class StreamingEngine:
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
             if want_plogp and upto == 0 and scores.dtype == torch.float32:
-                # log p = s - lse, and lse = max(s) - log(max(p)): no log of every entry
-                lse = scores.amax(-1) - torch.log(probs.amax(-1))
-                plogp = (probs * scores).sum(-1) - lse
+                plogp = _sum_plogp_of_softmax(probs, scores, first - lo, stored.padding, first)
         probs = probs.to(stored.query.dtype)
         for stage in chain.pattern[:upto]:
             if stage.source is not None:
@@ -380,6 +377,66 @@ def _key_range(attention: LayerAttention, first: int, last: int, n_keys: int) ->
     if attention.window is None:
         return 0, n_keys
     return max(0, first - attention.window), min(n_keys, last + attention.window + 1)
+
+
+def _seen_by_every_row(attention: LayerAttention, first: int, last: int, lo: int, hi: int) -> tuple[int, int]:
+    """``[a, b)``: the keys of ``[lo, hi)`` that every row at positions ``first..last`` sees; only the
+    columns outside it need a mask."""
+    window = attention.window
+    if attention.causal:
+        a, b = (0 if window is None else last - window + 1), first + 1
+    elif window is None:
+        a, b = lo, hi
+    else:
+        a, b = last - window, first + window + 1
+    a = min(max(a, lo), hi)
+    return a, min(max(b, a), hi)
+
+
+def _mask_block(scores: torch.Tensor, attention: LayerAttention, first: int, last: int, lo: int, hi: int,
+                padding: torch.Tensor | None) -> None:
+    """Set (in place) the scores of keys a row cannot see to the dtype's minimum: the layer's reach
+    on the few columns some row of the block cannot see, then padded keys (where there are any)."""
+    low = torch.finfo(scores.dtype).min
+    a, b = _seen_by_every_row(attention, first, last, lo, hi)
+    for c0, c1 in ((lo, a), (b, hi)):
+        if c1 > c0:
+            hidden = _hidden(attention, last - first + 1, c0 - first, c1 - first, scores.device)
+            scores[..., c0 - lo:c1 - lo].masked_fill_(hidden, low)
+    if padding is not None:
+        pad = ~padding[:, lo:hi]
+        if bool(pad.any()):
+            scores.masked_fill_(pad[:, None, None, :], low)
+
+
+@functools.lru_cache(maxsize=64)
+def _hidden(attention: LayerAttention, n_rows: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
+    """Bool [row, column]: row ``r`` (at offset ``r``) does not see the key at offset ``c`` (``c0 <= c <
+    c1``); offsets from the block's first row, so every full block of a layer shares one mask."""
+    return ~sees(torch.arange(n_rows, device=device), torch.arange(c0, c1, device=device), attention)
+
+
+_TINY = 1e-30  # below this a row's own probability is too small to give its log-sum-exp
+
+
+def _sum_plogp_of_softmax(probs: torch.Tensor, scores: torch.Tensor, own_column: int, padding: torch.Tensor | None,
+                          first: int) -> torch.Tensor:
+    """``sum_k p log p`` [batch, head, row] of an unedited softmax, as ``sum_k p s - lse``.
+
+    Each row sees its own key, so the log-sum-exp comes from one entry: ``lse = s_own - log p_own``
+    (no pass over the row, no logarithm per entry); rows whose own probability is below ``_TINY``
+    (or a padded row's) take the full log-sum-exp. ``own_column``: the column of row 0's own key."""
+    batch, heads, n_rows, _ = probs.shape
+    own = torch.arange(own_column, own_column + n_rows, device=probs.device).view(1, 1, n_rows, 1)
+    own = own.expand(batch, heads, n_rows, 1)
+    p_own = probs.gather(-1, own).squeeze(-1)
+    lse = scores.gather(-1, own).squeeze(-1) - torch.log(p_own)
+    low = p_own < _TINY
+    if padding is not None:
+        low &= padding[:, None, first:first + n_rows]  # a pad row's entropy is never used
+    if bool(low.any()):
+        lse = torch.where(low, torch.logsumexp(scores, -1), lse)
+    return torch.linalg.vecdot(probs, scores) - lse
 
 
 def _applied(fn: Edit, tensor: torch.Tensor) -> torch.Tensor:
