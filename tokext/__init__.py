@@ -16,6 +16,7 @@ _EXPORTS = {
     "native_model": "tokext.models.native",
     "model_info": "tokext.models.info",
     "collect_attention_stats": "tokext.attention.collect",
+    "log_position_bins": "tokext.attention.positions",
     "AttentionStats": "tokext.attention.stats",
     "received_attention": "tokext.attention.metrics",
     "row_entropy": "tokext.attention.metrics",

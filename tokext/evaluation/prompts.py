@@ -101,8 +101,8 @@ def long_token_sequences(model: Any, length: int, n: int = 1) -> list[list[int]]
         start, ids = (i * 997) % len(questions), []
         while len(ids) < length:
             chunk = "\n\n".join(questions[start: start + 64]) + "\n\n"
-            ids += encode(model, [chunk], prepend_bos=None)[0].tolist() if not ids else \
-                encode(model, [chunk], prepend_bos=False)[0].tolist()
+            # each chunk cut to `length` tokens: a chunk that long completes the sequence anyway
+            ids += encode(model, [chunk], prepend_bos=None if not ids else False, max_len=length)[0].tolist()
             start = (start + 64) % len(questions)
         out.append(ids[:length])
     return out

@@ -31,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -119,7 +120,7 @@ def run_long_context(model: Any, out: str | Path, *, lengths: Sequence[int] = FU
         log(f"T={length} window {window}: {stats.metadata['seconds']:.0f} s")
     tables = summarize(folder, tau=tau, trained=trained_context(model))
     seconds = {path.stem: round(float(AttentionStats.load(path).metadata.get("seconds", float("nan"))), 1)
-               for path in sorted(runs.glob("T*-w*.npz"))}
+               for path in finished_runs(runs)}
     (folder / "provenance.json").write_text(json.dumps({
         "step": "long_context", "model": model_info(model).name, "trained_context": trained_context(model),
         "engine": engine, "lengths": sorted({l for l, _ in plan}),
@@ -146,6 +147,16 @@ def queries_seeing(attention: Any, length: int, position: "Any") -> "Any":
     return np.minimum(k + window, length - 1) - np.maximum(k - window, 0) + 1
 
 
+def finished_runs(runs: Path) -> list[Path]:
+    """The finished ``T<length>-w<window>.npz`` files, by length then window (torn ``.partial`` writes left out)."""
+    keyed = []
+    for path in runs.glob("T*-w*.npz"):
+        match = re.fullmatch(r"T(\d+)-w(\d+)", path.stem)
+        if match:
+            keyed.append(((int(match[1]), int(match[2])), path))
+    return [path for _, path in sorted(keyed)]
+
+
 def summarize(folder: str | Path, *, tau: float = TAU, trained: int | None = None,
               min_queries: int = MIN_QUERIES) -> dict[str, pd.DataFrame]:
     """Rebuild ``layers.csv``, ``positions.csv`` and ``hidden_sinks.csv`` from the runs in ``folder/runs``."""
@@ -154,8 +165,7 @@ def summarize(folder: str | Path, *, tau: float = TAU, trained: int | None = Non
     from tokext.attention.stats import AttentionStats
 
     folder = Path(folder)
-    paths = sorted((folder / "runs").glob("T*-w*.npz"), key=lambda p: [int(x[1:]) for x in p.stem.split("-")])
-    paths = [p for p in paths if not p.stem.endswith(".partial")]
+    paths = finished_runs(folder / "runs")
     if not paths:
         raise InputError(f"{folder}/runs holds no finished runs")
     layers, positions, sinks = [], [], []
