@@ -424,8 +424,9 @@ def _sum_plogp_of_softmax(probs: torch.Tensor, scores: torch.Tensor, own_column:
     """``sum_k p log p`` [batch, head, row] of an unedited softmax, as ``sum_k p s - lse``.
 
     Each row sees its own key, so the log-sum-exp comes from one entry: ``lse = s_own - log p_own``
-    (no pass over the row, no logarithm per entry); rows whose own probability is below ``_TINY``
-    (or a padded row's) take the full log-sum-exp. ``own_column``: the column of row 0's own key."""
+    (no pass over the row, no logarithm per entry); real rows whose own probability is below
+    ``_TINY`` take the full log-sum-exp (a padded row's value is never used). ``own_column``: the
+    column of row 0's own key; ``first``: row 0's position, to find padded rows in ``padding``."""
     batch, heads, n_rows, _ = probs.shape
     own = torch.arange(own_column, own_column + n_rows, device=probs.device).view(1, 1, n_rows, 1)
     own = own.expand(batch, heads, n_rows, 1)
