@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -175,12 +176,16 @@ def family_dir(name: str) -> Path:
     return target
 
 
+DEVICE = os.environ.get("TOKEXT_TEST_DEVICE", "cpu")
+"""Where tokext's models run (``TOKEXT_TEST_DEVICE=cuda``: the GPU check); the oracle stays on the CPU."""
+
+
 @functools.cache
 def family_bridge(name: str) -> Any:
-    """The family's model loaded through ``tokext.load_model`` (once per session)."""
+    """The family's model loaded through ``tokext.load_model`` on :data:`DEVICE` (once per session)."""
     from tokext.models.loading import load_model
 
-    return load_model(str(family_dir(name)))
+    return load_model(str(family_dir(name)), device=DEVICE)
 
 
 TEXTS = ["the cat sat. on a mat, ok!", "hi! yes\nno, so", "q? 7 ab."]

@@ -208,7 +208,13 @@ def generation_cases(name: str) -> dict[str, tuple]:
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    return logits.double().log_softmax(-1)
+    """On the CPU, where the oracle's logits are."""
+    return logits.double().log_softmax(-1).cpu()
+
+
+def _run(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """tokext's model on its device (:data:`tests.conformance.DEVICE`), log-probabilities on the CPU."""
+    return _log_probs(model(tokens.to(C.DEVICE), attention_mask=mask.to(C.DEVICE)))
 
 
 @functools.cache
@@ -232,19 +238,19 @@ def report(name: str) -> dict:
     tokens, mask = C.padded(seqs, "left")
     real = mask.bool()
     with torch.no_grad():
-        base = _log_probs(model(tokens, attention_mask=mask))
+        base = _run(model, tokens, mask)
     plain, _, _ = C.oracle_forward(name, tokens, mask)
     out["oracle_error"] = float((_log_probs(plain) - base).abs()[real].max())
     out["interventions"] = {}
     for case, (ivs, edit, score_edit) in cases(name).items():
         with torch.no_grad(), intervene(model, *ivs):
-            ours = _log_probs(model(tokens, attention_mask=mask))
+            ours = _run(model, tokens, mask)
         reference, _, _ = C.oracle_forward(name, tokens, mask, edit=edit, score_edit=score_edit)
         out["interventions"][case] = {"error": float((ours - _log_probs(reference)).abs()[real].max()),
                                       "moved": float((ours - base).abs()[real].max())}
         if out["streams"]:
             with torch.no_grad(), intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET):
-                streamed = _log_probs(model(tokens, attention_mask=mask))
+                streamed = _run(model, tokens, mask)
             out["interventions"][case]["streaming_error"] = float((streamed - ours).abs()[real].max())
     if spec.generates:
         prompts = [seq[:11] for seq in seqs[:2]] + [seqs[2][:5]]
