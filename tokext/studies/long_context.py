@@ -84,8 +84,8 @@ def run_long_context(model: Any, out: str | Path, *, lengths: Sequence[int] = FU
     from tokext.attention.collect import collect_attention_stats
     from tokext.attention.engines.choose import check_engine
     from tokext.attention.positions import log_position_bins
-    from tokext.evaluation.prompts import long_token_sequences
     from tokext.attention.stats import AttentionStats
+    from tokext.evaluation.prompts import long_token_sequences
     from tokext.models.info import model_info
     from tokext.studies.sweep import git_revision
     from tokext.version import __version__

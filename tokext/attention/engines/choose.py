@@ -47,20 +47,26 @@ def choose_engine(model: Any, engine: str = "hooks", *, batch: int = 1, length: 
     return engine
 
 
-def preferred_rows(n_keys: int) -> int:
-    """The block height that runs fastest when memory allows: about ``1.4 sqrt(n_keys)`` rows, at
-    least 64 (measured on SmolLM2-135M, 2 CPU threads: 64 rows at 2,048 keys, about 128 at 8,192;
-    smaller blocks pay a fixed cost per block, larger ones leave the caches)."""
-    return max(64, int(1.4 * n_keys ** 0.5))
+PREFERRED_BLOCK_ENTRIES = 1 << 22
+"""Entries (batch x heads x rows x keys) of the block that runs fastest when memory allows: measured
+with statistics on SmolLM2-135M (9 heads), 2 CPU threads, the best heights were about 64 rows at
+8,192 keys and 32 at 16,384 (larger blocks leave the caches: 126 rows took 31% longer at 8,192;
+smaller ones pay a fixed cost per block); at 2,048 keys 32 to 256 rows were within noise."""
+
+
+def preferred_rows(entries_per_row: int) -> int:
+    """The block height of about :data:`PREFERRED_BLOCK_ENTRIES` entries, between 16 and 256 rows."""
+    return min(256, max(16, PREFERRED_BLOCK_ENTRIES // max(1, entries_per_row)))
 
 
 def block_rows(model: Any, batch: int, n_keys: int, budget: int = DEFAULT_BUDGET) -> int:
     """Query rows of one streaming block: :func:`preferred_rows`, or fewer where ``budget`` bytes for
     ``batch`` sequences over ``n_keys`` keys hold fewer; an :class:`InputError` when not even one
     row fits."""
-    per_row = batch * int(model.cfg.n_heads) * n_keys * _BYTES_STREAMING
+    entries = batch * int(model.cfg.n_heads) * n_keys
+    per_row = entries * _BYTES_STREAMING
     if per_row > budget:
         raise InputError(f"a memory budget of {budget} bytes is too small for one streaming block: one query row "
                          f"needs {per_row} bytes ({batch} sequences x {model.cfg.n_heads} heads x {n_keys} keys x "
                          f"{_BYTES_STREAMING} bytes); raise budget to at least {per_row}")
-    return max(1, min(budget // per_row, preferred_rows(n_keys)))
+    return max(1, min(budget // per_row, preferred_rows(entries)))
