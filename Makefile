@@ -50,6 +50,7 @@ test-fast: install browser
 bench: install
 	$(PY) benchmarks/attention_stats.py --quick
 	$(PY) benchmarks/interventions.py --quick
+	$(PY) benchmarks/streaming.py --quick
 
 # on one CUDA GPU (< 10 min): device tests, the benchmarks at T = 2048 and 8192 in bf16, a Ray sweep.
 # Without a GPU it prints one line and exits with status 3.
