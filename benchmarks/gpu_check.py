@@ -7,7 +7,8 @@ Runs, each in its own process, and prints one table:
    ``TOKEXT_TEST_DEVICE=cuda``;
 2. the attention-statistics and intervention benchmarks at T = 2,048 and 8,192 in bf16, as ratios
    to a forward pass of the same checkpoint with transformers' fused SDPA attention (the eager
-   forward pass that tokext needs is in the table too);
+   forward pass that tokext needs is in the table too), for the hook engine and the streaming
+   engine (statistics, early-layer emulation, ACT);
 3. a small sweep (``experiments/tiny.toml``, 2 items per cell) with ``--executor ray`` on a local
    cluster, two workers sharing the GPU (``num_gpus = 0.5``), and the same sweep serially on
    ``cuda``: the cells must agree.
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = 3
 STATS_METHODS = "plain_forward,tokext"
 INTERVENTION_METHODS = "plain_forward,EarlyLayerEmulation,SinkCalibration,SinkRebalance_first,AttentionTemperature"
+STREAMING_METHODS = "sdpa_forward,streaming_engine,streaming_EarlyLayerEmulation,streaming_SinkCalibration"
 
 
 def no_gpu_message() -> str | None:
@@ -107,8 +109,10 @@ def check_tests(device: str) -> list[dict]:
 def check_benchmark(script: str, methods: str, args: argparse.Namespace, what: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.json"
+        lengths = (["--lengths", args.seq_lens] if script == "streaming.py" else
+                   ["--seq-lens", args.seq_lens, "--baseline", "sdpa_forward"])
         cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--model", args.model, "--device", args.device,
-               "--dtype", args.dtype, "--seq-lens", args.seq_lens, "--baseline", "sdpa_forward", "--methods", methods,
+               "--dtype", args.dtype, *lengths, "--methods", methods,
                "--rounds", "1", "--repeats", str(args.repeats), "--out", str(raw)]
         code, text, seconds = _run(cmd, 900)
         if code != 0 or not raw.is_file():
@@ -175,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = check_tests(args.device)
     rows += check_benchmark("attention_stats.py", STATS_METHODS, args, "attention stats")
     rows += check_benchmark("interventions.py", INTERVENTION_METHODS, args, "interventions")
+    rows += check_benchmark("streaming.py", STREAMING_METHODS, args, "streaming engine")
     rows += check_ray_sweep(args)
     print(f"gpu-check: {args.model}, {args.dtype}, {args.device}, T = {args.seq_lens}; "
           f"{time.perf_counter() - start:.0f} s in all")

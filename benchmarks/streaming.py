@@ -59,15 +59,16 @@ def worker(job: dict) -> dict:
     limit_memory_from_env()
     torch.set_num_threads(job.get("threads", 2))
     length, method = job["seq_len"], job["method"]
-    model = tokext.load_model(job["model"], n_ctx=max(length, 8192))
-    tokens = torch.tensor(long_token_sequences(model, length))
+    device, dtype = job.get("device", "cpu"), getattr(torch, job.get("dtype", "float32"))
+    model = tokext.load_model(job["model"], n_ctx=max(length, 8192), device=device, dtype=dtype)
+    tokens = torch.tensor(long_token_sequences(model, length), device=device)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
 
     categories = category_table(model)  # before the bridge is dropped for a plain transformers model
 
     def statistics_of(patterns):
         stats = AttentionStats(layers=list(range(n_layers)), n_heads=n_heads)
-        stats.start(torch.device("cpu"))
+        stats.start(torch.device(device))
         stats.begin_batch(batch_context(tokens, torch.ones_like(tokens), [0], categories))
         for layer, pattern in enumerate(patterns):
             stats.update(layer, pattern)
@@ -78,8 +79,9 @@ def worker(job: dict) -> dict:
 
         directory = model.original_model.config._name_or_path
         del model
-        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                  attn_implementation="sdpa" if method == "sdpa_forward" else "eager").eval()
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
+                                                  attn_implementation="sdpa" if method == "sdpa_forward" else "eager")
+        hf = hf.to(device).eval()
 
         def run():
             with torch.inference_mode():
@@ -109,7 +111,7 @@ def worker(job: dict) -> dict:
                 model(tokens, return_type=None, logits_to_keep=1)
     else:
         raise SystemExit(f"unknown method {method}")
-    return time_method(run, job["repeats"], warmup=job.get("warmup", True))
+    return time_method(run, job["repeats"], device=device, warmup=job.get("warmup", True))
 
 
 def figure(results: list[dict], path: Path) -> None:
@@ -178,14 +180,14 @@ def main(argv=None) -> int:
         if "sdpa_forward" not in methods:
             methods = ["sdpa_forward", *methods]
         jobs = [dict(model=args.model, method=m, seq_len=t, repeats=1 if args.quick else args.repeats,
-                     warmup=not args.no_warmup)
+                     warmup=not args.no_warmup, device=args.device, dtype=args.dtype)
                 for t in lengths for m in methods if not (m in EAGER and t > args.eager_up_to)]
         rounds = 1 if args.quick else args.rounds
         results = run_workers(__file__, jobs, rounds, memory_limit_gib=args.memory_limit_gib, timeout=6 * 3600)
         import os
-        print(f"streaming engine vs a transformers SDPA forward pass: model {args.model}, fp32, CPU "
-              f"({os.cpu_count()} cores, 2 threads), {rounds} round(s) x {jobs[0]['repeats']} timed run(s) "
-              f"{'without' if args.no_warmup else 'after a'} warm-up, one process per run, one sequence of T tokens")
+        where = f"CPU ({os.cpu_count()} cores, 2 threads)" if args.device == "cpu" else args.device
+        print(f"streaming engine vs a transformers SDPA forward pass: model {args.model}, {args.dtype}, {where}, "
+              f"{rounds} round(s) x {jobs[0]['repeats']} timed run(s) {'without' if args.no_warmup else 'after a'} warm-up, one process per run, one sequence of T tokens")
         print(ratio_table(results, {"seq_len": "T"}, baseline="sdpa_forward").replace("x plain", "x SDPA"))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
