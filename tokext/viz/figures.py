@@ -450,9 +450,9 @@ def long_context(results: Path, out: Path) -> Figure | None:
         entropy_by_layer.plot(per_layer["layer"], per_layer["entropy"], **line_style(length))
     by_position.set_xscale("log")
     by_position.set_xlabel("query position (log bins)")
-    by_position.set_ylabel("first-token mass (mean over layers, heads)")
+    by_position.set_ylabel("first-token mass")
     first_by_layer.set_xlabel("layer")
-    first_by_layer.set_ylabel("first-token mass (mean over heads, rows)")
+    first_by_layer.set_ylabel("first-token mass")
     entropy_by_layer.set_xlabel("layer")
     entropy_by_layer.set_ylabel("normalised entropy")
     count = layers.groupby(["length", "window"], as_index=False)["hidden_sinks"].sum()
@@ -466,11 +466,14 @@ def long_context(results: Path, out: Path) -> Figure | None:
     sinks.set_xticks(lengths, [f"{length // 1024}k" if length >= 1024 else str(length) for length in lengths])
     sinks.xaxis.set_minor_locator(plt.NullLocator())
     sinks.set_xlabel("context length T")
-    sinks.set_ylabel(f"hidden sinks (alpha > {meta.get('tau', 0.1)}), all layers")
+    sinks.set_ylabel("hidden sinks")
     sinks.legend(frameon=False, fontsize=5)
     first_by_layer.legend(frameon=False, fontsize=5, ncol=2)
-    for ax, letter in zip(axes.flat, "abcd"):
-        ax.set_title(f"({letter})", fontsize=7, loc="left")
+    titles = ["(a) by query position, mean over layers and heads", "(b) by layer, mean over heads and rows",
+              "(c) by layer, mean over heads and rows",
+              f"(d) ACT hidden sinks (alpha > {meta.get('tau', 0.1)}), summed over layers"]
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title, fontsize=7, loc="left")
     windows = meta.get("windows", {})
     trained_text = f"{trained:,}" if trained else "?"
     caption = (f"Long context on {meta.get('model')}: one sequence of T tokens of natural text (MMLU test questions in "
