@@ -26,12 +26,7 @@ OFFLOAD = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.
            "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

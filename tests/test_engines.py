@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from tests.models_fixtures import tiny_tokens
-from tests.test_evaluate import tiny_eval_model_dir
 from tokext.attention.collect import collect_attention_stats
 from tokext.attention.engines import choose_engine
 from tokext.errors import DataFileError, InputError
@@ -22,20 +21,12 @@ from tokext.evaluation.generation import greedy_generate
 from tokext.interventions import EarlyLayerEmulation, SinkCalibration, SinkRebalance, intervene, intervention_effect
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tokext.models.loading import load_model
-
-    directory = tiny_eval_model_dir(str(tmp_path_factory.mktemp("tiny_engines")))
-    return str(directory), load_model(str(directory))
+def tiny(tiny_eval):
+    return tiny_eval
 
 
 @pytest.fixture()

@@ -63,12 +63,8 @@ def tiny_eval_model_dir(root: str) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """Tiny matmuls gain nothing from threads, and on a busy machine lose a lot to spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

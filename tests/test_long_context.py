@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.test_evaluate import tiny_eval_model_dir
 from tokext.attention.masks import sees
 from tokext.errors import InputError, TokextWarning
 from tokext.evaluation.prompts import long_token_sequences
@@ -20,20 +19,12 @@ from tokext.studies.long_context import check_plan, queries_seeing, run_long_con
 LENGTHS, WINDOWS = (48, 96), (2, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tokext.models.loading import load_model
-
-    directory = tiny_eval_model_dir(str(tmp_path_factory.mktemp("tiny_long")))
-    return directory, load_model(str(directory))
+def tiny(tiny_eval):
+    return tiny_eval
 
 
 @pytest.fixture(scope="module")

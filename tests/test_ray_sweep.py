@@ -43,14 +43,8 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """The serial reference runs on one thread, as each 1-CPU Ray worker does (same float sums)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _sweep(out, model_dir, config=TINY, **kw):

@@ -16,14 +16,8 @@ TINY = Path(__file__).resolve().parent.parent / "experiments" / "tiny.toml"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """Tiny matmuls gain nothing from threads, and on a busy machine lose a lot to spinning."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mmlu_only(interventions: bool = True):
