@@ -48,10 +48,11 @@ def choose_engine(model: Any, engine: str = "hooks", *, batch: int = 1, length: 
 
 
 PREFERRED_BLOCK_ENTRIES = 1 << 22
-"""Entries (batch x heads x rows x keys) of the block that runs fastest when memory allows: measured
-with statistics on SmolLM2-135M (9 heads), 2 CPU threads, the best heights were about 64 rows at
-8,192 keys and 32 at 16,384 (larger blocks leave the caches: 126 rows took 31% longer at 8,192;
-smaller ones pay a fixed cost per block); at 2,048 keys 32 to 256 rows were within noise."""
+"""Entries (batch x heads x rows x keys) of a block when memory allows. Measured with statistics on
+SmolLM2-135M (9 heads), 2 CPU threads, after a warm-up: 32 to 256 rows at 2,048 keys and 56 to 126
+rows at 8,192 were within noise (about 5%); blocks much larger than this leave the caches, and
+much smaller ones pay a fixed cost per block (plain engine, 8,192 keys: 8 rows 36 s, 113 rows 26 s,
+256 rows 39 s)."""
 
 
 def preferred_rows(entries_per_row: int) -> int:
