@@ -22,7 +22,7 @@ table: RoPE models run there, but nothing says they behave as they do inside it.
 
 Files under ``out/``: ``runs/T<length>-w<window>.npz`` (the :class:`~tokext.attention.stats.AttentionStats`
 of one run, written atomically, so an interrupted study resumes where it stopped), ``layers.csv``,
-``positions.csv``, ``hidden_sinks.csv`` and ``provenance.json`` (rebuilt from the runs at the end).
+``positions.csv``, ``hidden_sinks.csv``, ``runs.csv`` and ``provenance.json`` (rebuilt from the runs at the end).
 """
 
 from __future__ import annotations
@@ -84,7 +84,6 @@ def run_long_context(model: Any, out: str | Path, *, lengths: Sequence[int] = FU
     from tokext.attention.collect import collect_attention_stats
     from tokext.attention.engines.choose import check_engine
     from tokext.attention.positions import log_position_bins
-    from tokext.attention.stats import AttentionStats
     from tokext.evaluation.prompts import long_token_sequences
     from tokext.models.info import model_info
     from tokext.studies.sweep import git_revision
@@ -119,8 +118,7 @@ def run_long_context(model: Any, out: str | Path, *, lengths: Sequence[int] = FU
         os.replace(partial, path)
         log(f"T={length} window {window}: {stats.metadata['seconds']:.0f} s")
     tables = summarize(folder, tau=tau, trained=trained_context(model))
-    seconds = {path.stem: round(float(AttentionStats.load(path).metadata.get("seconds", float("nan"))), 1)
-               for path in finished_runs(runs)}
+    seconds = {f"T{r.length}-w{r.window}": round(r.seconds, 1) for r in tables["runs"].itertuples()}
     (folder / "provenance.json").write_text(json.dumps({
         "step": "long_context", "model": model_info(model).name, "trained_context": trained_context(model),
         "engine": engine, "lengths": sorted({l for l, _ in plan}),
@@ -159,7 +157,8 @@ def finished_runs(runs: Path) -> list[Path]:
 
 def summarize(folder: str | Path, *, tau: float = TAU, trained: int | None = None,
               min_queries: int = MIN_QUERIES) -> dict[str, pd.DataFrame]:
-    """Rebuild ``layers.csv``, ``positions.csv`` and ``hidden_sinks.csv`` from the runs in ``folder/runs``."""
+    """Rebuild ``layers.csv``, ``positions.csv``, ``hidden_sinks.csv`` and ``runs.csv`` (seconds per run)
+    from the runs in ``folder/runs``."""
     import numpy as np
 
     from tokext.attention.stats import AttentionStats
@@ -168,10 +167,11 @@ def summarize(folder: str | Path, *, tau: float = TAU, trained: int | None = Non
     paths = finished_runs(folder / "runs")
     if not paths:
         raise InputError(f"{folder}/runs holds no finished runs")
-    layers, positions, sinks = [], [], []
+    layers, positions, sinks, timings = [], [], [], []
     for path in paths:
         stats = AttentionStats.load(path)
         length, window = int(stats.metadata["length"]), int(stats.metadata["window"])
+        timings.append({"length": length, "window": window, "seconds": float(stats.metadata.get("seconds", float("nan")))})
         beyond = trained is not None and length > trained
         hidden = stats.hidden_sinks(tau)
         hidden["n_queries"] = 0
@@ -199,7 +199,8 @@ def summarize(folder: str | Path, *, tau: float = TAU, trained: int | None = Non
     tables = {"layers": pd.DataFrame(layers), "positions": pd.concat(positions, ignore_index=True),
               "hidden_sinks": (pd.concat(sinks, ignore_index=True) if sinks else
                                pd.DataFrame(columns=["length", "window", "beyond_trained", "layer", "head",
-                                                     "position", "n_queries", "alpha", "token"]))}
+                                                     "position", "n_queries", "alpha", "token"])),
+              "runs": pd.DataFrame(timings)}
     for name, table in tables.items():
         table.to_csv(folder / f"{name}.csv", index=False)
     return tables

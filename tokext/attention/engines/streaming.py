@@ -264,6 +264,8 @@ class StreamingEngine:
         key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
         value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
         padding = None if attention_mask is None else (attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2)
+        if padding is not None and bool(padding.all()):
+            padding = None  # nothing padded: checked once per layer call, not in every block
         stored = _Stored(query=query, key=key, sinks=getattr(module, "sinks", None), padding=padding,
                          scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
                          softcap=float(softcap) if softcap else None)
@@ -396,7 +398,8 @@ def _seen_by_every_row(attention: LayerAttention, first: int, last: int, lo: int
 def _mask_block(scores: torch.Tensor, attention: LayerAttention, first: int, last: int, lo: int, hi: int,
                 padding: torch.Tensor | None) -> None:
     """Set (in place) the scores of keys a row cannot see to the dtype's minimum: the layer's reach
-    on the few columns some row of the block cannot see, then padded keys (where there are any)."""
+    on the few columns some row of the block cannot see, then padded keys (``padding``: None when the
+    call has none)."""
     low = torch.finfo(scores.dtype).min
     a, b = _seen_by_every_row(attention, first, last, lo, hi)
     for c0, c1 in ((lo, a), (b, hi)):
@@ -404,9 +407,7 @@ def _mask_block(scores: torch.Tensor, attention: LayerAttention, first: int, las
             hidden = _hidden(attention, last - first + 1, c0 - first, c1 - first, scores.device)
             scores[..., c0 - lo:c1 - lo].masked_fill_(hidden, low)
     if padding is not None:
-        pad = ~padding[:, lo:hi]
-        if bool(pad.any()):
-            scores.masked_fill_(pad[:, None, None, :], low)
+        scores.masked_fill_(~padding[:, None, None, lo:hi], low)
 
 
 @functools.lru_cache(maxsize=64)
