@@ -19,8 +19,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (benchmark, limit_memory_from_env, load_for_job, parser, run_worker_if_asked, sdpa_forward,  # noqa: E402
-                     seq_len_configs, time_method)
+from harness import (
+    benchmark,
+    limit_memory_from_env,
+    load_for_job,
+    parser,
+    run_worker_if_asked,
+    sdpa_forward,  # noqa: E402
+    seq_len_configs,
+    time_method,
+)
 
 METHODS = ["plain_forward", "tokext", "tl_run_with_cache", "hf_output_attentions", "sdpa_forward"]
 
@@ -40,7 +48,7 @@ def real_token_batches(model, seq_len: int, n_seqs: int, batch_size: int):
         reps = seq_len * n_seqs // len(ids) + 1
         stream = torch.tensor((ids * reps)[: seq_len * n_seqs])
     seqs = stream.view(n_seqs, seq_len)
-    return [seqs[i:i + batch_size] for i in range(0, n_seqs, batch_size)]
+    return [seqs[i : i + batch_size] for i in range(0, n_seqs, batch_size)]
 
 
 def worker(job: dict) -> dict:
@@ -72,6 +80,7 @@ def worker(job: dict) -> dict:
         return stats.finish()
 
     if method == "plain_forward":
+
         def run():
             with torch.inference_mode():
                 for tokens in batches:
@@ -82,6 +91,7 @@ def worker(job: dict) -> dict:
         def run():
             tokext.collect_attention_stats(model, all_tokens, batch_size=job["batch_size"], progress=False)
     elif method == "tl_run_with_cache":
+
         def run():
             out = []
             with torch.inference_mode():
@@ -96,8 +106,13 @@ def worker(job: dict) -> dict:
 
         from tokext.models.devices import resolve_dtype
 
-        hf = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), attn_implementation="eager",
-                                                  dtype=resolve_dtype(job.get("dtype", "float32"))).to(device).eval()
+        hf = (
+            AutoModelForCausalLM.from_pretrained(
+                _smollm2_dir(), attn_implementation="eager", dtype=resolve_dtype(job.get("dtype", "float32"))
+            )
+            .to(device)
+            .eval()
+        )
         del model
 
         def run():
@@ -115,8 +130,12 @@ def worker(job: dict) -> dict:
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--long", action="store_true", help="T=8192 on SmolLM2: streaming vs caching")
-    p.add_argument("--memory-limit-gib", type=float, default=20.0,
-                   help="address-space cap per worker, so runs that cannot fit fail cleanly")
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=20.0,
+        help="address-space cap per worker, so runs that cannot fit fail cleanly",
+    )
     args = p.parse_args(argv)
     if run_worker_if_asked(args, worker):
         return 0
@@ -130,8 +149,16 @@ def main(argv=None) -> int:
         configs = [dict(seq_len=512, n_seqs=8, batch_size=4), dict(seq_len=2048, n_seqs=2, batch_size=1)]
         rounds, repeats = args.rounds, args.repeats
     methods = METHODS if not args.long else ["plain_forward", "tokext", "tl_run_with_cache", "sdpa_forward"]
-    benchmark(__file__, "attention statistics vs a plain forward pass", args, configs, methods, rounds, repeats,
-              memory_limit_gib=args.memory_limit_gib)
+    benchmark(
+        __file__,
+        "attention statistics vs a plain forward pass",
+        args,
+        configs,
+        methods,
+        rounds,
+        repeats,
+        memory_limit_gib=args.memory_limit_gib,
+    )
     return 0
 
 

@@ -47,15 +47,18 @@ def no_gpu_message() -> str | None:
     if torch.cuda.is_available():
         return None
     build = torch.version.cuda or "none (a CPU build)"
-    return (f"gpu-check: no CUDA GPU here (torch {torch.__version__}, CUDA build: {build}); nothing was run. "
-            "Run it on a machine with a CUDA GPU and a CUDA build of torch.")
+    return (
+        f"gpu-check: no CUDA GPU here (torch {torch.__version__}, CUDA build: {build}); nothing was run. "
+        "Run it on a machine with a CUDA GPU and a CUDA build of torch."
+    )
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, **(env or {})))
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {}))
+        )
         code, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         code, text = 124, f"timed out after {timeout:.0f} s\n{e.stdout or ''}"
@@ -64,7 +67,9 @@ def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, 
 
 def pytest_summary(text: str) -> str:
     """pytest's closing counts (``12 passed, 1 skipped``), or the last line when there are none."""
-    found = re.findall(r"(\d+ (?:passed|failed|skipped|errors?|xfailed|deselected))", text.splitlines()[-1] if text else "")
+    found = re.findall(
+        r"(\d+ (?:passed|failed|skipped|errors?|xfailed|deselected))", text.splitlines()[-1] if text else ""
+    )
     return ", ".join(found) if found else (text.strip().splitlines() or ["no output"])[-1][:120]
 
 
@@ -78,14 +83,30 @@ def ratio_rows(results: list[dict], baseline: str, what: str) -> list[dict]:
             if r["method"] == baseline:
                 continue
             if r.get("failed") or not base:
-                rows.append({"check": what, "case": f"T={t} {r['method']}", "ok": False,
-                             "result": r.get("error", f"no {baseline} run"), "seconds": None})
+                rows.append(
+                    {
+                        "check": what,
+                        "case": f"T={t} {r['method']}",
+                        "ok": False,
+                        "result": r.get("error", f"no {baseline} run"),
+                        "seconds": None,
+                    }
+                )
                 continue
-            gpu = f", peak {r['peak_gpu_mib']:.0f} MiB x{r['peak_gpu_mib'] / base[0]['peak_gpu_mib']:.2f}" \
-                if "peak_gpu_mib" in r else ""
-            rows.append({"check": what, "case": f"T={t} {r['method']}", "ok": True,
-                         "result": f"{r['seconds']:.4f} s, x{r['seconds'] / base[0]['seconds']:.2f} {baseline}{gpu}",
-                         "seconds": None})
+            gpu = (
+                f", peak {r['peak_gpu_mib']:.0f} MiB x{r['peak_gpu_mib'] / base[0]['peak_gpu_mib']:.2f}"
+                if "peak_gpu_mib" in r
+                else ""
+            )
+            rows.append(
+                {
+                    "check": what,
+                    "case": f"T={t} {r['method']}",
+                    "ok": True,
+                    "result": f"{r['seconds']:.4f} s, x{r['seconds'] / base[0]['seconds']:.2f} {baseline}{gpu}",
+                    "seconds": None,
+                }
+            )
     return rows
 
 
@@ -100,27 +121,70 @@ def table(rows: list[dict]) -> str:
 
 def check_tests(device: str) -> list[dict]:
     files = [f for f in ("tests/test_devices.py", "tests/test_conformance.py") if (ROOT / f).is_file()]
-    code, text, seconds = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], 600,
-                               env={"TOKEXT_TEST_DEVICE": device})
-    return [{"check": "tests", "case": f"{' '.join(files)} on {device}", "ok": code == 0,
-             "result": pytest_summary(text), "seconds": seconds}]
+    code, text, seconds = _run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+        600,
+        env={"TOKEXT_TEST_DEVICE": device},
+    )
+    return [
+        {
+            "check": "tests",
+            "case": f"{' '.join(files)} on {device}",
+            "ok": code == 0,
+            "result": pytest_summary(text),
+            "seconds": seconds,
+        }
+    ]
 
 
 def check_benchmark(script: str, methods: str, args: argparse.Namespace, what: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.json"
-        lengths = (["--lengths", args.seq_lens] if script == "streaming.py" else
-                   ["--seq-lens", args.seq_lens, "--baseline", "sdpa_forward"])
-        cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--model", args.model, "--device", args.device,
-               "--dtype", args.dtype, *lengths, "--methods", methods,
-               "--rounds", "1", "--repeats", str(args.repeats), "--out", str(raw)]
+        lengths = (
+            ["--lengths", args.seq_lens]
+            if script == "streaming.py"
+            else ["--seq-lens", args.seq_lens, "--baseline", "sdpa_forward"]
+        )
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks" / script),
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            *lengths,
+            "--methods",
+            methods,
+            "--rounds",
+            "1",
+            "--repeats",
+            str(args.repeats),
+            "--out",
+            str(raw),
+        ]
         code, text, seconds = _run(cmd, 900)
         if code != 0 or not raw.is_file():
-            return [{"check": what, "case": "run", "ok": False, "result": (text.strip().splitlines() or ["?"])[-1][:160],
-                     "seconds": seconds}]
+            return [
+                {
+                    "check": what,
+                    "case": "run",
+                    "ok": False,
+                    "result": (text.strip().splitlines() or ["?"])[-1][:160],
+                    "seconds": seconds,
+                }
+            ]
         rows = ratio_rows(json.loads(raw.read_text()), "sdpa_forward", what)
-    rows.append({"check": what, "case": "all", "ok": all(r["ok"] for r in rows), "result": f"{len(rows)} runs",
-                 "seconds": seconds})
+    rows.append(
+        {
+            "check": what,
+            "case": "all",
+            "ok": all(r["ok"] for r in rows),
+            "result": f"{len(rows)} runs",
+            "seconds": seconds,
+        }
+    )
     return rows
 
 
@@ -132,29 +196,66 @@ def check_ray_sweep(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gpu_check.toml"
         text = (ROOT / "experiments" / "tiny.toml").read_text()
-        config.write_text(text.replace("batch_size = 4", "batch_size = 4\n\n[resources]\nworkers = 2\n"
-                                       + ("num_gpus = 0.5\n" if gpu else "num_gpus = 0\n")))
-        base = [sys.executable, "-m", "tokext", "ablate", "--config", str(config), "--limit", str(args.sweep_items),
-                "--quiet", "--model", args.model]
-        code, text, ray_s = _run(base + ["--executor", "ray", "--out", f"{tmp}/ray"], 600,
-                                 env={"RAY_USAGE_STATS_ENABLED": "0"})
-        rows = [{"check": "ray sweep", "case": "tiny.toml, 2 workers, --executor ray", "ok": code == 0,
-                 "result": "done" if code == 0 else (text.strip().splitlines() or ["?"])[-1][:160], "seconds": ray_s}]
+        config.write_text(
+            text.replace(
+                "batch_size = 4",
+                "batch_size = 4\n\n[resources]\nworkers = 2\n" + ("num_gpus = 0.5\n" if gpu else "num_gpus = 0\n"),
+            )
+        )
+        base = [
+            sys.executable,
+            "-m",
+            "tokext",
+            "ablate",
+            "--config",
+            str(config),
+            "--limit",
+            str(args.sweep_items),
+            "--quiet",
+            "--model",
+            args.model,
+        ]
+        code, text, ray_s = _run(
+            base + ["--executor", "ray", "--out", f"{tmp}/ray"], 600, env={"RAY_USAGE_STATS_ENABLED": "0"}
+        )
+        rows = [
+            {
+                "check": "ray sweep",
+                "case": "tiny.toml, 2 workers, --executor ray",
+                "ok": code == 0,
+                "result": "done" if code == 0 else (text.strip().splitlines() or ["?"])[-1][:160],
+                "seconds": ray_s,
+            }
+        ]
         if code != 0:
             return rows
         code, text, serial_s = _run(base + ["--device", args.device, "--out", f"{tmp}/serial"], 600)
         if code != 0:
-            rows.append({"check": "ray sweep", "case": "serial", "ok": False,
-                         "result": (text.strip().splitlines() or ["?"])[-1][:160], "seconds": serial_s})
+            rows.append(
+                {
+                    "check": "ray sweep",
+                    "case": "serial",
+                    "ok": False,
+                    "result": (text.strip().splitlines() or ["?"])[-1][:160],
+                    "seconds": serial_s,
+                }
+            )
             return rows
-        a, b = (pd.read_csv(f"{tmp}/{d}/cells.csv", dtype={"cell_id": str}).set_index("cell_id").sort_index()
-                for d in ("ray", "serial"))
+        a, b = (
+            pd.read_csv(f"{tmp}/{d}/cells.csv", dtype={"cell_id": str}).set_index("cell_id").sort_index()
+            for d in ("ray", "serial")
+        )
         same_acc = a.index.equals(b.index) and (a["n_correct"] == b["n_correct"]).all()
         loss_gap = float((a["loss"] - b["loss"]).abs().max())
-        rows.append({"check": "ray sweep", "case": f"same {len(a)} cells as serial on {args.device}",
-                     "ok": bool(same_acc and loss_gap < 1e-2),
-                     "result": f"accuracy {'equal' if same_acc else 'DIFFERS'}, max |loss gap| {loss_gap:.2e}",
-                     "seconds": serial_s})
+        rows.append(
+            {
+                "check": "ray sweep",
+                "case": f"same {len(a)} cells as serial on {args.device}",
+                "ok": bool(same_acc and loss_gap < 1e-2),
+                "result": f"accuracy {'equal' if same_acc else 'DIFFERS'}, max |loss gap| {loss_gap:.2e}",
+                "seconds": serial_s,
+            }
+        )
     return rows
 
 
@@ -181,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     rows += check_benchmark("interventions.py", INTERVENTION_METHODS, args, "interventions")
     rows += check_benchmark("streaming.py", STREAMING_METHODS, args, "streaming engine")
     rows += check_ray_sweep(args)
-    print(f"gpu-check: {args.model}, {args.dtype}, {args.device}, T = {args.seq_lens}; "
-          f"{time.perf_counter() - start:.0f} s in all")
+    print(
+        f"gpu-check: {args.model}, {args.dtype}, {args.device}, T = {args.seq_lens}; "
+        f"{time.perf_counter() - start:.0f} s in all"
+    )
     print(table(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 

@@ -62,15 +62,21 @@ def time_method(run: Callable[[], object], repeats: int, device: str = "cpu", wa
         timed()
         times.append(time.perf_counter() - start)
     peak = peak_rss_mib()
-    out = {"seconds": statistics.median(times), "times": times, "peak_rss_mib": peak,
-           "peak_extra_mib": peak - before, "baseline_rss_mib": before}
+    out = {
+        "seconds": statistics.median(times),
+        "times": times,
+        "peak_rss_mib": peak,
+        "peak_extra_mib": peak - before,
+        "baseline_rss_mib": before,
+    }
     if cuda:
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
-def run_workers(script: str, jobs: Sequence[dict], rounds: int, *, memory_limit_gib: float | None = None,
-                timeout: float = 1800) -> list[dict]:
+def run_workers(
+    script: str, jobs: Sequence[dict], rounds: int, *, memory_limit_gib: float | None = None, timeout: float = 1800
+) -> list[dict]:
     """Run every job in its own process, ``rounds`` times, interleaving jobs within each round."""
     results = []
     for round_index in range(rounds):
@@ -84,8 +90,9 @@ def run_workers(script: str, jobs: Sequence[dict], rounds: int, *, memory_limit_
             line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
             if proc.returncode != 0 or not line:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                results.append({**job, "round": round_index, "failed": True,
-                                "error": f"exit {proc.returncode}: {tail[0][:160]}"})
+                results.append(
+                    {**job, "round": round_index, "failed": True, "error": f"exit {proc.returncode}: {tail[0][:160]}"}
+                )
             else:
                 results.append({**job, "round": round_index, **json.loads(line[-1])})
     return results
@@ -106,16 +113,24 @@ def ratio_table(results: list[dict], key: dict[str, str], baseline: str = "plain
     frame = pd.DataFrame(results)
     config_cols = [c for c in key if c in frame.columns]
     ok = frame[~frame.get("failed", False).fillna(False).astype(bool)] if "failed" in frame else frame
-    grouped = ok.groupby(config_cols + ["method"], sort=False).agg(
-        seconds=("seconds", "median"), peak_rss_mib=("peak_rss_mib", "median"),
-        peak_extra_mib=("peak_extra_mib", "median")).reset_index()
+    grouped = (
+        ok.groupby(config_cols + ["method"], sort=False)
+        .agg(
+            seconds=("seconds", "median"),
+            peak_rss_mib=("peak_rss_mib", "median"),
+            peak_extra_mib=("peak_extra_mib", "median"),
+        )
+        .reset_index()
+    )
     short = "plain" if baseline == "plain_forward" else baseline.removesuffix("_forward")
     gpu = "peak_gpu_mib" in ok.columns
     if gpu:
         gpu_peaks = ok.groupby(config_cols + ["method"], sort=False)["peak_gpu_mib"].median()
-    lines = ["| " + " | ".join(key[c] for c in config_cols) + f" | method | median s | x {short} | peak RSS MiB | "
-             f"x {short} | peak extra MiB |" + (f" peak GPU MiB | x {short} |" if gpu else ""),
-             "|" + "---|" * (len(config_cols) + 6 + 2 * gpu)]
+    lines = [
+        "| " + " | ".join(key[c] for c in config_cols) + f" | method | median s | x {short} | peak RSS MiB | "
+        f"x {short} | peak extra MiB |" + (f" peak GPU MiB | x {short} |" if gpu else ""),
+        "|" + "---|" * (len(config_cols) + 6 + 2 * gpu),
+    ]
     for config, group in grouped.groupby(config_cols, sort=False):
         config = config if isinstance(config, tuple) else (config,)
         base = group[group["method"] == baseline]
@@ -123,16 +138,23 @@ def ratio_table(results: list[dict], key: dict[str, str], baseline: str = "plain
             continue
         base_s, base_m = float(base["seconds"].iloc[0]), float(base["peak_rss_mib"].iloc[0])
         for row in group.itertuples(index=False):
-            line = ("| " + " | ".join(str(v) for v in config) +
-                    f" | {row.method} | {row.seconds:.3f} | {row.seconds / base_s:.2f} | {row.peak_rss_mib:.0f} | "
-                    f"{row.peak_rss_mib / base_m:.2f} | {row.peak_extra_mib:.0f} |")
+            line = (
+                "| "
+                + " | ".join(str(v) for v in config)
+                + f" | {row.method} | {row.seconds:.3f} | {row.seconds / base_s:.2f} | {row.peak_rss_mib:.0f} | "
+                f"{row.peak_rss_mib / base_m:.2f} | {row.peak_extra_mib:.0f} |"
+            )
             if gpu:
                 mine, theirs = gpu_peaks[(*config, row.method)], gpu_peaks[(*config, baseline)]
                 line += f" {mine:.0f} | {mine / theirs:.2f} |"
             lines.append(line)
     failed = frame[frame["failed"].fillna(False).astype(bool)] if "failed" in frame else frame.iloc[0:0]
     for row in failed.to_dict("records"):
-        lines.append("| " + " | ".join(str(row.get(c)) for c in config_cols) + f" | {row['method']} | failed: {row['error']} | | | | |")
+        lines.append(
+            "| "
+            + " | ".join(str(row.get(c)) for c in config_cols)
+            + f" | {row['method']} | failed: {row['error']} | | | | |"
+        )
     return "\n".join(lines)
 
 
@@ -144,17 +166,24 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-warmup", action="store_true",
-                   help="time the first run (for long runs, where a warm-up pass would double the cost)")
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="time the first run (for long runs, where a warm-up pass would double the cost)",
+    )
     p.add_argument("--out", default=None, help="also write the raw results as JSON here")
-    p.add_argument("--methods", default=None,
-                   help="comma-separated subset of the methods (the baseline is always measured)")
+    p.add_argument(
+        "--methods", default=None, help="comma-separated subset of the methods (the baseline is always measured)"
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     p.add_argument("--seq-lens", default=None, help="comma-separated T values, one sequence each (e.g. 2048,8192)")
-    p.add_argument("--baseline", default="plain_forward",
-                   help="the method ratios are taken to: plain_forward (eager, hooks off) or sdpa_forward "
-                        "(transformers' fused attention)")
+    p.add_argument(
+        "--baseline",
+        default="plain_forward",
+        help="the method ratios are taken to: plain_forward (eager, hooks off) or sdpa_forward "
+        "(transformers' fused attention)",
+    )
     return p
 
 
@@ -191,11 +220,15 @@ def sdpa_forward(job: dict, make_batches: Callable) -> Callable[[], None]:
     if job.get("device", "cpu") == "cpu":
         torch.set_num_threads(job.get("threads", 2))
     hf_dir = _resolve_spec(job["model"])[0]
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa", dtype=resolve_dtype(job.get("dtype", "float32")))
+    hf = AutoModelForCausalLM.from_pretrained(
+        hf_dir, attn_implementation="sdpa", dtype=resolve_dtype(job.get("dtype", "float32"))
+    )
     hf = hf.to(job.get("device", "cpu")).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    batches = [b.to(job.get("device", "cpu"))
-               for b in make_batches(SimpleNamespace(tokenizer=tokenizer, cfg=SimpleNamespace(d_vocab=hf.config.vocab_size)))]
+    batches = [
+        b.to(job.get("device", "cpu"))
+        for b in make_batches(SimpleNamespace(tokenizer=tokenizer, cfg=SimpleNamespace(d_vocab=hf.config.vocab_size)))
+    ]
 
     def run():
         with torch.inference_mode():
@@ -227,21 +260,39 @@ def run_worker_if_asked(args: argparse.Namespace, worker: Callable[[dict], dict]
     return True
 
 
-def benchmark(script: str, title: str, args: argparse.Namespace, configs: Sequence[dict], methods: Sequence[str],
-              rounds: int, repeats: int, memory_limit_gib: float | None = None) -> list[dict]:
+def benchmark(
+    script: str,
+    title: str,
+    args: argparse.Namespace,
+    configs: Sequence[dict],
+    methods: Sequence[str],
+    rounds: int,
+    repeats: int,
+    memory_limit_gib: float | None = None,
+) -> list[dict]:
     """Run every (configuration, method) job interleaved, print the ratio table, save raw JSON."""
     methods = chosen_methods(args, methods)
     device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
-    jobs = [dict(model=args.model, method=m, repeats=repeats, device=device, dtype=dtype, **c)
-            for c in configs for m in methods]
+    jobs = [
+        dict(model=args.model, method=m, repeats=repeats, device=device, dtype=dtype, **c)
+        for c in configs
+        for m in methods
+    ]
     if device != "cpu":
         memory_limit_gib = None  # an address-space cap breaks CUDA's start-up
     results = run_workers(script, jobs, rounds, memory_limit_gib=memory_limit_gib)
     where = f"CPU ({os.cpu_count()} cores)" if device == "cpu" else device
-    print(f"{title}: model {args.model}, {dtype}, {where}, "
-          f"{rounds} round(s) x {repeats} timed run(s) after a warm-up, one process per run")
-    print(ratio_table(results, {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"},
-                      baseline=getattr(args, "baseline", "plain_forward")))
+    print(
+        f"{title}: model {args.model}, {dtype}, {where}, "
+        f"{rounds} round(s) x {repeats} timed run(s) after a warm-up, one process per run"
+    )
+    print(
+        ratio_table(
+            results,
+            {"seq_len": "T", "batch_size": "batch", "n_seqs": "seqs"},
+            baseline=getattr(args, "baseline", "plain_forward"),
+        )
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return results

@@ -17,8 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_stats import real_token_batches  # noqa: E402
-from harness import (benchmark, limit_memory_from_env, load_for_job, parser, run_worker_if_asked, sdpa_forward,  # noqa: E402
-                     seq_len_configs, time_method)
+from harness import (
+    benchmark,
+    limit_memory_from_env,
+    load_for_job,
+    parser,
+    run_worker_if_asked,
+    sdpa_forward,  # noqa: E402
+    seq_len_configs,
+    time_method,
+)
 
 INTERVENTIONS = {
     "EarlyLayerEmulation": "EarlyLayerEmulation()",

@@ -29,10 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import limit_memory_from_env, parser, ratio_table, run_workers, time_method  # noqa: E402
 
-STATS = ["sdpa_forward", "eager_forward", "tl_forward", "tl_run_with_cache", "hf_output_attentions", "hooks_engine",
-         "streaming_engine"]
-INTERVENTIONS = ["EarlyLayerEmulation", "SinkCalibration", "SinkRebalance", "AttentionTemperature", "PatternPatch",
-                 "HeadAblation"]
+STATS = [
+    "sdpa_forward",
+    "eager_forward",
+    "tl_forward",
+    "tl_run_with_cache",
+    "hf_output_attentions",
+    "hooks_engine",
+    "streaming_engine",
+]
+INTERVENTIONS = [
+    "EarlyLayerEmulation",
+    "SinkCalibration",
+    "SinkRebalance",
+    "AttentionTemperature",
+    "PatternPatch",
+    "HeadAblation",
+]
 METHODS = STATS + [f"streaming_{name}" for name in INTERVENTIONS]
 EAGER = {"eager_forward", "tl_forward", "tl_run_with_cache", "hf_output_attentions", "hooks_engine"}
 
@@ -41,10 +54,14 @@ def _intervention(name: str, n_layers: int, n_heads: int):
     from tokext import interventions as ivs
 
     mid = n_layers // 2
-    return {"EarlyLayerEmulation": ivs.EarlyLayerEmulation(), "SinkCalibration": ivs.SinkCalibration(),
-            "SinkRebalance": ivs.SinkRebalance(), "AttentionTemperature": ivs.AttentionTemperature(2.0),
-            "PatternPatch": ivs.PatternPatch(0, (1,)),
-            "HeadAblation": ivs.HeadAblation([(mid, h) for h in range(n_heads)], "mean")}[name]
+    return {
+        "EarlyLayerEmulation": ivs.EarlyLayerEmulation(),
+        "SinkCalibration": ivs.SinkCalibration(),
+        "SinkRebalance": ivs.SinkRebalance(),
+        "AttentionTemperature": ivs.AttentionTemperature(2.0),
+        "PatternPatch": ivs.PatternPatch(0, (1,)),
+        "HeadAblation": ivs.HeadAblation([(mid, h) for h in range(n_heads)], "mean"),
+    }[name]
 
 
 def worker(job: dict) -> dict:
@@ -79,8 +96,9 @@ def worker(job: dict) -> dict:
 
         directory = model.original_model.config._name_or_path
         del model
-        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
-                                                  attn_implementation="sdpa" if method == "sdpa_forward" else "eager")
+        hf = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation="sdpa" if method == "sdpa_forward" else "eager"
+        )
         hf = hf.to(device).eval()
 
         def run():
@@ -89,14 +107,17 @@ def worker(job: dict) -> dict:
                 if method == "hf_output_attentions":
                     statistics_of(out.attentions)
     elif method == "tl_forward":
+
         def run():
             with torch.inference_mode():
                 model(tokens, return_type=None, logits_to_keep=1)
     elif method == "tl_run_with_cache":
+
         def run():
             with torch.inference_mode():
-                _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"),
-                                                logits_to_keep=1)
+                _, cache = model.run_with_cache(
+                    tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"), logits_to_keep=1
+                )
                 statistics_of([cache[pattern_hook_name(layer)] for layer in range(n_layers)])
     elif method in ("hooks_engine", "streaming_engine"):
         engine = method.split("_")[0]
@@ -117,6 +138,7 @@ def worker(job: dict) -> dict:
 def figure(results: list[dict], path: Path) -> None:
     """Time and peak memory against T, one line per method (log-log), from raw results."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -127,9 +149,13 @@ def figure(results: list[dict], path: Path) -> None:
     ok = frame[~frame.get("failed", pd.Series(False, index=frame.index)).fillna(False).astype(bool)]
     ok = ok.groupby(["method", "seq_len"], as_index=False)[["seconds", "peak_rss_mib"]].median()
     shown = ["sdpa_forward", "eager_forward", "tl_run_with_cache", "hooks_engine", "streaming_engine"]
-    labels = {"sdpa_forward": "transformers SDPA", "eager_forward": "transformers eager",
-              "tl_run_with_cache": "TL run_with_cache", "hooks_engine": "tokext, hook engine",
-              "streaming_engine": "tokext, streaming engine"}
+    labels = {
+        "sdpa_forward": "transformers SDPA",
+        "eager_forward": "transformers eager",
+        "tl_run_with_cache": "TL run_with_cache",
+        "hooks_engine": "tokext, hook engine",
+        "streaming_engine": "tokext, streaming engine",
+    }
     plots.style()
     fig, axes = plt.subplots(1, 2, figsize=(plots.FULL_WIDTH, 2.8))
     for method in shown:
@@ -137,8 +163,13 @@ def figure(results: list[dict], path: Path) -> None:
         if rows.empty:
             continue
         for ax, column in zip(axes, ["seconds", "peak_rss_mib"]):
-            ax.plot(rows["seq_len"], rows[column] / (1024 if column == "peak_rss_mib" else 1), marker="o", ms=3,
-                    label=labels[method])
+            ax.plot(
+                rows["seq_len"],
+                rows[column] / (1024 if column == "peak_rss_mib" else 1),
+                marker="o",
+                ms=3,
+                label=labels[method],
+            )
     failed = frame[frame.get("failed", pd.Series(False, index=frame.index)).fillna(False).astype(bool)]
     for row in failed.itertuples():
         if row.method in shown:
@@ -150,16 +181,22 @@ def figure(results: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
     axes[0].legend(fontsize=6, frameon=False)
     model = frame["model"].iloc[0]
-    note = (f"model {model} (fp32) | data: MMLU question texts, one sequence of T tokens | CPU, 2 threads | "
-            "statistics of every layer and head; x: failed (out of memory) | benchmarks/streaming.py")
+    note = (
+        f"model {model} (fp32) | data: MMLU question texts, one sequence of T tokens | CPU, 2 threads | "
+        "statistics of every layer and head; x: failed (out of memory) | benchmarks/streaming.py"
+    )
     plots.save(fig, path.parent, path.stem, note)
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--lengths", default="2048,8192", help="comma-separated T")
-    p.add_argument("--memory-limit-gib", type=float, default=20.0,
-                   help="address-space cap per worker, so runs that cannot fit fail cleanly")
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=20.0,
+        help="address-space cap per worker, so runs that cannot fit fail cleanly",
+    )
     p.add_argument("--eager-up-to", type=int, default=8192, help="methods that hold [T, T] patterns run up to this T")
     p.add_argument("--figure", default=None, help="write the scaling figure (PNG + PDF) here")
     p.add_argument("--results", nargs="*", default=None, help="draw --figure from these saved results only")
@@ -171,23 +208,43 @@ def main(argv=None) -> int:
         results = [r for path in args.results for r in json.loads(Path(path).read_text())]
     else:
         lengths = [64] if args.quick else [int(x) for x in args.lengths.split(",")]
-        methods = ([m.strip() for m in args.methods.split(",")] if args.methods else
-                   (["sdpa_forward", "hooks_engine", "streaming_engine", "streaming_SinkCalibration"] if args.quick
-                    else METHODS))
+        methods = (
+            [m.strip() for m in args.methods.split(",")]
+            if args.methods
+            else (
+                ["sdpa_forward", "hooks_engine", "streaming_engine", "streaming_SinkCalibration"]
+                if args.quick
+                else METHODS
+            )
+        )
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}: choose from {METHODS}")
         if "sdpa_forward" not in methods:
             methods = ["sdpa_forward", *methods]
-        jobs = [dict(model=args.model, method=m, seq_len=t, repeats=1 if args.quick else args.repeats,
-                     warmup=not args.no_warmup, device=args.device, dtype=args.dtype)
-                for t in lengths for m in methods if not (m in EAGER and t > args.eager_up_to)]
+        jobs = [
+            dict(
+                model=args.model,
+                method=m,
+                seq_len=t,
+                repeats=1 if args.quick else args.repeats,
+                warmup=not args.no_warmup,
+                device=args.device,
+                dtype=args.dtype,
+            )
+            for t in lengths
+            for m in methods
+            if not (m in EAGER and t > args.eager_up_to)
+        ]
         rounds = 1 if args.quick else args.rounds
         results = run_workers(__file__, jobs, rounds, memory_limit_gib=args.memory_limit_gib, timeout=6 * 3600)
         import os
+
         where = f"CPU ({os.cpu_count()} cores, 2 threads)" if args.device == "cpu" else args.device
-        print(f"streaming engine vs a transformers SDPA forward pass: model {args.model}, {args.dtype}, {where}, "
-              f"{rounds} round(s) x {jobs[0]['repeats']} timed run(s) {'without' if args.no_warmup else 'after a'} warm-up, one process per run, one sequence of T tokens")
+        print(
+            f"streaming engine vs a transformers SDPA forward pass: model {args.model}, {args.dtype}, {where}, "
+            f"{rounds} round(s) x {jobs[0]['repeats']} timed run(s) {'without' if args.no_warmup else 'after a'} warm-up, one process per run, one sequence of T tokens"
+        )
         print(ratio_table(results, {"seq_len": "T"}, baseline="sdpa_forward").replace("x plain", "x SDPA"))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))

@@ -48,8 +48,9 @@ def main(argv=None) -> int:
     model = load_model(args.model)
     info = model_info(model)
     prompts = load_prompts(None, n=args.n_prompts)
-    summary, by_layer = intervention_profiles(model, prompts, default_interventions(info.n_layers, info.n_heads),
-                                              batch_size=args.batch_size, progress=True)
+    summary, by_layer = intervention_profiles(
+        model, prompts, default_interventions(info.n_layers, info.n_heads), batch_size=args.batch_size, progress=True
+    )
     order = ["baseline", *summary["intervention"]]
     mass = by_layer.pivot(index="layer", columns="intervention", values="first_token_mass")[order]
     entropy = by_layer.pivot(index="layer", columns="intervention", values="entropy")[order]
@@ -60,15 +61,26 @@ def main(argv=None) -> int:
     mass.reset_index().to_csv(out / "first_token_mass_by_layer.csv", index=False, float_format="%.5g")
     delta.reset_index().to_csv(out / "delta_first_token_mass_by_layer.csv", index=False, float_format="%.5g")
     entropy.reset_index().to_csv(out / "entropy_by_layer.csv", index=False, float_format="%.5g")
-    (out / "provenance.json").write_text(json.dumps({
-        "model": info.name, "source": info.source, "prompts": "tokext/data/prompts.txt (built-in)",
-        "n_prompts": len(prompts), "batch_size": args.batch_size, "padding": "right",
-        "tokext": tokext.__version__, "torch": torch.__version__, "git": git_revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "notes": "first-token mass = mean over heads of the share of each real row's (renormalised) "
-                 "attention on its first token; PatternPatch/HeadAblation/AttentionTemperature have "
-                 "no defaults: values as listed in the summary",
-    }, indent=1))
+    (out / "provenance.json").write_text(
+        json.dumps(
+            {
+                "model": info.name,
+                "source": info.source,
+                "prompts": "tokext/data/prompts.txt (built-in)",
+                "n_prompts": len(prompts),
+                "batch_size": args.batch_size,
+                "padding": "right",
+                "tokext": tokext.__version__,
+                "torch": torch.__version__,
+                "git": git_revision(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "notes": "first-token mass = mean over heads of the share of each real row's (renormalised) "
+                "attention on its first token; PatternPatch/HeadAblation/AttentionTemperature have "
+                "no defaults: values as listed in the summary",
+            },
+            indent=1,
+        )
+    )
     with pd.option_context("display.width", 200, "display.max_colwidth", 60):
         print(summary.drop(columns=["n_tokens"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nwritten to {out}")

@@ -74,9 +74,13 @@ def main(argv=None) -> int:
     levels = [int(x) for x in args.levels.split(",")]
     specs = [EvalSpec(args.task, level=level, n=args.n, seed=args.seed, shots=args.shots) for level in levels]
     items = {spec.level: spec.load() for spec in specs}  # bad task or level: an error before the model loads
-    overlap = {level: len({ex.question for ex in items[level]}
-                          & {ex.question for ex in EvalSpec(args.task, level=level, n=args.study_n, seed=0).load()})
-               for level in levels}
+    overlap = {
+        level: len(
+            {ex.question for ex in items[level]}
+            & {ex.question for ex in EvalSpec(args.task, level=level, n=args.study_n, seed=0).load()}
+        )
+        for level in levels
+    }
     if any(overlap.values()):
         raise InputError(f"calibration items overlap the study's scored items {overlap}: choose another --seed")
     out = Path(args.out)
@@ -100,20 +104,34 @@ def main(argv=None) -> int:
         result = calibrate_zerotuning(model, score, candidates=candidates, progress=True)
         seconds = time.perf_counter() - start
         record = {
-            "objective": name, "head_gammas": [list(t) for t in result.head_gammas],
-            "baseline": result.baseline, "best": result.best,
-            "up": [list(p) for p in result.up], "down": [list(p) for p in result.down],
+            "objective": name,
+            "head_gammas": [list(t) for t in result.head_gammas],
+            "baseline": result.baseline,
+            "best": result.best,
+            "up": [list(p) for p in result.up],
+            "down": [list(p) for p in result.down],
             "profile": [[*pair, value] for pair, value in result.profile.items()],
             "grid": [[*pair, value] for pair, value in result.grid.items()],
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in result.settings.items()},
-            "model": info.name, "task": args.task, "levels": levels, "n_per_level": args.n, "seed": args.seed,
-            "study_overlap": overlap, "shots": specs[0].shots, "batch_size": args.batch_size,
-            "seconds": round(seconds, 1), "tokext": tokext.__version__, "torch": torch.__version__,
-            "git": git_revision(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": info.name,
+            "task": args.task,
+            "levels": levels,
+            "n_per_level": args.n,
+            "seed": args.seed,
+            "study_overlap": overlap,
+            "shots": specs[0].shots,
+            "batch_size": args.batch_size,
+            "seconds": round(seconds, 1),
+            "tokext": tokext.__version__,
+            "torch": torch.__version__,
+            "git": git_revision(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         path.write_text(json.dumps(record, indent=1))
-        print(f"[{name}] baseline {result.baseline:.4f} -> best {result.best:.4f} with {len(result.up)} up-effective, "
-              f"{len(result.down)} down-effective heads; {seconds:.0f} s -> {path}")
+        print(
+            f"[{name}] baseline {result.baseline:.4f} -> best {result.best:.4f} with {len(result.up)} up-effective, "
+            f"{len(result.down)} down-effective heads; {seconds:.0f} s -> {path}"
+        )
         print("head_gammas = " + json.dumps(record["head_gammas"]))
     return 0
 

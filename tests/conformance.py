@@ -33,101 +33,162 @@ from tests.reference_interventions import Info
 
 WINDOW = 4
 COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-               max_position_embeddings=128, initializer_range=0.2, **COMMON)
+DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+    **COMMON,
+)
 
 
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     return LlamaConfig(num_key_value_heads=2, **DECODER), LlamaForCausalLM
 
 
 def _mistral():
     from transformers import MistralConfig, MistralForCausalLM
+
     return MistralConfig(num_key_value_heads=2, sliding_window=WINDOW, **DECODER), MistralForCausalLM
 
 
 def _qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    return Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-                       **DECODER), Qwen2ForCausalLM
+
+    return Qwen2Config(
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **DECODER
+    ), Qwen2ForCausalLM
 
 
 def _qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
     return Qwen3Config(num_key_value_heads=2, head_dim=8, **DECODER), Qwen3ForCausalLM
 
 
 def _gemma():
     from transformers import GemmaConfig, GemmaForCausalLM
+
     return GemmaConfig(num_key_value_heads=2, head_dim=8, **DECODER), GemmaForCausalLM
 
 
 def _gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
-    return Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, attn_logit_softcapping=5.0,
-                        query_pre_attn_scalar=8, **DECODER), Gemma2ForCausalLM
+
+    return Gemma2Config(
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=WINDOW,
+        attn_logit_softcapping=5.0,
+        query_pre_attn_scalar=8,
+        **DECODER,
+    ), Gemma2ForCausalLM
 
 
 def _gemma3():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    return Gemma3TextConfig(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=8,
-                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                            **DECODER), Gemma3ForCausalLM
+
+    return Gemma3TextConfig(
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        **DECODER,
+    ), Gemma3ForCausalLM
 
 
 def _phi3():
     from transformers import Phi3Config, Phi3ForCausalLM
+
     return Phi3Config(num_key_value_heads=2, **DECODER), Phi3ForCausalLM
 
 
 def _olmo2():
     from transformers import Olmo2Config, Olmo2ForCausalLM
+
     return Olmo2Config(num_key_value_heads=2, **DECODER), Olmo2ForCausalLM
 
 
 def _gpt_neox():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     return GPTNeoXConfig(**DECODER), GPTNeoXForCausalLM
 
 
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
+
     return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, initializer_range=0.2, **COMMON), GPT2LMHeadModel
 
 
 def _gpt_oss():
     from transformers import GptOssConfig, GptOssForCausalLM
+
     # two experts, both used for every token: no discrete routing that float noise could flip
-    return GptOssConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, num_local_experts=2,
-                        num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.2,
-                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                        **COMMON), GptOssForCausalLM
+    return GptOssConfig(
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=WINDOW,
+        num_local_experts=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        **COMMON,
+    ), GptOssForCausalLM
 
 
 def _bloom():
     from transformers import BloomConfig, BloomForCausalLM
+
     return BloomConfig(hidden_size=32, n_layer=3, n_head=4, initializer_range=0.2, **COMMON), BloomForCausalLM
 
 
 def _bert():
     from transformers import BertConfig, BertForMaskedLM
-    return BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-                      max_position_embeddings=128, initializer_range=0.2, vocab_size=VOCAB,
-                      pad_token_id=0), BertForMaskedLM
+
+    return BertConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+    ), BertForMaskedLM
 
 
 def _opt():
     from transformers import OPTConfig, OPTForCausalLM
-    return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
-                     max_position_embeddings=128, word_embed_proj_dim=32, init_std=0.2, **COMMON), OPTForCausalLM
+
+    return OPTConfig(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        init_std=0.2,
+        **COMMON,
+    ), OPTForCausalLM
 
 
 def _gptj():
     from transformers import GPTJConfig, GPTJForCausalLM
-    return GPTJConfig(n_embd=32, n_layer=3, n_head=4, n_positions=128, rotary_dim=4, initializer_range=0.2,
-                      **COMMON), GPTJForCausalLM
+
+    return GPTJConfig(
+        n_embd=32, n_layer=3, n_head=4, n_positions=128, rotary_dim=4, initializer_range=0.2, **COMMON
+    ), GPTJForCausalLM
 
 
 @dataclass(frozen=True)
@@ -141,25 +202,33 @@ class FamilySpec:
     notes: str = ""
 
 
-FAMILIES = {spec.name: spec for spec in (
-    FamilySpec("Llama", _llama, notes="grouped-query attention, RoPE"),
-    FamilySpec("Mistral", _mistral, notes="sliding window on every layer"),
-    FamilySpec("Qwen2", _qwen2, notes="sliding window from max_window_layers"),
-    FamilySpec("Qwen3", _qwen3, notes="q/k norms"),
-    FamilySpec("Gemma", _gemma),
-    FamilySpec("Gemma 2", _gemma2, notes="alternating sliding window, attention softcap"),
-    FamilySpec("Gemma 3", _gemma3, notes="sliding window by layer_types"),
-    FamilySpec("Phi-3", _phi3, notes="fused QKV"),
-    FamilySpec("OLMo 2", _olmo2, notes="post-norm, q/k norms"),
-    FamilySpec("GPT-NeoX", _gpt_neox, notes="fused QKV, partial RoPE"),
-    FamilySpec("GPT-2", _gpt2, notes="learned positions"),
-    FamilySpec("gpt-oss", _gpt_oss, notes="alternating sliding window, learned sinks, MoE"),
-    FamilySpec("Bloom", _bloom, notes="ALiBi"),
-    FamilySpec("BERT", _bert, editable=False, generates=False,
-               notes="encoder (bidirectional); delegating adapter: edits refused"),
-    FamilySpec("OPT", _opt, editable=False, notes="delegating adapter: edits refused"),
-    FamilySpec("GPT-J", _gptj, editable=False, notes="delegating adapter: edits refused"),
-)}
+FAMILIES = {
+    spec.name: spec
+    for spec in (
+        FamilySpec("Llama", _llama, notes="grouped-query attention, RoPE"),
+        FamilySpec("Mistral", _mistral, notes="sliding window on every layer"),
+        FamilySpec("Qwen2", _qwen2, notes="sliding window from max_window_layers"),
+        FamilySpec("Qwen3", _qwen3, notes="q/k norms"),
+        FamilySpec("Gemma", _gemma),
+        FamilySpec("Gemma 2", _gemma2, notes="alternating sliding window, attention softcap"),
+        FamilySpec("Gemma 3", _gemma3, notes="sliding window by layer_types"),
+        FamilySpec("Phi-3", _phi3, notes="fused QKV"),
+        FamilySpec("OLMo 2", _olmo2, notes="post-norm, q/k norms"),
+        FamilySpec("GPT-NeoX", _gpt_neox, notes="fused QKV, partial RoPE"),
+        FamilySpec("GPT-2", _gpt2, notes="learned positions"),
+        FamilySpec("gpt-oss", _gpt_oss, notes="alternating sliding window, learned sinks, MoE"),
+        FamilySpec("Bloom", _bloom, notes="ALiBi"),
+        FamilySpec(
+            "BERT",
+            _bert,
+            editable=False,
+            generates=False,
+            notes="encoder (bidirectional); delegating adapter: edits refused",
+        ),
+        FamilySpec("OPT", _opt, editable=False, notes="delegating adapter: edits refused"),
+        FamilySpec("GPT-J", _gptj, editable=False, notes="delegating adapter: edits refused"),
+    )
+}
 
 
 @functools.cache
@@ -247,8 +316,7 @@ def _apply(layer: int, probs: torch.Tensor, visible: torch.Tensor, learned_sink:
     return probs
 
 
-def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                     **kwargs):
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """Eager attention from the published formula, with the edit between softmax and ``@ V``."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -323,8 +391,11 @@ def _bloom_hooks(model: Any):
         _STATE.layer = int(module.layer_idx)
         _STATE.bloom_mask = kwargs.get("attention_mask", args[3] if len(args) > 3 else None)
 
-    handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in model.modules()
-               if type(m).__name__ == "BloomAttention"]
+    handles = [
+        m.register_forward_pre_hook(before, with_kwargs=True)
+        for m in model.modules()
+        if type(m).__name__ == "BloomAttention"
+    ]
     original, bloom.F = bloom.F, _BloomSoftmax()
     try:
         yield
@@ -334,8 +405,13 @@ def _bloom_hooks(model: Any):
             handle.remove()
 
 
-def oracle_forward(name: str, tokens: torch.Tensor, attention_mask: torch.Tensor, edit: Callable | None = None,
-                   score_edit: Callable | None = None) -> tuple[torch.Tensor, Info, dict[int, torch.Tensor]]:
+def oracle_forward(
+    name: str,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor,
+    edit: Callable | None = None,
+    score_edit: Callable | None = None,
+) -> tuple[torch.Tensor, Info, dict[int, torch.Tensor]]:
     """Logits of the family's model run by transformers with ``edit`` applied to every layer's
     probabilities (``score_edit`` to its masked, softcapped scores, a sink logit included), the
     :class:`~tests.reference_interventions.Info` it saw (with each layer's visibility from

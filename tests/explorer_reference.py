@@ -68,8 +68,9 @@ def scores(pattern: np.ndarray, eps: float = 0.3) -> dict[str, np.ndarray]:
             rows = [pattern[layer, head, i, : i + 1] / pattern[layer, head, i, : i + 1].sum() for i in range(t)]
             first[layer, head] = sum(row[0] for row in rows) / t
             if t > 1:
-                entropy[layer, head] = sum(-sum(p * math.log(p) for p in rows[i] if p > 0) / math.log(i + 1)
-                                           for i in range(1, t)) / (t - 1)
+                entropy[layer, head] = sum(
+                    -sum(p * math.log(p) for p in rows[i] if p > 0) / math.log(i + 1) for i in range(1, t)
+                ) / (t - 1)
             else:
                 entropy[layer, head] = np.nan
             sink_mass[layer, head] = sum(1 - pattern[layer, head, i, : i + 1].sum() for i in range(t)) / t
@@ -80,7 +81,7 @@ def scores(pattern: np.ndarray, eps: float = 0.3) -> dict[str, np.ndarray]:
 
 def page_pattern(run: dict, layer: int, head: int, decimals: int) -> np.ndarray:
     """The [query, key] weights an explorer payload run holds for one head (NaN above the diagonal)."""
-    flat = np.asarray(run["patterns"][layer][head], dtype=float) / 10 ** decimals
+    flat = np.asarray(run["patterns"][layer][head], dtype=float) / 10**decimals
     t = int((math.isqrt(8 * flat.size + 1) - 1) // 2)
     out = np.full((t, t), np.nan)
     out[np.tril_indices(t)] = flat

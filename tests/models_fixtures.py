@@ -33,8 +33,7 @@ def _tokenizer():
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[PAD]"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", bos_token="[BOS]",
-                                   eos_token="[EOS]")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]")
 
 
 VOCAB = len(SPECIALS) + len(CHARS)
@@ -55,10 +54,21 @@ def llama_dir() -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.3, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return _save(LlamaForCausalLM(config).eval(), "tiny-llama")
 
 
@@ -68,8 +78,17 @@ def gpt2_dir() -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                        initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=128,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return _save(GPT2LMHeadModel(config).eval(), "tiny-gpt2")
 
 
@@ -79,9 +98,18 @@ def opt_dir() -> Path:
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(2)
-    config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                       num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return _save(OPTForCausalLM(config).eval(), "tiny-opt")
 
 

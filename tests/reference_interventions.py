@@ -46,8 +46,9 @@ class Info:
 # ---------------------------------------------------------------------- plain forwards
 
 
-def reference_logits(model_dir: str | Path, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     edit=None) -> torch.Tensor:
+def reference_logits(
+    model_dir: str | Path, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, edit=None
+) -> torch.Tensor:
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     weights = load_file(model_dir / "model.safetensors")
@@ -84,7 +85,7 @@ def _llama(config, w, tokens, positions, info, edit):
     cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
 
     def rope(x):
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
     b, t = tokens.shape
@@ -127,8 +128,11 @@ def _gpt2(config, w, tokens, positions, info, edit):
         z = _attend(q, k, v, info, layer, edit).transpose(1, 2).reshape(b, t, d)
         x = x + z @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
         h = ln(x, p + "ln_2")
-        x = x + gelu_new(h @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"]) @ w[p + "mlp.c_proj.weight"] \
+        x = (
+            x
+            + gelu_new(h @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"]) @ w[p + "mlp.c_proj.weight"]
             + w[p + "mlp.c_proj.bias"]
+        )
     return ln(x, "transformer.ln_f") @ w["transformer.wte.weight"].T
 
 
@@ -143,8 +147,17 @@ def _rows(pattern):
                 yield bi, hi, i
 
 
-def ref_emulation(alpha=0.2, threshold=0.01, source=0, horizon=None, n_layers=3, exclude_self=True,
-                  renormalize=False, uniform=False, layers=None):
+def ref_emulation(
+    alpha=0.2,
+    threshold=0.01,
+    source=0,
+    horizon=None,
+    n_layers=3,
+    exclude_self=True,
+    renormalize=False,
+    uniform=False,
+    layers=None,
+):
     """A_l(i,j) * (1 + alpha (1 - l/h)) where the source layer's A(i,j) > threshold, j != i."""
     h = horizon if horizon is not None else n_layers - 1
     edited = set(layers) if layers is not None else set(range(source + 1, n_layers))

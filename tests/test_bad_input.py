@@ -152,6 +152,7 @@ def test_data_files(tmp_path):
 @pytest.fixture
 def forbid_model_load(monkeypatch):
     """``analyze`` must check its data file before it loads any model."""
+
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data file was checked")
 
@@ -211,7 +212,13 @@ def test_cli_analyze_writes_outputs(tmp_path, capsys, tiny_llama_dir):
     assert main(["analyze", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "first-token mass" in printed and "sink rate" in printed
-    for name in ("attention_stats.csv", "layer_summary.csv", "stats.npz", "first_token_mass.png",
-                 "entropy.pdf", "received_by_position.png"):
+    for name in (
+        "attention_stats.csv",
+        "layer_summary.csv",
+        "stats.npz",
+        "first_token_mass.png",
+        "entropy.pdf",
+        "received_by_position.png",
+    ):
         assert (out / name).is_file(), name
     assert AttentionStats.load(out / "stats.npz").n_sequences == 2

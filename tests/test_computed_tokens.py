@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from tokext.studies.computed_tokens import (
-    FULL_COT, POSITIONS, filler_span_attention, filler_tokens, insert_filler, run_computed_tokens_study,
-    study_cells, truncate_cot,
+    FULL_COT,
+    POSITIONS,
+    filler_span_attention,
+    filler_tokens,
+    insert_filler,
+    run_computed_tokens_study,
+    study_cells,
+    truncate_cot,
 )
 from tokext.errors import InputError
 from tokext.models.loading import load_model
@@ -27,19 +33,19 @@ def llama(tiny_llama_dir):
 @pytest.mark.parametrize("cot", [False, True])
 def test_insertion_positions_are_exact_and_demos_untouched(cot):
     text = prompt(EXAMPLE, cot, shots=2)
-    demos, final = text[: text.rindex("\n\n") + 2], text[text.rindex("\n\n") + 2:]
+    demos, final = text[: text.rindex("\n\n") + 2], text[text.rindex("\n\n") + 2 :]
     question, label = EXAMPLE.question, "Analysis:" if cot else "Answer:"
     f = " ." * 3
     expected = {
         "before_answer": final[: -len(label) - 1] + f + "\n" + label,
-        "after_question": question + f + final[len(question):],
+        "after_question": question + f + final[len(question) :],
         "before_question": f + final,
         "end": final + f,
     }
     for position in POSITIONS:
         filled = insert_filler(text, 3, " .", position)
         assert filled.startswith(demos), position
-        assert filled[len(demos):] == expected[position], position
+        assert filled[len(demos) :] == expected[position], position
         assert insert_filler(text, 0, " .", position) == text
     if not cot:
         assert insert_filler(text, 3, position="before_answer") == insert_filler(text, 3, position="after_question")
@@ -95,8 +101,15 @@ PROMPTS = [
 def reference_span_stats(model, seqs, spans, eps=0.3):
     """Definitions in plain numpy, one unpadded prompt at a time, from ``run_with_cache`` patterns."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    keys = ("span_mass", "alpha_filler", "alpha_content", "alpha_first", "filler_sink_frac",
-            "content_sink_frac", "any_filler_sink")
+    keys = (
+        "span_mass",
+        "alpha_filler",
+        "alpha_content",
+        "alpha_first",
+        "filler_sink_frac",
+        "content_sink_frac",
+        "any_filler_sink",
+    )
     sums = {k: np.zeros((n_layers, n_heads)) for k in keys}
     n = dict(after=0, filler=0, content=0, first=0, seqs=0)
     for ids, (s, e) in zip(seqs, spans):
@@ -123,8 +136,15 @@ def reference_span_stats(model, seqs, spans, eps=0.3):
                 sums["alpha_first"][layer, head] += alpha[0]
                 sums["filler_sink_frac"][layer, head] += sum(alpha[k] > eps for k in filler)
                 sums["content_sink_frac"][layer, head] += sum(alpha[k] > eps for k in content)
-    denominators = dict(span_mass="after", alpha_filler="filler", alpha_content="content", alpha_first="first",
-                        filler_sink_frac="filler", content_sink_frac="content", any_filler_sink="seqs")
+    denominators = dict(
+        span_mass="after",
+        alpha_filler="filler",
+        alpha_content="content",
+        alpha_first="first",
+        filler_sink_frac="filler",
+        content_sink_frac="content",
+        any_filler_sink="seqs",
+    )
     return {k: sums[k] / n[denominators[k]] for k in keys}
 
 
@@ -143,8 +163,9 @@ def test_span_stats_match_independent_computation(llama, batch_size):
         worst = np.unravel_index(diff.argmax(), diff.shape)
         assert diff.max() < 1e-5, f"{name}: max_diff={diff.max():.2e} at (layer, head)={worst}"
     # uniform attention gives alpha_k = mean over visible queries of 1/(q+1)
-    uniform = np.mean([np.mean([1 / (q + 1) for q in range(k, len(ids))]) for ids, (s, e) in zip(seqs, spans)
-                       for k in range(s, e)])
+    uniform = np.mean(
+        [np.mean([1 / (q + 1) for q in range(k, len(ids))]) for ids, (s, e) in zip(seqs, spans) for k in range(s, e)]
+    )
     assert abs(frame["alpha_filler_uniform"].iloc[0] - uniform) < 1e-9
     assert frame["n_spans"].iloc[0] == 4
 
@@ -157,8 +178,9 @@ def test_span_stats_padding_invariant_and_layers(llama):
     many = filler_span_attention(llama, texts, spans, batch_size=5)
     pd.testing.assert_frame_equal(one, many, atol=1e-6, rtol=0)
     sub = filler_span_attention(llama, texts, spans, layers=[1])
-    pd.testing.assert_frame_equal(sub.reset_index(drop=True),
-                                  one[one.layer == 1].reset_index(drop=True), atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(
+        sub.reset_index(drop=True), one[one.layer == 1].reset_index(drop=True), atol=1e-6, rtol=0
+    )
     with pytest.raises(InputError, match="spans"):
         filler_span_attention(llama, texts, spans[:2])
     with pytest.raises(InputError, match="not inside"):
@@ -167,16 +189,35 @@ def test_span_stats_padding_invariant_and_layers(llama):
 
 def test_study_runs_resumes_and_reports(llama):
     seen = []
-    table = run_computed_tokens_study(llama, "variables", 1, counts=(0, 2), positions=("before_answer", "end"),
-                                      n=3, seed=0, shots=0, batch_size=2,
-                                      on_cell=lambda cell, summary, items, span: seen.append((cell.key, items)))
+    table = run_computed_tokens_study(
+        llama,
+        "variables",
+        1,
+        counts=(0, 2),
+        positions=("before_answer", "end"),
+        n=3,
+        seed=0,
+        shots=0,
+        batch_size=2,
+        on_cell=lambda cell, summary, items, span: seen.append((cell.key, items)),
+    )
     assert list(table["count"]) == [0, 2, 2] and list(table["position"]) == ["none", "before_answer", "end"]
     assert (table.loc[table["count"] == 2, "filler_tokens"] == 2).all()
     assert table.loc[0, "filler_tokens"] == 0 and np.isnan(table.loc[0, "alpha_filler"])
     assert table["answer_loss"].notna().all() and table["accuracy"].between(0, 1).all()
     assert all(len(items) == 3 for _, items in seen)
-    rest = run_computed_tokens_study(llama, "variables", 1, counts=(0, 2), positions=("before_answer", "end"),
-                                     n=3, seed=0, shots=0, batch_size=2, skip=[seen[0][0], seen[1][0]])
+    rest = run_computed_tokens_study(
+        llama,
+        "variables",
+        1,
+        counts=(0, 2),
+        positions=("before_answer", "end"),
+        n=3,
+        seed=0,
+        shots=0,
+        batch_size=2,
+        skip=[seen[0][0], seen[1][0]],
+    )
     assert len(rest) == 1 and rest.loc[0, "position"] == "end"
     pd.testing.assert_series_equal(rest.iloc[0], table.iloc[2], check_names=False)
 
@@ -196,8 +237,22 @@ def test_script_writes_resumes_and_rejects_bad_input(tiny_llama_dir, tmp_path, c
     import json
 
     script = _script()
-    argv = ["--model", str(tiny_llama_dir), "--task", "variables", "--n", "2", "--shots", "0", "--counts", "0,2",
-            "--accuracy", "greedy-match", "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        str(tiny_llama_dir),
+        "--task",
+        "variables",
+        "--n",
+        "2",
+        "--shots",
+        "0",
+        "--counts",
+        "0,2",
+        "--accuracy",
+        "greedy-match",
+        "--out",
+        str(tmp_path),
+    ]
     assert script.main(argv) == 0
     out = next(tmp_path.glob("*/variables-L1"))
     summary = pd.read_csv(out / "summary.csv")
@@ -215,8 +270,12 @@ def test_script_writes_resumes_and_rejects_bad_input(tiny_llama_dir, tmp_path, c
     # other settings in the same directory need --force
     assert script.main(argv[:-2] + ["--seed", "1", "--out", str(tmp_path)]) == 2
     assert "--force" in capsys.readouterr().err
-    for bad, needle in ((["--task", "arithmetc"], "unknown task"), (["--positions", "middle"], "middle"),
-                        (["--counts", "0,x"], "--counts"), (["--level", "9"], "--level"),
-                        (["--model", "/no/such/dir"], "/no/such/dir")):
+    for bad, needle in (
+        (["--task", "arithmetc"], "unknown task"),
+        (["--positions", "middle"], "middle"),
+        (["--counts", "0,x"], "--counts"),
+        (["--level", "9"], "--level"),
+        (["--model", "/no/such/dir"], "/no/such/dir"),
+    ):
         assert script.main(argv + bad) == 2
         assert needle in capsys.readouterr().err

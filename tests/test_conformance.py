@@ -35,7 +35,13 @@ from tests import reference_interventions as R
 from tokext.errors import InputError, UneditableAttentionError
 from tokext.evaluation.generation import greedy_generate
 from tokext.interventions import (
-    AttentionTemperature, EarlyLayerEmulation, HeadAblation, PatternPatch, SinkCalibration, SinkRebalance, ZeroTuning,
+    AttentionTemperature,
+    EarlyLayerEmulation,
+    HeadAblation,
+    PatternPatch,
+    SinkCalibration,
+    SinkRebalance,
+    ZeroTuning,
     intervene,
 )
 from tokext.attention.collect import collect_attention_stats
@@ -109,15 +115,27 @@ def oracle_statistics(name: str) -> dict[str, np.ndarray]:
             sink[layer] += s.sum(-1).numpy()
     with np.errstate(invalid="ignore"):  # bin 0 (the first token sees itself alone) has no entropy
         entropy_by_position = bin_entropy / bin_entropy_rows[:, None]
-    return {"received": received / seen, "entropy": entropy / entropy_rows[:, None], "first": first / rows,
-            "last": last / rows, "sink": sink / rows, "first_by_position": bin_first / bin_rows,
-            "entropy_by_position": entropy_by_position}
+    return {
+        "received": received / seen,
+        "entropy": entropy / entropy_rows[:, None],
+        "first": first / rows,
+        "last": last / rows,
+        "sink": sink / rows,
+        "first_by_position": bin_first / bin_rows,
+        "entropy_by_position": entropy_by_position,
+    }
 
 
 def tokext_statistics(stats) -> dict[str, np.ndarray]:
-    return {"received": stats.received, "entropy": stats.entropy, "first": stats.first_token_mass,
-            "last": stats.last_token_mass, "sink": stats.learned_sink_mass,
-            "first_by_position": stats.by_position.first_token_mass, "entropy_by_position": stats.by_position.entropy}
+    return {
+        "received": stats.received,
+        "entropy": stats.entropy,
+        "first": stats.first_token_mass,
+        "last": stats.last_token_mass,
+        "sink": stats.learned_sink_mass,
+        "first_by_position": stats.by_position.first_token_mass,
+        "entropy_by_position": stats.by_position.entropy,
+    }
 
 
 def max_error(ours: dict, theirs: dict) -> float:
@@ -145,6 +163,7 @@ def _is_non_semantic(info, b, j):
 def _temperature(temperature):
     def score_edit(layer, scores):
         return (scores / temperature).clamp_min(torch.finfo(scores.dtype).min)
+
     return score_edit
 
 
@@ -166,32 +185,58 @@ def cases(name: str) -> dict[str, tuple]:
     source, targets = _same_kind_pair(name)
     ablated = [(0, 1), (last, 3)]
     out = {
-        "EarlyLayerEmulation(alpha=0.5)": ((EarlyLayerEmulation(alpha=0.5),), R.ref_emulation(alpha=0.5, n_layers=n_layers), None),
-        "EarlyLayerEmulation(renormalize)": ((EarlyLayerEmulation(alpha=1.0, renormalize=True),),
-                                             R.ref_emulation(alpha=1.0, renormalize=True, n_layers=n_layers), None),
+        "EarlyLayerEmulation(alpha=0.5)": (
+            (EarlyLayerEmulation(alpha=0.5),),
+            R.ref_emulation(alpha=0.5, n_layers=n_layers),
+            None,
+        ),
+        "EarlyLayerEmulation(renormalize)": (
+            (EarlyLayerEmulation(alpha=1.0, renormalize=True),),
+            R.ref_emulation(alpha=1.0, renormalize=True, n_layers=n_layers),
+            None,
+        ),
         "SinkCalibration()": ((SinkCalibration(),), R.ref_act(), None),
-        "SinkCalibration(all, beta=0)": ((SinkCalibration(tau=0.15, beta=0.0, exclude_first=False),),
-                                         R.ref_act(tau=0.15, beta=0.0, exclude_first=False), None),
+        "SinkCalibration(all, beta=0)": (
+            (SinkCalibration(tau=0.15, beta=0.0, exclude_first=False),),
+            R.ref_act(tau=0.15, beta=0.0, exclude_first=False),
+            None,
+        ),
         "SinkRebalance()": ((SinkRebalance(),), R.ref_rebalance(_is_first), None),
-        "SinkRebalance(categories)": ((SinkRebalance("categories", scale=0.2),), R.ref_rebalance(_is_non_semantic, scale=0.2), None),
+        "SinkRebalance(categories)": (
+            (SinkRebalance("categories", scale=0.2),),
+            R.ref_rebalance(_is_non_semantic, scale=0.2),
+            None,
+        ),
         # the score path against softmax(scores / T), softcap first, a sink logit divided too
         "AttentionTemperature(2.0)": ((AttentionTemperature(2.0),), None, _temperature(2.0)),
         # the pattern path against p^(1/T) renormalised (with the sink's share as one more entry)
-        "AttentionTemperature(0.7, pattern)": ((AttentionTemperature(0.7, hook="pattern"),), R.ref_temperature(0.7), None),
+        "AttentionTemperature(0.7, pattern)": (
+            (AttentionTemperature(0.7, hook="pattern"),),
+            R.ref_temperature(0.7),
+            None,
+        ),
         "AttentionTemperature(1.5, scores)": ((AttentionTemperature(1.5, hook="scores"),), None, _temperature(1.5)),
         "PatternPatch": ((PatternPatch(source, targets),), R.ref_patch(source, set(targets)), None),
         "HeadAblation(mean)": ((HeadAblation(ablated, "mean"),), R.ref_ablation(set(ablated), "mean"), None),
         "HeadAblation(first)": ((HeadAblation(ablated, "first"),), R.ref_ablation(set(ablated), "first"), None),
         "ZeroTuning(0.5)": ((ZeroTuning(gamma=0.5),), R.ref_zerotuning(lambda layer, head: 0.5), None),
-        "ZeroTuning(per head)": ((ZeroTuning(head_gammas=[(0, 1, 3.0), (last, 2, 0.25)]),),
-                                 R.ref_zerotuning(lambda layer, head: {(0, 1): 3.0, (last, 2): 0.25}.get((layer, head), 1.0)),
-                                 None),
+        "ZeroTuning(per head)": (
+            (ZeroTuning(head_gammas=[(0, 1, 3.0), (last, 2, 0.25)]),),
+            R.ref_zerotuning(lambda layer, head: {(0, 1): 3.0, (last, 2): 0.25}.get((layer, head), 1.0)),
+            None,
+        ),
     }
     if model_info(C.family_bridge(name)).attention.learned_sinks:
-        out["SinkRebalance(sink, 0.5)"] = ((SinkRebalance("sink", scale=0.5),),
-                                           R.ref_rebalance(lambda info, b, j: False, scale=0.5, scale_sink=True), None)
-        out["SinkRebalance((first, sink), 3.0)"] = ((SinkRebalance(("first", "sink"), scale=3.0),),
-                                                    R.ref_rebalance(_is_first, scale=3.0, scale_sink=True), None)
+        out["SinkRebalance(sink, 0.5)"] = (
+            (SinkRebalance("sink", scale=0.5),),
+            R.ref_rebalance(lambda info, b, j: False, scale=0.5, scale_sink=True),
+            None,
+        )
+        out["SinkRebalance((first, sink), 3.0)"] = (
+            (SinkRebalance(("first", "sink"), scale=3.0),),
+            R.ref_rebalance(_is_first, scale=3.0, scale_sink=True),
+            None,
+        )
     return out
 
 
@@ -230,8 +275,9 @@ def report(name: str) -> dict:
     out["padding_error"] = max_error(tokext_statistics(batched), tokext_statistics(alone))
     out["streams"] = name not in NOT_STREAMING
     if out["streams"]:
-        streamed = collect_attention_stats(model, seqs, batch_size=3, progress=False, engine="streaming",
-                                           budget=STREAM_BUDGET, position_bins=BINS)
+        streamed = collect_attention_stats(
+            model, seqs, batch_size=3, progress=False, engine="streaming", budget=STREAM_BUDGET, position_bins=BINS
+        )
         out["streaming_stats_error"] = max_error(tokext_statistics(streamed), tokext_statistics(batched))
     if not spec.editable:
         return out
@@ -246,8 +292,10 @@ def report(name: str) -> dict:
         with torch.no_grad(), intervene(model, *ivs):
             ours = _run(model, tokens, mask)
         reference, _, _ = C.oracle_forward(name, tokens, mask, edit=edit, score_edit=score_edit)
-        out["interventions"][case] = {"error": float((ours - _log_probs(reference)).abs()[real].max()),
-                                      "moved": float((ours - base).abs()[real].max())}
+        out["interventions"][case] = {
+            "error": float((ours - _log_probs(reference)).abs()[real].max()),
+            "moved": float((ours - base).abs()[real].max()),
+        }
         if out["streams"]:
             with torch.no_grad(), intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET):
                 streamed = _run(model, tokens, mask)
@@ -325,9 +373,13 @@ STREAMING = [n for n in FAMILY_NAMES if n not in NOT_STREAMING]
 @pytest.mark.parametrize("name", STREAMING)
 def test_streaming_engine_gives_the_hook_engines_numbers(name):
     result = report(name)
-    assert result["streaming_stats_error"] < TOL, f"{name}: streaming statistics differ by {result['streaming_stats_error']:.3g}"
+    assert result["streaming_stats_error"] < TOL, (
+        f"{name}: streaming statistics differ by {result['streaming_stats_error']:.3g}"
+    )
     if C.FAMILIES[name].editable:
-        worse = {case: r["streaming_error"] for case, r in result["interventions"].items() if r["streaming_error"] >= TOL}
+        worse = {
+            case: r["streaming_error"] for case, r in result["interventions"].items() if r["streaming_error"] >= TOL
+        }
         assert not worse, f"{name}: streaming log-probabilities differ from the hook engine's: {worse}"
     if C.FAMILIES[name].editable and C.FAMILIES[name].generates:
         differ = [case for case, same in result["streaming_generation"].items() if not same]
@@ -388,8 +440,10 @@ def test_refusals_name_the_architecture_and_the_reason():
 
 def support_table() -> str:
     """The README table, from the reports (✓ = checked to 1e-5 in tests/test_conformance.py)."""
-    lines = ["| architecture | attention (tiny model) | statistics | edits | cached generation | streaming engine | notes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| architecture | attention (tiny model) | statistics | edits | cached generation | streaming engine | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in FAMILY_NAMES:
         spec, result = C.FAMILIES[name], report(name)
         stats = "✓" if result["stats_error"] < TOL and result["padding_error"] < TOL else "✗"
@@ -406,9 +460,11 @@ def support_table() -> str:
         if not result["streams"]:
             stream = "refused"
         else:
-            same = result["streaming_stats_error"] < TOL and all(
-                r["streaming_error"] < TOL for r in result.get("interventions", {}).values()) and all(
-                result.get("streaming_generation", {}).values())
+            same = (
+                result["streaming_stats_error"] < TOL
+                and all(r["streaming_error"] < TOL for r in result.get("interventions", {}).values())
+                and all(result.get("streaming_generation", {}).values())
+            )
             stream = "✓" if same else "✗"
         lines.append(f"| {name} | {result['layout']} | {stats} | {edits} | {generation} | {stream} | {spec.notes} |")
     return "\n".join(lines)
@@ -422,6 +478,5 @@ def test_readme_support_table_is_current():
         README.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
         text = README.read_text(encoding="utf-8")
     assert TABLE_START in text and TABLE_END in text, "README has no support-table markers"
-    current = text[text.index(TABLE_START) + len(TABLE_START): text.index(TABLE_END)].strip()
-    assert current == table, ("README's support table is out of date: rerun with TOKEXT_WRITE_SUPPORT_TABLE=1\n"
-                              + table)
+    current = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
+    assert current == table, "README's support table is out of date: rerun with TOKEXT_WRITE_SUPPORT_TABLE=1\n" + table

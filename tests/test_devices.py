@@ -20,10 +20,20 @@ from tokext.errors import InputError
 
 CUDA = torch.cuda.is_available()
 TWO_GPUS = CUDA and torch.cuda.device_count() >= 2
-PROMPTS = ["The capital of France is Paris , and the capital of Germany is Berlin .",
-           "a cat sat on the mat ! Why is the sky blue ?", "one two three"]
-OFFLOAD = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
-           "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+PROMPTS = [
+    "The capital of France is Paris , and the capital of Germany is Berlin .",
+    "a cat sat on the mat ! Why is the sky blue ?",
+    "one two three",
+]
+OFFLOAD = {
+    "model.embed_tokens": "disk",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "cpu",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "disk",
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,11 +54,14 @@ def reference(model_dir):
 # ---------------------------------------------------------------------- placements refused before loading
 
 
-@pytest.mark.parametrize("device, message", [
-    ("cuda:99", "'cuda:99'"),
-    ("tpu", "'tpu' is not a device name"),
-    ("meta", "'meta' holds no weights"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda:99", "'cuda:99'"),
+        ("tpu", "'tpu' is not a device name"),
+        ("meta", "'meta' holds no weights"),
+    ],
+)
 def test_devices_that_do_not_exist_are_named(device, message):
     from tokext.models.devices import check_device
 
@@ -67,15 +80,18 @@ def test_cuda_without_a_gpu_says_so():
             check_device("cuda")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"device": "cpu", "device_map": "auto"}, "either device"),
-    ({"n_devices": max(2, torch.cuda.device_count() + 1)}, f"this machine has {torch.cuda.device_count()}"),
-    ({"n_devices": 0}, "positive integer"),
-    ({"device_map": "fastest"}, "neither a placement strategy"),
-    ({"device_map": {"model.layers.0": "cuda:7"}}, r"device_map\['model.layers.0'\]: 'cuda:7'"),
-    ({"device_map": {"model.layers.0": "cpu"}, "max_memory": {"cpu": "lots"}}, "is not a size"),
-    ({"max_memory": {"cpu": "2GiB"}}, "with device_map or n_devices"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"device": "cpu", "device_map": "auto"}, "either device"),
+        ({"n_devices": max(2, torch.cuda.device_count() + 1)}, f"this machine has {torch.cuda.device_count()}"),
+        ({"n_devices": 0}, "positive integer"),
+        ({"device_map": "fastest"}, "neither a placement strategy"),
+        ({"device_map": {"model.layers.0": "cuda:7"}}, r"device_map\['model.layers.0'\]: 'cuda:7'"),
+        ({"device_map": {"model.layers.0": "cpu"}, "max_memory": {"cpu": "lots"}}, "is not a size"),
+        ({"max_memory": {"cpu": "2GiB"}}, "with device_map or n_devices"),
+    ],
+)
 def test_bad_placements(kwargs, message):
     from tokext.models.devices import check_placement
 
@@ -103,12 +119,18 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", forbidden)
 
 
-@pytest.mark.parametrize("placement, message", [
-    ({"device": "cuda:5"}, "'cuda:5'"),
-    ({"device_map": {"model.layers.9": "cpu"}}, r"names modules this model does not have: \['model.layers.9'\]"),
-    ({"device_map": {k: v for k, v in OFFLOAD.items() if k != "lm_head"}}, r"no device to the parameters of \['lm_head'\]"),
-    ({"device_map": {**OFFLOAD, "lm_head": "meta"}}, "'meta' holds no weights"),
-])
+@pytest.mark.parametrize(
+    "placement, message",
+    [
+        ({"device": "cuda:5"}, "'cuda:5'"),
+        ({"device_map": {"model.layers.9": "cpu"}}, r"names modules this model does not have: \['model.layers.9'\]"),
+        (
+            {"device_map": {k: v for k, v in OFFLOAD.items() if k != "lm_head"}},
+            r"no device to the parameters of \['lm_head'\]",
+        ),
+        ({"device_map": {**OFFLOAD, "lm_head": "meta"}}, "'meta' holds no weights"),
+    ],
+)
 def test_load_model_checks_the_placement_before_loading(model_dir, nothing_loads, placement, message):
     from tokext.models.loading import load_model
 
@@ -146,11 +168,15 @@ def test_offloaded_model_gives_the_same_statistics(offloaded, reference):
         np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: __import__("tokext").EarlyLayerEmulation(alpha=1.0),
-    lambda: __import__("tokext").PatternPatch(source_layer=0, target_layers=[2]),
-    lambda: __import__("tokext").SinkRebalance(targets="first", scale=0.5),
-], ids=["EarlyLayerEmulation", "PatternPatch", "SinkRebalance"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: __import__("tokext").EarlyLayerEmulation(alpha=1.0),
+        lambda: __import__("tokext").PatternPatch(source_layer=0, target_layers=[2]),
+        lambda: __import__("tokext").SinkRebalance(targets="first", scale=0.5),
+    ],
+    ids=["EarlyLayerEmulation", "PatternPatch", "SinkRebalance"],
+)
 def test_offloaded_model_gives_the_same_interventions(offloaded, reference, make):
     import tokext
 
@@ -170,8 +196,11 @@ def test_offloaded_model_gives_the_same_generation_and_evaluation(offloaded, ref
     assert greedy_generate(offloaded, ids, 6) == greedy_generate(reference, ids, 6)
     spec = {"task": "arithmetic", "level": 1, "n": 3, "shots": 1, "max_new_tokens": 6}
     emulation = [tokext.EarlyLayerEmulation(alpha=1.0)]
-    pd.testing.assert_frame_equal(evaluate(offloaded, spec, emulation, progress=False),
-                                  evaluate(reference, spec, emulation, progress=False), atol=1e-6)
+    pd.testing.assert_frame_equal(
+        evaluate(offloaded, spec, emulation, progress=False),
+        evaluate(reference, spec, emulation, progress=False),
+        atol=1e-6,
+    )
 
 
 def test_dtype_by_name(model_dir, reference):
@@ -198,8 +227,11 @@ def _same_everything(model, ref, atol: float) -> None:
     b = tokext.collect_attention_stats(model, PROMPTS, batch_size=2, progress=False)
     for name in ("received", "entropy", "category_mass"):
         np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=atol, err_msg=name)
-    for iv in (tokext.EarlyLayerEmulation(alpha=1.0), tokext.PatternPatch(source_layer=0, target_layers=[2]),
-               tokext.SinkCalibration(tau=0.05)):
+    for iv in (
+        tokext.EarlyLayerEmulation(alpha=1.0),
+        tokext.PatternPatch(source_layer=0, target_layers=[2]),
+        tokext.SinkCalibration(tau=0.05),
+    ):
         x, y = tokext.intervention_effect(ref, PROMPTS, iv), tokext.intervention_effect(model, PROMPTS, iv)
         assert y.loss_after == pytest.approx(x.loss_after, abs=atol), repr(iv)
     ids = [ref.tokenizer(p).input_ids for p in PROMPTS]
@@ -223,8 +255,15 @@ def test_on_one_gpu_as_on_the_cpu(model_dir, reference):
 def test_split_over_two_gpus_as_on_one(model_dir):
     from tokext.models.loading import load_model
 
-    split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
-             "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
+    split = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 1,
+        "model.layers.2": 1,
+        "model.norm": 1,
+        "model.rotary_emb": 1,
+        "lm_head": 1,
+    }
     model = load_model(model_dir, device_map=split)
     assert {str(p.device) for p in model.parameters()} == {"cuda:0", "cuda:1"}
     _same_everything(model, load_model(model_dir, device="cuda:0"), atol=1e-5)

@@ -126,8 +126,9 @@ def test_evaluate_gives_the_same_items_with_either_engine(tiny, streamed):
     spec = {"task": "mmlu", "method": "letter", "subjects": ("marketing",), "n": 4}
     hooks = evaluate(model, spec, [EarlyLayerEmulation(alpha=1.0)], batch_size=2, progress=False)
     assert streamed["blocks"] == 0
-    streaming = evaluate(model, spec, [EarlyLayerEmulation(alpha=1.0)], batch_size=2, progress=False,
-                         engine="streaming")
+    streaming = evaluate(
+        model, spec, [EarlyLayerEmulation(alpha=1.0)], batch_size=2, progress=False, engine="streaming"
+    )
     assert streamed["blocks"] == 1
     numeric = [c for c in hooks.columns if pd.api.types.is_float_dtype(hooks[c])]
     assert numeric, "no scores to compare"
@@ -179,7 +180,9 @@ def test_config_engine_key_is_checked_and_changes_no_hash(tiny, tmp_path):
     streaming = load_config(_config(tmp_path, directory, 'engine = "streaming"'))
     assert plain.engine == "hooks" and streaming.engine == "streaming"
     assert plain.config_hash() == streaming.config_hash()
-    with pytest.raises(DataFileError, match=r"engine.*expected one of hooks, streaming, auto.*Did you mean 'streaming'"):
+    with pytest.raises(
+        DataFileError, match=r"engine.*expected one of hooks, streaming, auto.*Did you mean 'streaming'"
+    ):
         load_config(_config(tmp_path, directory, 'engine = "streming"'))
     assert with_overrides(plain, engine="auto").engine == "auto"
     with pytest.raises(DataFileError, match="--engine"):
@@ -218,8 +221,25 @@ def test_cli_engine_flag(tiny, tmp_path, capsys):
     directory, _ = tiny
     data = tmp_path / "prompts.txt"
     data.write_text("the cat sat on the mat .\nis it raining ? yes , it is .\n")
-    assert main(["analyze", "--model", directory, "--data", str(data), "--n", "2", "--out", str(tmp_path / "a"),
-                 "--engine", "streaming", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                directory,
+                "--data",
+                str(data),
+                "--n",
+                "2",
+                "--out",
+                str(tmp_path / "a"),
+                "--engine",
+                "streaming",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     stats = AttentionStats.load(next((tmp_path / "a").glob("*.npz")))
     assert stats.metadata["engine"] == "streaming"
     with pytest.raises(SystemExit) as exit_:

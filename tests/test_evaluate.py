@@ -20,14 +20,21 @@ from tokext.errors import InputError
 from tokext.evaluation.mc import MCItem
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-WORDS = sorted(set(
-    list("ABCDEFGH") + list("0123456789") + list(".,:;?!'\"()*+-=") +
-    ("Answer Question Analysis Response What is the result Start with Add Subtract Multiply by Compute "
-     "Work it out step writing each intermediate on its own line then give final answer a last that starts "
-     "sky blue green red water boils at degrees cat dog sat mat river stone apple capital of France Paris "
-     "Berlin Rome Madrid which colour color grass how many legs does have four two three six eight "
-     "under heading go through options one check reasoning and facts behind say why could be right or wrong "
-     "only letter single best multiple choice question below in parts First").split()))
+WORDS = sorted(
+    set(
+        list("ABCDEFGH")
+        + list("0123456789")
+        + list(".,:;?!'\"()*+-=")
+        + (
+            "Answer Question Analysis Response What is the result Start with Add Subtract Multiply by Compute "
+            "Work it out step writing each intermediate on its own line then give final answer a last that starts "
+            "sky blue green red water boils at degrees cat dog sat mat river stone apple capital of France Paris "
+            "Berlin Rome Madrid which colour color grass how many legs does have four two three six eight "
+            "under heading go through options one check reasoning and facts behind say why could be right or wrong "
+            "only letter single best multiple choice question below in parts First"
+        ).split()
+    )
+)
 
 
 def build_tokenizer():
@@ -36,12 +43,18 @@ def build_tokenizer():
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + ["\n"])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 @functools.cache
@@ -51,10 +64,20 @@ def tiny_eval_model_dir(root: str) -> Path:
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         initializer_range=0.3, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = AutoModelForCausalLM.from_config(config)
     directory = Path(root) / "tiny-eval-llama"
     model.save_pretrained(directory)
@@ -91,7 +114,15 @@ ITEMS = [
     MCItem("t/1", "Which colour is the sky ?", ("green", "blue", "red", "four"), 1, "sci", "STEM", "t"),
     MCItem("t/2", "How many legs does a cat have ?", ("two", "four six eight", "three", "six"), 1, "bio", "STEM", "t"),
     MCItem("t/3", "Water boils at 100 degrees ?", ("yes it does", "no"), 0, "sci", "STEM", "t"),
-    MCItem("t/4", "A cat sat on the mat . Who sat ?", ("the cat", "the dog sat on the mat", "a river"), 0, "x", "Other", "t"),
+    MCItem(
+        "t/4",
+        "A cat sat on the mat . Who sat ?",
+        ("the cat", "the dog sat on the mat", "a river"),
+        0,
+        "x",
+        "Other",
+        "t",
+    ),
 ]
 
 
@@ -255,8 +286,15 @@ def test_scoring_too_long_an_item_is_a_clear_error(model):
     from tokext.evaluation.evaluate import score_letters
 
     n_ctx = model.cfg.n_ctx
-    long_item = MCItem(id="long", question="word " * (2 * n_ctx), choices=["a", "b"], label=0, subject="s",
-                       category="Other", source="test")
+    long_item = MCItem(
+        id="long",
+        question="word " * (2 * n_ctx),
+        choices=["a", "b"],
+        label=0,
+        subject="s",
+        category="Other",
+        source="test",
+    )
     with pytest.raises(InputError, match="context"):
         score_letters(model, [long_item], progress=False)
 
@@ -281,8 +319,9 @@ def test_calibration_objectives_on_multiple_choice(model, hf):
         over_vocab.append(_entropy(ref))
     assert gold_answer_nll(spec, items=ITEMS, batch_size=2)(model) == pytest.approx(np.mean(nll), abs=1e-4)
     assert answer_entropy(spec, items=ITEMS)(model) == pytest.approx(np.mean(over_letters), abs=1e-4)
-    assert answer_entropy(spec, items=ITEMS, over="vocab", batch_size=3)(model) == pytest.approx(np.mean(over_vocab),
-                                                                                                abs=1e-4)
+    assert answer_entropy(spec, items=ITEMS, over="vocab", batch_size=3)(model) == pytest.approx(
+        np.mean(over_vocab), abs=1e-4
+    )
     assert 0 < np.mean(over_letters) < math.log(4)
 
 

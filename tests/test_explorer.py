@@ -53,7 +53,7 @@ def test_baseline_patterns_and_scores_match_transformers(page, tiny_llama_dir):
         t = len(ids)
         entry = page.data["prompts"][index]
         assert entry["tokens"] == ref.labels(tiny_llama_dir, ids)
-        assert entry["cut"] == (len(full) > MAX_TOKENS) 
+        assert entry["cut"] == (len(full) > MAX_TOKENS)
         assert entry["label"] == AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ids)[:60]
         expected = ref.baseline_patterns(tiny_llama_dir, full)[:, :, :t, :t]  # the first t tokens of the full run
         run = entry["runs"]["baseline"]
@@ -61,12 +61,14 @@ def test_baseline_patterns_and_scores_match_transformers(page, tiny_llama_dir):
             for head in range(expected.shape[1]):
                 shown = ref.page_pattern(run, layer, head, decimals)
                 want = np.where(np.tri(t, dtype=bool), expected[layer, head], np.nan)
-                _close(shown, want, 0.5 * 10 ** -decimals + 1e-7, f"prompt {index} layer {layer} head {head}")
+                _close(shown, want, 0.5 * 10**-decimals + 1e-7, f"prompt {index} layer {layer} head {head}")
         truth = ref.scores(expected)
         for key in ("first_token_mass", "entropy", "learned_sink_mass"):
             _close(np.array(run["scores"][key], dtype=float), truth[key], 1e-5, f"prompt {index} {key}")
-        sinks = [[list(np.flatnonzero(truth["sinks"][layer, head])) for head in range(truth["sinks"].shape[1])]
-                 for layer in range(truth["sinks"].shape[0])]
+        sinks = [
+            [list(np.flatnonzero(truth["sinks"][layer, head])) for head in range(truth["sinks"].shape[1])]
+            for layer in range(truth["sinks"].shape[0])
+        ]
         assert run["sinks"] == sinks
         assert any(any(row) for row in run["sinks"])  # the comparison has something to compare
 
@@ -88,8 +90,12 @@ def test_edited_patterns_match_the_reference_forward(page, tiny_llama_dir):
         for layer in range(expected.shape[0]):
             for head in range(expected.shape[1]):
                 want = np.where(np.tri(t, dtype=bool), expected[layer, head], np.nan)
-                _close(ref.page_pattern(run, layer, head, decimals), want, 0.5 * 10 ** -decimals + 1e-6,
-                       f"edited prompt {index} layer {layer} head {head}")
+                _close(
+                    ref.page_pattern(run, layer, head, decimals),
+                    want,
+                    0.5 * 10**-decimals + 1e-6,
+                    f"edited prompt {index} layer {layer} head {head}",
+                )
         truth = ref.scores(expected)
         assert np.allclose(np.array(run["scores"]["first_token_mass"]), truth["first_token_mass"], atol=1e-5)
         # the first token keeps only its own row (query 0 sees nothing else): 1/t of the mass
@@ -98,8 +104,9 @@ def test_edited_patterns_match_the_reference_forward(page, tiny_llama_dir):
 
 def test_head_scores_on_a_hand_computed_pattern():
     """Two heads on T = 3: a softmax head and one whose rows leave 0.2, 0.4, 0.6 to a learned sink."""
-    pattern = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]],
-                            [[0.8, 0.0, 0.0], [0.3, 0.3, 0.0], [0.1, 0.1, 0.2]]])[None]
+    pattern = torch.tensor(
+        [[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], [[0.8, 0.0, 0.0], [0.3, 0.3, 0.0], [0.1, 0.1, 0.2]]]
+    )[None]
     scores = head_scores(pattern, visible_keys(torch.ones(1, 3)), sink_eps=0.39)
     h2 = -(0.2 * math.log(0.2) + 0.3 * math.log(0.3) + 0.5 * math.log(0.5)) / math.log(3)
     assert np.allclose(scores["first_token_mass"][0], [(1 + 0.5 + 0.2) / 3, (1 + 0.5 + 0.25) / 3])
@@ -124,12 +131,15 @@ def _forward_counter(model):
     return calls, model.register_forward_pre_hook(lambda module, args: calls.append(1))
 
 
-@pytest.mark.parametrize("prompts, error, message", [
-    ([""], EmptyInputError, "input 0 is an empty or blank string"),
-    (["ok", "   "], EmptyInputError, "input 1 is an empty or blank string"),
-    ([], EmptyInputError, "no inputs"),
-    ("one string", InputError, "wrap it in a list"),
-])
+@pytest.mark.parametrize(
+    "prompts, error, message",
+    [
+        ([""], EmptyInputError, "input 0 is an empty or blank string"),
+        (["ok", "   "], EmptyInputError, "input 1 is an empty or blank string"),
+        ([], EmptyInputError, "no inputs"),
+        ("one string", InputError, "wrap it in a list"),
+    ],
+)
 def test_bad_prompts_fail_before_any_forward(llama, prompts, error, message):
     calls, handle = _forward_counter(llama)
     try:
@@ -140,11 +150,14 @@ def test_bad_prompts_fail_before_any_forward(llama, prompts, error, message):
     assert calls == []
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens must be a positive integer"),
-    ({"decimals": 0}, "decimals must be an integer from 1 to 6"),
-    ({"intervention": "SinkRebalance"}, "explore takes Intervention objects"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be a positive integer"),
+        ({"decimals": 0}, "decimals must be an integer from 1 to 6"),
+        ({"intervention": "SinkRebalance"}, "explore takes Intervention objects"),
+    ],
+)
 def test_bad_settings_fail_before_any_forward(llama, kwargs, message):
     calls, handle = _forward_counter(llama)
     try:
@@ -156,8 +169,9 @@ def test_bad_settings_fail_before_any_forward(llama, kwargs, message):
 
 
 def _hook_count(model) -> int:
-    return sum(len(point.fwd_hooks) for point in model.hook_dict.values()) + \
-        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return sum(len(point.fwd_hooks) for point in model.hook_dict.values()) + sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
+    )
 
 
 def test_no_hook_is_left_when_the_run_fails(llama):
@@ -206,8 +220,14 @@ def test_page_is_self_contained_with_one_cell_per_head(page):
     links = [(tag, attrs[key]) for tag, attrs in tags for key in ("src", "href", "data", "srcset") if attrs.get(key)]
     assert links == [], f"the page refers to outside resources: {links[:5]}"
     # nor in markup the parser would miss (Plotly's inlined JavaScript only mentions URLs in strings)
-    for pattern in (r"<script[^>]*\ssrc=", r"<link[^>]*\shref=", r"<img[^>]*\ssrc=", r"<iframe", r"@import",
-                    r"url\(\s*['\"]?(https?:)?//"):
+    for pattern in (
+        r"<script[^>]*\ssrc=",
+        r"<link[^>]*\shref=",
+        r"<img[^>]*\ssrc=",
+        r"<iframe",
+        r"@import",
+        r"url\(\s*['\"]?(https?:)?//",
+    ):
         assert not re.search(pattern, page.html, re.I), pattern
     cells = [(int(a["data-layer"]), int(a["data-head"])) for tag, a in tags if a.get("class") == "cell"]
     assert sorted(cells) == [(layer, head) for layer in range(3) for head in range(4)]
@@ -239,10 +259,30 @@ def test_analyze_html_writes_the_explorer_for_the_analysed_prompts(tmp_path, cap
     data = tmp_path / "prompts.txt"
     data.write_text("\n".join(TEXTS + ["one two three"]) + "\n")
     target = tmp_path / "explorer.html"
-    assert main(["analyze", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(tmp_path / "o"),
-                 "--html", str(target), "--html-prompts", "2", "--quiet"]) == 0
-    assert capsys.readouterr().out.strip().endswith(f"wrote the attention explorer to {target} "
-                                                    "(open it in a browser; it works offline)")
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                str(tiny_llama_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "o"),
+                "--html",
+                str(target),
+                "--html-prompts",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(f"wrote the attention explorer to {target} (open it in a browser; it works offline)")
+    )
     text = target.read_text(encoding="utf-8")
     cells = [a for tag, a in _tags(text) if a.get("class") == "cell"]
     assert len(cells) == 3 * 4

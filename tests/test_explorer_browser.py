@@ -30,8 +30,16 @@ from tokext.models.loading import _smollm2_dir, load_model
 from tokext.viz.explorer import explore
 
 CHROMIUM = os.environ.get("TOKEXT_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TEXTS = ["The capital of France is Paris , and the capital of Germany is Berlin .", "Why is the sky blue ?"]
 MAX_TOKENS = 9
 SCREENSHOT_HEAD = (12, 1)  # the SmolLM2 head shown in the README's screenshot
@@ -53,8 +61,12 @@ def browser(tmp_path_factory):
         pytest.skip(missing)
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True, args=FLAGS,
-            viewport={"width": 1600, "height": 720})
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1600, "height": 720},
+        )
         yield context
         context.close()
 
@@ -86,8 +98,9 @@ def open_page(context, path: Path, ready: bool = True) -> SimpleNamespace:
 
 def assert_nothing_left_the_page(seen: SimpleNamespace) -> None:
     outside = [url for url in seen.requests if url != seen.url and not url.startswith(("data:", "blob:"))]
-    assert outside == [] and seen.refused == [] and seen.sockets == [], \
+    assert outside == [] and seen.refused == [] and seen.sockets == [], (
         f"requests from the page: {outside + seen.refused + seen.sockets}"
+    )
     assert seen.requests[0] == seen.url
     assert seen.errors == [], f"errors on the page: {seen.errors}"
 
@@ -102,15 +115,23 @@ def tiny(tiny_llama_dir, tmp_path_factory):
         ids = ref.token_ids(tiny_llama_dir, text, MAX_TOKENS)
         baseline = ref.baseline_patterns(tiny_llama_dir, ids)
         edited = ref.edited_patterns(tiny_llama_dir, ids, ref.first_token_sink_removed())
-        truth.append({"labels": ref.labels(tiny_llama_dir, ids), "baseline": baseline, "edited": edited,
-                      "scores": {"baseline": ref.scores(baseline), "edited": ref.scores(edited)}})
-    return SimpleNamespace(explorer=page, path=path, truth=truth, n_layers=3, n_heads=4,
-                           decimals=page.data["decimals"])
+        truth.append(
+            {
+                "labels": ref.labels(tiny_llama_dir, ids),
+                "baseline": baseline,
+                "edited": edited,
+                "scores": {"baseline": ref.scores(baseline), "edited": ref.scores(edited)},
+            }
+        )
+    return SimpleNamespace(explorer=page, path=path, truth=truth, n_layers=3, n_heads=4, decimals=page.data["decimals"])
 
 
 def cell_values(page) -> dict[tuple[int, int], float]:
-    rows = page.eval_on_selector_all(".cell", "cells => cells.map(c => [+c.dataset.layer, +c.dataset.head, "
-                                     "c.dataset.value, getComputedStyle(c).backgroundColor])")
+    rows = page.eval_on_selector_all(
+        ".cell",
+        "cells => cells.map(c => [+c.dataset.layer, +c.dataset.head, "
+        "c.dataset.value, getComputedStyle(c).backgroundColor])",
+    )
     assert all(colour.startswith("rgb(") for *_, colour in rows)
     return {(layer, head): float(value) for layer, head, value, _ in rows}
 
@@ -124,10 +145,14 @@ def _grid_matches(values: dict, expected: np.ndarray, what: str) -> None:
 def test_page_renders_one_cell_per_head(browser, tiny):
     seen = open_page(browser, tiny.path)
     page = seen.page
-    boxes = page.eval_on_selector_all(".cell", "cells => cells.map(c => [+c.dataset.layer, +c.dataset.head, "
-                                      "c.getBoundingClientRect().width, c.getBoundingClientRect().height])")
-    assert sorted((layer, head) for layer, head, *_ in boxes) == \
-        [(layer, head) for layer in range(tiny.n_layers) for head in range(tiny.n_heads)]
+    boxes = page.eval_on_selector_all(
+        ".cell",
+        "cells => cells.map(c => [+c.dataset.layer, +c.dataset.head, "
+        "c.getBoundingClientRect().width, c.getBoundingClientRect().height])",
+    )
+    assert sorted((layer, head) for layer, head, *_ in boxes) == [
+        (layer, head) for layer in range(tiny.n_layers) for head in range(tiny.n_heads)
+    ]
     assert all(w >= 10 and h >= 10 for *_, w, h in boxes), "cells are not drawn"
     _grid_matches(cell_values(page), tiny.truth[0]["scores"]["baseline"]["first_token_mass"], "first-token mass")
     page.select_option("#metric", "entropy")
@@ -141,9 +166,12 @@ def test_page_renders_one_cell_per_head(browser, tiny):
 
 
 def _plot(page, run: str):
-    return page.evaluate("run => { const gd = document.getElementById('plot-' + run); "
-                         "return {z: gd.data[0].z, sinks: gd.layout.shapes.map(s => s.x0 + 0.5), "
-                         "title: gd.layout.title.text, sinkAttr: gd.dataset.sinks}; }", run)
+    return page.evaluate(
+        "run => { const gd = document.getElementById('plot-' + run); "
+        "return {z: gd.data[0].z, sinks: gd.layout.shapes.map(s => s.x0 + 0.5), "
+        "title: gd.layout.title.text, sinkAttr: gd.dataset.sinks}; }",
+        run,
+    )
 
 
 def _as_array(z) -> np.ndarray:
@@ -156,7 +184,7 @@ def test_clicking_a_cell_shows_that_heads_pattern(browser, tiny):
     truth = tiny.truth[0]
     t = len(truth["labels"])
     lower = np.tri(t, dtype=bool)
-    tol = 0.5 * 10 ** -tiny.decimals + 1e-6
+    tol = 0.5 * 10**-tiny.decimals + 1e-6
     for layer, head in [(1, 2), (2, 0)]:
         page.click(f".cell[data-layer='{layer}'][data-head='{head}']")
         panel = page.eval_on_selector("#head", "p => [p.dataset.layer, p.dataset.head]")
@@ -181,9 +209,12 @@ def test_clicking_a_cell_shows_that_heads_pattern(browser, tiny):
 
     # the weight under the mouse, on hover: query 5, key 2 of layer 2, head 0
     i, j = 5, 2
-    x, y = page.evaluate("([i, j]) => { const gd = document.getElementById('plot-baseline'); "
-                         "const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect(); "
-                         "return [r.left + xa._offset + xa.l2p(j), r.top + ya._offset + ya.l2p(i)]; }", [i, j])
+    x, y = page.evaluate(
+        "([i, j]) => { const gd = document.getElementById('plot-baseline'); "
+        "const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect(); "
+        "return [r.left + xa._offset + xa.l2p(j), r.top + ya._offset + ya.l2p(i)]; }",
+        [i, j],
+    )
     page.mouse.move(x, y)
     page.wait_for_selector("#plot-baseline .hoverlayer .hovertext")
     hover = page.text_content("#plot-baseline .hoverlayer .hovertext")
@@ -225,7 +256,7 @@ def test_notebook_view_renders_the_same_page(browser, tiny, tmp_path):
     z = frame.locator("#plot-baseline").evaluate("gd => gd.data[0].z")
     t = len(tiny.truth[0]["labels"])
     want = np.where(np.tri(t, dtype=bool), tiny.truth[0]["baseline"][2, 3], np.nan)
-    assert np.nanmax(np.abs(_as_array(z) - want)) <= 0.5 * 10 ** -tiny.decimals + 1e-6
+    assert np.nanmax(np.abs(_as_array(z) - want)) <= 0.5 * 10**-tiny.decimals + 1e-6
     outside = [url for url in seen.requests if url != seen.url and not url.startswith(("data:", "blob:", "about:"))]
     assert outside == [] and seen.refused == [] and seen.sockets == [] and seen.errors == []
 
@@ -247,7 +278,9 @@ def test_smollm2_page_in_the_browser(browser, smollm2, tmp_path):
     attentions, _ = reference_attentions(_smollm2_dir(), torch.tensor([ids]))
     want = attentions[layer][0, head].numpy()
     got = _as_array(_plot(seen.page, "baseline")["z"])
-    assert got.shape == want.shape and np.nanmax(np.abs(got - np.where(np.tri(len(ids), dtype=bool), want, np.nan))) < 6e-4
+    assert (
+        got.shape == want.shape and np.nanmax(np.abs(got - np.where(np.tri(len(ids), dtype=bool), want, np.nan))) < 6e-4
+    )
     shot = seen.page.screenshot(full_page=True)
     assert len(shot) > 50_000
     target = os.environ.get("TOKEXT_EXPLORER_SCREENSHOT")

@@ -104,8 +104,17 @@ def test_custom_letters_and_bad_arguments():
 @settings(max_examples=100, deadline=None)
 @given(
     label=st.integers(0, 3),
-    template=st.sampled_from(["{L}", "{L}.", "The answer is {L}.", "Response: {L}", "({L}) {text}",
-                              "Analysis: looks fine.\nResponse: {L}", "I choose {L}"]),
+    template=st.sampled_from(
+        [
+            "{L}",
+            "{L}.",
+            "The answer is {L}.",
+            "Response: {L}",
+            "({L}) {text}",
+            "Analysis: looks fine.\nResponse: {L}",
+            "I choose {L}",
+        ]
+    ),
 )
 def test_well_formed_outputs_are_read_exactly(label, template):
     letter = "ABCD"[label]
@@ -114,6 +123,7 @@ def test_well_formed_outputs_are_read_exactly(label, template):
 
 
 # ---- free-form answers -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "text, numeric, want",

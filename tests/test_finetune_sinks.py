@@ -30,8 +30,14 @@ def test_quick_run_writes_both_profiles(tiny_llama_dir, tmp_path):
             assert (out / f"stats_{phase}_{dataset}.npz").is_file()
     profiles = pd.read_csv(out / "profiles.csv")
     assert set(profiles.phase) == {"before", "after"} and set(profiles.dataset) == {"task", "natural"}
-    assert {"first_token_mass", "entropy", "mass_punctuation", "mass_whitespace", "mass_digit",
-            "hidden_sinks_per_seq"} <= set(profiles.columns)
+    assert {
+        "first_token_mass",
+        "entropy",
+        "mass_punctuation",
+        "mass_whitespace",
+        "mass_digit",
+        "hidden_sinks_per_seq",
+    } <= set(profiles.columns)
     changes = pd.read_csv(out / "changes.csv")
     trained = changes.layer == changes.layer.max()  # --quick trains the last layer only
     assert changes.loc[~trained, ["first_token_mass", "entropy"]].abs().to_numpy().max() < 1e-6

@@ -20,16 +20,25 @@ from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
 from tokext.interventions.zerotuning import ZeroTuning
 
-ROW_LOCAL = [(), (EarlyLayerEmulation(),), (EarlyLayerEmulation(alpha=1.0),), (SinkRebalance("categories", 0.1),),
-             (AttentionTemperature(0.7),), (PatternPatch(0, (2,)),), (HeadAblation([(1, 0)], "first"),),
-             (EarlyLayerEmulation(alpha=1.0), SinkRebalance(scale=0.5)), (SinkRebalance((0, 2), scale=0.1),),
-             (HeadAblation([(1, 0), (2, 1)], "zero"),), (HeadAblation([(1, 0), (2, 3)], "mean"),),
-             (ZeroTuning(gamma=0.5, head_gammas=[(2, 1, 3.0)]),),
-             # ACT's sinks depend on every row's received attention. A decode step uses the column
-             # means of all rows so far, which is what recomputing gives for the last row; earlier
-             # rows are re-calibrated by a recompute, though, and change the keys and values of later
-             # layers. Calibrating only the last layer leaves those untouched, so there it is exact.
-             (SinkCalibration(beta=0.0, heads=[(2, 0), (2, 1), (2, 2), (2, 3)]),)]
+ROW_LOCAL = [
+    (),
+    (EarlyLayerEmulation(),),
+    (EarlyLayerEmulation(alpha=1.0),),
+    (SinkRebalance("categories", 0.1),),
+    (AttentionTemperature(0.7),),
+    (PatternPatch(0, (2,)),),
+    (HeadAblation([(1, 0)], "first"),),
+    (EarlyLayerEmulation(alpha=1.0), SinkRebalance(scale=0.5)),
+    (SinkRebalance((0, 2), scale=0.1),),
+    (HeadAblation([(1, 0), (2, 1)], "zero"),),
+    (HeadAblation([(1, 0), (2, 3)], "mean"),),
+    (ZeroTuning(gamma=0.5, head_gammas=[(2, 1, 3.0)]),),
+    # ACT's sinks depend on every row's received attention. A decode step uses the column
+    # means of all rows so far, which is what recomputing gives for the last row; earlier
+    # rows are re-calibrated by a recompute, though, and change the keys and values of later
+    # layers. Calibrating only the last layer leaves those untouched, so there it is exact.
+    (SinkCalibration(beta=0.0, heads=[(2, 0), (2, 1), (2, 2), (2, 3)]),),
+]
 
 
 def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -38,7 +47,7 @@ def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def _prompts():
@@ -74,12 +83,18 @@ def test_bridge_generate_under_intervene_uses_cached_rows(tiny_llama):
     shapes = []
     iv = EarlyLayerEmulation(alpha=1.0)
     with intervene(model, iv) as run, attached(model, [(pattern_hook_name(2), lambda p, h: shapes.append(p.shape))]):
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, use_past_kv_cache=True,
-                             stop_at_eos=False,
-                             verbose=False, prepend_bos=False)
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            use_past_kv_cache=True,
+            stop_at_eos=False,
+            verbose=False,
+            prepend_bos=False,
+        )
         forwards, decode_shape = run.forwards, shapes[1]
         truth = naive_greedy(model, prompt, n)
-    assert out[0, len(prompt):].tolist() == truth
+    assert out[0, len(prompt) :].tolist() == truth
     assert forwards == n and decode_shape == (1, 4, 1, len(prompt) + 1)  # one prefill, then one row per step
 
 
@@ -88,7 +103,7 @@ def test_stop_at_eos_and_validation(tiny_llama, tiny_native):
     free = greedy_generate(model, prompts, 6, stop_at_eos=False)
     stopped = greedy_generate(model, prompts, 6, eos_token_id=free[0][2])
     assert stopped[0] == free[0][:3]
-    assert stopped[1] == free[1][:free[1].index(free[0][2]) + 1] if free[0][2] in free[1] else stopped[1] == free[1]
+    assert stopped[1] == free[1][: free[1].index(free[0][2]) + 1] if free[0][2] in free[1] else stopped[1] == free[1]
     assert greedy_generate(model, prompts, 0) == [[], []]
     with pytest.raises(InputError, match="eos"):
         greedy_generate(tiny_native, [[1, 2, 3]], 3)
@@ -108,7 +123,14 @@ def test_smollm2_kv_cache_matches_recompute(smollm2):
         with intervene(model, *ivs):
             cached = greedy_generate(model, prompts, n, batch_size=2, stop_at_eos=False)
             truth = [naive_greedy(model, p, n) for p in ids]
-            bridge = model.generate(torch.tensor([ids[0]]), max_new_tokens=n, do_sample=False,
-                                    use_past_kv_cache=True, verbose=False, prepend_bos=False, stop_at_eos=False)
+            bridge = model.generate(
+                torch.tensor([ids[0]]),
+                max_new_tokens=n,
+                do_sample=False,
+                use_past_kv_cache=True,
+                verbose=False,
+                prepend_bos=False,
+                stop_at_eos=False,
+            )
         assert cached == truth, f"{ivs}: cached {cached} != recomputed {truth}"
-        assert bridge[0, len(ids[0]):].tolist() == truth[0]
+        assert bridge[0, len(ids[0]) :].tolist() == truth[0]

@@ -18,11 +18,18 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_3():
     if torch.cuda.is_available():  # here the check would run for minutes: only the probe is checked
         assert gpu_check.no_gpu_message() is None
         return
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == gpu_check.NO_GPU == 3
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU here (torch ") and "nothing was run" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU here (torch ") and "nothing was run" in lines[0]
+    )
 
 
 def test_ratio_rows_and_table():

@@ -17,14 +17,25 @@ import torch
 from tests import conformance as C
 from tokext.attention.collect import collect_attention_stats
 from tokext.interventions import (
-    AttentionTemperature, EarlyLayerEmulation, HeadAblation, SinkCalibration, SinkRebalance, intervention_effect,
+    AttentionTemperature,
+    EarlyLayerEmulation,
+    HeadAblation,
+    SinkCalibration,
+    SinkRebalance,
+    intervention_effect,
 )
 from tokext.models.loading import load_model
 
 FAMILIES = ["Llama", "Gemma 2", "gpt-oss"]
 DTYPES = [torch.bfloat16, torch.float16]
-INTERVENTIONS = [SinkCalibration(), SinkRebalance(), EarlyLayerEmulation(), AttentionTemperature(0.5),
-                 AttentionTemperature(2.0, hook="pattern"), HeadAblation([(1, 0), (2, 3)], "mean")]
+INTERVENTIONS = [
+    SinkCalibration(),
+    SinkRebalance(),
+    EarlyLayerEmulation(),
+    AttentionTemperature(0.5),
+    AttentionTemperature(2.0, hook="pattern"),
+    HeadAblation([(1, 0), (2, 3)], "mean"),
+]
 
 
 @functools.cache
@@ -33,8 +44,13 @@ def _model(name: str, dtype: torch.dtype):
 
 
 def _summary(stats) -> dict[str, np.ndarray]:
-    return {"received": stats.received[..., :8], "entropy": stats.entropy, "first": stats.first_token_mass,
-            "sink": stats.learned_sink_mass, "row_sum": stats.row_sum}
+    return {
+        "received": stats.received[..., :8],
+        "entropy": stats.entropy,
+        "first": stats.first_token_mass,
+        "sink": stats.learned_sink_mass,
+        "row_sum": stats.row_sum,
+    }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -55,8 +71,9 @@ def test_interventions_stay_finite_in_half_precision(name, dtype):
     model = _model(name, dtype)
     for iv in INTERVENTIONS:
         effect = intervention_effect(model, C.sequences(), iv)
-        assert np.isfinite([effect.loss_before, effect.loss_after, effect.max_abs_delta_logit]).all(), \
+        assert np.isfinite([effect.loss_before, effect.loss_after, effect.max_abs_delta_logit]).all(), (
             f"{name} {dtype}: {iv!r} gave {effect}"
+        )
         assert effect.max_abs_delta_logit > 1e-3, f"{name} {dtype}: {iv!r} did not move the logits"
 
 

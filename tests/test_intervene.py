@@ -10,7 +10,11 @@ import torch
 from tests.models_fixtures import encode_text
 from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native, tiny_opt  # noqa: F401  (fixtures)
 from tokext.errors import (
-    InputError, InterventionNotAppliedError, LayerIndexError, TokextError, UneditableAttentionError,
+    InputError,
+    InterventionNotAppliedError,
+    LayerIndexError,
+    TokextError,
+    UneditableAttentionError,
 )
 from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
@@ -25,8 +29,15 @@ from tokext.interventions.zerotuning import ZeroTuning
 from tokext.models.info import model_info
 from tokext.models.native import native_model
 
-ALL = [EarlyLayerEmulation(alpha=1.0), SinkCalibration(), SinkRebalance(), AttentionTemperature(0.5),
-       PatternPatch(0, (1, 2)), HeadAblation([(1, 1)], "mean"), ZeroTuning(head_gammas=[(1, 0, 0.5), (2, 3, 2.0)])]
+ALL = [
+    EarlyLayerEmulation(alpha=1.0),
+    SinkCalibration(),
+    SinkRebalance(),
+    AttentionTemperature(0.5),
+    PatternPatch(0, (1, 2)),
+    HeadAblation([(1, 1)], "mean"),
+    ZeroTuning(head_gammas=[(1, 0, 0.5), (2, 3, 2.0)]),
+]
 
 
 def _hook_count(model) -> int:
@@ -107,8 +118,12 @@ def test_temperature_keeps_its_place_after_pattern_hooks(tiny_llama):
     hooks_before = _hook_count(model)
     alone = [n for n, _ in AttentionTemperature(2.0).hooks(model, RunContext())]
     assert all(n.endswith("hook_attn_scores") for n in alone)
-    after_patch = [n for n, _ in AttentionTemperature(2.0).hooks(
-        model, RunContext(earlier_points={pattern_hook_name(0), pattern_hook_name(2)}))]
+    after_patch = [
+        n
+        for n, _ in AttentionTemperature(2.0).hooks(
+            model, RunContext(earlier_points={pattern_hook_name(0), pattern_hook_name(2)})
+        )
+    ]
     assert after_patch == [pattern_hook_name(0), "blocks.1.attn.hook_attn_scores", pattern_hook_name(2)]
     with pytest.raises(InputError, match="list it first"):
         with intervene(model, PatternPatch(0, (2,)), AttentionTemperature(2.0, hook="scores")):
@@ -136,13 +151,23 @@ def test_refuses_uneditable_models(tiny_opt, tiny_native):
 
 def test_parameter_validation():
     bad = [
-        lambda: EarlyLayerEmulation(alpha=float("nan")), lambda: EarlyLayerEmulation(threshold=1.5),
-        lambda: EarlyLayerEmulation(uniform=True, renormalize=True), lambda: EarlyLayerEmulation(horizon=0),
-        lambda: SinkCalibration(beta=1.2), lambda: SinkCalibration(tau=-0.1), lambda: SinkCalibration(heads=[(1,)]),
-        lambda: SinkRebalance("sinks"), lambda: SinkRebalance((-1,)), lambda: SinkRebalance(scale=-1.0),
-        lambda: AttentionTemperature(0.0), lambda: AttentionTemperature(float("inf")),
-        lambda: HeadAblation([(0, 0)], mode="resample"), lambda: HeadAblation([]), lambda: PatternPatch(0, ()),
-        lambda: EarlyLayerEmulation(renormalize="yes"), lambda: SinkRebalance(layers=[1.5]),
+        lambda: EarlyLayerEmulation(alpha=float("nan")),
+        lambda: EarlyLayerEmulation(threshold=1.5),
+        lambda: EarlyLayerEmulation(uniform=True, renormalize=True),
+        lambda: EarlyLayerEmulation(horizon=0),
+        lambda: SinkCalibration(beta=1.2),
+        lambda: SinkCalibration(tau=-0.1),
+        lambda: SinkCalibration(heads=[(1,)]),
+        lambda: SinkRebalance("sinks"),
+        lambda: SinkRebalance((-1,)),
+        lambda: SinkRebalance(scale=-1.0),
+        lambda: AttentionTemperature(0.0),
+        lambda: AttentionTemperature(float("inf")),
+        lambda: HeadAblation([(0, 0)], mode="resample"),
+        lambda: HeadAblation([]),
+        lambda: PatternPatch(0, ()),
+        lambda: EarlyLayerEmulation(renormalize="yes"),
+        lambda: SinkRebalance(layers=[1.5]),
     ]
     for make in bad:
         with pytest.raises(InputError):
@@ -193,9 +218,15 @@ def test_hooks_for_run_with_hooks_match_intervene(tiny_llama, iv):
     assert _hook_count(model) == 0
 
 
-@pytest.mark.parametrize("pair", [(SinkRebalance(scale=0.2), AttentionTemperature(0.7)),
-                                  (EarlyLayerEmulation(alpha=1.0), AttentionTemperature(2.0)),
-                                  (SinkRebalance("categories", 0.1, layers=(2,)), PatternPatch(0, (2,)))], ids=repr)
+@pytest.mark.parametrize(
+    "pair",
+    [
+        (SinkRebalance(scale=0.2), AttentionTemperature(0.7)),
+        (EarlyLayerEmulation(alpha=1.0), AttentionTemperature(2.0)),
+        (SinkRebalance("categories", 0.1, layers=(2,)), PatternPatch(0, (2,))),
+    ],
+    ids=repr,
+)
 def test_fwd_hooks_for_several_interventions_keep_their_order(tiny_llama, pair):
     model = tiny_llama
     tokens = torch.tensor([[1] + encode_text(["ab, cd. e!\nfg h"])[0]])
@@ -218,8 +249,18 @@ def test_repr_and_asdict_round_trip():
         assert type(iv)(**dataclasses.asdict(iv)) == iv
         assert repr(iv).startswith(type(iv).__name__ + "(")
         hash(iv)
-    namespace = {cls.__name__: cls for cls in (EarlyLayerEmulation, SinkCalibration, SinkRebalance,
-                                               AttentionTemperature, PatternPatch, HeadAblation, ZeroTuning)}
+    namespace = {
+        cls.__name__: cls
+        for cls in (
+            EarlyLayerEmulation,
+            SinkCalibration,
+            SinkRebalance,
+            AttentionTemperature,
+            PatternPatch,
+            HeadAblation,
+            ZeroTuning,
+        )
+    }
     for iv in ALL + [PatternPatch(0, range(1, 30)), HeadAblation([(15, h) for h in range(9)], "first")]:
         assert eval(repr(iv), namespace) == iv  # noqa: S307 - readable and still valid Python
     assert repr(PatternPatch(0, range(1, 30))) == "PatternPatch(source_layer=0, target_layers=range(1, 30))"
@@ -306,8 +347,16 @@ def test_select_heads_greedy(tiny_native):
     assert forward.intervention() == SinkCalibration(beta=0.0, heads=kept)
 
 
-@pytest.mark.parametrize("iv", ALL + [SinkCalibration(heads=[(1, 0)]), AttentionTemperature(2.0, heads=[(0, 1)]),
-                                EarlyLayerEmulation(renormalize=True)], ids=repr)
+@pytest.mark.parametrize(
+    "iv",
+    ALL
+    + [
+        SinkCalibration(heads=[(1, 0)]),
+        AttentionTemperature(2.0, heads=[(0, 1)]),
+        EarlyLayerEmulation(renormalize=True),
+    ],
+    ids=repr,
+)
 def test_gradients_flow_through_the_edits(tiny_native, iv):
     model, tokens = tiny_native, _tokens(tiny_native)
     mask = torch.ones_like(tokens)

@@ -76,18 +76,28 @@ def apply(interventions, patterns, mask, tokens):
 
 
 interventions = st.one_of(
-    st.builds(lambda a, t, r: EarlyLayerEmulation(alpha=a, threshold=t, renormalize=r),
-              st.floats(0.0, 2.0), st.floats(0.0, 0.5), st.booleans()),
+    st.builds(
+        lambda a, t, r: EarlyLayerEmulation(alpha=a, threshold=t, renormalize=r),
+        st.floats(0.0, 2.0),
+        st.floats(0.0, 0.5),
+        st.booleans(),
+    ),
     st.builds(lambda a: EarlyLayerEmulation(alpha=a, uniform=True), st.floats(0.0, 2.0)),
-    st.builds(lambda t, b, f: SinkCalibration(tau=t, beta=b, exclude_first=f),
-              st.floats(0.01, 0.9), unit, st.booleans()),
-    st.builds(lambda t, s, r: SinkRebalance(t, scale=s, renormalize=r),
-              st.sampled_from(["first", "categories", (0, 1), ("digit", "first")]), st.floats(0.0, 3.0), st.booleans()),
+    st.builds(
+        lambda t, b, f: SinkCalibration(tau=t, beta=b, exclude_first=f), st.floats(0.01, 0.9), unit, st.booleans()
+    ),
+    st.builds(
+        lambda t, s, r: SinkRebalance(t, scale=s, renormalize=r),
+        st.sampled_from(["first", "categories", (0, 1), ("digit", "first")]),
+        st.floats(0.0, 3.0),
+        st.booleans(),
+    ),
     st.builds(AttentionTemperature, st.floats(0.2, 5.0)),
     st.just(PatternPatch(0, (1, 2))),
     st.builds(lambda m: HeadAblation([(1, 0), (2, 1)], m), st.sampled_from(["zero", "mean", "first"])),
-    st.tuples(st.floats(0.05, 5.0), st.floats(0.05, 5.0)).filter(lambda g: g != (1.0, 1.0)).map(
-        lambda g: ZeroTuning(gamma=g[0], head_gammas=[(1, 0, g[1])])),
+    st.tuples(st.floats(0.05, 5.0), st.floats(0.05, 5.0))
+    .filter(lambda g: g != (1.0, 1.0))
+    .map(lambda g: ZeroTuning(gamma=g[0], head_gammas=[(1, 0, g[1])])),
 )
 
 
@@ -114,10 +124,17 @@ def test_zeros_stay_zero_and_rows_sum_to_one(batch, iv):
 
 
 identities = st.one_of(
-    st.builds(lambda t, r, u: EarlyLayerEmulation(alpha=0.0, threshold=t, renormalize=r and not u, uniform=u),
-              st.floats(0.0, 0.5), st.booleans(), st.booleans()),
-    st.builds(lambda t, r: SinkRebalance(t, scale=1.0, renormalize=r),
-              st.sampled_from(["first", "categories", (0, 2)]), st.booleans()),
+    st.builds(
+        lambda t, r, u: EarlyLayerEmulation(alpha=0.0, threshold=t, renormalize=r and not u, uniform=u),
+        st.floats(0.0, 0.5),
+        st.booleans(),
+        st.booleans(),
+    ),
+    st.builds(
+        lambda t, r: SinkRebalance(t, scale=1.0, renormalize=r),
+        st.sampled_from(["first", "categories", (0, 2)]),
+        st.booleans(),
+    ),
     st.just(AttentionTemperature(1.0)),
     st.builds(lambda t, f: SinkCalibration(tau=t, beta=1.0, exclude_first=f), st.floats(0.01, 0.9), st.booleans()),
 )
@@ -151,11 +168,15 @@ def _capture_layers(model, tokens, mask, *ivs):
     return [incoming[l] for l in range(n)], [outgoing[l] for l in range(n)], logits
 
 
-@pytest.mark.parametrize("pair", [
-    (AttentionTemperature(0.5), SinkRebalance(scale=0.2)),
-    (EarlyLayerEmulation(alpha=1.0), SinkCalibration()),
-    (SinkCalibration(beta=0.0), EarlyLayerEmulation(alpha=1.0, renormalize=True)),
-], ids=repr)
+@pytest.mark.parametrize(
+    "pair",
+    [
+        (AttentionTemperature(0.5), SinkRebalance(scale=0.2)),
+        (EarlyLayerEmulation(alpha=1.0), SinkCalibration()),
+        (SinkCalibration(beta=0.0), EarlyLayerEmulation(alpha=1.0, renormalize=True)),
+    ],
+    ids=repr,
+)
 def test_composition_order_on_model(tiny_native, pair):
     model = tiny_native
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -179,18 +200,32 @@ def test_composition_order_on_model(tiny_native, pair):
 native_interventions = interventions.filter(lambda iv: not (isinstance(iv, SinkRebalance) and iv.needs_tokens))
 
 
-@settings(max_examples=15, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.lists(st.integers(1, 9), min_size=2, max_size=4), st.sampled_from(["left", "right"]), native_interventions,
-       st.integers(0, 1000))
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    st.sampled_from(["left", "right"]),
+    native_interventions,
+    st.integers(0, 1000),
+)
 def test_padded_batch_equals_one_by_one_native(tiny_native, lengths, side, iv, seed):
     _padded_vs_alone(tiny_native, lengths, side, iv, seed)
 
 
-@pytest.mark.parametrize("iv", [EarlyLayerEmulation(alpha=1.0), SinkCalibration(), SinkRebalance("categories", 0.1),
-                                AttentionTemperature(0.5), PatternPatch(0, (2,)), HeadAblation([(1, 2)], "first"),
-                                ZeroTuning(gamma=0.25)],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "iv",
+    [
+        EarlyLayerEmulation(alpha=1.0),
+        SinkCalibration(),
+        SinkRebalance("categories", 0.1),
+        AttentionTemperature(0.5),
+        PatternPatch(0, (2,)),
+        HeadAblation([(1, 2)], "first"),
+        ZeroTuning(gamma=0.25),
+    ],
+    ids=repr,
+)
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
 def test_padded_batch_equals_one_by_one_hf(request, name, iv, side):

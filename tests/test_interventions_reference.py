@@ -44,52 +44,91 @@ def _is_position(*positions):
     return lambda info, b, j: (j - info.first(b)) in positions
 
 
-_ZT_FACTORS = {(0, 0): 1.0, (0, 1): 0.25, (0, 2): 1.0, (0, 3): 1.0, (1, 0): 3.0, (1, 1): 3.0, (1, 2): 1.0,
-               (1, 3): 3.0, (2, 0): 1.0, (2, 1): 1.0, (2, 2): 1.0, (2, 3): 4.0}
+_ZT_FACTORS = {
+    (0, 0): 1.0,
+    (0, 1): 0.25,
+    (0, 2): 1.0,
+    (0, 3): 1.0,
+    (1, 0): 3.0,
+    (1, 1): 3.0,
+    (1, 2): 1.0,
+    (1, 3): 3.0,
+    (2, 0): 1.0,
+    (2, 1): 1.0,
+    (2, 2): 1.0,
+    (2, 3): 4.0,
+}
 """Per-head factors of the "zerotuning-heads" case, written out: gamma 3 on layer 1, overridden per head."""
 
 CASES = {
     "emulation": (EarlyLayerEmulation(alpha=0.5), lambda: R.ref_emulation(alpha=0.5)),
     "emulation-default": (EarlyLayerEmulation(), lambda: R.ref_emulation()),
-    "emulation-uniform": (EarlyLayerEmulation(alpha=0.5, uniform=True),
-                          lambda: R.ref_emulation(alpha=0.5, uniform=True)),
-    "emulation-renorm": (EarlyLayerEmulation(alpha=1.0, threshold=0.05, renormalize=True, layers=(1,)),
-                         lambda: R.ref_emulation(alpha=1.0, threshold=0.05, renormalize=True, layers=[1])),
-    "emulation-source1": (EarlyLayerEmulation(alpha=1.0, source_layer=1, horizon=4.0, exclude_self=False),
-                          lambda: R.ref_emulation(alpha=1.0, source=1, horizon=4.0, exclude_self=False)),
+    "emulation-uniform": (
+        EarlyLayerEmulation(alpha=0.5, uniform=True),
+        lambda: R.ref_emulation(alpha=0.5, uniform=True),
+    ),
+    "emulation-renorm": (
+        EarlyLayerEmulation(alpha=1.0, threshold=0.05, renormalize=True, layers=(1,)),
+        lambda: R.ref_emulation(alpha=1.0, threshold=0.05, renormalize=True, layers=[1]),
+    ),
+    "emulation-source1": (
+        EarlyLayerEmulation(alpha=1.0, source_layer=1, horizon=4.0, exclude_self=False),
+        lambda: R.ref_emulation(alpha=1.0, source=1, horizon=4.0, exclude_self=False),
+    ),
     "act": (SinkCalibration(), lambda: R.ref_act()),
-    "act-heads": (SinkCalibration(tau=0.15, beta=0.0, heads=[(1, 0), (2, 3)], exclude_first=False),
-                  lambda: R.ref_act(tau=0.15, beta=0.0, heads={(1, 0), (2, 3)}, exclude_first=False)),
+    "act-heads": (
+        SinkCalibration(tau=0.15, beta=0.0, heads=[(1, 0), (2, 3)], exclude_first=False),
+        lambda: R.ref_act(tau=0.15, beta=0.0, heads={(1, 0), (2, 3)}, exclude_first=False),
+    ),
     "rebalance-first": (SinkRebalance(), lambda: R.ref_rebalance(_is_first)),
-    "rebalance-categories": (SinkRebalance("categories", scale=0.2, layers=(1, 2)),
-                             lambda: R.ref_rebalance(_is_non_semantic, scale=0.2, layers={1, 2})),
-    "rebalance-positions": (SinkRebalance((0, 2), scale=3.0, renormalize=False, heads=[(0, 1), (2, 2)]),
-                            lambda: R.ref_rebalance(_is_position(0, 2), scale=3.0, renormalize=False,
-                                                    heads={(0, 1), (2, 2)})),
+    "rebalance-categories": (
+        SinkRebalance("categories", scale=0.2, layers=(1, 2)),
+        lambda: R.ref_rebalance(_is_non_semantic, scale=0.2, layers={1, 2}),
+    ),
+    "rebalance-positions": (
+        SinkRebalance((0, 2), scale=3.0, renormalize=False, heads=[(0, 1), (2, 2)]),
+        lambda: R.ref_rebalance(_is_position(0, 2), scale=3.0, renormalize=False, heads={(0, 1), (2, 2)}),
+    ),
     "temperature": (AttentionTemperature(2.0), lambda: R.ref_temperature(2.0)),
-    "temperature-heads": (AttentionTemperature(0.5, heads=[(0, 1), (2, 2)]),
-                          lambda: R.ref_temperature(0.5, heads={(0, 1), (2, 2)})),
+    "temperature-heads": (
+        AttentionTemperature(0.5, heads=[(0, 1), (2, 2)]),
+        lambda: R.ref_temperature(0.5, heads={(0, 1), (2, 2)}),
+    ),
     "temperature-layers": (AttentionTemperature(1.5, layers=(0, 2)), lambda: R.ref_temperature(1.5, layers={0, 2})),
     # composition: on HF models the temperature may act on the pre-softmax scores, which would put
     # it before every pattern edit of its layer; listed second it must still act second
-    "then-temperature": ((SinkRebalance(scale=0.2), AttentionTemperature(0.7)),
-                         lambda: R.compose(R.ref_rebalance(_is_first, scale=0.2), R.ref_temperature(0.7))),
-    "temperature-then": ((AttentionTemperature(0.5), SinkRebalance(scale=0.2)),
-                         lambda: R.compose(R.ref_temperature(0.5), R.ref_rebalance(_is_first, scale=0.2))),
-    "patch-then-temperature": ((PatternPatch(0, (2,)), AttentionTemperature(2.0, layers=(0,))),
-                               lambda: R.compose(R.ref_patch(0, {2}), R.ref_temperature(2.0, layers={0}))),
-    "temperature-then-patch": ((AttentionTemperature(2.0, layers=(0,)), PatternPatch(0, (2,))),
-                               lambda: R.compose(R.ref_temperature(2.0, layers={0}), R.ref_patch(0, {2}))),
-    "emulation-then-temperature": ((EarlyLayerEmulation(alpha=1.0, renormalize=True), AttentionTemperature(2.0)),
-                                   lambda: R.compose(R.ref_emulation(alpha=1.0, renormalize=True),
-                                                     R.ref_temperature(2.0))),
+    "then-temperature": (
+        (SinkRebalance(scale=0.2), AttentionTemperature(0.7)),
+        lambda: R.compose(R.ref_rebalance(_is_first, scale=0.2), R.ref_temperature(0.7)),
+    ),
+    "temperature-then": (
+        (AttentionTemperature(0.5), SinkRebalance(scale=0.2)),
+        lambda: R.compose(R.ref_temperature(0.5), R.ref_rebalance(_is_first, scale=0.2)),
+    ),
+    "patch-then-temperature": (
+        (PatternPatch(0, (2,)), AttentionTemperature(2.0, layers=(0,))),
+        lambda: R.compose(R.ref_patch(0, {2}), R.ref_temperature(2.0, layers={0})),
+    ),
+    "temperature-then-patch": (
+        (AttentionTemperature(2.0, layers=(0,)), PatternPatch(0, (2,))),
+        lambda: R.compose(R.ref_temperature(2.0, layers={0}), R.ref_patch(0, {2})),
+    ),
+    "emulation-then-temperature": (
+        (EarlyLayerEmulation(alpha=1.0, renormalize=True), AttentionTemperature(2.0)),
+        lambda: R.compose(R.ref_emulation(alpha=1.0, renormalize=True), R.ref_temperature(2.0)),
+    ),
     "zerotuning-all": (ZeroTuning(gamma=0.5), lambda: R.ref_zerotuning(lambda layer, head: 0.5)),
-    "zerotuning-heads": (ZeroTuning(gamma=3.0, layers=(1,), head_gammas=[(0, 1, 0.25), (1, 2, 1.0), (2, 3, 4.0)]),
-                         lambda: R.ref_zerotuning(lambda layer, head: _ZT_FACTORS[layer, head])),
+    "zerotuning-heads": (
+        ZeroTuning(gamma=3.0, layers=(1,), head_gammas=[(0, 1, 0.25), (1, 2, 1.0), (2, 3, 4.0)]),
+        lambda: R.ref_zerotuning(lambda layer, head: _ZT_FACTORS[layer, head]),
+    ),
     # rows that do not sum to 1 (uniform emulation scales every entry): ZeroTuning keeps each row's sum
-    "emulation-then-zerotuning": ((EarlyLayerEmulation(alpha=1.0, uniform=True), ZeroTuning(gamma=2.0, layers=(1, 2))),
-                                  lambda: R.compose(R.ref_emulation(alpha=1.0, uniform=True),
-                                                    R.ref_zerotuning(lambda layer, head: 2.0 if layer else 1.0))),
+    "emulation-then-zerotuning": (
+        (EarlyLayerEmulation(alpha=1.0, uniform=True), ZeroTuning(gamma=2.0, layers=(1, 2))),
+        lambda: R.compose(
+            R.ref_emulation(alpha=1.0, uniform=True), R.ref_zerotuning(lambda layer, head: 2.0 if layer else 1.0)
+        ),
+    ),
     "patch": (PatternPatch(0, (1, 2)), lambda: R.ref_patch(0, {1, 2})),
     "patch-heads": (PatternPatch(1, (2,), heads=[(2, 1), (2, 3)]), lambda: R.ref_patch(1, {2}, {(2, 1), (2, 3)})),
     "ablation-zero": (HeadAblation(ABLATED, "zero"), lambda: R.ref_ablation(set(ABLATED), "zero")),
@@ -109,8 +148,8 @@ def _left_padded_batch():
     tokens = torch.zeros(len(seqs), length, dtype=torch.long)
     mask = torch.zeros(len(seqs), length, dtype=torch.long)
     for row, seq in enumerate(seqs):
-        tokens[row, length - len(seq):] = torch.tensor(seq)
-        mask[row, length - len(seq):] = 1
+        tokens[row, length - len(seq) :] = torch.tensor(seq)
+        mask[row, length - len(seq) :] = 1
     return tokens, mask
 
 

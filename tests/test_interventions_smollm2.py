@@ -26,7 +26,9 @@ def test_each_intervention_moves_smollm2(smollm2, iv, record_property):
     effect = intervention_effect(smollm2, _prompts(), iv)
     record_property("loss_before", effect.loss_before)
     record_property("loss_after", effect.loss_after)
-    print(f"\n{effect.intervention}: loss {effect.loss_before:.4f} -> {effect.loss_after:.4f} "
-          f"(delta {effect.delta_loss:+.4f}), max |delta logit| {effect.max_abs_delta_logit:.4f}")
+    print(
+        f"\n{effect.intervention}: loss {effect.loss_before:.4f} -> {effect.loss_after:.4f} "
+        f"(delta {effect.delta_loss:+.4f}), max |delta logit| {effect.max_abs_delta_logit:.4f}"
+    )
     assert effect.max_abs_delta_logit > 1e-2, f"{iv!r} did not move SmolLM2's logits"
     assert 0 < effect.loss_before < 10 and effect.loss_after > 0

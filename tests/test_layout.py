@@ -18,8 +18,19 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tokext"
 
 # lowest first: a module may import its own room and the rooms below it, never one above
-LAYERS = ("errors", "version", "models", "attention", "interventions", "evaluation", "viz", "studies", "cli", "__init__",
-          "__main__")
+LAYERS = (
+    "errors",
+    "version",
+    "models",
+    "attention",
+    "interventions",
+    "evaluation",
+    "viz",
+    "studies",
+    "cli",
+    "__init__",
+    "__main__",
+)
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
 RANK["__main__"] = RANK["__init__"]
 RANK["version"] = RANK["errors"]
@@ -128,22 +139,28 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_checker_finds_a_cycle_and_an_upward_import(tmp_path):
-    pkg = _write(tmp_path / "tokext", {
-        "__init__.py": "",
-        "models/__init__.py": "",
-        "models/a.py": "def f():\n    from tokext.models import b\n",  # lazy: still an edge
-        "models/b.py": "from .a import f\n",
-        "attention/__init__.py": "",
-        "attention/stats.py": "import tokext.studies.sweep\n",
-        "studies/__init__.py": "",
-        "studies/sweep.py": "from tokext.attention.stats import x\n",
-    })
+    pkg = _write(
+        tmp_path / "tokext",
+        {
+            "__init__.py": "",
+            "models/__init__.py": "",
+            "models/a.py": "def f():\n    from tokext.models import b\n",  # lazy: still an edge
+            "models/b.py": "from .a import f\n",
+            "attention/__init__.py": "",
+            "attention/stats.py": "import tokext.studies.sweep\n",
+            "studies/__init__.py": "",
+            "studies/sweep.py": "from tokext.attention.stats import x\n",
+        },
+    )
     graph = import_graph(pkg)
     assert graph["tokext.models.b"] == {"tokext.models.a"}
-    assert sorted(map(tuple, cycles(graph))) == [("tokext.attention.stats", "tokext.studies.sweep"),
-                                                 ("tokext.models.a", "tokext.models.b")]
-    assert upward_imports(graph) == ["tokext.attention.stats -> tokext.studies.sweep (attention imports "
-                                     "studies, a higher room)"]
+    assert sorted(map(tuple, cycles(graph))) == [
+        ("tokext.attention.stats", "tokext.studies.sweep"),
+        ("tokext.models.a", "tokext.models.b"),
+    ]
+    assert upward_imports(graph) == [
+        "tokext.attention.stats -> tokext.studies.sweep (attention imports studies, a higher room)"
+    ]
 
 
 # ---------------------------------------------------------------------- the real package
@@ -177,9 +194,11 @@ def test_each_room_says_what_it_holds_and_may_import(name):
 
 
 def _heavy_modules_after(code: str) -> list[str]:
-    probe = (f"import sys\n{code}\n"
-             "print('HEAVY:', *(m for m in ('torch', 'transformers', 'transformer_lens', 'pandas', 'matplotlib')"
-             " if m in sys.modules))")
+    probe = (
+        f"import sys\n{code}\n"
+        "print('HEAVY:', *(m for m in ('torch', 'transformers', 'transformer_lens', 'pandas', 'matplotlib')"
+        " if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     return out.stdout.strip().splitlines()[-1].split()[1:]
 
@@ -189,14 +208,13 @@ def test_import_tokext_loads_no_heavy_module():
 
 
 def test_cli_help_loads_no_heavy_module():
-    code = ("from tokext.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass")
+    code = "from tokext.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
     assert _heavy_modules_after(code) == []
 
 
 def _readme_layout() -> str:
     text = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    return text[text.index("## Layout"): text.index("## Architecture")]
+    return text[text.index("## Layout") : text.index("## Architecture")]
 
 
 def test_readme_layout_matches_the_tree():

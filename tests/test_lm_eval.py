@@ -56,8 +56,12 @@ def run(bridge, manager, tasks, intervention=None, batch_size=4, engine="hooks")
 
 def loglikelihoods(out):
     """Every request's log-likelihood, by task, document and choice."""
-    return {(task, s["doc_id"], j): r[0][0] for task, samples in sorted(out["samples"].items())
-            for s in samples for j, r in enumerate(s["resps"])}
+    return {
+        (task, s["doc_id"], j): r[0][0]
+        for task, samples in sorted(out["samples"].items())
+        for s in samples
+        for j, r in enumerate(s["resps"])
+    }
 
 
 # ---------------------------------------------------------------------- agreement with tokext's scoring
@@ -113,8 +117,10 @@ def test_scores_equal_lm_eval_hflm_on_the_transformers_model(bridge, manager):
 # ---------------------------------------------------------------------- padding
 
 
-@pytest.mark.parametrize("intervention", ["SinkCalibration(tau=0.05, beta=0.2)",
-                                          "HeadAblation(heads=[(1, 0), (2, 3)], mode='mean')", "SinkRebalance()"])
+@pytest.mark.parametrize(
+    "intervention",
+    ["SinkCalibration(tau=0.05, beta=0.2)", "HeadAblation(heads=[(1, 0), (2, 3)], mode='mean')", "SinkRebalance()"],
+)
 def test_batch_size_one_equals_four(bridge, manager, intervention):
     """Padded batches of 4 give the scores of one-by-one runs (pad rows are invisible to the
     interventions, also to the ones that average over query rows or renormalise over keys)."""
@@ -143,9 +149,14 @@ def test_unmasked_padding_would_change_the_scores(bridge):
     from tokext.evaluation.lm_eval_adapter import TokextLM
 
     lm = TokextLM(model=bridge, intervention="SinkCalibration(tau=0.05, beta=0.2)", batch_size=4)
-    requests = [((ctx, cont), *lm._encode_pair(ctx, cont)) for r in PIQA
-                for ctx, cont in ((f"Question: {r['goal']}\nAnswer:", f" {r['sol1']}"),
-                                  (f"Question: {r['goal']}\nAnswer:", f" {r['sol2']}"))]
+    requests = [
+        ((ctx, cont), *lm._encode_pair(ctx, cont))
+        for r in PIQA
+        for ctx, cont in (
+            (f"Question: {r['goal']}\nAnswer:", f" {r['sol1']}"),
+            (f"Question: {r['goal']}\nAnswer:", f" {r['sol2']}"),
+        )
+    ]
     with lm.intervening():
         ours = [ll for ll, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
         lm.batch_size_per_gpu = 1
@@ -261,8 +272,9 @@ def test_intervention_text_errors_are_one_line():
     from tokext.interventions import EarlyLayerEmulation, SinkCalibration, parse_interventions
 
     assert parse_interventions("SinkCalibration(tau=0.2, beta=0.5)") == (SinkCalibration(tau=0.2, beta=0.5),)
-    assert parse_interventions(repr(EarlyLayerEmulation(alpha=0.3, uniform=True))) == \
-        (EarlyLayerEmulation(alpha=0.3, uniform=True),)
+    assert parse_interventions(repr(EarlyLayerEmulation(alpha=0.3, uniform=True))) == (
+        EarlyLayerEmulation(alpha=0.3, uniform=True),
+    )
     bad = {
         "EarlyLayerEmulation(": "does not parse",
         "Nope()": "unknown intervention 'Nope'",
@@ -290,10 +302,29 @@ def _env():
 
 def test_lm_eval_command_line_runs_model_type_tokext(fx, tmp_path):
     """`tokext lm-eval` is lm-eval's CLI with --model tokext registered (lm-eval 0.4 has no model plugins)."""
-    cmd = [sys.executable, "-m", "tokext", "lm-eval", "--model", "tokext", "--model_args",
-           f'model={fx.model},intervention="SinkCalibration(tau=0.05, beta=0.2)"', "--tasks", "piqa_fixture",
-           "--include_path", str(fx.data), "--limit", "2", "--device", "cpu", "--batch_size", "2",
-           "--output_path", str(tmp_path / "out"), "--log_samples"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokext",
+        "lm-eval",
+        "--model",
+        "tokext",
+        "--model_args",
+        f'model={fx.model},intervention="SinkCalibration(tau=0.05, beta=0.2)"',
+        "--tasks",
+        "piqa_fixture",
+        "--include_path",
+        str(fx.data),
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
@@ -308,8 +339,14 @@ def test_python_equivalent_by_registered_name(fx, bridge, manager):
     import tokext.evaluation.lm_eval_adapter  # noqa: F401  (registers "tokext")
 
     intervention = "SinkCalibration(tau=0.05, beta=0.2)"
-    by_name = lm_eval.simple_evaluate(model="tokext", model_args=f"model={fx.model},intervention={intervention}",
-                                      tasks=["siqa_fixture"], log_samples=True, task_manager=manager, batch_size=2)
+    by_name = lm_eval.simple_evaluate(
+        model="tokext",
+        model_args=f"model={fx.model},intervention={intervention}",
+        tasks=["siqa_fixture"],
+        log_samples=True,
+        task_manager=manager,
+        batch_size=2,
+    )
     assert by_name["config"]["tokext_interventions"] == [intervention]
     by_hand = run(bridge, manager, ["siqa_fixture"], intervention)
     a, b = loglikelihoods(by_name), loglikelihoods(by_hand)
@@ -321,9 +358,25 @@ def test_tokext_eval_runs_pairs_and_resumes(fx, tmp_path, capsys):
     from tokext.evaluation.lm_eval_tasks import PATH_METADATA
 
     out = tmp_path / "eval"
-    argv = ["eval", "--model", str(fx.model), "--tasks", "tokext_mmlu,piqa_fixture", "--limit", "4",
-            "--include-path", str(fx.data), "--metadata", json.dumps({PATH_METADATA: str(fx.mmlu)}),
-            "--intervention", "SinkRebalance()", "--out", str(out), "--batch-size", "3"]
+    argv = [
+        "eval",
+        "--model",
+        str(fx.model),
+        "--tasks",
+        "tokext_mmlu,piqa_fixture",
+        "--limit",
+        "4",
+        "--include-path",
+        str(fx.data),
+        "--metadata",
+        json.dumps({PATH_METADATA: str(fx.mmlu)}),
+        "--intervention",
+        "SinkRebalance()",
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "SinkRebalance()" in printed and "tokext_mmlu " in printed
@@ -341,8 +394,10 @@ def test_tokext_eval_runs_pairs_and_resumes(fx, tmp_path, capsys):
 
     table = pd.read_csv(out / "paired.csv")
     method = next(n for n in runs if n != "baseline")
-    for task, leaves in (("piqa_fixture", ["piqa_fixture"]),
-                         ("tokext_mmlu", [f"tokext_mmlu_{c}" for c in ("stem", "humanities", "social_sciences", "other")])):
+    for task, leaves in (
+        ("piqa_fixture", ["piqa_fixture"]),
+        ("tokext_mmlu", [f"tokext_mmlu_{c}" for c in ("stem", "humanities", "social_sciences", "other")]),
+    ):
         b = [v for leaf in leaves for _, v in sorted(correct("baseline", leaf).items())]
         m = [v for leaf in leaves for _, v in sorted(correct(method, leaf).items())]
         row = table[(table["task"] == task) & (table["metric"] == "acc")].iloc[0]
@@ -365,8 +420,10 @@ def test_tokext_eval_runs_pairs_and_resumes(fx, tmp_path, capsys):
 def test_tokext_eval_bad_input_is_one_line(tmp_path, capsys):
     from tokext.cli.main import main
 
-    assert main(["eval", "--tasks", "tokext_mmlu", "--intervention", "EarlyLayerEmulation(alpha=", "--out",
-                 str(tmp_path)]) == 2
+    assert (
+        main(["eval", "--tasks", "tokext_mmlu", "--intervention", "EarlyLayerEmulation(alpha=", "--out", str(tmp_path)])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("tokext eval: error: intervention") and "does not parse" in err and "\n" not in err
     assert main(["eval", "--model", "./no-such-dir", "--tasks", "tokext_mmlu", "--out", str(tmp_path)]) == 2
@@ -384,9 +441,11 @@ def test_tokext_eval_never_overwrites_a_users_file(fx, tmp_path, capsys):
 
 
 def test_missing_extra_names_it():
-    code = ("import sys; sys.modules['lm_eval'] = None\n"
-            "from tokext.cli.main import main\n"
-            "raise SystemExit(main(['eval', '--tasks', 'tokext_mmlu']))")
+    code = (
+        "import sys; sys.modules['lm_eval'] = None\n"
+        "from tokext.cli.main import main\n"
+        "raise SystemExit(main(['eval', '--tasks', 'tokext_mmlu']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "pip install 'tokext[eval]'" in done.stderr, done.stderr

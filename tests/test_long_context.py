@@ -65,8 +65,11 @@ def test_tables_match_transformers_own_attentions(tiny, study):
     directory, model = tiny
     _, tables = study
     layers = tables["layers"]
-    assert sorted(layers[["length", "window"]].drop_duplicates().itertuples(index=False, name=None)) == \
-        [(48, 0), (48, 1), (96, 0)]
+    assert sorted(layers[["length", "window"]].drop_duplicates().itertuples(index=False, name=None)) == [
+        (48, 0),
+        (48, 1),
+        (96, 0),
+    ]
     for length, count in zip(LENGTHS, WINDOWS):
         texts = long_token_sequences(model, length, count)
         for window in range(count):
@@ -113,17 +116,25 @@ def test_lengths_beyond_the_trained_context_are_marked(tiny, tmp_path):
     assert marks.to_dict() == {32: False, 1100: True}
 
 
-@pytest.mark.parametrize("lengths, windows, match", [
-    ((), (1,), "at least one"), ((512, 1024), (1, 2, 3), "window counts"), ((0,), (1,), "positive"),
-    ((512,), (0,), "positive"), ((512, 512), (1,), "repeat"),
-])
+@pytest.mark.parametrize(
+    "lengths, windows, match",
+    [
+        ((), (1,), "at least one"),
+        ((512, 1024), (1, 2, 3), "window counts"),
+        ((0,), (1,), "positive"),
+        ((512,), (0,), "positive"),
+        ((512, 512), (1,), "repeat"),
+    ],
+)
 def test_bad_plans_are_refused(lengths, windows, match):
     with pytest.raises(InputError, match=match):
         check_plan(lengths, windows)
 
 
-@pytest.mark.parametrize("attention", [LayerAttention(), LayerAttention(window=5), LayerAttention(causal=False),
-                                       LayerAttention(causal=False, window=3)])
+@pytest.mark.parametrize(
+    "attention",
+    [LayerAttention(), LayerAttention(window=5), LayerAttention(causal=False), LayerAttention(causal=False, window=3)],
+)
 def test_queries_seeing_counts_what_the_mask_shows(attention):
     length = 17
     brute = sees(torch.arange(length), torch.arange(length), attention).sum(0).numpy()

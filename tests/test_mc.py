@@ -124,7 +124,9 @@ def test_mmlu_csv_directory(tmp_path):
             csv.writer(f).writerows(body)
     items = load_mmlu(tmp_path)
     assert [(i.subject, i.label, i.category) for i in items] == [
-        ("anatomy", 0, "STEM"), ("high_school_us_history", 0, "Humanities"), ("high_school_us_history", 3, "Humanities"),
+        ("anatomy", 0, "STEM"),
+        ("high_school_us_history", 0, "Humanities"),
+        ("high_school_us_history", 3, "Humanities"),
     ]
     assert items[1].question == "Who wrote it, and when?" and items[1].choices[0] == "Jefferson, 1776"
     (tmp_path / "virology_test.csv").write_text("only,three,fields\n")
@@ -133,8 +135,10 @@ def test_mmlu_csv_directory(tmp_path):
 
 
 def test_piqa(tmp_path):
-    rows = [{"goal": "Open a jar", "sol1": "twist the lid", "sol2": "bite the lid"},
-            {"goal": "Dry hair", "sol1": "use water", "sol2": "use a towel"}]
+    rows = [
+        {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "bite the lid"},
+        {"goal": "Dry hair", "sol1": "use water", "sol2": "use a towel"},
+    ]
     path = tmp_path / "valid.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(DataFileError, match="valid-labels.lst"):
@@ -142,7 +146,9 @@ def test_piqa(tmp_path):
     (tmp_path / "valid-labels.lst").write_text("0\n1\n")
     items = load_piqa(path)
     assert [(i.question, i.choices, i.label) for i in items] == [
-        ("Open a jar", ("twist the lid", "bite the lid"), 0), ("Dry hair", ("use water", "use a towel"), 1)]
+        ("Open a jar", ("twist the lid", "bite the lid"), 0),
+        ("Dry hair", ("use water", "use a towel"), 1),
+    ]
     other = tmp_path / "labels.txt"
     other.write_text("1\n1\n")
     assert [i.label for i in load_piqa(path, labels_path=other)] == [1, 1]
@@ -159,8 +165,14 @@ def test_piqa(tmp_path):
 
 def test_siqa(tmp_path):
     rows = [
-        {"context": "Kai gave a gift.", "question": "How does Kai feel?", "answerA": "happy", "answerB": "sad",
-         "answerC": "angry", "label": "1"},
+        {
+            "context": "Kai gave a gift.",
+            "question": "How does Kai feel?",
+            "answerA": "happy",
+            "answerB": "sad",
+            "answerC": "angry",
+            "label": "1",
+        },
         {"context": "Ann lost.", "question": "What next?", "answerA": "x", "answerB": "y", "answerC": "z", "label": 3},
     ]
     path = tmp_path / "dev.jsonl"

@@ -16,12 +16,8 @@ from tokext.models.hooks import attached, pattern_hook_name
 from tokext.models.loading import load_model
 
 # One sequence of three real tokens, one head. Rows are queries, columns keys (causal).
-PATTERN = torch.tensor([[[[1.0, 0.0, 0.0],
-                          [0.5, 0.5, 0.0],
-                          [0.6, 0.1, 0.3]]]], dtype=torch.float64)
-VISIBLE = torch.tensor([[[True, False, False],
-                         [True, True, False],
-                         [True, True, True]]])
+PATTERN = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.6, 0.1, 0.3]]]], dtype=torch.float64)
+VISIBLE = torch.tensor([[[True, False, False], [True, True, False], [True, True, True]]])
 FIRST, PUNCT, SPACE, DIGIT, OTHER = range(5)
 
 
@@ -29,8 +25,15 @@ def test_exported_from_the_package():
     from tokext.attention import masks
     from tokext.attention import metrics
 
-    for name in ("received_attention", "row_entropy", "category_mass", "sink_rate", "hidden_sink_mask",
-                 "token_category", "CATEGORIES"):
+    for name in (
+        "received_attention",
+        "row_entropy",
+        "category_mass",
+        "sink_rate",
+        "hidden_sink_mask",
+        "token_category",
+        "CATEGORIES",
+    ):
         assert getattr(tokext, name) is getattr(metrics, name), name
         assert name in tokext.__all__
     assert tokext.visible_keys is masks.visible_keys
@@ -64,11 +67,14 @@ def test_row_entropy_by_hand():
 def test_category_mass_by_hand():
     categories = torch.tensor([[FIRST, PUNCT, OTHER]])
     mass = tokext.category_mass(PATTERN, VISIBLE, categories)[0, 0]
-    assert np.allclose(mass.numpy(), [
-        [1.0, 0.0, 0.0, 0.0, 0.0],  # row 0: everything on the first token
-        [0.5, 0.5, 0.0, 0.0, 0.0],
-        [0.6, 0.1, 0.0, 0.0, 0.3],
-    ])
+    assert np.allclose(
+        mass.numpy(),
+        [
+            [1.0, 0.0, 0.0, 0.0, 0.0],  # row 0: everything on the first token
+            [0.5, 0.5, 0.0, 0.0, 0.0],
+            [0.6, 0.1, 0.0, 0.0, 0.3],
+        ],
+    )
 
 
 def test_rows_are_renormalised_over_visible_keys():
@@ -82,9 +88,9 @@ def test_rows_are_renormalised_over_visible_keys():
 
 def test_padded_keys_and_rows():
     # second sequence: two real tokens then a pad; its pad key is seen by nobody, its pad row is empty
-    pattern = torch.cat([PATTERN, torch.tensor([[[[1.0, 0.0, 0.0],
-                                                  [0.25, 0.75, 0.0],
-                                                  [0.2, 0.2, 0.6]]]], dtype=torch.float64)])
+    pattern = torch.cat(
+        [PATTERN, torch.tensor([[[[1.0, 0.0, 0.0], [0.25, 0.75, 0.0], [0.2, 0.2, 0.6]]]], dtype=torch.float64)]
+    )
     visible = tokext.visible_keys(torch.tensor([[1, 1, 1], [1, 1, 0]]))
     alpha = tokext.received_attention(pattern, visible)[1, 0]
     # alpha_0 = (1 + 0.25) / 2; alpha_1 = 0.75 / 1; key 2 is a pad: NaN
@@ -134,8 +140,8 @@ def test_random_padded_batch_matches_collect_attention_stats(tiny_llama_dir):
     tokens = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for row, seq in enumerate(seqs):
-        tokens[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
+        tokens[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
     patterns = {}
 
     def keep(pattern, hook):
@@ -190,9 +196,13 @@ def test_visibility_counts_equal_sums_of_the_mask(attention):
     from tokext.attention.masks import visibility_counts
     from tokext.models.architectures import LayerAttention
 
-    kind = {"causal": LayerAttention(), "window2": LayerAttention(window=2), "window3": LayerAttention(window=3),
-            "bidirectional": LayerAttention(causal=False),
-            "bidirectional-window1": LayerAttention(causal=False, window=1)}[attention]
+    kind = {
+        "causal": LayerAttention(),
+        "window2": LayerAttention(window=2),
+        "window3": LayerAttention(window=3),
+        "bidirectional": LayerAttention(causal=False),
+        "bidirectional-window1": LayerAttention(causal=False, window=1),
+    }[attention]
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0]])
     visible = tokext.visible_keys(mask, attention=kind)
     n_queries, n_keys = visibility_counts(mask.bool(), kind)

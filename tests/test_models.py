@@ -117,8 +117,11 @@ def fake_conversion(monkeypatch, tmp_path):
 def _gguf_file(directory, name="tiny.Q4.gguf", size=3 << 20, seed=0):
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    path.write_bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(seed),
-                                   dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+        .numpy()
+        .tobytes()
+    )
     return path
 
 
@@ -151,8 +154,10 @@ def test_gguf_cache_key_sees_name_and_every_byte(fake_conversion, tmp_path):
         "renamed": (tmp_path / "b" / "other.Q4.gguf", bytes(data)),
         "last byte": (tmp_path / "c" / gguf.name, bytes(data[:-1] + bytes([data[-1] ^ 1]))),
         "first byte": (tmp_path / "d" / gguf.name, bytes([data[0] ^ 1]) + bytes(data[1:])),
-        "middle byte": (tmp_path / "f" / gguf.name,
-                        bytes(data[:len(data) // 2]) + bytes([data[len(data) // 2] ^ 1]) + bytes(data[len(data) // 2 + 1:])),
+        "middle byte": (
+            tmp_path / "f" / gguf.name,
+            bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 1]) + bytes(data[len(data) // 2 + 1 :]),
+        ),
         "longer": (tmp_path / "e" / gguf.name, bytes(data) + b"\0"),
     }
     seen = {first}
@@ -284,8 +289,9 @@ def test_gguf_path_loads_like_the_default_name(smollm2):
     assert loading._resolve_spec(gguf)[0] == str(loading._smollm2_dir())
     by_path = load_model(gguf)
     assert model_info(by_path).source == f"GGUF file {gguf}"
-    direct = AutoModelForCausalLM.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name, dtype=torch.float32,
-                                                  attn_implementation="eager").eval()
+    direct = AutoModelForCausalLM.from_pretrained(
+        Path(gguf).parent, gguf_file=Path(gguf).name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     tokens = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         expected, got = direct(tokens).logits, by_path(tokens)

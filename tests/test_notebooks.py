@@ -32,8 +32,7 @@ def _kernel_env() -> dict[str, str]:
 
 
 def _execute(nb, cwd: Path):
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(cwd)}})
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
     return client.execute(env=_kernel_env())
 
 
@@ -54,16 +53,22 @@ def test_notebook_is_stored_without_outputs(path):
 
 def test_kernel_is_this_python(tmp_path):
     """The ``python3`` kernel runs this interpreter (the venv) and imports this checkout's tokext."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import os, sys, tokext\nprint(sys.prefix)\nprint(os.path.dirname(os.path.dirname(tokext.__file__)))")])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "import os, sys, tokext\nprint(sys.prefix)\nprint(os.path.dirname(os.path.dirname(tokext.__file__)))"
+            )
+        ]
+    )
     _execute(nb, tmp_path)
     prefix, root = nb.cells[0].outputs[0]["text"].split()
     assert Path(prefix).resolve() == Path(sys.prefix).resolve()
     assert Path(root).resolve() == REPO
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in LOADS_SMOLLM2 else [])
-                                  for p in NOTEBOOKS])
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in LOADS_SMOLLM2 else []) for p in NOTEBOOKS]
+)
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     _execute(nb, tmp_path)  # raises CellExecutionError naming the failing cell

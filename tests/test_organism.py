@@ -138,7 +138,7 @@ def _reference_losses(organism, examples, cot):
         first = len(tok.encode(ex.prompt(cot)))
         with torch.no_grad():
             logits = organism.model(seq[None])[0]
-        out.append(float(torch.nn.functional.cross_entropy(logits[first - 1: -1], seq[first:])))
+        out.append(float(torch.nn.functional.cross_entropy(logits[first - 1 : -1], seq[first:])))
     return out
 
 
@@ -169,7 +169,7 @@ def test_organism_sweep_runs_and_interventions_move_it(tiny_organism, tmp_path):
     config = tmp_path / "org.toml"
     config.write_text(f'''version = 1
 name = "org"
-models = ["{tmp_path / 'org'}"]
+models = ["{tmp_path / "org"}"]
 batch_size = 16
 [[tasks]]
 name = "organism"
@@ -200,8 +200,9 @@ def test_organism_and_other_tasks_do_not_mix(tiny_organism, tmp_path):
 
     save_organism(tiny_organism, tmp_path / "org")
     mixed = tmp_path / "mixed.toml"
-    mixed.write_text(f'version = 1\nname = "m"\nmodels = ["{tmp_path / "org"}"]\n'
-                     '[[tasks]]\nname = "arithmetic"\nn = 2\n')
+    mixed.write_text(
+        f'version = 1\nname = "m"\nmodels = ["{tmp_path / "org"}"]\n[[tasks]]\nname = "arithmetic"\nn = 2\n'
+    )
     with pytest.raises(DataFileError, match="answers only the task 'organism'"):
         validate(load_config(mixed))
     wrong = tmp_path / "wrong.toml"
@@ -209,8 +210,9 @@ def test_organism_and_other_tasks_do_not_mix(tiny_organism, tmp_path):
     with pytest.raises(DataFileError, match="trained organism directory"):
         validate(load_config(wrong))
     bad_key = tmp_path / "bad.toml"
-    bad_key.write_text(f'version = 1\nname = "b"\nmodels = ["{tmp_path / "org"}"]\n'
-                       '[[tasks]]\nname = "organism"\nlevels = [1]\n')
+    bad_key.write_text(
+        f'version = 1\nname = "b"\nmodels = ["{tmp_path / "org"}"]\n[[tasks]]\nname = "organism"\nlevels = [1]\n'
+    )
     with pytest.raises(DataFileError, match="levels"):
         load_config(bad_key)
     with pytest.raises(InputError, match="trained model organism"):

@@ -13,7 +13,11 @@ from hypothesis import strategies as st
 
 from tokext.errors import InputError
 from tokext.studies.paired import (
-    discordant_counts, mcnemar_exact, paired_bootstrap_ci, paired_mean_ci, paired_summary,
+    discordant_counts,
+    mcnemar_exact,
+    paired_bootstrap_ci,
+    paired_mean_ci,
+    paired_summary,
 )
 
 

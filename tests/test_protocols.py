@@ -76,9 +76,14 @@ def test_hidden_sinks_keep_the_first_position_above_tau():
     stats.received_sum = np.zeros((1, 1, 4))
     stats.received_count = np.ones(4)
     stats.per_sequence = np.array([[[[0.5, 0.2, 0.15, 0.04]]], [[[0.05, 0.3, 0.2, 0.12]]]])
-    stats.events = {"sequence": np.array([0, 0, 1, 1, 1]), "layer": np.zeros(5, int), "head": np.zeros(5, int),
-                    "position": np.array([1, 2, 1, 2, 3]), "token_id": np.arange(5),
-                    "alpha": np.array([0.2, 0.15, 0.3, 0.2, 0.12])}
+    stats.events = {
+        "sequence": np.array([0, 0, 1, 1, 1]),
+        "layer": np.zeros(5, int),
+        "head": np.zeros(5, int),
+        "position": np.array([1, 2, 1, 2, 3]),
+        "token_id": np.arange(5),
+        "alpha": np.array([0.2, 0.15, 0.3, 0.2, 0.12]),
+    }
     frame = stats.hidden_sinks(tau=0.1)
     assert sorted(zip(frame["sequence"], frame["position"])) == [(0, 1), (0, 2), (1, 2), (1, 3)]
 

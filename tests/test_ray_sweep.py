@@ -21,8 +21,26 @@ from tests.test_evaluate import tiny_eval_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "experiments" / "tiny.toml"
-VALUES = ["cell_id", "baseline_id", "config_hash", "model", "task", "method", "level", "cot", "seed", "label",
-          "intervention", "params", "n_items", "accuracy", "acc_norm", "loss", "n_correct", "spec"]
+VALUES = [
+    "cell_id",
+    "baseline_id",
+    "config_hash",
+    "model",
+    "task",
+    "method",
+    "level",
+    "cot",
+    "seed",
+    "label",
+    "intervention",
+    "params",
+    "n_items",
+    "accuracy",
+    "acc_norm",
+    "loss",
+    "n_correct",
+    "spec",
+]
 """cells.csv columns that a cell's result fixes (not its timing, date or revision)."""
 
 
@@ -66,8 +84,9 @@ def _same_results(out, reference):
     rows = pd.read_csv(out / "cells.csv", dtype=str, keep_default_na=False)
     assert rows["cell_id"].is_unique and set(rows["cell_id"]) == set(ref_table["cell_id"])
     ref_rows = pd.read_csv(ref_dir / "cells.csv", dtype=str, keep_default_na=False)
-    pd.testing.assert_frame_equal(rows.set_index("cell_id").loc[ref_rows["cell_id"], VALUES[1:]].reset_index(drop=True),
-                                  ref_rows[VALUES[1:]])
+    pd.testing.assert_frame_equal(
+        rows.set_index("cell_id").loc[ref_rows["cell_id"], VALUES[1:]].reset_index(drop=True), ref_rows[VALUES[1:]]
+    )
     for cid in ref_table["cell_id"]:
         assert (out / "items" / f"{cid}.csv").read_bytes() == (ref_dir / "items" / f"{cid}.csv").read_bytes(), cid
     assert not list(out.rglob("*.partial"))
@@ -83,8 +102,10 @@ def test_ray_gives_the_serial_results(cluster, model_dir, serial, tmp_path):
     assert any(m.startswith("ray: 2 worker(s)") for m in messages)
     _same_results(out, serial)
     stats = ["cell_id", "diff", "ci_lo", "ci_hi", "p_mcnemar", "n01", "n10", "delta_loss"]
-    ours, theirs = (summarize(d, n_boot=200, write=False)[stats].sort_values("cell_id").reset_index(drop=True)
-                    for d in (out, serial[0]))  # rows in the order cells finished: Ray's differs
+    ours, theirs = (
+        summarize(d, n_boot=200, write=False)[stats].sort_values("cell_id").reset_index(drop=True)
+        for d in (out, serial[0])
+    )  # rows in the order cells finished: Ray's differs
     pd.testing.assert_frame_equal(ours, theirs)
 
 
@@ -132,13 +153,18 @@ def test_worker_that_always_dies_stops_after_max_retries(cluster, model_dir, tmp
     from tokext.studies.executors import RayExecutor
 
     config = load_config(TINY)
-    config = config.replace(tasks=config.tasks[1:], interventions=(),
-                            resources=config.resources.replace(max_retries=1))
+    config = config.replace(tasks=config.tasks[1:], interventions=(), resources=config.resources.replace(max_retries=1))
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     messages: list[str] = []
     with pytest.raises(ClusterError, match=r"worker died 2 times \(max_retries = 1\)"):
-        _sweep(tmp_path / "doomed", model_dir, config, executor=RayExecutor(workers=1), loader=_always_dies,
-               log=messages.append)
+        _sweep(
+            tmp_path / "doomed",
+            model_dir,
+            config,
+            executor=RayExecutor(workers=1),
+            loader=_always_dies,
+            log=messages.append,
+        )
     assert sum("died during cell" in m for m in messages) == 1
     assert len(pd.read_csv(tmp_path / "doomed" / "cells.csv")) == 0  # nothing half-written
 
@@ -156,8 +182,23 @@ def test_sigint_to_the_driver_then_rerun_loses_and_duplicates_nothing(cluster, m
     config = _many_cells_config(tmp_path, model_dir)
     out = tmp_path / "interrupted"
     cells_csv = out / "cells.csv"
-    cmd = [sys.executable, "-m", "tokext", "ablate", "--config", str(config), "--out", str(out), "--limit", "3",
-           "--quiet", "--executor", "ray", "--address", cluster]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokext",
+        "ablate",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--limit",
+        "3",
+        "--quiet",
+        "--executor",
+        "ray",
+        "--address",
+        cluster,
+    ]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONWARNINGS="ignore")
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -203,14 +244,33 @@ def test_address_pointing_nowhere_is_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "tokext", "ablate", "--config", str(TINY), "--out", str(tmp_path / "x"),
-                           "--executor", "ray", "--address", f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokext",
+            "ablate",
+            "--config",
+            str(TINY),
+            "--out",
+            str(tmp_path / "x"),
+            "--executor",
+            "ray",
+            "--address",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"tokext ablate: error: no Ray cluster at 127.0.0.1:{port}: 127.0.0.1:{port} does not answer "
-                     "(Connection refused); start one there with `ray start --head`, or leave out --address to "
-                     "start a local cluster"], proc.stderr
+    assert lines == [
+        f"tokext ablate: error: no Ray cluster at 127.0.0.1:{port}: 127.0.0.1:{port} does not answer "
+        "(Connection refused); start one there with `ray start --head`, or leave out --address to "
+        "start a local cluster"
+    ], proc.stderr
     assert time.monotonic() - start < 60
 
 
@@ -219,8 +279,9 @@ def test_missing_ray_names_the_extra(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     assert main(["ablate", "--config", str(TINY), "--executor", "ray"]) == 2
-    assert capsys.readouterr().err.strip() == ("tokext ablate: error: --executor ray needs Ray, which is not "
-                                               "installed: pip install 'tokext[ray]'")
+    assert capsys.readouterr().err.strip() == (
+        "tokext ablate: error: --executor ray needs Ray, which is not installed: pip install 'tokext[ray]'"
+    )
 
 
 def test_reproduce_sweep_step_on_ray(cluster, model_dir, tmp_path):

@@ -13,8 +13,15 @@ def test_reproduce_quick_then_figures(smollm2, tmp_path, capsys):
     results, figures = tmp_path / "results", tmp_path / "figures"
     assert main(["reproduce", "--quick", "--results", str(results), "--figures", str(figures)]) == 0
     report = (figures / "REPORT.md").read_text()
-    for name in ("fig1_head_patterns", "fig2_sink_entropy", "fig3_profiles", "fig4_ablation", "fig5_alpha_sweep",
-                 "fig8_organism", "fig9_long_context"):
+    for name in (
+        "fig1_head_patterns",
+        "fig2_sink_entropy",
+        "fig3_profiles",
+        "fig4_ablation",
+        "fig5_alpha_sweep",
+        "fig8_organism",
+        "fig9_long_context",
+    ):
         assert (figures / f"{name}.png").is_file() and (figures / f"{name}.pdf").is_file(), name
         assert f"({name}.png)" in report
     assert "| task | level | prompt | intervention |" in report and "SmolLM2-135M-Instruct" in report

@@ -11,6 +11,7 @@ def _runner(calls: list):
     def run(folder):
         calls.append(folder.name)
         (folder / "result.txt").write_text("new")
+
     return run
 
 

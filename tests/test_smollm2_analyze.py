@@ -26,4 +26,4 @@ def test_smollm2_pattern_edits_land_and_generation_is_sane(smollm2):
     assert all(check_pattern_edits(smollm2).values())
     tokens = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = smollm2.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False, prepend_bos=False)
-    assert "Paris" in smollm2.tokenizer.decode(out[0, tokens.shape[1]:])
+    assert "Paris" in smollm2.tokenizer.decode(out[0, tokens.shape[1] :])

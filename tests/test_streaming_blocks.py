@@ -10,8 +10,13 @@ from tokext.attention.engines.streaming import _key_range, _mask_block, _sum_plo
 from tokext.attention.masks import sees
 from tokext.models.architectures import LayerAttention
 
-LAYOUTS = [LayerAttention(), LayerAttention(window=3), LayerAttention(window=40), LayerAttention(causal=False),
-           LayerAttention(causal=False, window=2)]
+LAYOUTS = [
+    LayerAttention(),
+    LayerAttention(window=3),
+    LayerAttention(window=40),
+    LayerAttention(causal=False),
+    LayerAttention(causal=False, window=2),
+]
 
 
 @pytest.mark.parametrize("attention", LAYOUTS, ids=lambda a: a.describe())
@@ -23,7 +28,9 @@ def test_block_mask_equals_the_full_visibility_mask(attention, first, last):
     lo, hi = _key_range(attention, first, last, n_keys)
     scores = torch.randn(2, 3, last - first + 1, hi - lo)
     expected = scores.clone()
-    reach = sees(torch.arange(first, last + 1), torch.arange(lo, hi), attention)[None, None] & padding[:, None, None, lo:hi]
+    reach = (
+        sees(torch.arange(first, last + 1), torch.arange(lo, hi), attention)[None, None] & padding[:, None, None, lo:hi]
+    )
     expected[~reach.expand_as(expected)] = torch.finfo(scores.dtype).min
     _mask_block(scores, attention, first, last, lo, hi, padding)
     assert torch.equal(scores, expected)

@@ -25,8 +25,10 @@ def _mmlu_only(interventions: bool = True):
     from tokext.studies.config import load_config
 
     config = load_config(TINY)
-    return config.replace(tasks=tuple(t for t in config.tasks if t.name == "mmlu"),
-                          interventions=config.interventions if interventions else ())
+    return config.replace(
+        tasks=tuple(t for t in config.tasks if t.name == "mmlu"),
+        interventions=config.interventions if interventions else (),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,12 @@ def test_one_row_per_cell_with_provenance(finished):
     assert len(table) == 3 * 4  # (arithmetic direct, cot, mmlu) x (baseline + 3 interventions)
     assert tuple(table.columns) == CELL_COLUMNS
     assert table["cell_id"].is_unique and (table["n_items"] == 3).all()
-    assert set(table["intervention"]) == {"none", "EarlyLayerEmulation()", "EarlyLayerEmulation(alpha=1.0)",
-                                          "AttentionTemperature(temperature=2.0)"}
+    assert set(table["intervention"]) == {
+        "none",
+        "EarlyLayerEmulation()",
+        "EarlyLayerEmulation(alpha=1.0)",
+        "AttentionTemperature(temperature=2.0)",
+    }
     assert table["git_rev"].notna().all() and table["config_hash"].nunique() == 1
     assert table["accuracy"].between(0, 1).all() and table["loss"].notna().all()
     for cid in table["cell_id"]:
@@ -152,8 +158,15 @@ def test_summary_paired_stats_equal_tokext_paired(finished):
     b = items[items["cell_id"] == row["baseline_id"]].set_index("id")["correct"]
     m = items[items["cell_id"] == row["cell_id"]].set_index("id")["correct"]
     want = paired_summary(b.to_numpy(bool), m.loc[b.index].to_numpy(bool), n_boot=2000)
-    for key, col in (("diff", "diff"), ("ci_lo", "ci_lo"), ("ci_hi", "ci_hi"), ("p_mcnemar", "p_mcnemar"),
-                     ("n01", "n01"), ("n10", "n10"), ("acc_baseline", "acc_baseline")):
+    for key, col in (
+        ("diff", "diff"),
+        ("ci_lo", "ci_lo"),
+        ("ci_hi", "ci_hi"),
+        ("p_mcnemar", "p_mcnemar"),
+        ("n01", "n01"),
+        ("n10", "n10"),
+        ("acc_baseline", "acc_baseline"),
+    ):
         assert row[col] == pytest.approx(want[key]), col
     loss_b = items[items["cell_id"] == row["baseline_id"]].set_index("id")["loss"]
     loss_m = items[items["cell_id"] == row["cell_id"]].set_index("id")["loss"].loc[loss_b.index]

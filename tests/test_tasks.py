@@ -21,6 +21,7 @@ names = st.sampled_from(TASK_NAMES)
 
 # ---- independent solvers: each reads the question text only -------------------------------------------
 
+
 def solve_arithmetic(question: str) -> int:
     m = re.fullmatch(r"Start with (\d+)\. (.*) What is the result\?", question)
     assert m, question
@@ -175,6 +176,7 @@ def test_bad_arguments():
 
 # ---- prompts ---------------------------------------------------------------------------------------------
 
+
 def test_prompt_forms_zero_shot():
     ex = get_task("lookup").generate(1, seed=3, level=1)[0]
     assert prompt(ex, cot=False, shots=0) == f"{ex.question}\nAnswer:"
@@ -214,6 +216,7 @@ def test_explicit_demos():
 
 # ---- registry and scoring ------------------------------------------------------------------------------
 
+
 def test_registry():
     assert list_tasks() == sorted(["arithmetic", "arithmetic_expr", "variables", "lookup", "verbal"])
     with pytest.raises(InputError, match=r"Did you mean 'lookup'.*Available: arithmetic"):
@@ -225,11 +228,24 @@ def test_registry():
 @pytest.mark.parametrize(
     "pred, answer, ok",
     [
-        (" 42.", "42", True), ("42", "42", True), ("+42", "42", True), ("042", "42", True),
-        ("42.0", "42", True), ("1,000", "1000", True), ("-7", "-7", True), ("7", "-7", False),
-        ("**42**", "42", True), ("41", "42", False), ("42 apples", "42", False), (None, "42", False),
-        ("bob", "Bob", True), (" Bob!", "Bob", True), ('"Bob"', "Bob", True), ("Bobby", "Bob", False),
-        ("", "Bob", False), ("new york", "New  York", True),
+        (" 42.", "42", True),
+        ("42", "42", True),
+        ("+42", "42", True),
+        ("042", "42", True),
+        ("42.0", "42", True),
+        ("1,000", "1000", True),
+        ("-7", "-7", True),
+        ("7", "-7", False),
+        ("**42**", "42", True),
+        ("41", "42", False),
+        ("42 apples", "42", False),
+        (None, "42", False),
+        ("bob", "Bob", True),
+        (" Bob!", "Bob", True),
+        ('"Bob"', "Bob", True),
+        ("Bobby", "Bob", False),
+        ("", "Bob", False),
+        ("new york", "New  York", True),
     ],
 )
 def test_score_exact(pred, answer, ok):

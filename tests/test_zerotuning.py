@@ -35,17 +35,32 @@ def test_one_factor_on_every_head_is_sink_rebalance_of_the_first_token(tiny_llam
 
 
 def test_validation_against_the_model(tiny_native):
-    cases = [(ZeroTuning(head_gammas=[(3, 0, 2.0)]), LayerIndexError, r"head_gammas: layer 3 .*0\.\.2"),
-             (ZeroTuning(head_gammas=[(0, 4, 2.0)]), LayerIndexError, r"head_gammas: head 4 .*0\.\.3"),
-             (ZeroTuning(gamma=2.0, layers=(0,), head_gammas=[(0, h, 1.0) for h in range(4)]), InputError,
-              "nothing to edit")]
+    cases = [
+        (ZeroTuning(head_gammas=[(3, 0, 2.0)]), LayerIndexError, r"head_gammas: layer 3 .*0\.\.2"),
+        (ZeroTuning(head_gammas=[(0, 4, 2.0)]), LayerIndexError, r"head_gammas: head 4 .*0\.\.3"),
+        (
+            ZeroTuning(gamma=2.0, layers=(0,), head_gammas=[(0, h, 1.0) for h in range(4)]),
+            InputError,
+            "nothing to edit",
+        ),
+    ]
     for iv, error, message in cases:
         with pytest.raises(error, match=message), intervene(tiny_native, iv):
             pass
-    bad = [dict(), dict(gamma=0.0), dict(gamma=-1.0), dict(gamma=float("nan")), dict(gamma=1.0, layers=(1,)),
-           dict(head_gammas=[(0, 1)]), dict(head_gammas=[(0, 1, 0.0)]), dict(head_gammas=[(0, 1, 2.0), (0, 1, 3.0)]),
-           dict(head_gammas=[]), dict(head_gammas=[(0, 1, 1.0)]), dict(head_gammas=[(0.5, 1, 2.0)]),
-           dict(head_gammas=5)]
+    bad = [
+        dict(),
+        dict(gamma=0.0),
+        dict(gamma=-1.0),
+        dict(gamma=float("nan")),
+        dict(gamma=1.0, layers=(1,)),
+        dict(head_gammas=[(0, 1)]),
+        dict(head_gammas=[(0, 1, 0.0)]),
+        dict(head_gammas=[(0, 1, 2.0), (0, 1, 3.0)]),
+        dict(head_gammas=[]),
+        dict(head_gammas=[(0, 1, 1.0)]),
+        dict(head_gammas=[(0.5, 1, 2.0)]),
+        dict(head_gammas=5),
+    ]
     for kwargs in bad:
         with pytest.raises(InputError):
             ZeroTuning(**kwargs)
@@ -95,8 +110,15 @@ def test_calibration_matches_the_procedure_written_out(tiny_native):
         with torch.no_grad(), intervene(model, *ivs):
             return float(model(tokens, return_type="loss"))
 
-    result = calibrate_zerotuning(model, lambda m: float(m(tokens, return_type="loss")), candidates=candidates,
-                                  probe=3.0, up_gammas=(2.0,), down_gammas=(0.5, 0.2), min_gain=1e-4)
+    result = calibrate_zerotuning(
+        model,
+        lambda m: float(m(tokens, return_type="loss")),
+        candidates=candidates,
+        probe=3.0,
+        up_gammas=(2.0,),
+        down_gammas=(0.5, 0.2),
+        min_gain=1e-4,
+    )
     baseline = loss()
     assert result.baseline == pytest.approx(baseline, abs=1e-6)
     profile = {pair: loss(ZeroTuning(head_gammas=[(*pair, 3.0)])) for pair in candidates}
@@ -133,10 +155,18 @@ def test_calibration_refuses_bad_input_before_any_forward_pass(tiny_native):
         calls.append(1)
         return 0.0
 
-    bad = [(dict(probe=1.0), "probe"), (dict(probe=0.5), "probe"), (dict(up_gammas=(0.5,)), "up_gammas"),
-           (dict(up_gammas=()), "up_gammas"), (dict(down_gammas=(1.5,)), "down_gammas"),
-           (dict(down_gammas=(0.5, 0.5)), "twice"), (dict(candidates=[(0, 0), (0, 0)]), "twice"),
-           (dict(candidates=[(3, 0)]), "layer 3"), (dict(candidates=[(0,)]), "pairs"), (dict(min_gain=-1.0), "min_gain")]
+    bad = [
+        (dict(probe=1.0), "probe"),
+        (dict(probe=0.5), "probe"),
+        (dict(up_gammas=(0.5,)), "up_gammas"),
+        (dict(up_gammas=()), "up_gammas"),
+        (dict(down_gammas=(1.5,)), "down_gammas"),
+        (dict(down_gammas=(0.5, 0.5)), "twice"),
+        (dict(candidates=[(0, 0), (0, 0)]), "twice"),
+        (dict(candidates=[(3, 0)]), "layer 3"),
+        (dict(candidates=[(0,)]), "pairs"),
+        (dict(min_gain=-1.0), "min_gain"),
+    ]
     for kwargs, message in bad:
         with pytest.raises(InputError, match=message):
             calibrate_zerotuning(tiny_native, score, **kwargs)
@@ -166,8 +196,24 @@ def test_calibration_driver_writes_a_record_that_reproduces_its_score(tiny_llama
     from tokext.models.loading import load_model
 
     driver, out = _driver(), tmp_path / "zt"
-    argv = ["--model", str(tiny_llama_dir), "--levels", "1", "--n", "2", "--study-n", "4", "--shots", "0",
-            "--layers", "0", "--objectives", "supervised", "--out", str(out)]
+    argv = [
+        "--model",
+        str(tiny_llama_dir),
+        "--levels",
+        "1",
+        "--n",
+        "2",
+        "--study-n",
+        "4",
+        "--shots",
+        "0",
+        "--layers",
+        "0",
+        "--objectives",
+        "supervised",
+        "--out",
+        str(out),
+    ]
     assert driver.main(argv) == 0
     record = json.loads((out / "supervised.json").read_text())
     assert record["study_overlap"] == {"1": 0} and record["n_per_level"] == 2 and len(record["profile"]) == 4

@@ -9,11 +9,18 @@ from pathlib import Path
 
 import torch
 
-WORDS = sorted(set(re.findall(r"[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]", (
-    "The capital of France is Paris , and the capital of Germany is Berlin . Water boils at 100 degrees ; "
-    "a cat sat on the mat ! Why is the sky blue ? She said : hello world . x = 3 ; y = x + 2 ( z ) "
-    "one two three four five six seven eight nine ten apple river stone green quick brown fox jumps over lazy dog"
-))))
+WORDS = sorted(
+    set(
+        re.findall(
+            r"[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]",
+            (
+                "The capital of France is Paris , and the capital of Germany is Berlin . Water boils at 100 degrees ; "
+                "a cat sat on the mat ! Why is the sky blue ? She said : hello world . x = 3 ; y = x + 2 ( z ) "
+                "one two three four five six seven eight nine ten apple river stone green quick brown fox jumps over lazy dog"
+            ),
+        )
+    )
+)
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
@@ -23,12 +30,14 @@ def build_tokenizer(add_bos: bool):
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + ["\n"])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     if add_bos:
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def save_tiny_model(directory: Path, arch: str, seed: int = 0) -> Path:
@@ -39,12 +48,30 @@ def save_tiny_model(directory: Path, arch: str, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(add_bos=(arch == "llama"))
     vocab = len(tokenizer)
     if arch == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                             bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
     elif arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                            bos_token_id=2, eos_token_id=3, pad_token_id=0)
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
     else:
         raise ValueError(arch)
     model = AutoModelForCausalLM.from_config(config)

@@ -47,11 +47,15 @@ def category_table(model: Any, tokenizer: Any = None) -> torch.Tensor:
     if tokenizer is None:
         table = torch.full((vocab,), other, dtype=torch.long)
     else:
-        texts = tokenizer.batch_decode([[i] for i in range(vocab)]) if hasattr(tokenizer, "batch_decode") \
+        texts = (
+            tokenizer.batch_decode([[i] for i in range(vocab)])
+            if hasattr(tokenizer, "batch_decode")
             else [tokenizer.decode([i]) for i in range(vocab)]
+        )
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        table = torch.tensor([other if i in special else token_category(t) for i, t in enumerate(texts)],
-                             dtype=torch.long)
+        table = torch.tensor(
+            [other if i in special else token_category(t) for i, t in enumerate(texts)], dtype=torch.long
+        )
     if _weakrefable(key):
         _CATEGORY_TABLES[key] = table
     return table
@@ -67,8 +71,9 @@ def _weakrefable(obj: Any) -> bool:
         return False
 
 
-def batch_context(tokens: torch.Tensor, attention_mask: torch.Tensor, sequence_ids: Sequence[int],
-                  table: torch.Tensor) -> BatchContext:
+def batch_context(
+    tokens: torch.Tensor, attention_mask: torch.Tensor, sequence_ids: Sequence[int], table: torch.Tensor
+) -> BatchContext:
     """Token categories and real positions of one right- or left-padded batch (the counts of what
     each query sees are computed per layer kind by :meth:`BatchContext.counts`).
 
@@ -79,9 +84,13 @@ def batch_context(tokens: torch.Tensor, attention_mask: torch.Tensor, sequence_i
     categories = table.to(tokens.device)[tokens]
     first = first_real_position(real)
     categories[torch.arange(tokens.shape[0], device=tokens.device), first] = CATEGORIES.index("first")
-    return BatchContext(real=real, categories=categories, tokens=tokens,
-                        sequence_ids=torch.as_tensor(list(sequence_ids), device=tokens.device),
-                        last=last_real_position(real))
+    return BatchContext(
+        real=real,
+        categories=categories,
+        tokens=tokens,
+        sequence_ids=torch.as_tensor(list(sequence_ids), device=tokens.device),
+        last=last_real_position(real),
+    )
 
 
 def collect_attention_stats(
@@ -135,22 +144,36 @@ def collect_attention_stats(
     device = input_device(model)
     table = category_table(model, tokenizer)
     stats = AttentionStats(
-        layers=chosen, n_heads=info.n_heads, sink_floor=sink_floor,
-        metadata={"model": info.name, "source": info.source, "n_inputs": len(seqs),
-                  "max_len": max_len, "prepend_bos": info.prepend_bos if prepend_bos is None else prepend_bos,
-                  "bos": bos_policy(model, prepend_bos), "protocol": rules.name if rules else "default",
-                  "family": info.attention.family, "encoder": info.attention.encoder,
-                  "cls_token": getattr(getattr(model, "tokenizer", None), "cls_token", None),
-                  "sep_token": getattr(getattr(model, "tokenizer", None), "sep_token", None),
-                  "lengths": [int(s.numel()) for s in seqs],
-                  "dataset": dataset, "batch_size": batch_size},
-        by_position=None if position_bins is None else PositionProfile(
-            edges=check_bins(position_bins), n_layers=len(chosen), n_heads=info.n_heads),
+        layers=chosen,
+        n_heads=info.n_heads,
+        sink_floor=sink_floor,
+        metadata={
+            "model": info.name,
+            "source": info.source,
+            "n_inputs": len(seqs),
+            "max_len": max_len,
+            "prepend_bos": info.prepend_bos if prepend_bos is None else prepend_bos,
+            "bos": bos_policy(model, prepend_bos),
+            "protocol": rules.name if rules else "default",
+            "family": info.attention.family,
+            "encoder": info.attention.encoder,
+            "cls_token": getattr(getattr(model, "tokenizer", None), "cls_token", None),
+            "sep_token": getattr(getattr(model, "tokenizer", None), "sep_token", None),
+            "lengths": [int(s.numel()) for s in seqs],
+            "dataset": dataset,
+            "batch_size": batch_size,
+        },
+        by_position=None
+        if position_bins is None
+        else PositionProfile(edges=check_bins(position_bins), n_layers=len(chosen), n_heads=info.n_heads),
     )
     stats.start(device, [info.attention[layer] for layer in chosen])
     longest = max(int(s.numel()) for s in seqs)
-    which = "streaming" if active_engine(model) is not None else choose_engine(
-        model, engine, batch=min(batch_size, len(seqs)), length=longest, budget=budget)
+    which = (
+        "streaming"
+        if active_engine(model) is not None
+        else choose_engine(model, engine, batch=min(batch_size, len(seqs)), length=longest, budget=budget)
+    )
     stats.metadata["engine"] = which
     pad = pad_id(model)
     all_batches = list(batches(seqs, batch_size, pad))
@@ -174,7 +197,11 @@ def last_logits_only(model: Any) -> dict[str, int]:
 
     forward = getattr(getattr(model, "original_model", None), "forward", None)
     try:
-        return {"logits_to_keep": 1} if forward is not None and "logits_to_keep" in inspect.signature(forward).parameters else {}
+        return (
+            {"logits_to_keep": 1}
+            if forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+            else {}
+        )
     except (TypeError, ValueError):
         return {}
 
@@ -182,9 +209,11 @@ def last_logits_only(model: Any) -> dict[str, int]:
 def _observing(model: Any, stats: AttentionStats, layers: Sequence[int], engine: str, budget: int) -> Any:
     """The statistics fed by hooks on ``hook_pattern`` or, streaming, by the engine's blocks."""
     if engine == "hooks":
+
         def make_hook(layer: int) -> Callable:
             def hook(pattern: torch.Tensor, hook: Any) -> None:
                 stats.update(layer, pattern)
+
             return hook
 
         return attached(model, [(pattern_hook_name(layer), make_hook(layer)) for layer in layers])
@@ -201,11 +230,13 @@ def _observing(model: Any, stats: AttentionStats, layers: Sequence[int], engine:
 def _protocol_length(rules: Protocol, max_len: int | None, prepend_bos: bool | None) -> int:
     """The protocol's input length, refusing settings it fixes otherwise."""
     if max_len not in (None, rules.length):
-        raise InputError(f"protocol {rules.name!r} cuts every input to its first {rules.length} tokens: "
-                         f"drop max_len={max_len}")
+        raise InputError(
+            f"protocol {rules.name!r} cuts every input to its first {rules.length} tokens: drop max_len={max_len}"
+        )
     if prepend_bos is not None:
-        raise InputError(f"protocol {rules.name!r} keeps the tokenizer's own BOS default: drop "
-                         f"prepend_bos={prepend_bos}")
+        raise InputError(
+            f"protocol {rules.name!r} keeps the tokenizer's own BOS default: drop prepend_bos={prepend_bos}"
+        )
     return rules.length
 
 
@@ -213,5 +244,7 @@ def _refuse_short(rules: Protocol, seqs: Sequence[torch.Tensor]) -> None:
     short = [(i, int(s.numel())) for i, s in enumerate(seqs) if s.numel() < rules.length]
     if short:
         shown = ", ".join(f"input {i} ({n} tokens)" for i, n in short[:5]) + (", ..." if len(short) > 5 else "")
-        raise InputError(f"protocol {rules.name!r} needs inputs of at least {rules.length} tokens; "
-                         f"{len(short)} of {len(seqs)} are shorter: {shown}")
+        raise InputError(
+            f"protocol {rules.name!r} needs inputs of at least {rules.length} tokens; "
+            f"{len(short)} of {len(seqs)} are shorter: {shown}"
+        )

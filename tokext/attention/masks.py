@@ -44,8 +44,13 @@ def sees(query_pos: torch.Tensor, key_pos: torch.Tensor, attention: LayerAttenti
     return distance.abs() <= attention.window
 
 
-def visible_keys(attention_mask: torch.Tensor, n_queries: int | None = None, *, n_keys: int | None = None,
-                 attention: LayerAttention = CAUSAL) -> torch.Tensor:
+def visible_keys(
+    attention_mask: torch.Tensor,
+    n_queries: int | None = None,
+    *,
+    n_keys: int | None = None,
+    attention: LayerAttention = CAUSAL,
+) -> torch.Tensor:
     """Bool [batch, query, key]: query sees key (within the layer's reach, both real).
 
     ``attention_mask`` is [batch, positions] for the whole sequence so far; the queries are its
@@ -60,8 +65,8 @@ def visible_keys(attention_mask: torch.Tensor, n_queries: int | None = None, *, 
     n_keys = total if n_keys is None else n_keys
     real = attention_mask.bool()
     positions = torch.arange(total, device=real.device)
-    reach = sees(positions[total - n_queries:], positions[total - n_keys:], attention)
-    return reach[None] & real[:, None, total - n_keys:] & real[:, total - n_queries:, None]
+    reach = sees(positions[total - n_queries :], positions[total - n_keys :], attention)
+    return reach[None] & real[:, None, total - n_keys :] & real[:, total - n_queries :, None]
 
 
 def _count_real(real: torch.Tensor, below: int, above: int) -> torch.Tensor:

@@ -39,8 +39,9 @@ CATEGORIES = ("first", "punctuation", "whitespace", "digit", "other")
 """Token categories for attention mass: each row's first real token, then by the token's text."""
 
 
-def _distribution(pattern: torch.Tensor, visible: torch.Tensor,
-                  learned_sink: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _distribution(
+    pattern: torch.Tensor, visible: torch.Tensor, learned_sink: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p, s)``: each row over its visible keys ``p`` [batch, head, query, key] and the learned
     sink's share ``s`` [batch, head, query] (0 without a sink), summing to 1 (0 for empty rows)."""
     if not isinstance(pattern, torch.Tensor) or pattern.ndim != 4:
@@ -49,8 +50,10 @@ def _distribution(pattern: torch.Tensor, visible: torch.Tensor,
         raise InputError(f"visible must be a Bool [batch, query, key] tensor, got {_shape(visible)}")
     batch, _, queries, keys = pattern.shape
     if visible.shape[0] not in (1, batch) or tuple(visible.shape[1:]) != (queries, keys):
-        raise InputError(f"visible {tuple(visible.shape)} does not match pattern {tuple(pattern.shape)} "
-                         "(expected [batch or 1, query, key])")
+        raise InputError(
+            f"visible {tuple(visible.shape)} does not match pattern {tuple(pattern.shape)} "
+            "(expected [batch or 1, query, key])"
+        )
     masked = pattern * visible[:, None]
     row = masked.sum(-1)
     if learned_sink:
@@ -91,12 +94,20 @@ def row_entropy(pattern: torch.Tensor, visible: torch.Tensor, learned_sink: bool
     entropy = -torch.special.xlogy(p, p).sum(-1) - torch.special.xlogy(s, s)
     n_keys = visible.sum(-1).to(p.dtype)[:, None] + (1.0 if learned_sink else 0.0)  # [batch, 1, query]
     log_n = torch.log(n_keys)
-    return torch.where(n_keys >= 2, entropy / torch.where(n_keys >= 2, log_n, torch.ones_like(log_n)),
-                       torch.full_like(entropy, float("nan")))
+    return torch.where(
+        n_keys >= 2,
+        entropy / torch.where(n_keys >= 2, log_n, torch.ones_like(log_n)),
+        torch.full_like(entropy, float("nan")),
+    )
 
 
-def category_mass(pattern: torch.Tensor, visible: torch.Tensor, categories: torch.Tensor,
-                  n_categories: int = len(CATEGORIES), learned_sink: bool = False) -> torch.Tensor:
+def category_mass(
+    pattern: torch.Tensor,
+    visible: torch.Tensor,
+    categories: torch.Tensor,
+    n_categories: int = len(CATEGORIES),
+    learned_sink: bool = False,
+) -> torch.Tensor:
     """Share of each row's mass per token category [batch, head, query, category].
 
     ``categories`` is Long [batch, key] (indices into :data:`CATEGORIES`). Rows of pad queries are 0.

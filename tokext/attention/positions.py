@@ -80,12 +80,23 @@ class PositionProfile:
     def start(self, device: torch.device) -> None:
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         bins = self.n_bins
-        self._acc = {"first": zeros(self.n_layers, self.n_heads, bins), "entropy": zeros(self.n_layers, self.n_heads, bins),
-                     "rows": zeros(self.n_layers, bins), "entropy_rows": zeros(self.n_layers, bins)}
+        self._acc = {
+            "first": zeros(self.n_layers, self.n_heads, bins),
+            "entropy": zeros(self.n_layers, self.n_heads, bins),
+            "rows": zeros(self.n_layers, bins),
+            "entropy_rows": zeros(self.n_layers, bins),
+        }
         self._edges = torch.tensor(self.edges, dtype=torch.long, device=device)
 
-    def add(self, slot: int, positions: torch.Tensor, real: torch.Tensor, first_mass: torch.Tensor,
-            entropy: torch.Tensor, keep: torch.Tensor) -> None:
+    def add(
+        self,
+        slot: int,
+        positions: torch.Tensor,
+        real: torch.Tensor,
+        first_mass: torch.Tensor,
+        entropy: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
         """Fold a block of rows of layer ``slot``: ``positions`` [batch, row] (from the first real token),
         ``real`` [batch, row], ``first_mass`` and ``entropy`` (normalised) [batch, head, row], ``keep``
         [batch, head, row] the rows the entropy counts."""
@@ -102,11 +113,13 @@ class PositionProfile:
         kept = keep & inside[:, None]
         ent = torch.where(kept, entropy, torch.zeros_like(entropy)).permute(1, 0, 2).reshape(heads, -1)
         acc["entropy"][slot].scatter_add_(1, target, ent.to(device, torch.float64))
-        acc["rows"][slot].scatter_add_(0, index[inside].to(device), torch.ones(int(inside.sum()), dtype=torch.float64,
-                                                                              device=device))
+        acc["rows"][slot].scatter_add_(
+            0, index[inside].to(device), torch.ones(int(inside.sum()), dtype=torch.float64, device=device)
+        )
         kept_rows = kept[:, 0]
-        acc["entropy_rows"][slot].scatter_add_(0, index[kept_rows].to(device),
-                                               torch.ones(int(kept_rows.sum()), dtype=torch.float64, device=device))
+        acc["entropy_rows"][slot].scatter_add_(
+            0, index[kept_rows].to(device), torch.ones(int(kept_rows.sum()), dtype=torch.float64, device=device)
+        )
 
     def finish(self) -> None:
         acc = self._acc
@@ -128,30 +141,47 @@ class PositionProfile:
     def entropy(self) -> np.ndarray:
         """Mean normalised entropy of the rows in each bin [layer, head, bin]; NaN for an empty bin."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.entropy_rows[:, None] > 0,
-                            self.entropy_sum / np.maximum(self.entropy_rows, 1)[:, None], np.nan)
+            return np.where(
+                self.entropy_rows[:, None] > 0, self.entropy_sum / np.maximum(self.entropy_rows, 1)[:, None], np.nan
+            )
 
     def merge(self, other: "PositionProfile") -> "PositionProfile":
         if self.edges != other.edges or (self.n_layers, self.n_heads) != (other.n_layers, other.n_heads):
             raise InputError("can only merge position profiles with the same bins, layers and heads")
-        return PositionProfile(edges=list(self.edges), n_layers=self.n_layers, n_heads=self.n_heads,
-                               first_sum=self.first_sum + other.first_sum, entropy_sum=self.entropy_sum + other.entropy_sum,
-                               rows=self.rows + other.rows, entropy_rows=self.entropy_rows + other.entropy_rows)
+        return PositionProfile(
+            edges=list(self.edges),
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            first_sum=self.first_sum + other.first_sum,
+            entropy_sum=self.entropy_sum + other.entropy_sum,
+            rows=self.rows + other.rows,
+            entropy_rows=self.entropy_rows + other.entropy_rows,
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What :meth:`AttentionStats.save` writes, keyed ``position_*``."""
-        return {"position_edges": np.asarray(self.edges), "position_first_sum": self.first_sum,
-                "position_entropy_sum": self.entropy_sum, "position_rows": self.rows,
-                "position_entropy_rows": self.entropy_rows}
+        return {
+            "position_edges": np.asarray(self.edges),
+            "position_first_sum": self.first_sum,
+            "position_entropy_sum": self.entropy_sum,
+            "position_rows": self.rows,
+            "position_entropy_rows": self.entropy_rows,
+        }
 
     @classmethod
     def from_arrays(cls, data: "np.lib.npyio.NpzFile") -> "PositionProfile | None":
         if "position_edges" not in data.files:
             return None
         first = data["position_first_sum"]
-        return cls(edges=[int(e) for e in data["position_edges"]], n_layers=first.shape[0], n_heads=first.shape[1],
-                   first_sum=first, entropy_sum=data["position_entropy_sum"], rows=data["position_rows"],
-                   entropy_rows=data["position_entropy_rows"])
+        return cls(
+            edges=[int(e) for e in data["position_edges"]],
+            n_layers=first.shape[0],
+            n_heads=first.shape[1],
+            first_sum=first,
+            entropy_sum=data["position_entropy_sum"],
+            rows=data["position_rows"],
+            entropy_rows=data["position_entropy_rows"],
+        )
 
     def to_frame(self, layers: Sequence[int]) -> Any:
         """Long table: layer, bin_start, bin_stop, rows, first_token_mass and entropy (means over heads)."""
@@ -161,7 +191,14 @@ class PositionProfile:
         records = []
         for slot, layer in enumerate(layers):
             for b in range(self.n_bins):
-                records.append({"layer": layer, "bin_start": self.edges[b], "bin_stop": self.edges[b + 1],
-                                "rows": int(self.rows[slot, b]), "first_token_mass": float(np.mean(first[slot, :, b])),
-                                "entropy": float(np.mean(entropy[slot, :, b]))})
+                records.append(
+                    {
+                        "layer": layer,
+                        "bin_start": self.edges[b],
+                        "bin_stop": self.edges[b + 1],
+                        "rows": int(self.rows[slot, b]),
+                        "first_token_mass": float(np.mean(first[slot, :, b])),
+                        "entropy": float(np.mean(entropy[slot, :, b])),
+                    }
+                )
         return pd.DataFrame(records)

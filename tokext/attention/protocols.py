@@ -28,10 +28,15 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "gu2024": Protocol(
-        name="gu2024", length=64, per_sequence=True, eps=0.3,
-        citation=("Gu et al., When Attention Sink Emerges in Language Models: An Empirical View (ICLR 2025), "
-                  "arXiv 2410.10781, Table 1: Sink_1^0.3 on natural text, first 64 tokens, "
-                  "alpha per sample = (attn / arange(T, 0, -1)).sum(-2), thresholded with > per sample"),
+        name="gu2024",
+        length=64,
+        per_sequence=True,
+        eps=0.3,
+        citation=(
+            "Gu et al., When Attention Sink Emerges in Language Models: An Empirical View (ICLR 2025), "
+            "arXiv 2410.10781, Table 1: Sink_1^0.3 on natural text, first 64 tokens, "
+            "alpha per sample = (attn / arange(T, 0, -1)).sum(-2), thresholded with > per sample"
+        ),
         published={"GPT2-XL": 77.00, "Mistral-7B": 97.49, "LLaMA2-7B": 92.47, "LLaMA3-8B": 99.02},
     ),
 }

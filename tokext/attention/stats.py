@@ -44,8 +44,9 @@ FORMAT = "tokext-attention-stats-2"
 PER_SEQUENCE_POSITIONS = 4  # alpha_k of each sequence is kept for these first positions (StreamingLLM's 4)
 
 
-def _sum_plogp(p: torch.Tensor, attention: LayerAttention = CAUSAL, query_start: int | None = None,
-               key_start: int = 0) -> torch.Tensor:
+def _sum_plogp(
+    p: torch.Tensor, attention: LayerAttention = CAUSAL, query_start: int | None = None, key_start: int = 0
+) -> torch.Tensor:
     """sum_k p log p over the key axis [batch, head, query], in query blocks.
 
     A causal pattern is zero above the diagonal (and, in a window, below it), so a block of queries
@@ -156,11 +157,16 @@ class AttentionStats:
             self.attention = list(attention)
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self._acc = {
-            "received": zeros(n_layers, self.n_heads, 0), "count": zeros(0),
-            "entropy": zeros(n_layers, self.n_heads), "entropy_rows": zeros(n_layers),
-            "mass": zeros(n_layers, self.n_heads, len(CATEGORIES)), "row_sum": zeros(n_layers, self.n_heads),
-            "sink": zeros(n_layers, self.n_heads), "last": zeros(n_layers, self.n_heads),
-            "events": [], "per_sequence": [],
+            "received": zeros(n_layers, self.n_heads, 0),
+            "count": zeros(0),
+            "entropy": zeros(n_layers, self.n_heads),
+            "entropy_rows": zeros(n_layers),
+            "mass": zeros(n_layers, self.n_heads, len(CATEGORIES)),
+            "row_sum": zeros(n_layers, self.n_heads),
+            "sink": zeros(n_layers, self.n_heads),
+            "last": zeros(n_layers, self.n_heads),
+            "events": [],
+            "per_sequence": [],
         }
         self._layer_slot = {layer: i for i, layer in enumerate(self.layers)}
         if self.by_position is not None:
@@ -185,8 +191,12 @@ class AttentionStats:
         if device not in self._ctx_on:
             ctx = self._ctx
             self._ctx_on[device] = BatchContext(
-                real=ctx.real.to(device), categories=ctx.categories.to(device), tokens=ctx.tokens.to(device),
-                sequence_ids=ctx.sequence_ids.to(device), last=None if ctx.last is None else ctx.last.to(device))
+                real=ctx.real.to(device),
+                categories=ctx.categories.to(device),
+                tokens=ctx.tokens.to(device),
+                sequence_ids=ctx.sequence_ids.to(device),
+                last=None if ctx.last is None else ctx.last.to(device),
+            )
         return self._ctx_on[device]
 
     def update(self, layer: int, pattern: torch.Tensor) -> None:
@@ -194,8 +204,14 @@ class AttentionStats:
         self.update_block(layer, pattern)
         self.end_layer(layer)
 
-    def update_block(self, layer: int, block: torch.Tensor, query_start: int = 0, key_start: int = 0,
-                     plogp: torch.Tensor | None = None) -> None:
+    def update_block(
+        self,
+        layer: int,
+        block: torch.Tensor,
+        query_start: int = 0,
+        key_start: int = 0,
+        plogp: torch.Tensor | None = None,
+    ) -> None:
         """Fold a block of one layer's pattern into the sums: rows are the batch's queries
         ``query_start ..`` and columns its keys ``key_start ..`` (a streaming engine's query blocks; the
         whole pattern for the hook engine). Call :meth:`end_layer` once the layer's blocks are all in.
@@ -255,7 +271,7 @@ class AttentionStats:
         acc["entropy_rows"][slot] += float(keep[:, 0].sum())
         if self.by_position is not None:
             positions = torch.arange(query_start, query_start + n_rows, device=p.device)[None] - ctx.first[:, None]
-            first_col = (ctx.first.to(p.device) - key_start)  # [batch]: the first real token's column
+            first_col = ctx.first.to(p.device) - key_start  # [batch]: the first real token's column
             inside = ((first_col >= 0) & (first_col < n_cols)).to(p.dtype)[:, None, None]
             index = first_col.clamp(0, n_cols - 1)[:, None, None, None].expand(-1, p.shape[1], n_rows, 1)
             first_mass = p.gather(3, index).squeeze(-1) * inside / safe_total
@@ -275,18 +291,28 @@ class AttentionStats:
         acc["received"][slot, :, :length] += alpha.sum(0).to(device, torch.float64)
         # each sequence's own alpha at the first positions (Gu et al. threshold per sample)
         first = min(PER_SEQUENCE_POSITIONS, length)
-        own = torch.where(ctx.real[:, None, :first], alpha[..., :first], torch.full_like(alpha[..., :first], float("nan")))
+        own = torch.where(
+            ctx.real[:, None, :first], alpha[..., :first], torch.full_like(alpha[..., :first], float("nan"))
+        )
         acc["per_sequence"].append((slot, ctx.sequence_ids.to(device), own.to(device, torch.float64)))
         # hidden-sink candidates (positions >= 1) above the recording floor
         hits = alpha > self.sink_floor
         hits[..., 0] = False
         if bool(hits.any()):
             b, h, k = hits.nonzero(as_tuple=True)
-            acc["events"].append(torch.stack([
-                ctx.sequence_ids[b].to(torch.float64), torch.full_like(b, layer, dtype=torch.float64),
-                h.to(torch.float64), k.to(torch.float64), ctx.tokens[b, k].to(torch.float64),
-                alpha[b, h, k].to(torch.float64),
-            ], dim=1).to(device))
+            acc["events"].append(
+                torch.stack(
+                    [
+                        ctx.sequence_ids[b].to(torch.float64),
+                        torch.full_like(b, layer, dtype=torch.float64),
+                        h.to(torch.float64),
+                        k.to(torch.float64),
+                        ctx.tokens[b, k].to(torch.float64),
+                        alpha[b, h, k].to(torch.float64),
+                    ],
+                    dim=1,
+                ).to(device)
+            )
 
     def finish(self, decode: Any = None) -> "AttentionStats":
         """Move accumulators to numpy; ``decode(token_id) -> str`` names the sink tokens."""
@@ -401,8 +427,10 @@ class AttentionStats:
             if self.per_sequence is None:
                 raise InputError("these statistics were saved without per-sequence alpha: collect them again")
             if not 0 <= position < self.per_sequence.shape[-1]:
-                raise InputError(f"per-sequence alpha is kept for positions 0..{self.per_sequence.shape[-1] - 1}, "
-                                 f"got position {position}")
+                raise InputError(
+                    f"per-sequence alpha is kept for positions 0..{self.per_sequence.shape[-1] - 1}, "
+                    f"got position {position}"
+                )
             return metrics.sink_rate(self.per_sequence[..., position], eps)
         received = self.received
         if not 0 <= position < received.shape[-1]:
@@ -446,9 +474,14 @@ class AttentionStats:
         mass, received, last, sink = self.category_mass, self.received, self.last_token_mass, self.learned_sink_mass
         for i, layer in enumerate(self.layers):
             for head in range(self.n_heads):
-                row = {"layer": layer, "head": head, "first_token_mass": float(mass[i, head, 0]),
-                       "entropy": float(self.entropy[i, head]), "received_first": float(received[i, head, 0]),
-                       "row_sum": float(self.row_sum[i, head])}
+                row = {
+                    "layer": layer,
+                    "head": head,
+                    "first_token_mass": float(mass[i, head, 0]),
+                    "entropy": float(self.entropy[i, head]),
+                    "received_first": float(received[i, head, 0]),
+                    "row_sum": float(self.row_sum[i, head]),
+                }
                 for c, name in enumerate(CATEGORIES[1:], start=1):
                     row[f"mass_{name}"] = float(mass[i, head, c])
                 row["last_token_mass"] = float(last[i, head])
@@ -465,24 +498,32 @@ class AttentionStats:
         layer = np.repeat(self.layers, n_heads * n_pos)
         head = np.tile(np.repeat(np.arange(n_heads), n_pos), n_layers)
         position = np.tile(np.arange(n_pos), n_layers * n_heads)
-        return pd.DataFrame({"layer": layer, "head": head, "position": position,
-                             "received": received.reshape(-1),
-                             "n_sequences": np.tile(self.received_count, n_layers * n_heads)})
+        return pd.DataFrame(
+            {
+                "layer": layer,
+                "head": head,
+                "position": position,
+                "received": received.reshape(-1),
+                "n_sequences": np.tile(self.received_count, n_layers * n_heads),
+            }
+        )
 
     def layer_summary(self, eps: float = 0.3, per_sequence: bool | None = None) -> "Any":
         """Per layer: mean first- and last-token mass, learned-sink mass, entropy, and the sink rate
         (``eps``, position 0; thresholded as :meth:`sink_rate` does) over heads."""
         import pandas as pd
 
-        return pd.DataFrame({
-            "layer": self.layers,
-            "first_token_mass": self.first_token_mass.mean(1),
-            "entropy": self.entropy.mean(1),
-            "sink_rate": self._layer_sink_rates(eps, per_sequence),
-            "last_token_mass": self.last_token_mass.mean(1),
-            "learned_sink_mass": self.learned_sink_mass.mean(1),
-            "attention": [att.describe() for att in self.attention],
-        })
+        return pd.DataFrame(
+            {
+                "layer": self.layers,
+                "first_token_mass": self.first_token_mass.mean(1),
+                "entropy": self.entropy.mean(1),
+                "sink_rate": self._layer_sink_rates(eps, per_sequence),
+                "last_token_mass": self.last_token_mass.mean(1),
+                "learned_sink_mass": self.learned_sink_mass.mean(1),
+                "attention": [att.describe() for att in self.attention],
+            }
+        )
 
     # ------------------------------------------------------------------ merge and persistence
 
@@ -495,26 +536,41 @@ class AttentionStats:
         n = max(self.received_sum.shape[-1], other.received_sum.shape[-1])
         grow = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])  # noqa: E731
         offset = self.n_sequences
-        events = {k: np.concatenate([self.events[k], other.events[k] + (offset if k == "sequence" else 0)])
-                  for k in _EVENT_FIELDS}
+        events = {
+            k: np.concatenate([self.events[k], other.events[k] + (offset if k == "sequence" else 0)])
+            for k in _EVENT_FIELDS
+        }
         both = lambda a, b: None if a is None or b is None else a + b  # noqa: E731
-        per_sequence = (None if self.per_sequence is None or other.per_sequence is None
-                        else np.concatenate([self.per_sequence, other.per_sequence]))
+        per_sequence = (
+            None
+            if self.per_sequence is None or other.per_sequence is None
+            else np.concatenate([self.per_sequence, other.per_sequence])
+        )
         rows = lambda s: np.broadcast_to(np.asarray(s.entropy_rows, dtype=float), (len(s.layers),))  # noqa: E731
         return AttentionStats(
-            layers=list(self.layers), n_heads=self.n_heads,
-            metadata={**self.metadata, "merged_with": other.metadata}, sink_floor=max(self.sink_floor, other.sink_floor),
+            layers=list(self.layers),
+            n_heads=self.n_heads,
+            metadata={**self.metadata, "merged_with": other.metadata},
+            sink_floor=max(self.sink_floor, other.sink_floor),
             received_sum=grow(self.received_sum) + grow(other.received_sum),
             received_count=grow(self.received_count) + grow(other.received_count),
-            entropy_sum=self.entropy_sum + other.entropy_sum, entropy_rows=rows(self) + rows(other),
-            mass_sum=self.mass_sum + other.mass_sum, row_sum_sum=self.row_sum_sum + other.row_sum_sum,
-            real_rows=self.real_rows + other.real_rows, n_sequences=self.n_sequences + other.n_sequences,
-            events=events, token_text={**self.token_text, **other.token_text},
+            entropy_sum=self.entropy_sum + other.entropy_sum,
+            entropy_rows=rows(self) + rows(other),
+            mass_sum=self.mass_sum + other.mass_sum,
+            row_sum_sum=self.row_sum_sum + other.row_sum_sum,
+            real_rows=self.real_rows + other.real_rows,
+            n_sequences=self.n_sequences + other.n_sequences,
+            events=events,
+            token_text={**self.token_text, **other.token_text},
             learned_sink_sum=both(self.learned_sink_sum, other.learned_sink_sum),
-            last_sum=both(self.last_sum, other.last_sum), per_sequence=per_sequence,
+            last_sum=both(self.last_sum, other.last_sum),
+            per_sequence=per_sequence,
             attention=list(self.attention),
-            by_position=(None if self.by_position is None or other.by_position is None
-                         else self.by_position.merge(other.by_position)),
+            by_position=(
+                None
+                if self.by_position is None or other.by_position is None
+                else self.by_position.merge(other.by_position)
+            ),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -522,13 +578,25 @@ class AttentionStats:
         self._need()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"layers": self.layers, "n_heads": self.n_heads, "metadata": self.metadata,
-                  "sink_floor": self.sink_floor, "real_rows": self.real_rows,
-                  "n_sequences": self.n_sequences, "token_text": {str(k): v for k, v in self.token_text.items()},
-                  "attention": [vars(att) for att in self.attention], "format": FORMAT}
-        arrays = {"received_sum": self.received_sum, "received_count": self.received_count,
-                  "entropy_sum": self.entropy_sum, "mass_sum": self.mass_sum, "row_sum_sum": self.row_sum_sum,
-                  "entropy_rows": np.broadcast_to(np.asarray(self.entropy_rows, dtype=float), (len(self.layers),))}
+        header = {
+            "layers": self.layers,
+            "n_heads": self.n_heads,
+            "metadata": self.metadata,
+            "sink_floor": self.sink_floor,
+            "real_rows": self.real_rows,
+            "n_sequences": self.n_sequences,
+            "token_text": {str(k): v for k, v in self.token_text.items()},
+            "attention": [vars(att) for att in self.attention],
+            "format": FORMAT,
+        }
+        arrays = {
+            "received_sum": self.received_sum,
+            "received_count": self.received_count,
+            "entropy_sum": self.entropy_sum,
+            "mass_sum": self.mass_sum,
+            "row_sum_sum": self.row_sum_sum,
+            "entropy_rows": np.broadcast_to(np.asarray(self.entropy_rows, dtype=float), (len(self.layers),)),
+        }
         for name in ("learned_sink_sum", "last_sum", "per_sequence"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
@@ -545,20 +613,31 @@ class AttentionStats:
         try:
             data = np.load(Path(path), allow_pickle=False)
             header = json.loads(str(data["header"]))
-            optional = {name: data[name] if name in data.files else None
-                        for name in ("learned_sink_sum", "last_sum", "per_sequence")}
+            optional = {
+                name: data[name] if name in data.files else None
+                for name in ("learned_sink_sum", "last_sum", "per_sequence")
+            }
             rows = data["entropy_rows"] if "entropy_rows" in data.files else int(header["entropy_rows"])
             by_position = PositionProfile.from_arrays(data)
         except (OSError, KeyError, ValueError) as err:
             raise DataFileError(f"cannot read attention statistics from {path}: {err}") from None
         attention = [LayerAttention(**att) for att in header["attention"]] if "attention" in header else None
         return cls(
-            layers=list(header["layers"]), n_heads=int(header["n_heads"]), metadata=header["metadata"],
-            sink_floor=float(header["sink_floor"]), received_sum=data["received_sum"],
-            received_count=data["received_count"], entropy_sum=data["entropy_sum"],
-            entropy_rows=rows, mass_sum=data["mass_sum"], row_sum_sum=data["row_sum_sum"],
-            real_rows=int(header["real_rows"]), n_sequences=int(header["n_sequences"]),
+            layers=list(header["layers"]),
+            n_heads=int(header["n_heads"]),
+            metadata=header["metadata"],
+            sink_floor=float(header["sink_floor"]),
+            received_sum=data["received_sum"],
+            received_count=data["received_count"],
+            entropy_sum=data["entropy_sum"],
+            entropy_rows=rows,
+            mass_sum=data["mass_sum"],
+            row_sum_sum=data["row_sum_sum"],
+            real_rows=int(header["real_rows"]),
+            n_sequences=int(header["n_sequences"]),
             events={k: data[f"event_{k}"] for k in _EVENT_FIELDS},
-            token_text={int(k): v for k, v in header["token_text"].items()}, attention=attention,
-            by_position=by_position, **optional,
+            token_text={int(k): v for k, v in header["token_text"].items()},
+            attention=attention,
+            by_position=by_position,
+            **optional,
         )

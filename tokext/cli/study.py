@@ -50,17 +50,24 @@ def _train_organism(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-organism", help="train the 2-layer model organism (CoT arithmetic; grows a BOS sink)",
-                       epilog="example:\n  tokext train-organism --out results/organism --steps 1500",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train-organism",
+        help="train the 2-layer model organism (CoT arithmetic; grows a BOS sink)",
+        epilog="example:\n  tokext train-organism --out results/organism --steps 1500",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="results/organism", help="where to save the model (refused if not empty)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing organism in --out")
     p.set_defaults(run=_train_organism)
 
-    p = sub.add_parser("reproduce", help="run the whole study and rebuild every figure and REPORT.md",
-                       epilog=REPRODUCE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "reproduce",
+        help="run the whole study and rebuild every figure and REPORT.md",
+        epilog=REPRODUCE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small smoke run (< 3 min)")
     size.add_argument("--full", action="store_true", help="the complete grids (hours on a CPU)")
@@ -71,10 +78,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_executor_flags(p)
     p.set_defaults(run=_reproduce)
 
-    p = sub.add_parser("figures", help="build the figures and REPORT.md from saved results (no model)",
-                       epilog="example:\n  tokext figures --results results/reproduce/default --out figures/",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "figures",
+        help="build the figures and REPORT.md from saved results (no model)",
+        epilog="example:\n  tokext figures --results results/reproduce/default --out figures/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--results", required=True, help="a results folder written by `tokext reproduce`")
     p.add_argument("--out", default="figures", help="output folder (default figures/)")
     p.set_defaults(run=_figures)
-

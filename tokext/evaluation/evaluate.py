@@ -55,11 +55,11 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     the two tokenizations disagree at the boundary, the continuation is encoded on its own.
     """
     stripped = context.rstrip(" ")
-    continuation = context[len(stripped):] + continuation
+    continuation = context[len(stripped) :] + continuation
     ctx = list(tokenizer(stripped).input_ids)
     whole = list(tokenizer(stripped + continuation).input_ids)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
     return ctx, list(tokenizer(continuation, add_special_tokens=False).input_ids)
 
 
@@ -74,8 +74,10 @@ def letter_token_ids(tokenizer: Any, context: str, letters: str) -> list[int]:
         _, cont = encode_pair(tokenizer, context, f" {letter}")
         if len(cont) != 1:
             pieces = [tokenizer.decode([t]) for t in cont]
-            raise InputError(f"answer letter {letter!r} is {len(cont)} tokens {pieces} after the prompt, "
-                             "not one: letter scoring needs single-token letters (use method='continuation')")
+            raise InputError(
+                f"answer letter {letter!r} is {len(cont)} tokens {pieces} after the prompt, "
+                "not one: letter scoring needs single-token letters (use method='continuation')"
+            )
         ids.append(cont[0])
     if len(set(ids)) != len(ids):
         raise InputError(f"the tokenizer maps the letters {letters!r} to the ids {ids}: they must be distinct")
@@ -90,8 +92,9 @@ def continuation_prompt(item: Any) -> str:
 # ---------------------------------------------------------------------- batched forward passes
 
 
-def forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int, take: Callable,
-                    progress: bool, desc: str) -> list[Any]:
+def forward_batches(
+    model: Any, seqs: Sequence[Sequence[int]], batch_size: int, take: Callable, progress: bool, desc: str
+) -> list[Any]:
     """Run right-padded batches (longest first) and call ``take(logits_row, length, index)`` per sequence.
 
     The attention mask goes with every batch, so active interventions and statistics see which
@@ -119,8 +122,14 @@ def forward_batches(model: Any, seqs: Sequence[Sequence[int]], batch_size: int, 
     return out
 
 
-def continuation_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 8,
-                          progress: bool = False, desc: str = "scoring") -> list[np.ndarray]:
+def continuation_logprobs(
+    model: Any,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> list[np.ndarray]:
     """Per pair ``(context ids, continuation ids)``: the log-probability of each continuation token."""
     seqs = [ctx + cont for ctx, cont in pairs]
     for i, (ctx, cont) in enumerate(pairs):
@@ -129,7 +138,7 @@ def continuation_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]
 
     def take(logits: torch.Tensor, length: int, index: int) -> np.ndarray:
         ctx, cont = pairs[index]
-        rows = logits[len(ctx) - 1: len(ctx) + len(cont) - 1].float().log_softmax(-1)
+        rows = logits[len(ctx) - 1 : len(ctx) + len(cont) - 1].float().log_softmax(-1)
         target = torch.tensor(cont, device=rows.device)
         return rows.gather(-1, target[:, None])[:, 0].cpu().numpy().astype(np.float64)
 
@@ -145,8 +154,14 @@ def _mc_row(item: Any) -> dict[str, Any]:
     return {"id": item.id, "subject": item.subject, "category": item.category, "gold": LETTERS[item.label]}
 
 
-def score_letters(model: Any, items: Sequence[Any], *, batch_size: int = 8, progress: bool = True,
-                  prompt_fn: Callable[[Any], str] | None = None) -> pd.DataFrame:
+def score_letters(
+    model: Any,
+    items: Sequence[Any],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    prompt_fn: Callable[[Any], str] | None = None,
+) -> pd.DataFrame:
     """Answer-letter scoring of :class:`tokext.evaluation.mc.MCItem` records (arXiv 2403.14932's direct prompt).
 
     Columns: id, subject, category, gold, pred (the letter with the highest log-probability at
@@ -177,8 +192,14 @@ def score_letters(model: Any, items: Sequence[Any], *, batch_size: int = 8, prog
     return pd.DataFrame(rows, columns=_columns(rows, ["id", "subject", "category", "gold", "pred", "correct", "loss"]))
 
 
-def score_continuations(model: Any, items: Sequence[Any], *, batch_size: int = 8, progress: bool = True,
-                        prompt_fn: Callable[[Any], str] | None = None) -> pd.DataFrame:
+def score_continuations(
+    model: Any,
+    items: Sequence[Any],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    prompt_fn: Callable[[Any], str] | None = None,
+) -> pd.DataFrame:
     """Per-option log-likelihood scoring: ``acc`` (summed) and ``acc_norm`` (per byte), as lm-eval.
 
     Columns: id, subject, category, gold, pred, correct, pred_norm, correct_norm, loss (mean
@@ -199,18 +220,24 @@ def score_continuations(model: Any, items: Sequence[Any], *, batch_size: int = 8
     logprobs = continuation_logprobs(model, pairs, batch_size=batch_size, progress=progress, desc="options")
     rows, k = [], 0
     for item in items:
-        per_option = logprobs[k: k + len(item.choices)]
+        per_option = logprobs[k : k + len(item.choices)]
         k += len(item.choices)
         lls = np.array([float(lp.sum()) for lp in per_option])
         pred, pred_norm = mc_predictions(lls, item.choices)
         n_bytes = [_n_bytes(c) for c in item.choices]
         gold = per_option[item.label]
-        rows.append(_mc_row(item) | {
-            "pred": LETTERS[pred], "correct": pred == item.label,
-            "pred_norm": LETTERS[pred_norm], "correct_norm": pred_norm == item.label,
-            "loss": -float(gold.mean()), "lls": json.dumps([round(x, 6) for x in lls.tolist()]),
-            "n_bytes": json.dumps(n_bytes),
-        })
+        rows.append(
+            _mc_row(item)
+            | {
+                "pred": LETTERS[pred],
+                "correct": pred == item.label,
+                "pred_norm": LETTERS[pred_norm],
+                "correct_norm": pred_norm == item.label,
+                "loss": -float(gold.mean()),
+                "lls": json.dumps([round(x, 6) for x in lls.tolist()]),
+                "n_bytes": json.dumps(n_bytes),
+            }
+        )
     return pd.DataFrame(rows, columns=_columns(rows, ["id", "subject", "category", "gold", "pred", "correct"]))
 
 
@@ -238,8 +265,15 @@ def _columns(rows: list[dict], first: list[str]) -> list[str]:
 # ---------------------------------------------------------------------- generation
 
 
-def generate_texts(model: Any, prompts: Sequence[str], max_new_tokens: int, *, batch_size: int = 8,
-                   progress: bool = True, desc: str = "generating") -> tuple[list[str], list[int]]:
+def generate_texts(
+    model: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "generating",
+) -> tuple[list[str], list[int]]:
     """Greedy continuations (decoded text, number of new tokens) in input order, with a progress bar.
 
     Prompts are sorted by length and handed to :func:`tokext.evaluation.generation.greedy_generate` one batch
@@ -255,7 +289,7 @@ def generate_texts(model: Any, prompts: Sequence[str], max_new_tokens: int, *, b
     texts, counts = [""] * len(prompts), [0] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
-            chunk = order[start: start + batch_size]
+            chunk = order[start : start + batch_size]
             new = greedy_generate(model, [prompts[i] for i in chunk], max_new_tokens, batch_size=batch_size)
             for i, ids in zip(chunk, new):
                 texts[i] = tok.decode(ids, skip_special_tokens=True)
@@ -273,9 +307,18 @@ def auto_max_new_tokens(model: Any, examples: Sequence[Any], cot: bool) -> int:
     return int(math.ceil(longest * 1.25)) + 4
 
 
-def evaluate_reasoning(model: Any, examples: Sequence[Any], *, cot: bool, max_new_tokens: int | None = None,
-                       batch_size: int = 8, shots: int = 3, demo_seed: int = 0, progress: bool = True,
-                       loss: bool = True) -> pd.DataFrame:
+def evaluate_reasoning(
+    model: Any,
+    examples: Sequence[Any],
+    *,
+    cot: bool,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    shots: int = 3,
+    demo_seed: int = 0,
+    progress: bool = True,
+    loss: bool = True,
+) -> pd.DataFrame:
     """Greedy generation on the reasoning tasks, answer extraction and exact match.
 
     Columns: id, task, level, cot, gold, extracted, correct, loss (teacher-forced mean NLL of
@@ -293,25 +336,40 @@ def evaluate_reasoning(model: Any, examples: Sequence[Any], *, cot: bool, max_ne
     if max_new_tokens is None:
         max_new_tokens = auto_max_new_tokens(model, examples, cot)
     prompts = [prompt(ex, cot, shots=shots, demo_seed=demo_seed) for ex in examples]
-    texts, counts = generate_texts(model, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
-                                   desc="cot" if cot else "direct")
+    texts, counts = generate_texts(
+        model, prompts, max_new_tokens, batch_size=batch_size, progress=progress, desc="cot" if cot else "direct"
+    )
     losses = [math.nan] * len(examples)
     if loss:
         tok = model_tokenizer(model)
         pairs = [encode_pair(tok, p, target(ex, cot)) for p, ex in zip(prompts, examples)]
-        losses = [-float(lp.mean()) for lp in
-                  continuation_logprobs(model, pairs, batch_size=batch_size, progress=progress, desc="loss")]
+        losses = [
+            -float(lp.mean())
+            for lp in continuation_logprobs(model, pairs, batch_size=batch_size, progress=progress, desc="loss")
+        ]
     rows = []
     for ex, text, n_new, nll in zip(examples, texts, counts, losses):
         extracted = extract_free_answer(text, numeric=as_int(ex.answer) is not None)
-        rows.append({"id": ex.id, "task": ex.task, "level": ex.level, "cot": cot, "gold": ex.answer,
-                     "extracted": extracted, "correct": score_exact(extracted, ex.answer), "loss": nll,
-                     "n_new_tokens": n_new, "raw": text})
+        rows.append(
+            {
+                "id": ex.id,
+                "task": ex.task,
+                "level": ex.level,
+                "cot": cot,
+                "gold": ex.answer,
+                "extracted": extracted,
+                "correct": score_exact(extracted, ex.answer),
+                "loss": nll,
+                "n_new_tokens": n_new,
+                "raw": text,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def evaluate_mc_cot(model: Any, items: Sequence[Any], *, max_new_tokens: int = 256, batch_size: int = 8,
-                    progress: bool = True) -> pd.DataFrame:
+def evaluate_mc_cot(
+    model: Any, items: Sequence[Any], *, max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True
+) -> pd.DataFrame:
     """The paper's CoT protocol: :func:`tokext.evaluation.mc.cot_prompt`, greedy generation, :func:`extract_choice`.
 
     Columns: id, subject, category, gold, pred (None when nothing was found), correct,
@@ -322,23 +380,41 @@ def evaluate_mc_cot(model: Any, items: Sequence[Any], *, max_new_tokens: int = 2
     from tokext.evaluation.mc import LETTERS, cot_prompt
 
     items = list(items)
-    texts, counts = generate_texts(model, [cot_prompt(it) for it in items], max_new_tokens,
-                                   batch_size=batch_size, progress=progress, desc="mc-cot")
+    texts, counts = generate_texts(
+        model, [cot_prompt(it) for it in items], max_new_tokens, batch_size=batch_size, progress=progress, desc="mc-cot"
+    )
     rows = []
     for item, text, n_new in zip(items, texts, counts):
         got = extract_choice(text, item.choices)
-        rows.append(_mc_row(item) | {
-            "pred": got.letter, "correct": got.letter == LETTERS[item.label], "extraction": got.method,
-            "cascade_pred": got.cascade_letter, "agrees_with_cascade": got.agrees_with_cascade,
-            "loss": math.nan, "n_new_tokens": n_new, "raw": text})
+        rows.append(
+            _mc_row(item)
+            | {
+                "pred": got.letter,
+                "correct": got.letter == LETTERS[item.label],
+                "extraction": got.method,
+                "cascade_pred": got.cascade_letter,
+                "agrees_with_cascade": got.agrees_with_cascade,
+                "loss": math.nan,
+                "n_new_tokens": n_new,
+                "raw": text,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------- one entry point
 
 
-def evaluate(model: Any, spec: Any, interventions: Sequence[Any] = (), *, batch_size: int = 8,
-             progress: bool = True, items: Sequence[Any] | None = None, engine: str = "hooks") -> pd.DataFrame:
+def evaluate(
+    model: Any,
+    spec: Any,
+    interventions: Sequence[Any] = (),
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    items: Sequence[Any] | None = None,
+    engine: str = "hooks",
+) -> pd.DataFrame:
     """Evaluate ``model`` on ``spec`` (a :class:`tokext.studies.config.EvalSpec`) with ``interventions`` active.
 
     ``spec`` may also be a dict of :class:`~tokext.studies.config.EvalSpec` fields, e.g.
@@ -357,21 +433,36 @@ def evaluate(model: Any, spec: Any, interventions: Sequence[Any] = (), *, batch_
         return _evaluate_organism(model, spec, interventions, items, batch_size, progress, engine)
     with intervene(model, *interventions, engine=engine):
         if spec.method == "generate":
-            return evaluate_reasoning(model, items, cot=spec.cot, max_new_tokens=spec.max_new_tokens,
-                                      batch_size=batch_size, shots=spec.shots, demo_seed=spec.seed,
-                                      progress=progress)
+            return evaluate_reasoning(
+                model,
+                items,
+                cot=spec.cot,
+                max_new_tokens=spec.max_new_tokens,
+                batch_size=batch_size,
+                shots=spec.shots,
+                demo_seed=spec.seed,
+                progress=progress,
+            )
         if spec.method == "letter":
             return score_letters(model, items, batch_size=batch_size, progress=progress)
         if spec.method == "continuation":
             return score_continuations(model, items, batch_size=batch_size, progress=progress)
         if spec.method == "cot":
-            return evaluate_mc_cot(model, items, max_new_tokens=spec.max_new_tokens or 256,
-                                   batch_size=batch_size, progress=progress)
+            return evaluate_mc_cot(
+                model, items, max_new_tokens=spec.max_new_tokens or 256, batch_size=batch_size, progress=progress
+            )
     raise InputError(f"unknown evaluation method {spec.method!r}: choose from generate, {', '.join(MC_METHODS)}")
 
 
-def _evaluate_organism(model: Any, spec: Any, interventions: Sequence[Any], items: Sequence[Any], batch_size: int,
-                       progress: bool, engine: str = "hooks") -> pd.DataFrame:
+def _evaluate_organism(
+    model: Any,
+    spec: Any,
+    interventions: Sequence[Any],
+    items: Sequence[Any],
+    batch_size: int,
+    progress: bool,
+    engine: str = "hooks",
+) -> pd.DataFrame:
     """Task ``organism``: the organism's own problems (test split), greedy, with ``interventions``."""
     from tokext.interventions import intervene
     from tokext.evaluation.organism import evaluate_organism_items
@@ -379,11 +470,14 @@ def _evaluate_organism(model: Any, spec: Any, interventions: Sequence[Any], item
 
     organism = getattr(model, "organism", None)
     if organism is None:
-        raise InputError("task 'organism' needs a trained model organism: load its directory "
-                         "(`tokext train-organism --out DIR`, then tokext.load_model(DIR))")
+        raise InputError(
+            "task 'organism' needs a trained model organism: load its directory "
+            "(`tokext train-organism --out DIR`, then tokext.load_model(DIR))"
+        )
     if organism.config["task"] != DEFAULT_TASK:
-        raise InputError(f"this organism was trained on {organism.config['task']}; task 'organism' evaluates the "
-                         f"default problems {DEFAULT_TASK}: use tokext.evaluation.organism.evaluate_organism_items directly")
+        raise InputError(
+            f"this organism was trained on {organism.config['task']}; task 'organism' evaluates the "
+            f"default problems {DEFAULT_TASK}: use tokext.evaluation.organism.evaluate_organism_items directly"
+        )
     with intervene(model, *interventions, engine=engine):
-        return evaluate_organism_items(organism, items, cot=spec.cot, batch_size=max(batch_size, 1),
-                                       progress=progress)
+        return evaluate_organism_items(organism, items, cot=spec.cot, batch_size=max(batch_size, 1), progress=progress)

@@ -89,7 +89,7 @@ def extract_free_answer(text: str, numeric: bool | None = None) -> str | None:
     paragraph = own.strip().split("\n\n")[0]
     for marker, where in ((_RESPONSE, own), (_ANSWER, paragraph)):
         m = marker.search(where)
-        if m and (line := _first_line(where[m.end():])):
+        if m and (line := _first_line(where[m.end() :])):
             return line
     if numeric is not False:
         numbers = _NUMBER.findall(paragraph)
@@ -112,7 +112,7 @@ def _response_section(text: str) -> str | None:
     matches = list(_RESPONSE.finditer(text))
     if not matches:
         return None
-    return text[matches[-1].end():].strip().split("\n\n")[0]
+    return text[matches[-1].end() :].strip().split("\n\n")[0]
 
 
 def _replace_options(text: str, choices: Sequence[str], letters: str) -> str:
@@ -142,10 +142,13 @@ def _patterns(letters: str) -> list[tuple[str, re.Pattern[str]]]:
     L = re.escape(letters)
     letter = rf"(?<![A-Za-z])(?P<x>[{L}])(?![A-Za-z])"
     return [
-        ("answer_is", re.compile(
-            rf"(?:\b(?i:answer|choice|option)s?\b(?P<gap>[^{L}\n]{{0,12}}?(?:\b(?i:is|be)\b|:))"
-            rf"|\b(?i:choose|select|pick)\b)(?P<gap2>[^{L}\n]{{0,20}}?){letter}"
-        )),
+        (
+            "answer_is",
+            re.compile(
+                rf"(?:\b(?i:answer|choice|option)s?\b(?P<gap>[^{L}\n]{{0,12}}?(?:\b(?i:is|be)\b|:))"
+                rf"|\b(?i:choose|select|pick)\b)(?P<gap2>[^{L}\n]{{0,20}}?){letter}"
+            ),
+        ),
         ("is_correct", re.compile(rf"{letter}(?P<gap>[^{L}\n]{{0,12}}?)\b(?i:correct|right)\b")),
         ("leading_letter", re.compile(rf"^[\s(\[*\"']*(?P<x>[{L}])(?:[.,:)\]*\"']|[ \t]*(?:\n|$))")),
         ("first_capital", re.compile(rf"(?<![A-Za-z])(?P<x>[{L}])(?![A-Za-z=])")),

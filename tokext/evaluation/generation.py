@@ -59,7 +59,8 @@ def greedy_generate(
     longest = max(int(s.numel()) for s in seqs)
     if longest + max_new_tokens > info.n_ctx:
         raise SequenceTooLongError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of {info.n_ctx}")
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of {info.n_ctx}"
+        )
     eos = eos_token_id
     if eos is None and getattr(model, "tokenizer", None) is not None:
         eos = model.tokenizer.eos_token_id
@@ -70,23 +71,52 @@ def greedy_generate(
     results: list[list[int]] = [[] for _ in seqs]
     if max_new_tokens == 0:
         return results
-    which = "streaming" if active_engine(model) is not None else choose_engine(
-        model, engine, batch=min(batch_size, len(seqs)), length=longest + max_new_tokens)
+    which = (
+        "streaming"
+        if active_engine(model) is not None
+        else choose_engine(model, engine, batch=min(batch_size, len(seqs)), length=longest + max_new_tokens)
+    )
     with streaming(model) if which == "streaming" else contextlib.nullcontext():
-        _generate_all(model, seqs, results, max_new_tokens, batch_size=batch_size, use_kv_cache=use_kv_cache,
-                      native=native, eos=eos if stop_at_eos else None, stop=stop)
+        _generate_all(
+            model,
+            seqs,
+            results,
+            max_new_tokens,
+            batch_size=batch_size,
+            use_kv_cache=use_kv_cache,
+            native=native,
+            eos=eos if stop_at_eos else None,
+            stop=stop,
+        )
     return results
 
 
-def _generate_all(model: Any, seqs: list[torch.Tensor], results: list[list[int]], max_new_tokens: int, *,
-                  batch_size: int, use_kv_cache: bool, native: bool, eos: int | None,
-                  stop: Callable[[list[int]], bool] | None) -> None:
+def _generate_all(
+    model: Any,
+    seqs: list[torch.Tensor],
+    results: list[list[int]],
+    max_new_tokens: int,
+    *,
+    batch_size: int,
+    use_kv_cache: bool,
+    native: bool,
+    eos: int | None,
+    stop: Callable[[list[int]], bool] | None,
+) -> None:
     for batch in batches(seqs, batch_size, pad_id(model), side="left"):
         with warnings.catch_warnings():  # transformers 5.2x renamed the cache kwarg the bridge passes
             warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-            rows = _generate_batch(model, batch.tokens, batch.attention_mask, max_new_tokens,
-                                   use_cache=use_kv_cache and not native, explicit_positions=not native,
-                                   eos=eos, filler=pad_id(model), stop=stop)
+            rows = _generate_batch(
+                model,
+                batch.tokens,
+                batch.attention_mask,
+                max_new_tokens,
+                use_cache=use_kv_cache and not native,
+                explicit_positions=not native,
+                eos=eos,
+                filler=pad_id(model),
+                stop=stop,
+            )
         for row, index in zip(rows, batch.indices):
             results[index] = row
 
@@ -108,9 +138,18 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _generate_batch(model: Any, tokens: torch.Tensor, mask: torch.Tensor, max_new: int, *, use_cache: bool,
-                    explicit_positions: bool, eos: int | None, filler: int,
-                    stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+def _generate_batch(
+    model: Any,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    max_new: int,
+    *,
+    use_cache: bool,
+    explicit_positions: bool,
+    eos: int | None,
+    filler: int,
+    stop: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
     device = input_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     n = tokens.shape[0]
@@ -141,8 +180,9 @@ def _generate_batch(model: Any, tokens: torch.Tensor, mask: torch.Tensor, max_ne
             if use_cache:
                 if explicit_positions:
                     extra["position_ids"] = extra["position_ids"][:, -1:]
-                logits, cache = model(nxt[:, None], attention_mask=mask, past_key_values=cache,
-                                      return_type="logits_and_cache", **extra)
+                logits, cache = model(
+                    nxt[:, None], attention_mask=mask, past_key_values=cache, return_type="logits_and_cache", **extra
+                )
             else:
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 logits = model(tokens, attention_mask=mask, **extra)

@@ -44,8 +44,15 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 MODEL_TYPE = "tokext"
 
-_HFLM_OPTIONS = ("add_bos_token", "prefix_token_id", "truncation", "think_end_token", "enable_thinking",
-                 "chat_template_args", "max_batch_size")
+_HFLM_OPTIONS = (
+    "add_bos_token",
+    "prefix_token_id",
+    "truncation",
+    "think_end_token",
+    "enable_thinking",
+    "chat_template_args",
+    "max_batch_size",
+)
 _DTYPES = {"auto": torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _log = logging.getLogger(__name__)
 
@@ -69,8 +76,10 @@ def as_interventions(value: Any) -> tuple[Any, ...]:
         return (value,)
     if isinstance(value, (list, tuple)):
         return tuple(iv for v in value for iv in as_interventions(v))
-    raise InputError(f"intervention must be text such as 'EarlyLayerEmulation(alpha=0.2)' or Intervention objects, "
-                     f"got {type(value).__name__} {value!r}")
+    raise InputError(
+        f"intervention must be text such as 'EarlyLayerEmulation(alpha=0.2)' or Intervention objects, "
+        f"got {type(value).__name__} {value!r}"
+    )
 
 
 @register_model(MODEL_TYPE)
@@ -82,22 +91,36 @@ class TokextLM(HFLM):
     module is imported.
     """
 
-    def __init__(self, model: Any = "smollm2-135m", intervention: Any = None, engine: str = "hooks",
-                 batch_size: int | str = 1, max_length: int | None = None, device: str | None = None,
-                 dtype: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        model: Any = "smollm2-135m",
+        intervention: Any = None,
+        engine: str = "hooks",
+        batch_size: int | str = 1,
+        max_length: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        **options: Any,
+    ) -> None:
         from tokext.interventions.base import validate
         from tokext.models.info import model_info
 
         for key in ("pretrained", "tokenizer", "backend"):
             if key in options:
-                raise InputError(f"the {MODEL_TYPE} model type takes model=SPEC (a tokext model spec: a name, a model "
-                                 f"directory or a .gguf file), not {key}=")
+                raise InputError(
+                    f"the {MODEL_TYPE} model type takes model=SPEC (a tokext model spec: a name, a model "
+                    f"directory or a .gguf file), not {key}="
+                )
         unknown = sorted(set(options) - set(_HFLM_OPTIONS))
         if unknown:
-            raise InputError(f"unknown model argument(s) {', '.join(unknown)} for the {MODEL_TYPE} model type; it takes "
-                             f"model, intervention, engine, batch_size, max_length, device, dtype, {', '.join(_HFLM_OPTIONS)}")
+            raise InputError(
+                f"unknown model argument(s) {', '.join(unknown)} for the {MODEL_TYPE} model type; it takes "
+                f"model, intervention, engine, batch_size, max_length, device, dtype, {', '.join(_HFLM_OPTIONS)}"
+            )
         if isinstance(batch_size, str) and not batch_size.strip().isdigit():
-            raise InputError(f"batch_size must be a positive integer for the {MODEL_TYPE} model type, got {batch_size!r}")
+            raise InputError(
+                f"batch_size must be a positive integer for the {MODEL_TYPE} model type, got {batch_size!r}"
+            )
         if int(batch_size) < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.engine = engine
@@ -108,11 +131,19 @@ class TokextLM(HFLM):
         self.bridge = bridge
         self.spec = model if isinstance(model, str) else model_info(bridge).name
         # HFLM warns that arguments of a pre-built model may be ignored: here none is (see _HFLM_OPTIONS)
-        with drop_log_messages("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`",
-                               "Passed an already-initialized model"):
-            super().__init__(pretrained=bridge.original_model, tokenizer=bridge.tokenizer, backend="causal",
-                             batch_size=int(batch_size), max_length=max_length or model_info(bridge).n_ctx,
-                             **options)
+        with drop_log_messages(
+            "lm_eval.models.huggingface",
+            "`pretrained` model kwarg is not of type `str`",
+            "Passed an already-initialized model",
+        ):
+            super().__init__(
+                pretrained=bridge.original_model,
+                tokenizer=bridge.tokenizer,
+                backend="causal",
+                batch_size=int(batch_size),
+                max_length=max_length or model_info(bridge).n_ctx,
+                **options,
+            )
         bridge.eval()
 
     @classmethod
@@ -149,8 +180,12 @@ class TokextLM(HFLM):
 
     # ------------------------------------------------------------------ forward passes through the bridge
 
-    def _loglikelihood_tokens(self, requests: Sequence[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
-                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self,
+        requests: Sequence[tuple[Any, list[int], list[int]]],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
         """``(sum of log p(continuation | context), continuation is greedy)`` per request, in order.
 
         Each model input is ``(context + continuation)[:-1]``, cut from the left to ``max_length``
@@ -163,13 +198,19 @@ class TokextLM(HFLM):
         users: list[list[int]] = []  # input index -> requests scored from its logits
         for r, (_, context, continuation) in enumerate(requests):
             if not context or not continuation or len(continuation) > self.max_length:
-                raise InputError(f"request {r}: context and continuation must be non-empty and the continuation at "
-                                 f"most {self.max_length} tokens, got {len(context)} and {len(continuation)}")
+                raise InputError(
+                    f"request {r}: context and continuation must be non-empty and the continuation at "
+                    f"most {self.max_length} tokens, got {len(context)} and {len(continuation)}"
+                )
             whole = list(context) + list(continuation)
             if len(whole) > self.max_length + 1:
-                _log.warning("context of %d + continuation of %d tokens exceeds max_length %d: cut from the left",
-                             len(context), len(continuation), self.max_length)
-            key = tuple(whole[-(self.max_length + 1):][:-1])
+                _log.warning(
+                    "context of %d + continuation of %d tokens exceeds max_length %d: cut from the left",
+                    len(context),
+                    len(continuation),
+                    self.max_length,
+                )
+            key = tuple(whole[-(self.max_length + 1) :][:-1])
             if key not in inputs:
                 inputs[key] = len(users)
                 users.append([])
@@ -180,7 +221,7 @@ class TokextLM(HFLM):
             for r in users[index]:
                 _, _, continuation = requests[r]
                 n = len(continuation)
-                rows = logits[length - n: length].float().log_softmax(-1)
+                rows = logits[length - n : length].float().log_softmax(-1)
                 target = torch.tensor(continuation, device=rows.device)
                 score = float(rows.gather(-1, target[:, None]).sum())
                 answer = (score, bool((rows.argmax(-1) == target).all()))
@@ -188,12 +229,19 @@ class TokextLM(HFLM):
                 if requests[r][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[r][0], answer)
 
-        forward_batches(self.bridge, [list(k) for k in inputs], override_bs or self.batch_size, take,
-                        progress=not disable_tqdm and self.rank == 0, desc="loglikelihood")
+        forward_batches(
+            self.bridge,
+            [list(k) for k in inputs],
+            override_bs or self.batch_size,
+            take,
+            progress=not disable_tqdm and self.rank == 0,
+            desc="loglikelihood",
+        )
         return results  # type: ignore[return-value]
 
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _model_call(
+        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits of unpadded inputs through the bridge (HFLM's hook for other callers; scoring uses
         :meth:`_loglikelihood_tokens`)."""
         if labels is not None:
@@ -201,8 +249,9 @@ class TokextLM(HFLM):
         with torch.inference_mode():
             return self.bridge(inps, attention_mask=attn_mask)
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
-                        ) -> torch.Tensor:
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
+    ) -> torch.Tensor:
         """Greedy continuation of the left-padded ``context`` rows up to ``max_length`` tokens in all,
         as ``[batch, context + new]`` (rows that stop early are filled with the pad id)."""
         from tokext.evaluation.generation import greedy_generate
@@ -212,13 +261,14 @@ class TokextLM(HFLM):
         if mask is None:
             mask = torch.ones_like(context)
         prompts = [row[m.bool()].tolist() for row, m in zip(context, mask)]
-        new = greedy_generate(self.bridge, prompts, max_length - context.shape[1], batch_size=len(prompts),
-                              stop_strings=list(stop))
+        new = greedy_generate(
+            self.bridge, prompts, max_length - context.shape[1], batch_size=len(prompts), stop_strings=list(stop)
+        )
         width = max((len(ids) for ids in new), default=0)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         tail = torch.full((len(new), width), pad, dtype=context.dtype, device=context.device)
         for i, ids in enumerate(new):
-            tail[i, :len(ids)] = torch.tensor(ids, dtype=context.dtype)
+            tail[i, : len(ids)] = torch.tensor(ids, dtype=context.dtype)
         return torch.cat([context, tail], dim=1)
 
     def get_model_info(self) -> dict[str, Any]:
@@ -227,10 +277,15 @@ class TokextLM(HFLM):
         from tokext.version import __version__
 
         info = model_info(self.bridge)
-        return {"model_num_parameters": sum(p.numel() for p in self.bridge.parameters()),
-                "model_dtype": str(next(self.bridge.parameters()).dtype), "tokext_model": self.spec,
-                "tokext_model_name": info.name, "tokext_interventions": [repr(iv) for iv in self.interventions],
-                "tokext_engine": self.engine, "tokext_version": __version__}
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.bridge.parameters()),
+            "model_dtype": str(next(self.bridge.parameters()).dtype),
+            "tokext_model": self.spec,
+            "tokext_model_name": info.name,
+            "tokext_interventions": [repr(iv) for iv in self.interventions],
+            "tokext_engine": self.engine,
+            "tokext_version": __version__,
+        }
 
 
 def _load(model: Any, device: str | None, dtype: str | None) -> Any:
@@ -248,8 +303,10 @@ def _checked(bridge: Any) -> Any:
     if getattr(bridge, "organism", None) is not None:
         raise InputError("the model organism has a character vocabulary: lm-eval tasks cannot be scored on it")
     if getattr(bridge, "tokenizer", None) is None or getattr(bridge, "original_model", None) is None:
-        raise InputError(f"the {MODEL_TYPE} model type needs a TransformerBridge with a tokenizer "
-                         f"(tokext.load_model(spec)), got {type(bridge).__name__}")
+        raise InputError(
+            f"the {MODEL_TYPE} model type needs a TransformerBridge with a tokenizer "
+            f"(tokext.load_model(spec)), got {type(bridge).__name__}"
+        )
     return bridge
 
 
@@ -267,8 +324,10 @@ def _require_greedy(kwargs: dict[str, Any]) -> None:
     for key in ("temperature", "top_p", "top_k"):  # no effect without sampling
         kwargs.pop(key, None)
     if kwargs:
-        raise InputError(f"generation option(s) {', '.join(sorted(kwargs))} are not supported by the {MODEL_TYPE} "
-                         "model type (greedy decoding with stop strings only)")
+        raise InputError(
+            f"generation option(s) {', '.join(sorted(kwargs))} are not supported by the {MODEL_TYPE} "
+            "model type (greedy decoding with stop strings only)"
+        )
 
 
 class _DropMessages(logging.Filter):

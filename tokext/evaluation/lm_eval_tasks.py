@@ -49,15 +49,18 @@ def task_dir() -> Path:
     return Path(str(resources.files("tokext").joinpath("data", "lm_eval")))
 
 
-def task_manager(include_path: str | Path | Sequence[str | Path] | None = None,
-                 metadata: dict[str, Any] | None = None) -> Any:
+def task_manager(
+    include_path: str | Path | Sequence[str | Path] | None = None, metadata: dict[str, Any] | None = None
+) -> Any:
     """An lm-eval ``TaskManager`` that knows lm-eval's tasks, ``tokext_mmlu`` and ``include_path``.
 
     Indexing lm-eval's ~15,000 task files takes 10-20 s, so one manager per set of arguments is
     kept for the life of the process (task files edited meanwhile are not seen).
     """
     require_lm_eval()
-    extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    extra = (
+        [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    )
     paths = (str(task_dir()), *(str(Path(p).expanduser().resolve()) for p in extra))
     return _manager(paths, json.dumps(metadata or {}, sort_keys=True, default=str))
 
@@ -121,5 +124,7 @@ def _category_rows(path: str, stamp: int, category: str) -> list[dict[str, Any]]
         by_subject.setdefault(item.subject, []).append(item)
     queues = [by_subject[s] for s in MMLU_CATEGORIES[HARNESS_CATEGORIES[category]] if s in by_subject]
     ordered = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
-    return [{"question": it.question, "subject": it.subject, "choices": list(it.choices), "answer": it.label}
-            for it in ordered]
+    return [
+        {"question": it.question, "subject": it.subject, "choices": list(it.choices), "answer": it.label}
+        for it in ordered
+    ]

@@ -37,28 +37,69 @@ class MCItem:
 
 MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
     "STEM": (
-        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
-        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
-        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
-        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
-        "high_school_physics", "high_school_statistics", "machine_learning",
+        "abstract_algebra",
+        "anatomy",
+        "astronomy",
+        "college_biology",
+        "college_chemistry",
+        "college_computer_science",
+        "college_mathematics",
+        "college_physics",
+        "computer_security",
+        "conceptual_physics",
+        "electrical_engineering",
+        "elementary_mathematics",
+        "high_school_biology",
+        "high_school_chemistry",
+        "high_school_computer_science",
+        "high_school_mathematics",
+        "high_school_physics",
+        "high_school_statistics",
+        "machine_learning",
     ),
     "Humanities": (
-        "formal_logic", "high_school_european_history", "high_school_us_history",
-        "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
-        "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+        "formal_logic",
+        "high_school_european_history",
+        "high_school_us_history",
+        "high_school_world_history",
+        "international_law",
+        "jurisprudence",
+        "logical_fallacies",
+        "moral_disputes",
+        "moral_scenarios",
+        "philosophy",
+        "prehistory",
+        "professional_law",
         "world_religions",
     ),
     "Social": (
-        "econometrics", "high_school_geography", "high_school_government_and_politics",
-        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
-        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
-        "sociology", "us_foreign_policy",
+        "econometrics",
+        "high_school_geography",
+        "high_school_government_and_politics",
+        "high_school_macroeconomics",
+        "high_school_microeconomics",
+        "high_school_psychology",
+        "human_sexuality",
+        "professional_psychology",
+        "public_relations",
+        "security_studies",
+        "sociology",
+        "us_foreign_policy",
     ),
     "Other": (
-        "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
-        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
-        "professional_accounting", "professional_medicine", "virology",
+        "business_ethics",
+        "clinical_knowledge",
+        "college_medicine",
+        "global_facts",
+        "human_aging",
+        "management",
+        "marketing",
+        "medical_genetics",
+        "miscellaneous",
+        "nutrition",
+        "professional_accounting",
+        "professional_medicine",
+        "virology",
     ),
 }
 _SUBJECT_TO_CATEGORY = {s: c for c, subjects in MMLU_CATEGORIES.items() for s in subjects}
@@ -116,8 +157,9 @@ def load_mmlu(
             indices = sorted(random.Random(f"{seed}/{subject}").sample(indices, limit))
         for i in indices:
             question, choices, label = entries[i]
-            items.append(MCItem(f"mmlu/{subject}/{i}", question, choices, label, subject,
-                                _SUBJECT_TO_CATEGORY[subject], "mmlu"))
+            items.append(
+                MCItem(f"mmlu/{subject}/{i}", question, choices, label, subject, _SUBJECT_TO_CATEGORY[subject], "mmlu")
+            )
     if not items:
         raise InputError(f"no MMLU questions in {path} match {subjects=}, {categories=}")
     return items
@@ -170,8 +212,8 @@ def cot_prompt(item: MCItem) -> str:
     choice_list = ", ".join(letters[:-1]) + f" or {letters[-1]}"
     instruction = (
         "Answer the multiple-choice question below in two parts. First, under the heading "
-        "\"Analysis:\", go through the options one by one: check the reasoning and the facts behind "
-        "each and say why it could be right or wrong. Then, under the heading \"Response:\", give "
+        '"Analysis:", go through the options one by one: check the reasoning and the facts behind '
+        'each and say why it could be right or wrong. Then, under the heading "Response:", give '
         f"only the letter of the single best option ({choice_list})."
     )
     return f"{instruction}\n\n{item.question}\n\n{_options(item)}\nAnalysis:"

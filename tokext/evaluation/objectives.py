@@ -29,8 +29,9 @@ Objective = Callable[[Any], float]
 OVER = ("choices", "vocab")
 
 
-def gold_answer_nll(spec: EvalSpec | dict[str, Any], *, items: Sequence[Any] | None = None,
-                    batch_size: int = 8) -> Objective:
+def gold_answer_nll(
+    spec: EvalSpec | dict[str, Any], *, items: Sequence[Any] | None = None, batch_size: int = 8
+) -> Objective:
     """Supervised objective: mean NLL of the gold answer on ``spec``'s items (lower is better).
 
     ``items``: the items to use instead of ``spec.load()`` (the spec still gives the prompt form).
@@ -54,8 +55,9 @@ def gold_answer_nll(spec: EvalSpec | dict[str, Any], *, items: Sequence[Any] | N
     return score
 
 
-def answer_entropy(spec: EvalSpec | dict[str, Any], *, over: str | None = None, items: Sequence[Any] | None = None,
-                   batch_size: int = 8) -> Objective:
+def answer_entropy(
+    spec: EvalSpec | dict[str, Any], *, over: str | None = None, items: Sequence[Any] | None = None, batch_size: int = 8
+) -> Objective:
     """Unsupervised objective: mean next-token entropy (nats) at the answer position of ``spec``'s prompts.
 
     ``over``: ``"choices"`` (multiple choice only: the option letters' probabilities renormalised)
@@ -67,8 +69,10 @@ def answer_entropy(spec: EvalSpec | dict[str, Any], *, over: str | None = None, 
     if over not in OVER:
         raise InputError(f"over must be one of {OVER}, got {over!r}")
     if over == "choices" and spec.method != "letter":
-        raise InputError(f"over='choices' needs multiple-choice items (method 'letter'); task {spec.task!r} has "
-                         "free answers: use over='vocab'")
+        raise InputError(
+            f"over='choices' needs multiple-choice items (method 'letter'); task {spec.task!r} has "
+            "free answers: use over='vocab'"
+        )
 
     def score(model: Any) -> float:
         from tokext.evaluation.evaluate import forward_batches, model_tokenizer, score_letters
@@ -78,8 +82,9 @@ def answer_entropy(spec: EvalSpec | dict[str, Any], *, over: str | None = None, 
             table = score_letters(model, items, batch_size=batch_size, progress=False)
             entropies = []
             for item, row in zip(items, table.itertuples(index=False)):
-                logp = torch.tensor([getattr(row, f"logp_{LETTERS[j]}") for j in range(len(item.choices))],
-                                    dtype=torch.float64)
+                logp = torch.tensor(
+                    [getattr(row, f"logp_{LETTERS[j]}") for j in range(len(item.choices))], dtype=torch.float64
+                )
                 entropies.append(_entropy(logp.log_softmax(-1)))
             return float(np.mean(entropies))
         tok = model_tokenizer(model)
@@ -103,8 +108,10 @@ def _spec_items(spec: EvalSpec | dict[str, Any], items: Sequence[Any] | None) ->
     if not isinstance(spec, EvalSpec):
         raise InputError(f"an objective takes an EvalSpec or a dict of its fields, got {spec!r}")
     if spec.method not in ("letter", "generate") or spec.task == "organism":
-        raise InputError(f"calibration objectives score letter-scored multiple choice and the reasoning tasks, "
-                         f"not task {spec.task!r} with method {spec.method!r}")
+        raise InputError(
+            f"calibration objectives score letter-scored multiple choice and the reasoning tasks, "
+            f"not task {spec.task!r} with method {spec.method!r}"
+        )
     items = list(items) if items is not None else spec.load()
     if not items:
         raise InputError(f"{spec.task!r} gave no items to calibrate on")

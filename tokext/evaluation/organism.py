@@ -47,7 +47,7 @@ def generate_greedy(organism: Organism, prompts: Sequence[str], max_new_tokens: 
         length = length + live.long()
         done = done | (nxt == tok.eos_token_id) | (length >= tokens.shape[1])
     model.train(was_training)
-    return [tok.decode(tokens[r, len(s): int(length[r])]) for r, s in enumerate(seqs)]
+    return [tok.decode(tokens[r, len(s) : int(length[r])]) for r, s in enumerate(seqs)]
 
 
 def evaluate_organism(organism: Organism, n: int = 200, seed: int = 123, cot: bool = True) -> float:
@@ -58,9 +58,9 @@ def evaluate_organism(organism: Organism, n: int = 200, seed: int = 123, cot: bo
     return sum(out == ex.completion(cot) for out, ex in zip(outs, examples)) / max(1, n)
 
 
-
-def evaluate_organism_items(organism: Organism, examples: Sequence[OrganismExample], *, cot: bool,
-                            batch_size: int = 64, progress: bool = True) -> "pd.DataFrame":
+def evaluate_organism_items(
+    organism: Organism, examples: Sequence[OrganismExample], *, cot: bool, batch_size: int = 64, progress: bool = True
+) -> "pd.DataFrame":
     """Greedy completions of ``examples`` and their scores, one row per problem (the columns of
     :func:`tokext.evaluation.evaluate.evaluate_reasoning`): id, task, level, cot, gold, extracted (the text
     after the last "A:"), correct (answer exact match), completion_correct (chain and answer
@@ -77,15 +77,26 @@ def evaluate_organism_items(organism: Organism, examples: Sequence[OrganismExamp
     rows = []
     with tqdm(total=len(examples), desc="organism", disable=not progress, leave=False) as bar:
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start: start + batch_size]
+            chunk = examples[start : start + batch_size]
             outs = generate_greedy(organism, [ex.prompt(cot) for ex in chunk])
             losses = _completion_losses(organism, chunk, cot)
             for i, (ex, out, loss) in enumerate(zip(chunk, outs, losses), start=start):
                 extracted = out.rsplit("A:", 1)[1].strip() if "A:" in out else (out.strip() if not cot else "")
-                rows.append({"id": f"{i}:{ex.question}", "task": "organism", "level": None, "cot": cot,
-                             "gold": str(ex.answer), "extracted": extracted, "correct": extracted == str(ex.answer),
-                             "completion_correct": out == ex.completion(cot), "loss": loss,
-                             "n_new_tokens": len(tok.encode(out, bos=False)), "raw": out})
+                rows.append(
+                    {
+                        "id": f"{i}:{ex.question}",
+                        "task": "organism",
+                        "level": None,
+                        "cot": cot,
+                        "gold": str(ex.answer),
+                        "extracted": extracted,
+                        "correct": extracted == str(ex.answer),
+                        "completion_correct": out == ex.completion(cot),
+                        "loss": loss,
+                        "n_new_tokens": len(tok.encode(out, bos=False)),
+                        "raw": out,
+                    }
+                )
             bar.update(len(chunk))
     return pd.DataFrame(rows)
 
@@ -101,7 +112,7 @@ def _completion_losses(organism: Organism, examples: Sequence[OrganismExample], 
     out = []
     for row, (seq, first) in enumerate(zip(seqs, starts)):
         targets = torch.tensor(seq[first:])
-        picked = logprobs[row, first - 1: len(seq) - 1].gather(-1, targets[:, None])
+        picked = logprobs[row, first - 1 : len(seq) - 1].gather(-1, targets[:, None])
         out.append(-float(picked.mean()))
     return out
 
@@ -124,6 +135,7 @@ def sink_mass(organism: Organism, n: int = 200, seed: int = 0) -> torch.Tensor:
     def reducer(layer: int):
         def hook(pattern: torch.Tensor, hook: Any) -> None:
             sums[layer] += (pattern[..., 0] * queries[:, None, :].to(pattern.device)).sum((0, 2)).to(sums.device)
+
         return hook
 
     hooks = [(pattern_hook_name(layer), reducer(layer)) for layer in range(sums.shape[0])]
@@ -134,5 +146,3 @@ def sink_mass(organism: Organism, n: int = 200, seed: int = 0) -> torch.Tensor:
 
 def _device(model: Any) -> torch.device:
     return input_device(model)
-
-

@@ -78,8 +78,11 @@ def load_prompts(source: str | Path | None = None, n: int | None = None) -> list
 
 def _first(prompts: list[str], n: int | None, where: str) -> list[str]:
     if n is not None and n > len(prompts):
-        warnings.warn(f"asked for {n} prompts but {where} holds {len(prompts)}: using all {len(prompts)}",
-                      TokextWarning, stacklevel=3)
+        warnings.warn(
+            f"asked for {n} prompts but {where} holds {len(prompts)}: using all {len(prompts)}",
+            TokextWarning,
+            stacklevel=3,
+        )
     return prompts[:n] if n is not None else prompts
 
 
@@ -100,7 +103,7 @@ def long_token_sequences(model: Any, length: int, n: int = 1) -> list[list[int]]
     for i in range(n):
         start, ids = (i * 997) % len(questions), []
         while len(ids) < length:
-            chunk = "\n\n".join(questions[start: start + 64]) + "\n\n"
+            chunk = "\n\n".join(questions[start : start + 64]) + "\n\n"
             # each chunk cut to `length` tokens: a chunk that long completes the sequence anyway
             ids += encode(model, [chunk], prepend_bos=None if not ids else False, max_len=length)[0].tolist()
             start = (start + 64) % len(questions)

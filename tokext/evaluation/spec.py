@@ -62,20 +62,27 @@ class EvalSpec:
 
             if self.n is None:
                 raise InputError(f"task {self.task!r} generates its problems: give n, the number of items")
-            return get_task(self.task).generate(self.n, seed=self.seed,
-                                                level=self.level if self.level is not None else 1)
+            return get_task(self.task).generate(
+                self.n, seed=self.seed, level=self.level if self.level is not None else 1
+            )
         from tokext.evaluation import mc
 
         if self.task == "mmlu":
-            items = mc.load_mmlu(self.path, subjects=self.subjects,
-                                 categories=[self.category] if self.category else None,
-                                 limit_per_subject=self.limit_per_subject, seed=self.seed)
+            items = mc.load_mmlu(
+                self.path,
+                subjects=self.subjects,
+                categories=[self.category] if self.category else None,
+                limit_per_subject=self.limit_per_subject,
+                seed=self.seed,
+            )
         else:
             if self.path is None:
                 raise DataFileError(f"task {self.task!r} needs `path` (a {self.task.upper()}-format jsonl file)")
             loader = mc.load_piqa if self.task == "piqa" else mc.load_siqa
             items = loader(self.path, self.labels_path)
         if self.n is not None and self.n < len(items):
-            keep = sorted(random.Random(f"{self.task}/{self.level_label}/{self.seed}").sample(range(len(items)), self.n))
+            keep = sorted(
+                random.Random(f"{self.task}/{self.level_label}/{self.seed}").sample(range(len(items)), self.n)
+            )
             items = [items[i] for i in keep]
         return items

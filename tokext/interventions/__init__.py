@@ -28,7 +28,11 @@ from tokext.interventions.base import Intervention, RunContext, fwd_hooks
 from tokext.interventions.calibration import HeadSelection, SinkCalibration, select_heads_greedy
 from tokext.interventions.emulation import EarlyLayerEmulation
 from tokext.interventions.intervene import (
-    InterventionEffect, InterventionRun, intervene, intervention_effect, mean_loss,
+    InterventionEffect,
+    InterventionRun,
+    intervene,
+    intervention_effect,
+    mean_loss,
 )
 from tokext.interventions.parse import intervention_classes, parse_interventions
 from tokext.interventions.patching import PatternPatch
@@ -37,8 +41,25 @@ from tokext.interventions.temperature import AttentionTemperature
 from tokext.interventions.zerotuning import ZeroTuning, ZeroTuningCalibration, calibrate_zerotuning
 
 __all__ = [
-    "AttentionTemperature", "EarlyLayerEmulation", "HeadAblation", "HeadSelection", "Intervention",
-    "InterventionEffect", "InterventionRun", "PatternPatch", "RunContext", "SinkCalibration",
-    "SinkRebalance", "ZeroTuning", "ZeroTuningCalibration", "calibrate_zerotuning", "fwd_hooks", "intervene",
-    "intervention_classes", "intervention_effect", "mean_loss", "parse_interventions", "select_heads_greedy",
+    "AttentionTemperature",
+    "EarlyLayerEmulation",
+    "HeadAblation",
+    "HeadSelection",
+    "Intervention",
+    "InterventionEffect",
+    "InterventionRun",
+    "PatternPatch",
+    "RunContext",
+    "SinkCalibration",
+    "SinkRebalance",
+    "ZeroTuning",
+    "ZeroTuningCalibration",
+    "calibrate_zerotuning",
+    "fwd_hooks",
+    "intervene",
+    "intervention_classes",
+    "intervention_effect",
+    "mean_loss",
+    "parse_interventions",
+    "select_heads_greedy",
 ]

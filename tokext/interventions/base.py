@@ -59,9 +59,15 @@ class RunContext:
     engine), and every method here answers for the block.
     """
 
-    def __init__(self, inputs: ForwardInputs | None = None, shared_points: set[str] | None = None,
-                 strict: bool = False, earlier_points: set[str] | None = None,
-                 layout: AttentionLayout | None = None, enclosing_points: set[str] | None = None):
+    def __init__(
+        self,
+        inputs: ForwardInputs | None = None,
+        shared_points: set[str] | None = None,
+        strict: bool = False,
+        earlier_points: set[str] | None = None,
+        layout: AttentionLayout | None = None,
+        enclosing_points: set[str] | None = None,
+    ):
         self.inputs = inputs if inputs is not None else ForwardInputs()
         self.shared_points = shared_points
         self.earlier_points = earlier_points if earlier_points is not None else set()
@@ -219,6 +225,7 @@ def learned_sink_share(pattern: torch.Tensor) -> torch.Tensor:
 
 def in_float64(edit: Callable[[torch.Tensor, bool], torch.Tensor]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
     """An ``edit(sub, inplace)`` computed on a float64 copy and cast back (for learned-sink shares)."""
+
     def wrapped(sub: torch.Tensor, inplace: bool) -> torch.Tensor:
         out = edit(sub.double(), True).to(sub.dtype)
         return sub.copy_(out) if inplace else out
@@ -237,12 +244,13 @@ def align_keys(tensor: torch.Tensor, have: torch.Tensor, want: torch.Tensor) -> 
     a, c = int(have[0]), int(want[0])
     lo, hi = max(a, c), min(a + have.numel(), c + want.numel())
     if hi > lo:
-        out[..., lo - c: hi - c] = tensor[..., lo - a: hi - a]
+        out[..., lo - c : hi - c] = tensor[..., lo - a : hi - a]
     return out
 
 
-def on_heads(pattern: torch.Tensor, heads: torch.Tensor | None, inplace: bool,
-             edit: Callable[[torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
+def on_heads(
+    pattern: torch.Tensor, heads: torch.Tensor | None, inplace: bool, edit: Callable[[torch.Tensor, bool], torch.Tensor]
+) -> torch.Tensor:
     """Apply ``edit(sub_pattern, inplace)`` to the chosen heads (all when ``heads`` is None)."""
     if heads is None:
         return edit(pattern, inplace)
@@ -272,8 +280,13 @@ def split_row_mass(pattern: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Ten
     return both[..., :1], both[..., 1:]
 
 
-def scale_entries(pattern: torch.Tensor, keys: torch.Tensor, gain_on_keys: torch.Tensor | float,
-                  gain_elsewhere: torch.Tensor | float, inplace: bool) -> torch.Tensor:
+def scale_entries(
+    pattern: torch.Tensor,
+    keys: torch.Tensor,
+    gain_on_keys: torch.Tensor | float,
+    gain_elsewhere: torch.Tensor | float,
+    inplace: bool,
+) -> torch.Tensor:
     """``pattern`` times ``gain_on_keys`` where ``keys`` (Bool ``[batch, h, 1, key]``) and times
     ``gain_elsewhere`` elsewhere; the gains are per row (``[..., query, 1]``) or scalars.
 
@@ -344,6 +357,7 @@ class Intervention:
 
 def _compact(value: Any) -> str:
     """``repr`` with long runs written as ranges (still valid Python that the constructors accept)."""
+
     def run(xs: list[int], shortest: int = 4) -> bool:
         return len(xs) >= shortest and xs == list(range(xs[0], xs[0] + len(xs)))
 
@@ -383,6 +397,7 @@ def fwd_hooks(model: Any, *interventions: Intervention) -> list[tuple[str, HookF
     ctx = RunContext(layout=model_layout(model))
     hooks = bind(model, interventions, ctx)
     if any(iv.needs_tokens for iv in interventions) and FORWARD_HOOK in model.hook_dict:
+
         def record_tokens(tokens: torch.Tensor, hook: Any) -> None:
             if not tokens.is_floating_point():
                 ctx.inputs.tokens = tokens if tokens.ndim == 2 else tokens[None]
@@ -406,8 +421,9 @@ def model_layout(model: Any) -> AttentionLayout | None:
     return model_info(model).attention if isinstance(model, torch.nn.Module) else None
 
 
-def bind(model: Any, interventions: Sequence[Intervention], ctx: RunContext,
-         fired: Counter | None = None) -> list[tuple[str, HookFn]]:
+def bind(
+    model: Any, interventions: Sequence[Intervention], ctx: RunContext, fired: Counter | None = None
+) -> list[tuple[str, HookFn]]:
     """Every intervention's hooks, in order; each is bound knowing the hook points of those before it.
 
     Every hook sees half-precision tensors in float32 (:func:`in_float32`).
@@ -426,6 +442,7 @@ def in_float32(fn: HookFn) -> HookFn:
     Edits renormalise rows and divide by row masses; in half precision a mass can underflow to
     zero or a ratio overflow, and a NaN then spreads through every later layer.
     """
+
     def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor | None:
         if tensor.dtype not in (torch.float16, torch.bfloat16):
             return fn(tensor, hook)
@@ -456,8 +473,15 @@ def _counted(fn: HookFn, fired: Counter, index: int) -> HookFn:
 # ---------------------------------------------------------------------- validation helpers
 
 
-def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """Raise :class:`InputError` unless ``value`` is a finite real number in the given range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InputError(f"{name} must be a finite number, got {value!r}")
@@ -502,20 +526,26 @@ def as_head_pairs(name: str, value: Any, *, allow_none: bool = True) -> tuple[tu
         raw = [tuple(pair) for pair in value]
     except TypeError:
         raise InputError(f"{name} must be a sequence of (layer, head) pairs, got {value!r}") from None
-    if not raw or any(len(pair) != 2 or not all(is_int(x) for x in pair)
-                      for pair in raw):
+    if not raw or any(len(pair) != 2 or not all(is_int(x) for x in pair) for pair in raw):
         raise InputError(f"{name} must be a non-empty sequence of integer (layer, head) pairs, got {value!r}")
     return tuple((int(layer), int(head)) for layer, head in raw)
 
 
-def head_selection(model: Any, layers: Sequence[int] | None, heads: Sequence[tuple[int, int]] | None,
-                   default_layers: list[int] | None = None) -> dict[int, list[int] | None]:
+def head_selection(
+    model: Any,
+    layers: Sequence[int] | None,
+    heads: Sequence[tuple[int, int]] | None,
+    default_layers: list[int] | None = None,
+) -> dict[int, list[int] | None]:
     """Layer -> chosen head indices (``None``: every head), validated against ``model``.
 
     With both ``layers`` and ``heads``, the pairs whose layer is listed are kept.
     """
-    chosen = resolve_layers(model, layers) if layers is not None else (
-        default_layers if default_layers is not None else resolve_layers(model, None))
+    chosen = (
+        resolve_layers(model, layers)
+        if layers is not None
+        else (default_layers if default_layers is not None else resolve_layers(model, None))
+    )
     if heads is None:
         return {layer: None for layer in chosen}
     pairs = [p for p in resolve_heads(model, heads) if p[0] in chosen]

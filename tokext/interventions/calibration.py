@@ -27,8 +27,16 @@ import torch
 
 from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, as_head_pairs, check_bool, check_number, head_index, head_selection,
-    scale_entries, split_row_mass,
+    Hooks,
+    Intervention,
+    RunContext,
+    as_head_pairs,
+    check_bool,
+    check_number,
+    head_index,
+    head_selection,
+    scale_entries,
+    split_row_mass,
 )
 from tokext.interventions.search import all_heads, default_score, score_each, score_with
 
@@ -112,8 +120,9 @@ class SinkCalibration(Intervention):
             if phase == "observe":
                 return None
             owned = index is not None and not (torch.is_grad_enabled() and pattern.requires_grad)
-            edited = calibrate_rows(sub, sinks_of(pattern)[:, :, None, :], beta,
-                                    inplace=owned or ctx.inplace_ok(name, pattern))
+            edited = calibrate_rows(
+                sub, sinks_of(pattern)[:, :, None, :], beta, inplace=owned or ctx.inplace_ok(name, pattern)
+            )
             if index is None:
                 return edited
             if ctx.inplace_ok(name, pattern):
@@ -184,8 +193,9 @@ def select_heads_greedy(
 
     settings = {"tau": tau, "beta": beta, "exclude_first": exclude_first}
     SinkCalibration(**settings)  # validate before any forward pass
-    candidates = list(as_head_pairs("candidates", candidates if candidates is not None else all_heads(model),
-                                    allow_none=False))
+    candidates = list(
+        as_head_pairs("candidates", candidates if candidates is not None else all_heads(model), allow_none=False)
+    )
     head_selection(model, None, candidates)  # validates indices
     score = score if score is not None else default_score(inputs, batch_size)
 
@@ -194,8 +204,9 @@ def select_heads_greedy(
 
     baseline = score_with(model, score)
     if not cumulative:  # each head alone against the baseline
-        scores = score_each(model, score, candidates, lambda pair: calibrated([pair]), progress=progress,
-                            desc="ACT head selection")
+        scores = score_each(
+            model, score, candidates, lambda pair: calibrated([pair]), progress=progress, desc="ACT head selection"
+        )
         kept = [pair for pair in candidates if scores[pair] < baseline - min_gain]
         return HeadSelection(heads=tuple(kept), baseline=baseline, scores=scores, settings=settings)
     kept: list[tuple[int, int]] = []

@@ -24,7 +24,15 @@ import torch
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
 from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, align_keys, as_int_tuple, check_bool, check_number, is_int, rescale_rows,
+    Hooks,
+    Intervention,
+    RunContext,
+    align_keys,
+    as_int_tuple,
+    check_bool,
+    check_number,
+    is_int,
+    rescale_rows,
 )
 
 
@@ -80,8 +88,9 @@ class EarlyLayerEmulation(Intervention):
         else:
             layers = resolve_layers(model, list(self.layers))
         if not layers:
-            raise LayerIndexError(f"no layer after source_layer={source} to edit "
-                                  f"(the model has {int(model.cfg.n_layers)} layers)")
+            raise LayerIndexError(
+                f"no layer after source_layer={source} to edit (the model has {int(model.cfg.n_layers)} layers)"
+            )
         if min(layers) <= source:
             raise LayerIndexError(f"layers {layers} must all come after source_layer={source}")
         horizon = self.resolved_horizon(model)
@@ -149,4 +158,3 @@ class EarlyLayerEmulation(Intervention):
         hooks: Hooks = [] if self.uniform else [(pattern_hook_name(source), record_mask)]
         hooks += [(pattern_hook_name(layer), make_boost(layer)) for layer in layers]
         return hooks
-

@@ -24,8 +24,15 @@ from tokext.errors import InputError, InterventionNotAppliedError
 from tokext.models.hooks import HookFn, HookRun, attached, capture_inputs
 from tokext.models.inputs import Inputs, batches, encode, pad_id
 from tokext.interventions.base import (
-    FORWARD_HOOK, Intervention, RunContext, bind, model_device, model_layout, validate,
+    FORWARD_HOOK,
+    Intervention,
+    RunContext,
+    bind,
+    model_device,
+    model_layout,
+    validate,
 )
+
 
 @dataclass
 class InterventionRun:
@@ -43,8 +50,13 @@ class InterventionRun:
 
 
 @contextmanager
-def intervene(model: Any, *interventions: Intervention, engine: str = "hooks", length: int | None = None,
-              budget: int = DEFAULT_BUDGET) -> Iterator[InterventionRun]:
+def intervene(
+    model: Any,
+    *interventions: Intervention,
+    engine: str = "hooks",
+    length: int | None = None,
+    budget: int = DEFAULT_BUDGET,
+) -> Iterator[InterventionRun]:
     """Apply ``interventions`` (in order) to every forward pass inside the block.
 
     Works for plain forward passes, ``run_with_cache`` and ``model.generate`` (prefill and every
@@ -67,18 +79,24 @@ def intervene(model: Any, *interventions: Intervention, engine: str = "hooks", l
     2
     """
     validate(model, interventions, "intervene")
-    chosen = choose_engine(model, engine, length=length if length is not None else int(model.cfg.n_ctx),
-                           budget=budget)
+    chosen = choose_engine(model, engine, length=length if length is not None else int(model.cfg.n_ctx), budget=budget)
     run = InterventionRun(interventions=tuple(interventions))
     with capture_inputs(model) as inputs:
         outer = active_engine(model)
-        ctx = RunContext(inputs, shared_points=set(), strict=True, layout=model_layout(model),
-                         enclosing_points=set() if outer is None else _engine_points(outer))
+        ctx = RunContext(
+            inputs,
+            shared_points=set(),
+            strict=True,
+            layout=model_layout(model),
+            enclosing_points=set() if outer is None else _engine_points(outer),
+        )
         if outer is not None:
             chosen = "streaming"  # an enclosing streaming block runs every forward pass
         hooks = bind(model, interventions, ctx, run.fired)
         if chosen == "hooks":
-            ctx.shared_points = {name for name, _ in hooks if name in model.hook_dict and model.hook_dict[name].fwd_hooks}
+            ctx.shared_points = {
+                name for name, _ in hooks if name in model.hook_dict and model.hook_dict[name].fwd_hooks
+            }
             attention, others = hooks, []
         else:
             attention = [(n, f) for n, f in hooks if n.endswith(("attn.hook_pattern", "attn.hook_attn_scores"))]
@@ -90,8 +108,7 @@ def intervene(model: Any, *interventions: Intervention, engine: str = "hooks", l
                 run.hooks = stack.enter_context(attached(model, attention + others))
             else:
                 run.hooks = stack.enter_context(attached(model, others))
-                stack.enter_context(streaming(model, stages_from_hooks(attention), _block_setter(ctx),
-                                              budget=budget))
+                stack.enter_context(streaming(model, stages_from_hooks(attention), _block_setter(ctx), budget=budget))
             run.engine = chosen
             yield run
             silent = [repr(iv) for i, iv in enumerate(interventions) if run.fired[i] == 0]
@@ -105,6 +122,7 @@ def intervene(model: Any, *interventions: Intervention, engine: str = "hooks", l
 
 def _block_setter(ctx: RunContext) -> Any:
     """Tell the run's context where the streaming engine's block lies."""
+
     def on_block(geometry: Any) -> None:
         ctx.block = geometry
 
@@ -161,8 +179,14 @@ def _engine_for(model: Any, engine: str, seqs: Sequence[torch.Tensor], batch_siz
     return choose_engine(model, engine, batch=min(batch_size, len(seqs)), length=max(int(s.numel()) for s in seqs))
 
 
-def mean_loss(model: Any, inputs: Inputs, *interventions: Intervention, batch_size: int = 8,
-              max_len: int | None = None, engine: str = "hooks") -> float:
+def mean_loss(
+    model: Any,
+    inputs: Inputs,
+    *interventions: Intervention,
+    batch_size: int = 8,
+    max_len: int | None = None,
+    engine: str = "hooks",
+) -> float:
     """Mean next-token loss over every real target token of ``inputs`` (right-padded batches).
 
     ``engine`` as in :func:`intervene` (``"auto"`` decides by these inputs)."""
@@ -179,8 +203,15 @@ def mean_loss(model: Any, inputs: Inputs, *interventions: Intervention, batch_si
     return total / count
 
 
-def intervention_effect(model: Any, tokens: Inputs, intervention: Intervention | Sequence[Intervention],
-                        *, batch_size: int = 8, max_len: int | None = None, engine: str = "hooks") -> InterventionEffect:
+def intervention_effect(
+    model: Any,
+    tokens: Inputs,
+    intervention: Intervention | Sequence[Intervention],
+    *,
+    batch_size: int = 8,
+    max_len: int | None = None,
+    engine: str = "hooks",
+) -> InterventionEffect:
     """Max |delta logit| over real positions and the change in mean next-token loss.
 
     ``tokens``: strings, a [batch, pos] token tensor or lists of token ids. ``intervention``: one
@@ -213,6 +244,10 @@ def intervention_effect(model: Any, tokens: Inputs, intervention: Intervention |
     if count == 0:
         raise InputError("no target tokens: every sequence needs at least two tokens")
     name = " + ".join(repr(iv) for iv in chosen) or "none"
-    return InterventionEffect(intervention=name, max_abs_delta_logit=max_delta, loss_before=before / count,
-                              loss_after=after / count, n_tokens=count)
-
+    return InterventionEffect(
+        intervention=name,
+        max_abs_delta_logit=max_delta,
+        loss_before=before / count,
+        loss_after=after / count,
+        n_tokens=count,
+    )

@@ -47,14 +47,16 @@ def parse_interventions(text: str) -> tuple[Intervention, ...]:
     (SinkRebalance(scale=0.5), AttentionTemperature(temperature=2.0))
     """
     if not isinstance(text, str) or not text.strip():
-        raise InterventionSpecError(f"an intervention must be written as a call such as "
-                                    f"'EarlyLayerEmulation(alpha=0.2)', got {text!r}")
+        raise InterventionSpecError(
+            f"an intervention must be written as a call such as 'EarlyLayerEmulation(alpha=0.2)', got {text!r}"
+        )
     source = " ".join(text.split())
     try:
         tree = ast.parse(source, mode="eval").body
     except SyntaxError as e:
-        raise InterventionSpecError(f"intervention {source!r} does not parse ({e.msg}); write a call such as "
-                                    "'EarlyLayerEmulation(alpha=0.2)'") from None
+        raise InterventionSpecError(
+            f"intervention {source!r} does not parse ({e.msg}); write a call such as 'EarlyLayerEmulation(alpha=0.2)'"
+        ) from None
     calls = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
     if not calls:
         raise InterventionSpecError(f"intervention {source!r} is an empty list")
@@ -64,14 +66,17 @@ def parse_interventions(text: str) -> tuple[Intervention, ...]:
 def _build(node: ast.AST, source: str) -> Intervention:
     classes = intervention_classes()
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
-        raise InterventionSpecError(f"intervention {source!r}: expected a call such as 'EarlyLayerEmulation(alpha=0.2)', "
-                                    f"got {ast.unparse(node)!r}")
+        raise InterventionSpecError(
+            f"intervention {source!r}: expected a call such as 'EarlyLayerEmulation(alpha=0.2)', "
+            f"got {ast.unparse(node)!r}"
+        )
     name = node.func.id
     if name not in classes:
         close = difflib.get_close_matches(name, list(classes), n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise InterventionSpecError(f"unknown intervention {name!r} in {source!r}.{hint} "
-                                    f"Available: {', '.join(sorted(classes))}")
+        raise InterventionSpecError(
+            f"unknown intervention {name!r} in {source!r}.{hint} Available: {', '.join(sorted(classes))}"
+        )
     cls = classes[name]
     args = [_literal(a, name, source) for a in node.args]
     kwargs = {}
@@ -86,8 +91,9 @@ def _build(node: ast.AST, source: str) -> Intervention:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise InterventionSpecError(f"{name} has no parameter {key!r}.{hint} Parameters: {', '.join(fields)}")
     if len(args) > len(fields):
-        raise InterventionSpecError(f"{name} takes at most {len(fields)} positional arguments "
-                                    f"({', '.join(fields)}), got {len(args)}")
+        raise InterventionSpecError(
+            f"{name} takes at most {len(fields)} positional arguments ({', '.join(fields)}), got {len(args)}"
+        )
     try:
         return cls(*args, **kwargs)
     except InputError as e:
@@ -103,9 +109,12 @@ def _literal(node: ast.AST, name: str, source: str) -> Any:
     try:
         value = ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        raise InterventionSpecError(f"{name} argument {ast.unparse(node)!r} in {source!r} is not a literal "
-                                    "(numbers, strings, True/False/None, lists and tuples of them)") from None
+        raise InterventionSpecError(
+            f"{name} argument {ast.unparse(node)!r} in {source!r} is not a literal "
+            "(numbers, strings, True/False/None, lists and tuples of them)"
+        ) from None
     if isinstance(value, (dict, set, bytes, complex)):
-        raise InterventionSpecError(f"{name} argument {ast.unparse(node)!r} in {source!r}: "
-                                    f"{type(value).__name__} values are not accepted")
+        raise InterventionSpecError(
+            f"{name} argument {ast.unparse(node)!r} in {source!r}: {type(value).__name__} values are not accepted"
+        )
     return value

@@ -19,7 +19,15 @@ import torch
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
 from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, align_keys, as_head_pairs, as_int_tuple, head_index, head_selection, is_int,
+    Hooks,
+    Intervention,
+    RunContext,
+    align_keys,
+    as_head_pairs,
+    as_int_tuple,
+    head_index,
+    head_selection,
+    is_int,
     model_layout,
 )
 
@@ -59,7 +67,8 @@ class PatternPatch(Intervention):
                 raise InputError(
                     f"{self!r} on {layout.family}: layer {source} ({layout[source].describe()}) and layers {differ} "
                     f"({', '.join(sorted({layout[t].describe() for t in differ}))}) see different keys, so a copied "
-                    "pattern would attend where the target cannot: patch between layers of the same attention kind")
+                    "pattern would attend where the target cannot: patch between layers of the same attention kind"
+                )
         return source, head_selection(model, targets, self.heads)
 
     def edited_layers(self, model: Any) -> list[int]:
@@ -87,7 +96,8 @@ class PatternPatch(Intervention):
                     saved = align_keys(saved, state["keys"], ctx.key_positions(pattern))
                 if saved is None or saved.shape != pattern.shape:
                     raise InterventionNotAppliedError(
-                        f"{self!r}: layer {layer} ran without layer {source}'s pattern of the same forward pass")
+                        f"{self!r}: layer {layer} ran without layer {source}'s pattern of the same forward pass"
+                    )
                 saved = saved.to(pattern.device, pattern.dtype)  # the source layer may sit on another device
                 index = head_index(heads, pattern.device)
                 if index is None:

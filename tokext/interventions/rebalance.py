@@ -22,8 +22,22 @@ import torch
 from tokext.errors import InputError
 from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, check_bool, check_number, head_index,
-    head_selection, in_float64, is_int, learned_sink_share, model_layout, on_heads, scale_entries, split_row_mass,
+    Hooks,
+    Intervention,
+    RunContext,
+    as_head_pairs,
+    as_int_tuple,
+    check_bool,
+    check_number,
+    head_index,
+    head_selection,
+    in_float64,
+    is_int,
+    learned_sink_share,
+    model_layout,
+    on_heads,
+    scale_entries,
+    split_row_mass,
 )
 from tokext.attention.metrics import CATEGORIES
 
@@ -84,27 +98,36 @@ class SinkRebalance(Intervention):
             from tokext.attention.collect import category_table
 
             if getattr(model, "tokenizer", None) is None:
-                raise InputError(f"{self!r} needs the model's tokenizer to find token categories, and this "
-                                 "model has none: target positions or 'first' instead")
+                raise InputError(
+                    f"{self!r} needs the model's tokenizer to find token categories, and this "
+                    "model has none: target positions or 'first' instead"
+                )
             table = category_table(model)
         plan = _TargetPlan(categories=categories, positions=positions, table=table)
-        return [(pattern_hook_name(layer), self._hook(layer, heads, ctx, plan, scale_sink))
-                for layer, heads in selection.items()]
+        return [
+            (pattern_hook_name(layer), self._hook(layer, heads, ctx, plan, scale_sink))
+            for layer, heads in selection.items()
+        ]
 
     def _check_sink_target(self, model: Any, layers: list[int]) -> None:
         """Refuse the ``"sink"`` target where there is no learned sink, or nothing to renormalise."""
         layout = model_layout(model)
         if not self.renormalize:
-            raise InputError(f"{self!r}: the learned sink has no value vector, so scaling its share changes "
-                             "nothing unless rows are renormalised: use renormalize=True")
+            raise InputError(
+                f"{self!r}: the learned sink has no value vector, so scaling its share changes "
+                "nothing unless rows are renormalised: use renormalize=True"
+            )
         without = [layer for layer in layers if layout is None or not layout[layer].learned_sink]
         if without:
             family = layout.family if layout is not None else "this model"
-            raise InputError(f"{self!r}: {family} has no learned sink logit in layers {without}; the 'sink' "
-                             "target exists only where one joins the softmax (gpt-oss)")
+            raise InputError(
+                f"{self!r}: {family} has no learned sink logit in layers {without}; the 'sink' "
+                "target exists only where one joins the softmax (gpt-oss)"
+            )
 
-    def _hook(self, layer: int, heads: list[int] | None, ctx: RunContext, plan: "_TargetPlan",
-              scale_sink: bool) -> Callable:
+    def _hook(
+        self, layer: int, heads: list[int] | None, ctx: RunContext, plan: "_TargetPlan", scale_sink: bool
+    ) -> Callable:
         name = pattern_hook_name(layer)
         scale, renormalize = self.scale, self.renormalize
         learned = ctx.attention(layer).learned_sink
@@ -116,17 +139,29 @@ class SinkRebalance(Intervention):
             def edit(sub: torch.Tensor, inplace: bool) -> torch.Tensor:
                 if not renormalize:
                     return scale_entries(sub, targets, scale, 1.0, inplace)
-                return rebalance_rows(sub, targets, scale, inplace=inplace, learned_sink=learned,
-                                      sink_scale=sink_weight)
+                return rebalance_rows(
+                    sub, targets, scale, inplace=inplace, learned_sink=learned, sink_scale=sink_weight
+                )
 
-            return on_heads(pattern, head_index(heads, pattern.device), ctx.inplace_ok(name, pattern),
-                            in_float64(edit) if learned else edit)
+            return on_heads(
+                pattern,
+                head_index(heads, pattern.device),
+                ctx.inplace_ok(name, pattern),
+                in_float64(edit) if learned else edit,
+            )
 
         return rebalance
 
 
-def rebalance_rows(pattern: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor | float, *,
-                   inplace: bool, learned_sink: bool = False, sink_scale: float = 1.0) -> torch.Tensor:
+def rebalance_rows(
+    pattern: torch.Tensor,
+    keys: torch.Tensor,
+    scale: torch.Tensor | float,
+    *,
+    inplace: bool,
+    learned_sink: bool = False,
+    sink_scale: float = 1.0,
+) -> torch.Tensor:
     """Entries on ``keys`` times ``scale``, then each row rescaled to its original sum.
 
     ``keys`` is Bool ``[batch, heads or 1, 1, key]``; ``scale`` a scalar or a per-head tensor
@@ -188,8 +223,9 @@ def _normalise_targets(targets: Any) -> str | tuple:
             if item not in choices:
                 raise InputError(f"unknown target {item!r}: choose from {list(choices)} or give positions")
         elif not is_int(item) or item < 0:
-            raise InputError(f"target positions must be non-negative ints (from each row's first real "
-                             f"token), got {item!r}")
+            raise InputError(
+                f"target positions must be non-negative ints (from each row's first real token), got {item!r}"
+            )
     if isinstance(targets, str):
         return targets
     return tuple(item if isinstance(item, str) else int(item) for item in items)

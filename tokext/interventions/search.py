@@ -28,7 +28,7 @@ def score_with(model: Any, score: Score, *interventions: Intervention) -> float:
 
     from tokext.interventions.intervene import intervene
 
-    with torch.inference_mode(), (intervene(model, *interventions) if interventions else nullcontext()):
+    with torch.inference_mode(), intervene(model, *interventions) if interventions else nullcontext():
         value = score(model)
     try:
         value = float(value)
@@ -40,9 +40,15 @@ def score_with(model: Any, score: Score, *interventions: Intervention) -> float:
     return value
 
 
-def score_each(model: Any, score: Score, candidates: Sequence[Hashable],
-               build: Callable[[Hashable], Intervention], *, progress: bool = False,
-               desc: str = "calibration") -> dict[Hashable, float]:
+def score_each(
+    model: Any,
+    score: Score,
+    candidates: Sequence[Hashable],
+    build: Callable[[Hashable], Intervention],
+    *,
+    progress: bool = False,
+    desc: str = "calibration",
+) -> dict[Hashable, float]:
     """``candidate -> score(model)`` with ``build(candidate)`` alone applied, in order."""
     from tqdm.auto import tqdm
 

@@ -43,9 +43,20 @@ HOOKS = ("auto", "scores", "pattern")
 def scores_hook_name(layer: int) -> str:
     """Name of the pre-softmax (scaled, masked) attention scores hook of ``layer``."""
     return f"blocks.{layer}.attn.hook_attn_scores"
+
+
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, check_number, head_index, head_selection,
-    in_float64, learned_sink_share, on_heads,
+    Hooks,
+    Intervention,
+    RunContext,
+    as_head_pairs,
+    as_int_tuple,
+    check_number,
+    head_index,
+    head_selection,
+    in_float64,
+    learned_sink_share,
+    on_heads,
 )
 
 
@@ -82,33 +93,42 @@ class AttentionTemperature(Intervention):
             family = ctx.layout.family if ctx.layout is not None else type(model).__name__
             blocked = [layer for layer in selection if not lands.get(layer, False)]
             if blocked and self.hook == "scores":
-                raise UneditableAttentionError(f"{self!r}: on {family}, edits to hook_attn_scores do not reach the "
-                                               f"output in layers {blocked}: use hook='pattern' or 'auto'")
-            unreadable = [layer for layer in selection
-                          if ctx.attention(layer).learned_sink and _sink_logits(model, layer) is None]
+                raise UneditableAttentionError(
+                    f"{self!r}: on {family}, edits to hook_attn_scores do not reach the "
+                    f"output in layers {blocked}: use hook='pattern' or 'auto'"
+                )
+            unreadable = [
+                layer for layer in selection if ctx.attention(layer).learned_sink and _sink_logits(model, layer) is None
+            ]
             if unreadable and self.hook == "scores":
-                raise UneditableAttentionError(f"{self!r}: on {family}, layers {unreadable} add a learned sink logit "
-                                               "that tokext cannot read, so dividing the scores would leave the sink "
-                                               "untempered: use hook='pattern' or 'auto'")
+                raise UneditableAttentionError(
+                    f"{self!r}: on {family}, layers {unreadable} add a learned sink logit "
+                    "that tokext cannot read, so dividing the scores would leave the sink "
+                    "untempered: use hook='pattern' or 'auto'"
+                )
             for layer in unreadable:
                 lands[layer] = False
             first_there = [layer for layer in selection if self._acts_after_others(model, layer, ctx)]
             if first_there and self.hook == "scores":
-                raise InputError(f"{self!r}: layers {first_there} have pattern hooks that must act before this "
-                                 "temperature (an earlier intervention or an enclosing block), and a score "
-                                 "edit would act before them: use hook='auto' or 'pattern', or list it first")
+                raise InputError(
+                    f"{self!r}: layers {first_there} have pattern hooks that must act before this "
+                    "temperature (an earlier intervention or an enclosing block), and a score "
+                    "edit would act before them: use hook='auto' or 'pattern', or list it first"
+                )
             on_scores = {layer for layer in selection if lands.get(layer, False) and layer not in first_there}
-        return [(scores_hook_name(layer), self._scores_hook(model, layer, heads, ctx)) if layer in on_scores
-                else (pattern_hook_name(layer), self._hook(layer, heads, ctx))
-                for layer, heads in selection.items()]
+        return [
+            (scores_hook_name(layer), self._scores_hook(model, layer, heads, ctx))
+            if layer in on_scores
+            else (pattern_hook_name(layer), self._hook(layer, heads, ctx))
+            for layer, heads in selection.items()
+        ]
 
     @staticmethod
     def _acts_after_others(model: Any, layer: int, ctx: RunContext) -> bool:
         """Whether hooks on ``layer``'s pattern must run before this temperature."""
         name = pattern_hook_name(layer)
         point = getattr(model, "hook_dict", {}).get(name)
-        return (name in ctx.earlier_points or name in ctx.enclosing_points
-                or bool(point is not None and point.fwd_hooks))
+        return name in ctx.earlier_points or name in ctx.enclosing_points or bool(point is not None and point.fwd_hooks)
 
     def _scores_hook(self, model: Any, layer: int, heads: list[int] | None, ctx: RunContext) -> Callable:
         """``scores / T`` before the softmax: the same pattern as :func:`tempered` at the cost of
@@ -129,8 +149,9 @@ class AttentionTemperature(Intervention):
         def hook(scores: torch.Tensor, hook: Any) -> torch.Tensor:
             index = head_index(heads, scores.device)
             offset = None if shift is None else (shift if index is None else shift.to(scores.device)[index])
-            return on_heads(scores, index, ctx.inplace_ok(name, scores),
-                            lambda sub, inplace: edit(sub, inplace, offset))
+            return on_heads(
+                scores, index, ctx.inplace_ok(name, scores), lambda sub, inplace: edit(sub, inplace, offset)
+            )
 
         return hook
 
@@ -149,8 +170,12 @@ class AttentionTemperature(Intervention):
             return tempered(full, inverse, True)[..., :-1]
 
         def hook(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
-            return on_heads(pattern, head_index(heads, pattern.device), ctx.inplace_ok(name, pattern),
-                            edit_with_sink if learned else edit)
+            return on_heads(
+                pattern,
+                head_index(heads, pattern.device),
+                ctx.inplace_ok(name, pattern),
+                edit_with_sink if learned else edit,
+            )
 
         return hook
 

@@ -63,8 +63,17 @@ import torch
 from tokext.errors import InputError, LayerIndexError
 from tokext.models.hooks import pattern_hook_name, resolve_heads
 from tokext.interventions.base import (
-    Hooks, Intervention, RunContext, as_head_pairs, as_int_tuple, check_number, head_index, head_selection,
-    in_float64, is_int, on_heads,
+    Hooks,
+    Intervention,
+    RunContext,
+    as_head_pairs,
+    as_int_tuple,
+    check_number,
+    head_index,
+    head_selection,
+    in_float64,
+    is_int,
+    on_heads,
 )
 from tokext.interventions.rebalance import rebalance_rows
 from tokext.interventions.search import Score, all_heads, distinct, score_each, score_with
@@ -96,11 +105,15 @@ class ZeroTuning(Intervention):
         object.__setattr__(self, "layers", as_int_tuple("layers", self.layers))
         object.__setattr__(self, "heads", as_head_pairs("heads", self.heads))
         if self.gamma == 1 and (self.layers is not None or self.heads is not None):
-            raise InputError("layers and heads choose the heads that gamma scales, and gamma is 1: give gamma, or "
-                             "per-head factors in head_gammas")
+            raise InputError(
+                "layers and heads choose the heads that gamma scales, and gamma is 1: give gamma, or "
+                "per-head factors in head_gammas"
+            )
         if self.gamma == 1 and all(g == 1 for *_, g in self.head_gammas or ()):
-            raise InputError("ZeroTuning with every factor 1 is the identity: give gamma != 1 or head_gammas "
-                             "(e.g. ZeroTuning(gamma=0.5), ZeroTuning(head_gammas=[(0, 1, 2.0)]))")
+            raise InputError(
+                "ZeroTuning with every factor 1 is the identity: give gamma != 1 or head_gammas "
+                "(e.g. ZeroTuning(gamma=0.5), ZeroTuning(head_gammas=[(0, 1, 2.0)]))"
+            )
 
     def factors(self, model: Any) -> dict[int, list[float]]:
         """Layer -> the factor of each of its heads, for the layers with a factor other than 1."""
@@ -144,8 +157,12 @@ class ZeroTuning(Intervention):
                 scale = gains.to(device=sub.device, dtype=sub.dtype)[None, :, None, None]
                 return rebalance_rows(sub, first, scale, inplace=inplace, learned_sink=learned)
 
-            return on_heads(pattern, head_index(heads, pattern.device), ctx.inplace_ok(name, pattern),
-                            in_float64(edit) if learned else edit)
+            return on_heads(
+                pattern,
+                head_index(heads, pattern.device),
+                ctx.inplace_ok(name, pattern),
+                in_float64(edit) if learned else edit,
+            )
 
         return zerotune
 
@@ -163,8 +180,9 @@ def as_head_gammas(name: str, value: Any) -> HeadGammas | None:
     out, seen = [], set()
     for item in raw:
         if len(item) != 3 or not (is_int(item[0]) and is_int(item[1])):
-            raise InputError(f"{name} entries must be (layer, head, gamma) triples of two ints and a number, "
-                             f"got {item!r}")
+            raise InputError(
+                f"{name} entries must be (layer, head, gamma) triples of two ints and a number, got {item!r}"
+            )
         check_number(f"{name}: gamma of head {item[:2]}", item[2], low=0.0, low_open=True)
         pair = (int(item[0]), int(item[1]))
         if pair in seen:
@@ -230,8 +248,10 @@ def calibrate_zerotuning(
     check_number("min_gain", min_gain, low=0.0)
     ups = _factors("up_gammas", up_gammas, above_one=True)
     downs = _factors("down_gammas", down_gammas, above_one=False)
-    candidates = distinct("candidates", as_head_pairs(
-        "candidates", candidates if candidates is not None else all_heads(model), allow_none=False))
+    candidates = distinct(
+        "candidates",
+        as_head_pairs("candidates", candidates if candidates is not None else all_heads(model), allow_none=False),
+    )
     resolve_heads(model, candidates)  # validates indices before any forward pass
 
     def tuned(up: Sequence[tuple[int, int]], g_up: float, down: Sequence[tuple[int, int]], g_down: float) -> ZeroTuning:
@@ -239,24 +259,50 @@ def calibrate_zerotuning(
         return ZeroTuning(head_gammas=triples)
 
     baseline = score_with(model, score)
-    profile = score_each(model, score, candidates, lambda pair: tuned([pair], probe, [], 1.0), progress=progress,
-                         desc="ZeroTuning head profiling")
+    profile = score_each(
+        model,
+        score,
+        candidates,
+        lambda pair: tuned([pair], probe, [], 1.0),
+        progress=progress,
+        desc="ZeroTuning head profiling",
+    )
     up = tuple(p for p in candidates if profile[p] < baseline - min_gain)
     down = tuple(p for p in candidates if profile[p] > baseline + min_gain)
-    pairs = [(gu, gd) for gu in (1.0, *ups) if up or gu == 1 for gd in (1.0, *downs) if down or gd == 1
-             if (gu, gd) != (1.0, 1.0)]
-    grid = score_each(model, score, pairs, lambda g: tuned(up, g[0], down, g[1]), progress=progress,
-                      desc="ZeroTuning factor search")
+    pairs = [
+        (gu, gd)
+        for gu in (1.0, *ups)
+        if up or gu == 1
+        for gd in (1.0, *downs)
+        if down or gd == 1
+        if (gu, gd) != (1.0, 1.0)
+    ]
+    grid = score_each(
+        model, score, pairs, lambda g: tuned(up, g[0], down, g[1]), progress=progress, desc="ZeroTuning factor search"
+    )
     best_pair = min(grid, key=grid.get) if grid else None
     chosen: HeadGammas = ()
     best = baseline
     if best_pair is not None and grid[best_pair] < baseline - min_gain:
         chosen = tuned(up, best_pair[0], down, best_pair[1]).head_gammas or ()
         best = grid[best_pair]
-    settings = {"probe": probe, "up_gammas": ups, "down_gammas": downs, "min_gain": min_gain,
-                "candidates": tuple(candidates)}
-    return ZeroTuningCalibration(head_gammas=chosen, baseline=baseline, best=best, up=up, down=down,
-                                 profile=profile, grid=grid, settings=settings)
+    settings = {
+        "probe": probe,
+        "up_gammas": ups,
+        "down_gammas": downs,
+        "min_gain": min_gain,
+        "candidates": tuple(candidates),
+    }
+    return ZeroTuningCalibration(
+        head_gammas=chosen,
+        baseline=baseline,
+        best=best,
+        up=up,
+        down=down,
+        profile=profile,
+        grid=grid,
+        settings=settings,
+    )
 
 
 def _factors(name: str, values: Sequence[float], *, above_one: bool) -> tuple[float, ...]:

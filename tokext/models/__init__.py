@@ -24,6 +24,14 @@ from tokext.models.probes import (
 )
 
 __all__ = [
-    "DEFAULT_MODEL", "KNOWN_MODELS", "ModelInfo", "cache_dir", "check_pattern_edits", "check_score_edits",
-    "load_model", "model_info", "native_model", "require_pattern_edits",
+    "DEFAULT_MODEL",
+    "KNOWN_MODELS",
+    "ModelInfo",
+    "cache_dir",
+    "check_pattern_edits",
+    "check_score_edits",
+    "load_model",
+    "model_info",
+    "native_model",
+    "require_pattern_edits",
 ]

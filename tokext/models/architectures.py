@@ -147,8 +147,15 @@ def layout_from_config(config: Any, n_layers: int | None = None) -> AttentionLay
     encoder = bool(family and family.encoder and not getattr(config, "is_decoder", False))
     windows = _windows(config, family, n_layers)
     softcap = getattr(config, family.softcap, None) if family and family.softcap else None
-    layer = [LayerAttention(causal=not encoder, window=w, learned_sink=bool(family and family.learned_sinks),
-                            softcap=float(softcap) if softcap else None) for w in windows]
+    layer = [
+        LayerAttention(
+            causal=not encoder,
+            window=w,
+            learned_sink=bool(family and family.learned_sinks),
+            softcap=float(softcap) if softcap else None,
+        )
+        for w in windows
+    ]
     name = family.name if family else f"{model_type or type(config).__name__} (generic rule)"
     return AttentionLayout(name, tuple(layer), known=family is not None)
 
@@ -168,8 +175,10 @@ def _windows(config: Any, family: Family | None, n_layers: int) -> list[int | No
     if layer_types is not None:
         unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
         if unknown:
-            raise InputError(f"{type(config).__name__} has layer types {unknown}, which tokext cannot model "
-                             "(it knows sliding_attention and full_attention)")
+            raise InputError(
+                f"{type(config).__name__} has layer types {unknown}, which tokext cannot model "
+                "(it knows sliding_attention and full_attention)"
+            )
         if len(layer_types) != n_layers:
             raise InputError(f"config.layer_types lists {len(layer_types)} layers for a {n_layers}-layer model")
         if "sliding_attention" in layer_types and not size:

@@ -69,19 +69,27 @@ def check_device(device: str | int | torch.device, where: str = "device") -> tor
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"{where}: {device!r} is not a device name (use 'cpu', 'cuda', 'cuda:N' or 'mps'); "
-                         f"devices here: {', '.join(available_devices())}") from None
+        raise InputError(
+            f"{where}: {device!r} is not a device name (use 'cpu', 'cuda', 'cuda:N' or 'mps'); "
+            f"devices here: {', '.join(available_devices())}"
+        ) from None
     if parsed.type == "meta":
-        raise InputError(f"{where}: 'meta' holds no weights, so a model cannot run there; "
-                         f"devices here: {', '.join(available_devices())}")
+        raise InputError(
+            f"{where}: 'meta' holds no weights, so a model cannot run there; "
+            f"devices here: {', '.join(available_devices())}"
+        )
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise InputError(f"{where}: {device!r} needs CUDA, and this machine has no CUDA device "
-                             f"(devices here: {', '.join(available_devices())})")
+            raise InputError(
+                f"{where}: {device!r} needs CUDA, and this machine has no CUDA device "
+                f"(devices here: {', '.join(available_devices())})"
+            )
         if parsed.index is not None and parsed.index >= count:
-            raise InputError(f"{where}: {device!r} does not exist: this machine has {count} CUDA device(s) "
-                             f"({', '.join(available_devices())})")
+            raise InputError(
+                f"{where}: {device!r} does not exist: this machine has {count} CUDA device(s) "
+                f"({', '.join(available_devices())})"
+            )
     elif parsed.type == "mps":
         if "mps" not in available_devices():
             raise InputError(f"{where}: {device!r} is not available here ({', '.join(available_devices())})")
@@ -97,8 +105,12 @@ def _map_target(value: Any, where: str) -> str:
     return str(check_device(value, where))
 
 
-def check_placement(device: str | torch.device | None = None, device_map: str | Mapping[str, Any] | None = None,
-                    n_devices: int | None = None, max_memory: Mapping[Any, Any] | None = None) -> None:
+def check_placement(
+    device: str | torch.device | None = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    n_devices: int | None = None,
+    max_memory: Mapping[Any, Any] | None = None,
+) -> None:
     """Check a model placement against the devices of this machine, loading nothing.
 
     ``device``: one device for the whole model. ``device_map``: one of
@@ -116,9 +128,11 @@ def check_placement(device: str | torch.device | None = None, device_map: str | 
     if device is not None:
         check_device(device)
         if device_map is not None or (n_devices is not None and n_devices > 1):
-            raise InputError("pass either device (one device for the whole model) or device_map / n_devices "
-                             f"(a model across devices), not both: got device={str(device)!r} with "
-                             f"{'device_map' if device_map is not None else f'n_devices={n_devices}'}")
+            raise InputError(
+                "pass either device (one device for the whole model) or device_map / n_devices "
+                f"(a model across devices), not both: got device={str(device)!r} with "
+                f"{'device_map' if device_map is not None else f'n_devices={n_devices}'}"
+            )
     if n_devices is not None:
         if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
             raise InputError(f"n_devices must be a positive integer, got {n_devices!r}")
@@ -126,30 +140,38 @@ def check_placement(device: str | torch.device | None = None, device_map: str | 
             raise InputError("pass either device_map or n_devices, not both")
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n_devices > 1 and count < n_devices:
-            raise InputError(f"n_devices={n_devices} splits the model over {n_devices} GPUs, and this machine has "
-                             f"{count} (devices here: {', '.join(available_devices())})")
+            raise InputError(
+                f"n_devices={n_devices} splits the model over {n_devices} GPUs, and this machine has "
+                f"{count} (devices here: {', '.join(available_devices())})"
+            )
     targets: list[str] = []
     if isinstance(device_map, str):
         if device_map not in DEVICE_MAP_STRATEGIES:
-            raise InputError(f"device_map {device_map!r} is neither a placement strategy "
-                             f"({', '.join(DEVICE_MAP_STRATEGIES)}) nor a dict of module name -> device")
+            raise InputError(
+                f"device_map {device_map!r} is neither a placement strategy "
+                f"({', '.join(DEVICE_MAP_STRATEGIES)}) nor a dict of module name -> device"
+            )
     elif device_map is not None:
         if not isinstance(device_map, Mapping) or not device_map:
-            raise InputError(f"device_map must be a strategy name or a non-empty dict of module name -> device, "
-                             f"got {device_map!r}")
+            raise InputError(
+                f"device_map must be a strategy name or a non-empty dict of module name -> device, got {device_map!r}"
+            )
         for name, value in device_map.items():
             if not isinstance(name, str):
                 raise InputError(f"device_map: module names must be strings, got {name!r}")
             targets.append(_map_target(value, f"device_map[{name!r}]"))
         if any(t in OFFLOAD_TARGETS for t in targets) and any(t.startswith(("cuda", "mps")) for t in targets):
-            raise InputError("device_map mixes CPU/disk offload with a GPU, which TransformerLens 4 does not "
-                             "support: put every module on GPUs, or every module on cpu/disk")
+            raise InputError(
+                "device_map mixes CPU/disk offload with a GPU, which TransformerLens 4 does not "
+                "support: put every module on GPUs, or every module on cpu/disk"
+            )
     if max_memory is not None:
         if device_map is None and (n_devices is None or n_devices <= 1):
             raise InputError("max_memory budgets accelerate's placement: pass it with device_map or n_devices")
         if not isinstance(max_memory, Mapping) or not max_memory:
-            raise InputError(f"max_memory must be a dict of device -> budget ({{0: '20GiB', 'cpu': '64GiB'}}), "
-                             f"got {max_memory!r}")
+            raise InputError(
+                f"max_memory must be a dict of device -> budget ({{0: '20GiB', 'cpu': '64GiB'}}), got {max_memory!r}"
+            )
         from accelerate.utils import convert_file_size_to_int
 
         for key, budget in max_memory.items():
@@ -158,7 +180,9 @@ def check_placement(device: str | torch.device | None = None, device_map: str | 
             try:
                 convert_file_size_to_int(budget)
             except (ValueError, TypeError):
-                raise InputError(f"max_memory[{key!r}]: {budget!r} is not a size (an int of bytes or e.g. '20GiB')") from None
+                raise InputError(
+                    f"max_memory[{key!r}]: {budget!r} is not a size (an int of bytes or e.g. '20GiB')"
+                ) from None
 
 
 def normalized_max_memory(max_memory: Mapping[Any, Any] | None) -> dict[Any, Any] | None:
@@ -177,17 +201,30 @@ def check_device_map_modules(device_map: Mapping[str, Any], skeleton: torch.nn.M
     modules = dict(skeleton.named_modules())
     unknown = [name for name in device_map if name and name not in modules]
     if unknown:
-        tops = sorted({n.split(".layers.")[0] + (".layers.N" if ".layers." in n else "")
-                       for n, _ in skeleton.named_modules() if n and n.count(".") <= 2})
-        raise InputError(f"device_map names modules this model does not have: {unknown}; its modules include "
-                         f"{', '.join(tops[:12])}")
+        tops = sorted(
+            {
+                n.split(".layers.")[0] + (".layers.N" if ".layers." in n else "")
+                for n, _ in skeleton.named_modules()
+                if n and n.count(".") <= 2
+            }
+        )
+        raise InputError(
+            f"device_map names modules this model does not have: {unknown}; its modules include {', '.join(tops[:12])}"
+        )
     if "" in device_map:
         return
-    uncovered = sorted({name.rsplit(".", 1)[0] for name, _ in skeleton.named_parameters()
-                        if not any(name == m or name.startswith(m + ".") for m in device_map)})
+    uncovered = sorted(
+        {
+            name.rsplit(".", 1)[0]
+            for name, _ in skeleton.named_parameters()
+            if not any(name == m or name.startswith(m + ".") for m in device_map)
+        }
+    )
     if uncovered:
-        raise InputError(f"device_map gives no device to the parameters of {uncovered[:6]}"
-                         f"{' ...' if len(uncovered) > 6 else ''}: map every module (or use device_map='auto')")
+        raise InputError(
+            f"device_map gives no device to the parameters of {uncovered[:6]}"
+            f"{' ...' if len(uncovered) > 6 else ''}: map every module (or use device_map='auto')"
+        )
 
 
 def input_device(model: Any) -> torch.device:

@@ -42,9 +42,7 @@ def resolve_layers(model: Any, layers: int | Sequence[int] | None) -> list[int]:
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise LayerIndexError(f"layer indices must be integers, got {layer!r}")
         if not -n_layers <= layer < n_layers:
-            raise LayerIndexError(
-                f"layer {layer} out of range for a model with {n_layers} layers (0..{n_layers - 1})"
-            )
+            raise LayerIndexError(f"layer {layer} out of range for a model with {n_layers} layers (0..{n_layers - 1})")
         out.append(layer % n_layers)
     if not out:
         raise LayerIndexError("empty list of layers")

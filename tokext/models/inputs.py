@@ -156,6 +156,6 @@ def batches(
     if sort_by_length:
         order.sort(key=lambda i: -int(seqs[i].numel()))
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         tokens, mask = pad([seqs[i] for i in idx], pad_token, side=side)
         yield Batch(tokens=tokens, attention_mask=mask, indices=idx)

@@ -85,15 +85,25 @@ def load_model(
         from tokext.models.organism import load_organism
 
         if spread:
-            raise InputError(f"{spec}: a model organism is a 2-layer model on one device; device_map and "
-                             "n_devices are for Hugging Face models")
+            raise InputError(
+                f"{spec}: a model organism is a 2-layer model on one device; device_map and "
+                "n_devices are for Hugging Face models"
+            )
         bridge = load_organism(Path(spec).expanduser()).attach()
         if device is not None and torch.device(device) != torch.device("cpu"):
             bridge = bridge.to(device)
     else:
         hf_dir, name, source = _resolve_spec(spec)
-        placement = ({"device_map": device_map, "n_devices": n_devices, "max_memory": max_memory,
-                      "offload_folder": offload_folder} if spread else {"device": device or "cpu"})
+        placement = (
+            {
+                "device_map": device_map,
+                "n_devices": n_devices,
+                "max_memory": max_memory,
+                "offload_folder": offload_folder,
+            }
+            if spread
+            else {"device": device or "cpu"}
+        )
         bridge = _boot_hf_dir(hf_dir, name, dtype=dtype, source=source, **placement)
     try:
         check_pattern_edits(bridge)
@@ -117,8 +127,10 @@ def override_context(bridge: Any, n_ctx: int) -> None:
     config = getattr(getattr(bridge, "original_model", None), "config", None)
     trained = getattr(config, "max_position_embeddings", None) or info.n_ctx
     if n_ctx > trained:
-        note = (f"{info.name}: n_ctx={n_ctx} is beyond the {trained} tokens it was trained on; results there "
-                "are measured outside the trained context")
+        note = (
+            f"{info.name}: n_ctx={n_ctx} is beyond the {trained} tokens it was trained on; results there "
+            "are measured outside the trained context"
+        )
         info.notes.append(note)
         warnings.warn(note, TokextWarning, stacklevel=3)
     info.n_ctx = n_ctx
@@ -162,9 +174,18 @@ def _smollm2_dir() -> Path:
     return converted_gguf_dir(pkg, SMOLLM2_GGUF)
 
 
-def _boot_hf_dir(hf_dir: str, name: str, *, dtype: torch.dtype, source: str, device: str | torch.device | None = None,
-                 device_map: str | dict[str, Any] | None = None, n_devices: int | None = None,
-                 max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None) -> Any:
+def _boot_hf_dir(
+    hf_dir: str,
+    name: str,
+    *,
+    dtype: torch.dtype,
+    source: str,
+    device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    n_devices: int | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | None = None,
+) -> Any:
     """Boot ``hf_dir`` as a bridge: on one ``device`` (tokext loads the HF model, the bridge moves
     it), or across devices (the bridge loads it with ``device_map`` / ``n_devices`` / ``max_memory``,
     placed by accelerate; a dict map's module names are checked on a weightless skeleton first)."""
@@ -207,8 +228,13 @@ def _boot_hf_dir(hf_dir: str, name: str, *, dtype: torch.dtype, source: str, dev
             )
         else:
             bridge = TransformerBridge.boot_transformers(
-                hf_dir, tokenizer=tokenizer, dtype=dtype, device_map=device_map, n_devices=n_devices,
-                max_memory=max_memory, offload_folder=offload_folder,
+                hf_dir,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                device_map=device_map,
+                n_devices=n_devices,
+                max_memory=max_memory,
+                offload_folder=offload_folder,
             )
     bridge.eval()
     _repair_kv_cache_kwarg(bridge)
@@ -225,8 +251,10 @@ def _boot_hf_dir(hf_dir: str, name: str, *, dtype: torch.dtype, source: str, dev
     )
     _keep_own_bos_default(bridge, own_bos, info)
     if not info.attention.known:
-        info.notes.append(f"architecture {info.attention.family} is not in tokext's table: visibility "
-                          f"read with the generic rule ({info.attention.describe()})")
+        info.notes.append(
+            f"architecture {info.attention.family} is not in tokext's table: visibility "
+            f"read with the generic rule ({info.attention.describe()})"
+        )
     register(bridge, info)
     return bridge
 

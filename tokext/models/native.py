@@ -31,14 +31,20 @@ def native_model(
     cfg_kwargs.setdefault("act_fn", "gelu")
     cfg_kwargs.setdefault("normalization_type", "LN")
     cfg = TransformerBridgeConfig(
-        n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, n_ctx=n_ctx,
-        d_vocab=d_vocab, seed=seed, **cfg_kwargs,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_head,
+        n_ctx=n_ctx,
+        d_vocab=d_vocab,
+        seed=seed,
+        **cfg_kwargs,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = TransformerBridge.boot_native(cfg)
     model.eval()
-    register(model, ModelInfo(
-        name=name, source="native", n_layers=n_layers, n_heads=n_heads, n_ctx=n_ctx, prepend_bos=False
-    ))
+    register(
+        model, ModelInfo(name=name, source="native", n_layers=n_layers, n_heads=n_heads, n_ctx=n_ctx, prepend_bos=False)
+    )
     return model

@@ -90,7 +90,13 @@ class OrganismExample:
 
 
 def organism_examples(
-    n: int, seed: int, n_terms: int = 3, max_operand: int = 9, *, ops: str = "+-", split: str = "test",
+    n: int,
+    seed: int,
+    n_terms: int = 3,
+    max_operand: int = 9,
+    *,
+    ops: str = "+-",
+    split: str = "test",
     prefix: str = "",
 ) -> list[OrganismExample]:
     """``n`` random problems of ``split`` ("train", "test" or "all"), evaluated left to right.
@@ -141,8 +147,9 @@ class Organism:
 
     def examples(self, n: int, seed: int, split: str = "test") -> list[OrganismExample]:
         task = self.config["task"]
-        return organism_examples(n, seed, task["n_terms"], task["max_operand"], ops=task["ops"], split=split,
-                                 prefix=task["prefix"])
+        return organism_examples(
+            n, seed, task["n_terms"], task["max_operand"], ops=task["ops"], split=split, prefix=task["prefix"]
+        )
 
     def attach(self) -> Any:
         """The bridge, carrying this organism as ``model.organism`` (how sweeps and
@@ -151,14 +158,15 @@ class Organism:
         return self.model
 
 
-
 DEFAULT_TASK = {"n_terms": 3, "max_operand": 9, "ops": "+-", "prefix": ""}  # train_organism's defaults
 
 
 def check_target(directory: Path, overwrite: bool) -> None:
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise InputError(f"refusing to overwrite {str(directory)!r}: it exists and is not empty "
-                         "(pass overwrite=True, or --force on the command line)")
+        raise InputError(
+            f"refusing to overwrite {str(directory)!r}: it exists and is not empty "
+            "(pass overwrite=True, or --force on the command line)"
+        )
 
 
 def save_organism(organism: Organism, directory: str | Path, *, overwrite: bool = False) -> Path:
@@ -187,4 +195,3 @@ def load_organism(directory: str | Path) -> Organism:
     model.load_state_dict(state, strict=True)
     model.eval()
     return Organism(model, CharTokenizer.from_dict(meta["tokenizer"]), meta["config"], meta.get("log", []))
-

@@ -101,8 +101,9 @@ def _probe_edits(model: Any, hook: str, edit: Any, tol: float) -> dict[int, bool
     return lands
 
 
-def _edit_changes_logits(model: Any, tokens: torch.Tensor, base: torch.Tensor, name: str, edit: Any,
-                         tol: float) -> bool:
+def _edit_changes_logits(
+    model: Any, tokens: torch.Tensor, base: torch.Tensor, name: str, edit: Any, tol: float
+) -> bool:
     if name not in getattr(model, "hook_dict", {}):
         return False
     with warnings.catch_warnings(record=True) as caught:

@@ -85,9 +85,16 @@ def analyze(
     if rules is not None:
         prompts = _long_enough(bridge, prompts, rules.length, n)
     started = time.perf_counter()
-    stats = collect_attention_stats(bridge, prompts, batch_size=batch_size, max_len=max_len,
-                                    progress=progress, dataset=str(data or "builtin"), protocol=protocol,
-                                    engine=engine)
+    stats = collect_attention_stats(
+        bridge,
+        prompts,
+        batch_size=batch_size,
+        max_len=max_len,
+        progress=progress,
+        dataset=str(data or "builtin"),
+        protocol=protocol,
+        engine=engine,
+    )
     seconds = time.perf_counter() - started
     info = model_info(bridge)
     out_dir = Path(out) if out is not None else default_out_dir(info.name)
@@ -103,12 +110,17 @@ def _long_enough(model: Any, prompts: list[str], length: int, n: int | None) -> 
     """The first ``n`` prompts that encode to at least ``length`` tokens; warns when some are left out."""
     kept = [p for p, ids in zip(prompts, encode(model, prompts)) if ids.numel() >= length]
     if not kept:
-        raise InputError(f"none of the {len(prompts)} prompts has the {length} tokens the protocol needs: "
-                         "pass longer texts (e.g. --data mmlu)")
+        raise InputError(
+            f"none of the {len(prompts)} prompts has the {length} tokens the protocol needs: "
+            "pass longer texts (e.g. --data mmlu)"
+        )
     kept = kept[:n] if n is not None else kept
     if len(kept) < (n if n is not None else len(prompts)):
-        warnings.warn(f"the protocol needs {length} tokens: using {len(kept)} of {len(prompts)} prompts "
-                      f"(the others are shorter)", TokextWarning, stacklevel=3)
+        warnings.warn(
+            f"the protocol needs {length} tokens: using {len(kept)} of {len(prompts)} prompts (the others are shorter)",
+            TokextWarning,
+            stacklevel=3,
+        )
     return kept
 
 
@@ -124,14 +136,27 @@ def write_outputs(stats: AttentionStats, out_dir: Path) -> list[Path]:
     plots.style()
     note = plots.stats_provenance(stats)
     model = stats.metadata.get("model")
-    fig = plots.layer_head_heatmap(stats.first_token_mass, stats.layers, label="share of row mass",
-                                   title=f"{model}: attention mass on the first token")
+    fig = plots.layer_head_heatmap(
+        stats.first_token_mass,
+        stats.layers,
+        label="share of row mass",
+        title=f"{model}: attention mass on the first token",
+    )
     files += plots.save(fig, out_dir, "first_token_mass", note)
-    fig = plots.layer_head_heatmap(stats.entropy, stats.layers, label="H / log(#visible keys)", cmap="mako",
-                                   title=f"{model}: normalised attention entropy")
+    fig = plots.layer_head_heatmap(
+        stats.entropy,
+        stats.layers,
+        label="H / log(#visible keys)",
+        cmap="mako",
+        title=f"{model}: normalised attention entropy",
+    )
     files += plots.save(fig, out_dir, "entropy", note)
-    fig = plots.received_by_position(stats.received, stats.layers, plots.pick_layers(stats.layers),
-                                     title=f"{model}: received attention by key position")
+    fig = plots.received_by_position(
+        stats.received,
+        stats.layers,
+        plots.pick_layers(stats.layers),
+        title=f"{model}: received attention by key position",
+    )
     files += plots.save(fig, out_dir, "received_by_position", note)
     return files
 
@@ -146,18 +171,24 @@ def format_table(stats: AttentionStats) -> str:
     meta = stats.metadata
     summary = stats.layer_summary()
     encoder = bool(meta.get("encoder"))
-    columns = [("first_token_mass", f"{meta.get('cls_token') or 'first-token'} mass" if encoder else "first-token mass")]
+    columns = [
+        ("first_token_mass", f"{meta.get('cls_token') or 'first-token'} mass" if encoder else "first-token mass")
+    ]
     if encoder:
         columns.append(("last_token_mass", f"{meta.get('sep_token') or 'last-token'} mass"))
     if stats.has_learned_sinks:
         columns.append(("learned_sink_mass", "learned-sink mass"))
     columns += [("entropy", "entropy"), ("sink_rate", "sink rate %")]
     per_sequence = stats._per_sequence_default(None)
-    lines = [f"{meta.get('model')} ({meta.get('family', 'unknown family')}): {meta.get('bos')}, "
-             f"protocol {meta.get('protocol', 'default')}, {stats.n_sequences} sequences",
-             "  ".join([f"{'layer':>5}"] + [f"{label:>{max(len(label), 7)}}" for _, label in columns])]
+    lines = [
+        f"{meta.get('model')} ({meta.get('family', 'unknown family')}): {meta.get('bos')}, "
+        f"protocol {meta.get('protocol', 'default')}, {stats.n_sequences} sequences",
+        "  ".join([f"{'layer':>5}"] + [f"{label:>{max(len(label), 7)}}" for _, label in columns]),
+    ]
     for row in summary.itertuples(index=False):
-        cells = [f"{getattr(row, key):>{max(len(label), 7)}.{1 if key == 'sink_rate' else 3}f}" for key, label in columns]
+        cells = [
+            f"{getattr(row, key):>{max(len(label), 7)}.{1 if key == 'sink_rate' else 3}f}" for key, label in columns
+        ]
         lines.append("  ".join([f"{row.layer:>5}"] + cells))
     how = "each sequence's alpha thresholded, then averaged" if per_sequence else "sequence-averaged alpha thresholded"
     lines.append(f"overall sink rate (eps=0.3, position 0, {how}): {stats.sink_rate():.1f}% of (layer, head) pairs")

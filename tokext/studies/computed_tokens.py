@@ -35,8 +35,10 @@ def _insertion_point(text: str, position: str, label: str | None) -> int:
     if label is None:
         label_start = text.rfind("\n") + 1
         if label_start == 0 or not text.endswith(":"):
-            raise InputError("the prompt must end with an answer label line such as '\\nAnswer:' "
-                             f"(got ...{text[-30:]!r}); pass label= for other prompt forms")
+            raise InputError(
+                "the prompt must end with an answer label line such as '\\nAnswer:' "
+                f"(got ...{text[-30:]!r}); pass label= for other prompt forms"
+            )
     else:
         if not label or not text.endswith(label):
             raise InputError(f"the prompt does not end with the label {label!r} (got ...{text[-30:]!r})")
@@ -48,7 +50,7 @@ def _insertion_point(text: str, position: str, label: str | None) -> int:
     if position == "before_question":
         return block_start
     if position == "before_answer":
-        return label_start - 1 if text[label_start - 1:label_start] == "\n" else label_start
+        return label_start - 1 if text[label_start - 1 : label_start] == "\n" else label_start
     line_end = text.find("\n", block_start, label_start)
     return label_start if line_end < 0 else line_end  # after_question
 
@@ -60,8 +62,9 @@ def _check_count(n: Any, filler: str) -> None:
         raise InputError(f"filler must be a non-empty string, got {filler!r}")
 
 
-def insert_filler(prompt_text: str, n: int, filler: str = " .", position: str = "before_answer",
-                  *, label: str | None = None) -> str:
+def insert_filler(
+    prompt_text: str, n: int, filler: str = " .", position: str = "before_answer", *, label: str | None = None
+) -> str:
     """``prompt_text`` with ``filler`` repeated ``n`` times at ``position`` of the final question block.
 
     The final block follows the last blank line; its last line (or ``label``, e.g. the model
@@ -80,8 +83,15 @@ def insert_filler(prompt_text: str, n: int, filler: str = " .", position: str = 
     return prompt_text[:at] + filler * n + prompt_text[at:]
 
 
-def filler_tokens(tokenizer: Any, prompt_text: str, n: int, filler: str = " .", position: str = "before_answer",
-                  *, label: str | None = None) -> tuple[str, list[int], tuple[int, int]]:
+def filler_tokens(
+    tokenizer: Any,
+    prompt_text: str,
+    n: int,
+    filler: str = " .",
+    position: str = "before_answer",
+    *,
+    label: str | None = None,
+) -> tuple[str, list[int], tuple[int, int]]:
     """``(text, token ids, (start, end))``: the filled prompt, its tokens and the fillers' token span.
 
     The span is found by tokenizing the text up to the fillers and up to their end; an
@@ -91,17 +101,26 @@ def filler_tokens(tokenizer: Any, prompt_text: str, n: int, filler: str = " .", 
     at = _insertion_point(prompt_text, position, label)
     # Hugging Face tokenizers are called (default special tokens); others, e.g. CharTokenizer, encode
     encode = (lambda t: list(tokenizer(t).input_ids)) if callable(tokenizer) else (lambda t: list(tokenizer.encode(t)))
-    ids, before, through = encode(text), encode(text[:at]), encode(text[:at + len(filler) * n])
-    if ids[:len(before)] != before or ids[:len(through)] != through:
-        raise InputError(f"filler {filler!r} at {position!r} merges with the neighbouring text into other "
-                         "tokens, so its token span is not defined; try another filler (e.g. ' .')")
+    ids, before, through = encode(text), encode(text[:at]), encode(text[: at + len(filler) * n])
+    if ids[: len(before)] != before or ids[: len(through)] != through:
+        raise InputError(
+            f"filler {filler!r} at {position!r} merges with the neighbouring text into other "
+            "tokens, so its token span is not defined; try another filler (e.g. ' .')"
+        )
     return text, ids, (len(before), len(through))
 
 
 # ------------------------------------------------------------------------------------- span statistics
 
-_COLUMNS = {"span_mass": "after", "alpha_filler": "filler", "alpha_content": "content", "alpha_first": "first",
-            "filler_sink_frac": "filler", "content_sink_frac": "content", "any_filler_sink": "spans"}
+_COLUMNS = {
+    "span_mass": "after",
+    "alpha_filler": "filler",
+    "alpha_content": "content",
+    "alpha_first": "first",
+    "filler_sink_frac": "filler",
+    "content_sink_frac": "content",
+    "any_filler_sink": "spans",
+}
 """Per-(layer, head) column -> the count it is averaged over."""
 
 
@@ -119,8 +138,12 @@ class _SpanAccumulator:
         start, end = spans[:, :1], spans[:, 1:]
         first = real & (pos == real.float().argmax(1, keepdim=True))
         filler = real & (pos >= start) & (pos < end)
-        self.masks = {"filler": filler, "first": first, "content": real & ~filler & ~first,
-                      "after": real & (pos >= end) & (end > start)}
+        self.masks = {
+            "filler": filler,
+            "first": first,
+            "content": real & ~filler & ~first,
+            "after": real & (pos >= end) & (end > start),
+        }
         real_f = real.double()
         self.n_queries = real_f.flip(1).cumsum(1).flip(1) * real_f  # real queries that see each key
         # alpha_k under uniform causal rows: mean over the queries that see k of 1 / (their visible keys)
@@ -136,8 +159,11 @@ class _SpanAccumulator:
     def update(self, slot: int, pattern: torch.Tensor) -> None:
         p = pattern.detach().to(torch.float32)
         if p.device not in self._on:
-            self._on[p.device] = (self.real.to(p.device), {k: v.to(p.device) for k, v in self.masks.items()},
-                                  self.n_queries.to(p.device))
+            self._on[p.device] = (
+                self.real.to(p.device),
+                {k: v.to(p.device) for k, v in self.masks.items()},
+                self.n_queries.to(p.device),
+            )
         real, masks, n_queries = self._on[p.device]
         row_sum = p.sum(-1)
         # renormalise each counted row over its visible keys; rows that do not count weigh 0
@@ -159,8 +185,9 @@ class _SpanAccumulator:
 
     def frame(self, layers: Sequence[int]) -> pd.DataFrame:
         n_heads, c = self.sums["span_mass"].shape[1], self.counts
-        frame = pd.DataFrame({"layer": [l for l in layers for _ in range(n_heads)],
-                              "head": list(range(n_heads)) * len(layers)})
+        frame = pd.DataFrame(
+            {"layer": [l for l in layers for _ in range(n_heads)], "head": list(range(n_heads)) * len(layers)}
+        )
         for name, count in _COLUMNS.items():
             frame[name] = (self.sums[name] / c[count]).reshape(-1).numpy() if c[count] else math.nan
         for k in ("filler", "content"):
@@ -170,9 +197,17 @@ class _SpanAccumulator:
         return frame
 
 
-def _span_forward(model: Any, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
-                  stat_lengths: Sequence[int], *, batch_size: int, layers: Any, eps: float,
-                  take: Callable[[torch.Tensor, int], None] | None = None) -> pd.DataFrame:
+def _span_forward(
+    model: Any,
+    seqs: Sequence[Sequence[int]],
+    spans: Sequence[tuple[int, int]],
+    stat_lengths: Sequence[int],
+    *,
+    batch_size: int,
+    layers: Any,
+    eps: float,
+    take: Callable[[torch.Tensor, int], None] | None = None,
+) -> pd.DataFrame:
     """Right-padded forward passes with the span statistics reduced in ``hook_pattern`` hooks.
 
     Only the first ``stat_lengths[i]`` tokens of sequence i count as queries and keys (the rest, e.g.
@@ -194,6 +229,7 @@ def _span_forward(model: Any, seqs: Sequence[Sequence[int]], spans: Sequence[tup
     def hook_for(slot: int) -> Callable:
         def hook(pattern: torch.Tensor, hook: Any) -> None:
             acc.update(slot, pattern)
+
         return hook
 
     device = input_device(model)
@@ -212,8 +248,15 @@ def _span_forward(model: Any, seqs: Sequence[Sequence[int]], spans: Sequence[tup
     return acc.frame(chosen)
 
 
-def filler_span_attention(model: Any, prompts: Any, spans: Sequence[tuple[int, int]], *, batch_size: int = 8,
-                          layers: int | Sequence[int] | None = None, eps: float = SINK_EPS) -> pd.DataFrame:
+def filler_span_attention(
+    model: Any,
+    prompts: Any,
+    spans: Sequence[tuple[int, int]],
+    *,
+    batch_size: int = 8,
+    layers: int | Sequence[int] | None = None,
+    eps: float = SINK_EPS,
+) -> pd.DataFrame:
     """Attention on the filler span of each prompt: one row per (layer, head).
 
     ``prompts``: strings (tokenized with the tokenizer's defaults, as :func:`filler_tokens` does), a
@@ -238,8 +281,17 @@ def filler_span_attention(model: Any, prompts: Any, spans: Sequence[tuple[int, i
 
 def summarize_span(frame: pd.DataFrame) -> dict[str, float]:
     """Means over (layer, head) of :func:`filler_span_attention`'s columns (sink shares in percent)."""
-    out = {k: float(frame[k].mean()) for k in ("span_mass", "alpha_filler", "alpha_content", "alpha_first",
-                                               "alpha_filler_uniform", "alpha_content_uniform")}
+    out = {
+        k: float(frame[k].mean())
+        for k in (
+            "span_mass",
+            "alpha_filler",
+            "alpha_content",
+            "alpha_first",
+            "alpha_filler_uniform",
+            "alpha_content_uniform",
+        )
+    }
     out["filler_sink_share"] = 100.0 * float(frame["any_filler_sink"].mean())
     out["filler_sink_key_share"] = 100.0 * float(frame["filler_sink_frac"].mean())
     out["content_sink_key_share"] = 100.0 * float(frame["content_sink_frac"].mean())
@@ -264,8 +316,11 @@ class Cell:
         return f"{self.kind}/{self.position}/{self.count}/{self.cot_steps}"
 
 
-def study_cells(counts: Iterable[int] = DEFAULT_COUNTS, positions: Iterable[str] = ("before_answer",),
-                cot_lengths: Iterable[int] = ()) -> list[Cell]:
+def study_cells(
+    counts: Iterable[int] = DEFAULT_COUNTS,
+    positions: Iterable[str] = ("before_answer",),
+    cot_lengths: Iterable[int] = (),
+) -> list[Cell]:
     """The conditions of a study, validated; count 0 is one shared no-filler cell."""
     counts, positions, cot_lengths = list(counts), list(positions), list(cot_lengths)
     for n in counts:
@@ -303,9 +358,19 @@ def _cell_inputs(tok: Any, ex: Any, cell: Cell, shots: int, demo_seed: int, fill
     return text, text, span
 
 
-def run_cell(model: Any, examples: Sequence[Any], cell: Cell, *, shots: int = 3, demo_seed: int = 0,
-             filler: str = " .", batch_size: int = 8, layers: Any = None, generate: bool = True,
-             progress: bool = False) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+def run_cell(
+    model: Any,
+    examples: Sequence[Any],
+    cell: Cell,
+    *,
+    shots: int = 3,
+    demo_seed: int = 0,
+    filler: str = " .",
+    batch_size: int = 8,
+    layers: Any = None,
+    generate: bool = True,
+    progress: bool = False,
+) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """``(summary row, per-item rows, per-(layer, head) span rows)`` of one condition.
 
     ``correct`` comes from greedy generation (:func:`tokext.evaluation.evaluate.generate_texts`, answer
@@ -326,49 +391,82 @@ def run_cell(model: Any, examples: Sequence[Any], cell: Cell, *, shots: int = 3,
 
     def take(logits: torch.Tensor, index: int) -> None:
         ctx, cont = pairs[index]
-        rows = logits[len(ctx) - 1: len(ctx) + len(cont)].float().log_softmax(-1)
+        rows = logits[len(ctx) - 1 : len(ctx) + len(cont)].float().log_softmax(-1)
         target = torch.tensor(cont, device=rows.device)
         nll[index] = -float(rows[:-1].gather(-1, target[:, None]).mean())
         after = tok.decode([int(rows[-1].argmax())])
         match[index] = bool((rows[:-1].argmax(-1) == target).all()) and not after[:1].isalnum()
 
     n_prompt = [len(tok(p).input_ids) for p in prompts]
-    span_frame = _span_forward(model, [c + t for c, t in pairs], spans, n_prompt, batch_size=batch_size,
-                               layers=layers, eps=SINK_EPS, take=take)
+    span_frame = _span_forward(
+        model, [c + t for c, t in pairs], spans, n_prompt, batch_size=batch_size, layers=layers, eps=SINK_EPS, take=take
+    )
     texts, n_new, decoded = [""] * len(pairs), [0] * len(pairs), generate or cot
     if decoded:
         gold = [" " + (truncate_cot(ex, cell.cot_steps).cot_solution if cot else ex.answer) for ex in examples]
         longest = max(len(tok(g, add_special_tokens=False).input_ids) for g in gold)
         cap = int(math.ceil(longest * 1.25)) + 4 if cot else longest + 1  # direct: the answer and one more
-        texts, n_new = generate_texts(model, list(prompts), cap, batch_size=batch_size, progress=progress,
-                                      desc=cell.key)
+        texts, n_new = generate_texts(
+            model, list(prompts), cap, batch_size=batch_size, progress=progress, desc=cell.key
+        )
     items = []
     for i, ex in enumerate(examples):
         extracted = extract_free_answer(texts[i], numeric=as_int(ex.answer) is not None) if decoded else None
         reasoning = texts[i].split("Response:")[0] if cot else ""
-        items.append({"id": ex.id, "gold": ex.answer, "extracted": extracted,
-                      "correct": score_exact(extracted, ex.answer) if decoded else match[i],
-                      "greedy_match": match[i], "answer_loss": nll[i], "prompt_tokens": n_prompt[i],
-                      "filler_tokens": spans[i][1] - spans[i][0], "n_new_tokens": n_new[i],
-                      "cot_tokens": len(tok(reasoning, add_special_tokens=False).input_ids) if reasoning else 0,
-                      "raw": texts[i]})
+        items.append(
+            {
+                "id": ex.id,
+                "gold": ex.answer,
+                "extracted": extracted,
+                "correct": score_exact(extracted, ex.answer) if decoded else match[i],
+                "greedy_match": match[i],
+                "answer_loss": nll[i],
+                "prompt_tokens": n_prompt[i],
+                "filler_tokens": spans[i][1] - spans[i][0],
+                "n_new_tokens": n_new[i],
+                "cot_tokens": len(tok(reasoning, add_special_tokens=False).input_ids) if reasoning else 0,
+                "raw": texts[i],
+            }
+        )
     items = pd.DataFrame(items)
-    means = {k: float(items[k].mean()) for k in ("answer_loss", "greedy_match", "prompt_tokens", "filler_tokens",
-                                                 "cot_tokens")}
-    summary = {"kind": cell.kind, "position": cell.position, "count": cell.count, "cot_steps": cell.cot_steps,
-               "n": len(items), "accuracy": float(items["correct"].mean()), "n_correct": int(items["correct"].sum()),
-               "accuracy_from": "generation" if decoded else "greedy_match", **means,
-               **summarize_span(span_frame)}
+    means = {
+        k: float(items[k].mean())
+        for k in ("answer_loss", "greedy_match", "prompt_tokens", "filler_tokens", "cot_tokens")
+    }
+    summary = {
+        "kind": cell.kind,
+        "position": cell.position,
+        "count": cell.count,
+        "cot_steps": cell.cot_steps,
+        "n": len(items),
+        "accuracy": float(items["correct"].mean()),
+        "n_correct": int(items["correct"].sum()),
+        "accuracy_from": "generation" if decoded else "greedy_match",
+        **means,
+        **summarize_span(span_frame),
+    }
     return summary, items, span_frame
 
 
-def run_computed_tokens_study(model: Any, task: str, level: int = 1, *, counts: Iterable[int] = DEFAULT_COUNTS,
-                              positions: Iterable[str] = ("before_answer",), n: int = 32, seed: int = 0,
-                              cot_lengths: Iterable[int] = (), shots: int = 3, filler: str = " .",
-                              batch_size: int = 8, layers: Any = None, generate: bool = True,
-                              progress: bool = False, skip: Iterable[str] = (),
-                              on_cell: Callable[[Cell, dict, pd.DataFrame, pd.DataFrame], None] | None = None,
-                              ) -> pd.DataFrame:
+def run_computed_tokens_study(
+    model: Any,
+    task: str,
+    level: int = 1,
+    *,
+    counts: Iterable[int] = DEFAULT_COUNTS,
+    positions: Iterable[str] = ("before_answer",),
+    n: int = 32,
+    seed: int = 0,
+    cot_lengths: Iterable[int] = (),
+    shots: int = 3,
+    filler: str = " .",
+    batch_size: int = 8,
+    layers: Any = None,
+    generate: bool = True,
+    progress: bool = False,
+    skip: Iterable[str] = (),
+    on_cell: Callable[[Cell, dict, pd.DataFrame, pd.DataFrame], None] | None = None,
+) -> pd.DataFrame:
     """Accuracy, answer loss and filler-span attention vs. extra computed tokens, one row per :class:`Cell`.
 
     Filler cells: ``shots``-shot direct prompts with ``count`` fillers at each ``position``. CoT cells:
@@ -388,16 +486,27 @@ def run_computed_tokens_study(model: Any, task: str, level: int = 1, *, counts: 
         raise InputError(f"n must be a positive integer, got {n!r}")
     cells = study_cells(counts, positions, cot_lengths)
     if getattr(model, "tokenizer", None) is None:
-        raise InputError("the study needs a model with a tokenizer (for the model organism, use token ids "
-                         "with filler_span_attention)")
+        raise InputError(
+            "the study needs a model with a tokenizer (for the model organism, use token ids "
+            "with filler_span_attention)"
+        )
     examples = runner.generate(n, seed, level)
     done, rows = set(skip), []
     for cell in cells:
         if cell.key in done:
             continue
-        summary, items, span_frame = run_cell(model, examples, cell, shots=shots, demo_seed=seed, filler=filler,
-                                              batch_size=batch_size, layers=layers, generate=generate,
-                                              progress=progress)
+        summary, items, span_frame = run_cell(
+            model,
+            examples,
+            cell,
+            shots=shots,
+            demo_seed=seed,
+            filler=filler,
+            batch_size=batch_size,
+            layers=layers,
+            generate=generate,
+            progress=progress,
+        )
         summary = {"task": task, "level": level, "seed": seed, "shots": shots, **summary}
         rows.append(summary)
         if on_cell is not None:

@@ -65,9 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--positions", default="before_answer", help=f"comma list from {', '.join(POSITIONS)}")
     parser.add_argument("--cot-lengths", default="", help="CoT demo steps, e.g. 0,1,full ('' for none)")
     parser.add_argument("--filler", default=" .")
-    parser.add_argument("--accuracy", choices=("generate", "greedy-match"), default="generate",
-                        help="direct answers: greedy generation + extraction (evaluate's path), or greedy-match "
-                             "from the scoring pass (same answer when the model answers at once; no decoding cost)")
+    parser.add_argument(
+        "--accuracy",
+        choices=("generate", "greedy-match"),
+        default="generate",
+        help="direct answers: greedy generation + extraction (evaluate's path), or greedy-match "
+        "from the scoring pass (same answer when the model answers at once; no decoding cost)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "results" / "computed_tokens"))
     parser.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
@@ -114,11 +118,13 @@ def prepare(out: Path, config: dict, force: bool) -> set[str]:
         return set()
     cells = ("counts", "positions", "cot_lengths")  # conditions may be added; the rest must match
     old = json.loads(prov.read_text()).get("settings") if prov.is_file() else None
-    if old is None or {k: v for k, v in old.items() if k not in cells} != {k: v for k, v in config.items()
-                                                                            if k not in cells}:
+    if old is None or {k: v for k, v in old.items() if k not in cells} != {
+        k: v for k, v in config.items() if k not in cells
+    }:
         if not force:
-            raise InputError(f"{out} holds results of other settings ({old}); pass --force to replace them, "
-                             "or choose another --out")
+            raise InputError(
+                f"{out} holds results of other settings ({old}); pass --force to replace them, or choose another --out"
+            )
         for name in FILES:
             (out / name).unlink(missing_ok=True)
         return set()
@@ -160,13 +166,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     load_s = time.perf_counter() - start
     provenance = {
-        "settings": config, "model_name": info.name, "model_source": info.source, "n_layers": info.n_layers,
-        "n_heads": info.n_heads, "git_rev": git_revision(), "tokext": __version__, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "settings": config,
+        "model_name": info.name,
+        "model_source": info.source,
+        "n_layers": info.n_layers,
+        "n_heads": info.n_heads,
+        "git_rev": git_revision(),
+        "tokext": __version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12],
         "notes": "sink: alpha_k > 0.3 (Gu et al.); alpha over the prompt only (rows after the prompt excluded); "
-                 "filler_sink_share = % of (prompt, layer, head) with >= 1 filler sink; cot_steps -1 = full chain",
+        "filler_sink_share = % of (prompt, layer, head) with >= 1 filler sink; cot_steps -1 = full chain",
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1))
     timings: dict[str, float] = {}
@@ -181,18 +194,37 @@ def main(argv=None) -> int:
         append(out / "items.csv", items)
         append(out / "span_by_head.csv", span)
         append(out / "summary.csv", pd.DataFrame([{"cell": cell.key, **summary, "seconds": round(seconds, 1)}]))
-        print(f"{cell.key:28s} acc {summary['accuracy']:.3f} (greedy-match {summary['greedy_match']:.3f})  "
-              f"loss {summary['answer_loss']:.3f}  "
-              f"span mass {summary['span_mass']:.3f}  alpha filler {summary['alpha_filler']:.3f} "
-              f"(content {summary['alpha_content']:.3f})  filler sinks {summary['filler_sink_share']:.1f}%  "
-              f"[{seconds:.0f}s]", flush=True)
+        print(
+            f"{cell.key:28s} acc {summary['accuracy']:.3f} (greedy-match {summary['greedy_match']:.3f})  "
+            f"loss {summary['answer_loss']:.3f}  "
+            f"span mass {summary['span_mass']:.3f}  alpha filler {summary['alpha_filler']:.3f} "
+            f"(content {summary['alpha_content']:.3f})  filler sinks {summary['filler_sink_share']:.1f}%  "
+            f"[{seconds:.0f}s]",
+            flush=True,
+        )
 
-    run_computed_tokens_study(model, args.task, args.level, counts=args.counts, positions=args.positions,
-                              n=args.n, seed=args.seed, cot_lengths=args.cot_lengths, shots=args.shots,
-                              filler=args.filler, batch_size=args.batch_size, generate=args.accuracy == "generate",
-                              skip=done, on_cell=on_cell)
-    provenance.update(load_seconds=round(load_s, 1), cell_seconds=timings, resumed_cells=sorted(done),
-                      total_seconds=round(time.perf_counter() - start, 1))
+    run_computed_tokens_study(
+        model,
+        args.task,
+        args.level,
+        counts=args.counts,
+        positions=args.positions,
+        n=args.n,
+        seed=args.seed,
+        cot_lengths=args.cot_lengths,
+        shots=args.shots,
+        filler=args.filler,
+        batch_size=args.batch_size,
+        generate=args.accuracy == "generate",
+        skip=done,
+        on_cell=on_cell,
+    )
+    provenance.update(
+        load_seconds=round(load_s, 1),
+        cell_seconds=timings,
+        resumed_cells=sorted(done),
+        total_seconds=round(time.perf_counter() - start, 1),
+    )
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1))
     print(f"written to {out} in {provenance['total_seconds']:.0f}s")
     return 0

@@ -76,10 +76,30 @@ from tokext.errors import DataFileError, TokextError
 from tokext.evaluation.spec import MC_METHODS, MC_TASKS, ORGANISM_TASK, EvalSpec
 
 CONFIG_VERSION = 1
-_TOP_KEYS = ("version", "name", "description", "models", "seeds", "batch_size", "dtype", "engine", "resources",
-             "tasks", "interventions")
-_RESOURCE_KEYS = ("workers", "num_cpus", "num_gpus", "max_retries", "device", "device_map", "n_devices", "max_memory",
-                  "offload_folder")
+_TOP_KEYS = (
+    "version",
+    "name",
+    "description",
+    "models",
+    "seeds",
+    "batch_size",
+    "dtype",
+    "engine",
+    "resources",
+    "tasks",
+    "interventions",
+)
+_RESOURCE_KEYS = (
+    "workers",
+    "num_cpus",
+    "num_gpus",
+    "max_retries",
+    "device",
+    "device_map",
+    "n_devices",
+    "max_memory",
+    "offload_folder",
+)
 DEFAULT_DTYPE = "float32"
 DEFAULT_ENGINE = "hooks"
 _COMMON_TASK_KEYS = ("name", "n", "max_new_tokens")
@@ -107,12 +127,38 @@ class TaskEntry:
 
     def specs(self, seed: int) -> list[EvalSpec]:
         if self.name not in MC_TASKS:
-            return [EvalSpec(self.name, "generate", level=lv, cot=c, n=self.n, seed=seed, shots=self.shots,
-                             max_new_tokens=self.max_new_tokens) for lv in self.levels for c in self.cot]
-        return [EvalSpec(self.name, m, cot=(m == "cot"), category=cat, subjects=self.subjects, n=self.n, seed=seed,
-                         shots=0, max_new_tokens=self.max_new_tokens if m == "cot" else None, path=self.path,
-                         labels_path=self.labels_path, limit_per_subject=self.limit_per_subject)
-                for m in self.methods for cat in self.categories]
+            return [
+                EvalSpec(
+                    self.name,
+                    "generate",
+                    level=lv,
+                    cot=c,
+                    n=self.n,
+                    seed=seed,
+                    shots=self.shots,
+                    max_new_tokens=self.max_new_tokens,
+                )
+                for lv in self.levels
+                for c in self.cot
+            ]
+        return [
+            EvalSpec(
+                self.name,
+                m,
+                cot=(m == "cot"),
+                category=cat,
+                subjects=self.subjects,
+                n=self.n,
+                seed=seed,
+                shots=0,
+                max_new_tokens=self.max_new_tokens if m == "cot" else None,
+                path=self.path,
+                labels_path=self.labels_path,
+                limit_per_subject=self.limit_per_subject,
+            )
+            for m in self.methods
+            for cat in self.categories
+        ]
 
 
 @dataclass(frozen=True)
@@ -151,9 +197,13 @@ class Resources:
 
     def placement(self) -> dict[str, Any]:
         """The placement keywords of :func:`tokext.models.load_model` that are set."""
-        out = {"device": self.device, "n_devices": self.n_devices, "offload_folder": self.offload_folder,
-               "device_map": dict(self.device_map) if isinstance(self.device_map, tuple) else self.device_map,
-               "max_memory": dict(self.max_memory) if self.max_memory is not None else None}
+        out = {
+            "device": self.device,
+            "n_devices": self.n_devices,
+            "offload_folder": self.offload_folder,
+            "device_map": dict(self.device_map) if isinstance(self.device_map, tuple) else self.device_map,
+            "max_memory": dict(self.max_memory) if self.max_memory is not None else None,
+        }
         return {k: v for k, v in out.items() if v is not None}
 
     def replace(self, **changes: Any) -> "Resources":
@@ -245,8 +295,9 @@ class _Reader:
             raise self.fail(where, f"expected a table, got {type(table).__name__}")
         for key in table:
             if key not in valid:
-                raise self.fail(where, f"unknown key {key!r}.{_did_you_mean(key, list(valid))} "
-                                       f"Valid keys: {', '.join(valid)}{hint}")
+                raise self.fail(
+                    where, f"unknown key {key!r}.{_did_you_mean(key, list(valid))} Valid keys: {', '.join(valid)}{hint}"
+                )
         return table
 
     def int(self, value: Any, where: str, *, low: int | None = None) -> int:
@@ -320,12 +371,25 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> StudyConfig:
         raise r.fail("dtype", f"expected one of {', '.join(_dtype_names())}, got {dtype!r}")
     engine = _engine(r, raw.get("engine", DEFAULT_ENGINE), "engine")
     resources = _resources(r, raw.get("resources", {}))
-    return StudyConfig(version, name, description, models, seeds, batch_size, tasks, interventions, dtype=dtype,
-                       engine=engine, resources=resources, source=source)
+    return StudyConfig(
+        version,
+        name,
+        description,
+        models,
+        seeds,
+        batch_size,
+        tasks,
+        interventions,
+        dtype=dtype,
+        engine=engine,
+        resources=resources,
+        source=source,
+    )
 
 
-def with_overrides(config: StudyConfig, *, dtype: str | None = None, engine: str | None = None,
-                   **resources: Any) -> StudyConfig:
+def with_overrides(
+    config: StudyConfig, *, dtype: str | None = None, engine: str | None = None, **resources: Any
+) -> StudyConfig:
     """``config`` with a new ``dtype``, ``engine`` and ``[resources]`` keys (command-line flags), checked
     as the file's are.
 
@@ -348,7 +412,9 @@ def _engine(r: _Reader, value: Any, where: str) -> str:
     from tokext.attention.engines.choose import ENGINES
 
     if not isinstance(value, str) or value not in ENGINES:
-        raise r.fail(where, f"expected one of {', '.join(ENGINES)}, got {value!r}.{_did_you_mean(value, list(ENGINES))}")
+        raise r.fail(
+            where, f"expected one of {', '.join(ENGINES)}, got {value!r}.{_did_you_mean(value, list(ENGINES))}"
+        )
     return value
 
 
@@ -376,21 +442,27 @@ def _resources(r: _Reader, table: Any) -> Resources:
     num_cpus = number("num_cpus", low=0.0, low_open=True)
     num_gpus = number("num_gpus", low=0.0, low_open=False)
     if num_gpus is not None and num_gpus > 1 and not num_gpus.is_integer():
-        raise r.fail("resources.num_gpus", f"a worker takes a fraction of one GPU or a whole number of GPUs, "
-                                           f"got {num_gpus}")
+        raise r.fail(
+            "resources.num_gpus", f"a worker takes a fraction of one GPU or a whole number of GPUs, got {num_gpus}"
+        )
     max_retries = r.int(table.get("max_retries", 3), "resources.max_retries", low=0)
     device = r.str(table["device"], "resources.device") if "device" in table else None
     device_map = table.get("device_map")
     if isinstance(device_map, str):
         if device_map not in DEVICE_MAP_STRATEGIES:
-            raise r.fail("resources.device_map", f"expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a table "
-                                                 f"of module name -> device, got {device_map!r}")
+            raise r.fail(
+                "resources.device_map",
+                f"expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a table "
+                f"of module name -> device, got {device_map!r}",
+            )
     elif isinstance(device_map, dict):
         if not device_map:
             raise r.fail("resources.device_map", "empty table")
         for key, value in device_map.items():
             if isinstance(value, bool) or not isinstance(value, (str, int)):
-                raise r.fail(f"resources.device_map.{key}", f"expected a device (\"cuda:0\", 0, \"cpu\", \"disk\"), got {value!r}")
+                raise r.fail(
+                    f"resources.device_map.{key}", f'expected a device ("cuda:0", 0, "cpu", "disk"), got {value!r}'
+                )
         device_map = tuple(sorted(device_map.items()))
     elif device_map is not None:
         raise r.fail("resources.device_map", f"expected a strategy name or a table, got {device_map!r}")
@@ -401,9 +473,17 @@ def _resources(r: _Reader, table: Any) -> Resources:
             raise r.fail("resources.max_memory", f"expected a table of device -> size, got {max_memory!r}")
         max_memory = tuple(sorted(max_memory.items()))
     folder = r.str(table["offload_folder"], "resources.offload_folder") if "offload_folder" in table else None
-    return Resources(workers=workers, num_cpus=num_cpus if num_cpus is not None else 1.0, num_gpus=num_gpus,
-                     max_retries=max_retries, device=device, device_map=device_map, n_devices=n_devices,
-                     max_memory=max_memory, offload_folder=folder)
+    return Resources(
+        workers=workers,
+        num_cpus=num_cpus if num_cpus is not None else 1.0,
+        num_gpus=num_gpus,
+        max_retries=max_retries,
+        device=device,
+        device_map=device_map,
+        n_devices=n_devices,
+        max_memory=max_memory,
+        offload_folder=folder,
+    )
 
 
 def _task(r: _Reader, table: Any, where: str) -> TaskEntry:
@@ -416,7 +496,9 @@ def _task(r: _Reader, table: Any, where: str) -> TaskEntry:
     name = r.str(table["name"], f"{where}.name")
     known = list_tasks() + list(MC_TASKS) + [ORGANISM_TASK]
     if name not in known:
-        raise r.fail(f"{where}.name", f"unknown task {name!r}.{_did_you_mean(name, known)} Available: {', '.join(known)}")
+        raise r.fail(
+            f"{where}.name", f"unknown task {name!r}.{_did_you_mean(name, known)} Available: {', '.join(known)}"
+        )
     is_mc = name in MC_TASKS
     valid = _COMMON_TASK_KEYS + (_MC_KEYS + (_MMLU_KEYS if name == "mmlu" else ()) if is_mc else _REASONING_KEYS)
     kind = "multiple-choice" if is_mc else "reasoning"
@@ -427,21 +509,34 @@ def _task(r: _Reader, table: Any, where: str) -> TaskEntry:
     mnt = None if mnt == "auto" else r.int(mnt, f"{where}.max_new_tokens", low=1)
     if name == ORGANISM_TASK:
         r.keys(table, _COMMON_TASK_KEYS + ("cot",), where, hint=" (for the task 'organism')")
-        return TaskEntry(name, n=r.int(table.get("n", 200), f"{where}.n", low=1), levels=(None,),
-                         cot=r.many(table.get("cot", True), f"{where}.cot", r.bool), shots=0)
+        return TaskEntry(
+            name,
+            n=r.int(table.get("n", 200), f"{where}.n", low=1),
+            levels=(None,),
+            cot=r.many(table.get("cot", True), f"{where}.cot", r.bool),
+            shots=0,
+        )
     if not is_mc:
+
         def level(v: Any, w: str) -> int:
             if r.int(v, w) not in LEVELS:
                 raise r.fail(w, f"level must be one of {list(LEVELS)}, got {v}")
             return v
 
-        return TaskEntry(name, n=n, max_new_tokens=mnt, levels=r.many(table.get("levels", [1]), f"{where}.levels", level),
-                         cot=r.many(table.get("cot", False), f"{where}.cot", r.bool),
-                         shots=r.int(table.get("shots", 3), f"{where}.shots", low=0))
+        return TaskEntry(
+            name,
+            n=n,
+            max_new_tokens=mnt,
+            levels=r.many(table.get("levels", [1]), f"{where}.levels", level),
+            cot=r.many(table.get("cot", False), f"{where}.cot", r.bool),
+            shots=r.int(table.get("shots", 3), f"{where}.shots", low=0),
+        )
 
     def method(v: Any, w: str) -> str:
         if v not in MC_METHODS:
-            raise r.fail(w, f"unknown method {v!r}.{_did_you_mean(v, list(MC_METHODS))} Choose from {', '.join(MC_METHODS)}")
+            raise r.fail(
+                w, f"unknown method {v!r}.{_did_you_mean(v, list(MC_METHODS))} Choose from {', '.join(MC_METHODS)}"
+            )
         return v
 
     methods = r.many(table.get("method", "letter"), f"{where}.method", method)
@@ -463,7 +558,9 @@ def _task(r: _Reader, table: Any, where: str) -> TaskEntry:
                 return None
             if v not in MMLU_CATEGORIES:
                 cats = list(MMLU_CATEGORIES)
-                raise r.fail(w, f"unknown MMLU category {v!r}.{_did_you_mean(v, cats)} Choose from {', '.join(cats)}, all")
+                raise r.fail(
+                    w, f"unknown MMLU category {v!r}.{_did_you_mean(v, cats)} Choose from {', '.join(cats)}, all"
+                )
             return v
 
         categories = r.many(table.get("categories", "all"), f"{where}.categories", category)
@@ -471,8 +568,17 @@ def _task(r: _Reader, table: Any, where: str) -> TaskEntry:
             subjects = r.many(table["subjects"], f"{where}.subjects", r.str)
         if "limit_per_subject" in table:
             limit = r.int(table["limit_per_subject"], f"{where}.limit_per_subject", low=1)
-    return TaskEntry(name, n=n, max_new_tokens=mnt, methods=methods, categories=categories, subjects=subjects,
-                     limit_per_subject=limit, path=path, labels_path=labels)
+    return TaskEntry(
+        name,
+        n=n,
+        max_new_tokens=mnt,
+        methods=methods,
+        categories=categories,
+        subjects=subjects,
+        limit_per_subject=limit,
+        path=path,
+        labels_path=labels,
+    )
 
 
 def _data_path(path: str, source: str) -> str:
@@ -497,12 +603,15 @@ def _intervention(r: _Reader, table: Any, where: str) -> InterventionEntry:
     if not isinstance(table, dict):
         raise r.fail(where, f"expected a table, got {type(table).__name__} {table!r}")
     if "type" not in table:
-        raise r.fail(where, "each [[interventions]] table needs a `type` (e.g. \"EarlyLayerEmulation\")")
+        raise r.fail(where, 'each [[interventions]] table needs a `type` (e.g. "EarlyLayerEmulation")')
     classes = intervention_classes()
     kind = table["type"]
     if kind not in classes:
-        raise r.fail(f"{where}.type", f"unknown intervention {kind!r}.{_did_you_mean(kind, list(classes))} "
-                                      f"Available: {', '.join(sorted(classes))}")
+        raise r.fail(
+            f"{where}.type",
+            f"unknown intervention {kind!r}.{_did_you_mean(kind, list(classes))} "
+            f"Available: {', '.join(sorted(classes))}",
+        )
     fields = {f.name: f for f in dataclasses.fields(classes[kind])}
     r.keys(table, ("type", "label", *fields), f"{where} ({kind})")
     label = r.str(table.get("label", kind), f"{where}.label")
@@ -548,12 +657,16 @@ def _check_organism_pairs(config: StudyConfig, models: dict[str, str], specs: li
     other_tasks = sorted({spec.task for spec in specs if spec.task != ORGANISM_TASK})
     for model, kind in models.items():
         if kind == "organism" and other_tasks:
-            raise DataFileError(f"{config.source}: models: {model!r} is a model organism (character vocabulary); "
-                                f"it answers only the task 'organism', not {other_tasks}")
+            raise DataFileError(
+                f"{config.source}: models: {model!r} is a model organism (character vocabulary); "
+                f"it answers only the task 'organism', not {other_tasks}"
+            )
         if kind != "organism" and organism_tasks:
-            raise DataFileError(f"{config.source}: models: task 'organism' needs a trained organism directory "
-                                f"(with organism.json), and {model!r} is not one: run "
-                                f"`tokext train-organism --out {model}` first, or list it in a separate config")
+            raise DataFileError(
+                f"{config.source}: models: task 'organism' needs a trained organism directory "
+                f"(with organism.json), and {model!r} is not one: run "
+                f"`tokext train-organism --out {model}` first, or list it in a separate config"
+            )
 
 
 def validate(config: StudyConfig) -> dict[str, Any]:
@@ -573,6 +686,12 @@ def validate(config: StudyConfig) -> dict[str, Any]:
             raise type(e)(f"{config.source}: task {spec.task!r} ({spec.level_label}): {e}") from None
     ivs = config.expanded_interventions()
     n_cells = len(config.models) * len(specs) * (1 + len(ivs))
-    return {"config": config.source, "config_hash": config.config_hash(), "models": models,
-            "task_cells": len(specs), "interventions": [repr(iv) for _, iv in ivs], "cells": n_cells,
-            "items": sum(items.values()) * len(config.models) * (1 + len(ivs))}
+    return {
+        "config": config.source,
+        "config_hash": config.config_hash(),
+        "models": models,
+        "task_cells": len(specs),
+        "interventions": [repr(iv) for _, iv in ivs],
+        "cells": n_cells,
+        "items": sum(items.values()) * len(config.models) * (1 + len(ivs)),
+    }

@@ -62,16 +62,18 @@ def check_interventions(model: Any, model_name: str, labelled: Sequence[tuple[st
             raise type(e)(f"{source}: intervention {label!r} on {model_name}: {e}") from None
 
 
-def run_cell(model: Any, cell: Cell, items: Any, batch_size: int, progress: bool = False,
-             engine: str = "hooks") -> tuple["pd.DataFrame", float]:
+def run_cell(
+    model: Any, cell: Cell, items: Any, batch_size: int, progress: bool = False, engine: str = "hooks"
+) -> tuple["pd.DataFrame", float]:
     """Evaluate one cell on a loaded model with attention run by ``engine``: its per-item frame
     (``cell_id`` first) and the seconds it took."""
     from tokext.evaluation.evaluate import evaluate
 
     start = time.perf_counter()
     interventions = [] if cell.intervention is None else [cell.intervention]
-    frame = evaluate(model, cell.spec, interventions, batch_size=batch_size, progress=progress, items=items,
-                     engine=engine)
+    frame = evaluate(
+        model, cell.spec, interventions, batch_size=batch_size, progress=progress, items=items, engine=engine
+    )
     seconds = time.perf_counter() - start
     frame.insert(0, "cell_id", cell.id)
     return frame, seconds
@@ -79,8 +81,11 @@ def run_cell(model: Any, cell: Cell, items: Any, batch_size: int, progress: bool
 
 def model_interventions(cells: Sequence[Cell], model_name: str) -> list[tuple[str, Any]]:
     """``(label, intervention)`` of each distinct intervention among ``model_name``'s cells."""
-    distinct = {c.intervention_repr: (c.label, c.intervention) for c in cells
-                if c.model == model_name and c.intervention is not None}
+    distinct = {
+        c.intervention_repr: (c.label, c.intervention)
+        for c in cells
+        if c.model == model_name and c.intervention is not None
+    }
     return list(distinct.values())
 
 
@@ -104,8 +109,17 @@ class SerialExecutor:
 
     name = "serial"
 
-    def run(self, config: "StudyConfig", cells: Sequence[Cell], items: dict, done: Done, *,
-            loader: Loader | None = None, progress: bool = False, log: Callable[[str], None] = print) -> None:
+    def run(
+        self,
+        config: "StudyConfig",
+        cells: Sequence[Cell],
+        items: dict,
+        done: Done,
+        *,
+        loader: Loader | None = None,
+        progress: bool = False,
+        log: Callable[[str], None] = print,
+    ) -> None:
         """Run ``cells``; ``loader`` (default: :func:`default_loader`) loads each model once."""
         loader = loader or default_loader(config)
         for model_name in config.models:
@@ -153,9 +167,11 @@ def _check_reachable(address: str, timeout: float) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except OSError as e:
-        raise ClusterError(f"no Ray cluster at {address}: {host}:{port} does not answer ({e.strerror or e}); "
-                           "start one there with `ray start --head`, or leave out --address to start a local "
-                           "cluster") from None
+        raise ClusterError(
+            f"no Ray cluster at {address}: {host}:{port} does not answer ({e.strerror or e}); "
+            "start one there with `ray start --head`, or leave out --address to start a local "
+            "cluster"
+        ) from None
 
 
 class _Worker:
@@ -173,8 +189,9 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, cell: Cell, items: Any, batch_size: int, labelled: list, source: str | None,
-            engine: str = "hooks") -> tuple:
+    def run(
+        self, cell: Cell, items: Any, batch_size: int, labelled: list, source: str | None, engine: str = "hooks"
+    ) -> tuple:
         if cell.model != self.model_name:
             self.model, self.model_name = None, None  # one model per worker: free the old one first
             model = self.loader(cell.model)
@@ -197,8 +214,14 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, workers: int | None = None, *, connect_timeout: float = 30.0,
-                 recovery_timeout: float = 600.0):
+    def __init__(
+        self,
+        address: str | None = None,
+        workers: int | None = None,
+        *,
+        connect_timeout: float = 30.0,
+        recovery_timeout: float = 600.0,
+    ):
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise InputError(f"workers must be a positive integer, got {workers!r}")
         self.address, self.workers, self.connect_timeout = address, workers, connect_timeout
@@ -240,8 +263,9 @@ class RayExecutor:
         if thread.is_alive():
             raise ClusterError(f"no Ray cluster answered at {self.address} within {self.connect_timeout:.0f} s")
         if failure:
-            raise ClusterError(f"cannot connect to the Ray cluster at {self.address}: "
-                               f"{' '.join(str(failure[0]).split())[:300]}") from None
+            raise ClusterError(
+                f"cannot connect to the Ray cluster at {self.address}: {' '.join(str(failure[0]).split())[:300]}"
+            ) from None
 
     def close(self) -> None:
         """Shut down the local cluster this executor started (a cluster it joined keeps running)."""
@@ -257,21 +281,29 @@ class RayExecutor:
         num_gpus = res.num_gpus if res.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
         num_cpus = res.num_cpus
         if num_gpus > 0 and gpus == 0:
-            raise InputError(f"{config.source}: [resources] num_gpus = {num_gpus:g} per worker, and the Ray cluster "
-                             f"has no GPU ({cpus:g} CPUs): set num_gpus = 0 to run the workers on CPUs")
+            raise InputError(
+                f"{config.source}: [resources] num_gpus = {num_gpus:g} per worker, and the Ray cluster "
+                f"has no GPU ({cpus:g} CPUs): set num_gpus = 0 to run the workers on CPUs"
+            )
         if num_gpus > gpus:
-            raise InputError(f"{config.source}: [resources] num_gpus = {num_gpus:g} per worker, and the Ray cluster "
-                             f"has {gpus:g} GPU(s)")
+            raise InputError(
+                f"{config.source}: [resources] num_gpus = {num_gpus:g} per worker, and the Ray cluster "
+                f"has {gpus:g} GPU(s)"
+            )
         if num_cpus > cpus:
-            raise InputError(f"{config.source}: [resources] num_cpus = {num_cpus:g} per worker, and the Ray cluster "
-                             f"has {cpus:g} CPU(s)")
+            raise InputError(
+                f"{config.source}: [resources] num_cpus = {num_cpus:g} per worker, and the Ray cluster "
+                f"has {cpus:g} CPU(s)"
+            )
         fit = math.floor(gpus / num_gpus + 1e-9) if num_gpus > 0 else math.floor(cpus / num_cpus + 1e-9)
         fit = min(fit, math.floor(cpus / num_cpus + 1e-9))
         wanted = self.workers or res.workers or fit
         workers = max(1, min(wanted, fit, n_cells))
         if wanted > fit:
-            log(f"ray: {wanted} workers asked for, the cluster has room for {fit} "
-                f"({cpus:g} CPUs, {gpus:g} GPUs; {num_cpus:g} CPU and {num_gpus:g} GPU each): running {workers}")
+            log(
+                f"ray: {wanted} workers asked for, the cluster has room for {fit} "
+                f"({cpus:g} CPUs, {gpus:g} GPUs; {num_cpus:g} CPU and {num_gpus:g} GPU each): running {workers}"
+            )
         return workers, num_cpus, num_gpus
 
     def _loader(self, config: "StudyConfig", num_gpus: float) -> Loader:
@@ -284,8 +316,17 @@ class RayExecutor:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, config: "StudyConfig", cells: Sequence[Cell], items: dict, done: Done, *,
-            loader: Loader | None = None, progress: bool = False, log: Callable[[str], None] = print) -> None:
+    def run(
+        self,
+        config: "StudyConfig",
+        cells: Sequence[Cell],
+        items: dict,
+        done: Done,
+        *,
+        loader: Loader | None = None,
+        progress: bool = False,
+        log: Callable[[str], None] = print,
+    ) -> None:
         """Run ``cells`` on the cluster; ``done`` is called in this process as each one finishes.
 
         ``loader`` (default: :func:`tokext.models.load_model` with the config's dtype and placement)
@@ -297,8 +338,9 @@ class RayExecutor:
         self.connect()
         n_workers, num_cpus, num_gpus = self._plan(config, len(cells), log)
         loader = loader or self._loader(config, num_gpus)
-        actor_cls = ray.remote(_Worker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
-                                                max_task_retries=0)
+        actor_cls = ray.remote(_Worker).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0
+        )
         threads = max(1, int(num_cpus))
         actors = [actor_cls.remote(loader, threads) for _ in range(n_workers)]
         log(f"ray: {n_workers} worker(s), {num_cpus:g} CPU and {num_gpus:g} GPU each, for {len(cells)} cells")
@@ -308,8 +350,9 @@ class RayExecutor:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
 
-    def _serve(self, config: "StudyConfig", cells: list, items: dict, done: Done, actors: list,
-               log: Callable[[str], None]) -> None:
+    def _serve(
+        self, config: "StudyConfig", cells: list, items: dict, done: Done, actors: list, log: Callable[[str], None]
+    ) -> None:
         """Hand out cells to idle workers until every cell is done.
 
         A worker whose process dies is restarted by Ray (``max_restarts``); its cell goes back to
@@ -334,8 +377,9 @@ class RayExecutor:
             # prefer a cell of the model this worker already holds: each worker loads a model once
             pick = next((c for c in queue if c.model == holds[worker]), queue[0])
             queue.remove(pick)
-            ref = actors[worker].run.remote(pick, refs[pick.spec], config.batch_size, labelled[pick.model],
-                                            config.source, config.engine)
+            ref = actors[worker].run.remote(
+                pick, refs[pick.spec], config.batch_size, labelled[pick.model], config.source, config.engine
+            )
             cells_in_flight[ref] = (worker, pick)
 
         def probe(worker: int, since: float) -> None:
@@ -362,12 +406,14 @@ class RayExecutor:
                     ray.get(ref)
                 except ActorUnavailableError:  # still restarting
                     if time.monotonic() - since > self.recovery_timeout:
-                        raise ClusterError(f"ray: worker {worker} did not come back within "
-                                           f"{self.recovery_timeout:.0f} s of dying") from None
+                        raise ClusterError(
+                            f"ray: worker {worker} did not come back within {self.recovery_timeout:.0f} s of dying"
+                        ) from None
                     later.append((time.monotonic() + 0.5, worker, since))
                 except ActorDiedError as e:  # gone for good (e.g. tokext does not import on its node)
-                    raise ClusterError(f"ray: worker {worker} cannot be restarted: "
-                                       f"{' '.join(str(e).split())[:300]}") from None
+                    raise ClusterError(
+                        f"ray: worker {worker} cannot be restarted: {' '.join(str(e).split())[:300]}"
+                    ) from None
                 else:
                     idle.append(worker)
                 continue
@@ -383,11 +429,15 @@ class RayExecutor:
                 holds[worker] = None
                 reason = " ".join(str(e).split())[:200]
                 if failures[cell.id] > max_retries:
-                    raise ClusterError(f"cell {cell.id} ({cell.spec.task} {cell.intervention_repr}): its worker died "
-                                       f"{failures[cell.id]} times (max_retries = {max_retries}); last: "
-                                       f"{type(e).__name__}: {reason}") from None
-                log(f"ray: worker {worker} died during cell {cell.id} ({type(e).__name__}); retrying it "
-                    f"({failures[cell.id]}/{max_retries})")
+                    raise ClusterError(
+                        f"cell {cell.id} ({cell.spec.task} {cell.intervention_repr}): its worker died "
+                        f"{failures[cell.id]} times (max_retries = {max_retries}); last: "
+                        f"{type(e).__name__}: {reason}"
+                    ) from None
+                log(
+                    f"ray: worker {worker} died during cell {cell.id} ({type(e).__name__}); retrying it "
+                    f"({failures[cell.id]}/{max_retries})"
+                )
                 queue.appendleft(cell)
                 probe(worker, time.monotonic())
                 continue

@@ -81,8 +81,9 @@ def validate(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0 or args.weight_decay < 0 or args.warmup < 0:
-        raise InputError(f"need --lr > 0, --weight-decay >= 0, --warmup >= 0; got {args.lr}, {args.weight_decay}, "
-                         f"{args.warmup}")
+        raise InputError(
+            f"need --lr > 0, --weight-decay >= 0, --warmup >= 0; got {args.lr}, {args.weight_decay}, {args.warmup}"
+        )
     if args.save_dir and Path(args.save_dir).expanduser().resolve().is_relative_to(ROOT):
         raise InputError(f"--save-dir {args.save_dir} is inside the repository: use e.g. ~/.cache/tokext/finetuned")
     if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
@@ -111,7 +112,7 @@ class TailModel:
         layers = hf.model.layers
         if not 1 <= n <= len(layers):
             raise InputError(f"--train-layers must be in 1..{len(layers)} for this model, got {n}")
-        self.hf, self.first, self.layers = hf, len(layers) - n, list(layers)[len(layers) - n:]
+        self.hf, self.first, self.layers = hf, len(layers) - n, list(layers)[len(layers) - n :]
         for param in hf.parameters():
             param.requires_grad_(False)
         self.params = [q for m in (*self.layers, hf.model.norm) for q in m.parameters()]
@@ -133,7 +134,7 @@ class TailModel:
         handle = self.hf.model.layers[self.first].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             for start in range(0, len(ids), batch_size):
-                chunk = [torch.tensor(s) for s in ids[start:start + batch_size]]
+                chunk = [torch.tensor(s) for s in ids[start : start + batch_size]]
                 tokens, mask = pad(chunk, 0)
                 try:
                     self.hf(input_ids=tokens, attention_mask=mask)
@@ -187,8 +188,15 @@ def finetune(hf: Any, tokenizer: Any, texts: list[str], held: list[str], args: a
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    log = [{"step": 0, "train_loss": partial, "heldout_loss": _held_loss(tail, held_cache, held_ids), "lr": 0.0,
-            "seconds": round(cache_s, 1)}]
+    log = [
+        {
+            "step": 0,
+            "train_loss": partial,
+            "heldout_loss": _held_loss(tail, held_cache, held_ids),
+            "lr": 0.0,
+            "seconds": round(cache_s, 1),
+        }
+    ]
     print(f"cached frozen layers in {cache_s:.0f}s; step 0: held-out loss {log[0]['heldout_loss']:.4f}", flush=True)
     running, pos = [], 0
     for step in range(1, args.steps + 1):
@@ -202,14 +210,22 @@ def finetune(hf: Any, tokenizer: Any, texts: list[str], held: list[str], args: a
         sched.step()
         running.append(loss.item())
         if step % args.log_every == 0 or step == args.steps:
-            row = {"step": step, "train_loss": sum(running) / len(running), "lr": sched.get_last_lr()[0],
-                   "heldout_loss": _held_loss(tail, held_cache, held_ids) if step == args.steps or
-                   step % (10 * args.log_every) == 0 else math.nan,
-                   "seconds": round(time.perf_counter() - start, 1)}
+            row = {
+                "step": step,
+                "train_loss": sum(running) / len(running),
+                "lr": sched.get_last_lr()[0],
+                "heldout_loss": _held_loss(tail, held_cache, held_ids)
+                if step == args.steps or step % (10 * args.log_every) == 0
+                else math.nan,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
             log.append(row)
             running = []
-            print(f"step {step:4d}  train loss {row['train_loss']:.4f}  held-out {row['heldout_loss']:.4f}  "
-                  f"[{row['seconds']:.0f}s]", flush=True)
+            print(
+                f"step {step:4d}  train loss {row['train_loss']:.4f}  held-out {row['heldout_loss']:.4f}  "
+                f"[{row['seconds']:.0f}s]",
+                flush=True,
+            )
     for param in tail.params:
         param.requires_grad_(False)
     return log
@@ -294,21 +310,33 @@ def main(argv=None) -> int:
     def collect(phase: str) -> dict[str, Any]:
         result = {}
         for name, data in datasets.items():
-            stats = collect_attention_stats(bridge, data, batch_size=8, max_len=args.max_len, progress=False,
-                                            dataset=f"{name}:{args.task}-L{args.level}" if name == "task" else name)
+            stats = collect_attention_stats(
+                bridge,
+                data,
+                batch_size=8,
+                max_len=args.max_len,
+                progress=False,
+                dataset=f"{name}:{args.task}-L{args.level}" if name == "task" else name,
+            )
             stats.save(out / f"stats_{phase}_{name}.npz")
             result[name] = stats
         return result
 
     before = collect("before")
     t_before = time.perf_counter() - t0
-    hf = AutoModelForCausalLM.from_pretrained(bridge.original_model.config._name_or_path, dtype=torch.float32,
-                                              attn_implementation="eager")
+    hf = AutoModelForCausalLM.from_pretrained(
+        bridge.original_model.config._name_or_path, dtype=torch.float32, attn_implementation="eager"
+    )
     hf.eval()  # no dropout; gradients still flow
     log = finetune(hf, bridge.tokenizer, texts, [ex.cot_solution for ex in held_examples], args)
     t_train = time.perf_counter() - t0 - t_before
-    names = [n for n, p in hf.named_parameters() if n.startswith("model.layers.") and
-             int(n.split(".")[2]) >= info.n_layers - args.train_layers or n.startswith("model.norm.")]
+    names = [
+        n
+        for n, p in hf.named_parameters()
+        if n.startswith("model.layers.")
+        and int(n.split(".")[2]) >= info.n_layers - args.train_layers
+        or n.startswith("model.norm.")
+    ]
     landed = copy_into_bridge(bridge, hf, names)
     if landed > 1e-3:
         raise RuntimeError(f"the bridge's logits differ from the fine-tuned model's by {landed:.2e}")
@@ -316,34 +344,65 @@ def main(argv=None) -> int:
         hf.save_pretrained(Path(args.save_dir).expanduser())
         bridge.tokenizer.save_pretrained(Path(args.save_dir).expanduser())
     after = collect("after")
-    profiles = pd.concat([profile(s, phase, name) for phase, stats in (("before", before), ("after", after))
-                          for name, s in stats.items()], ignore_index=True)
+    profiles = pd.concat(
+        [
+            profile(s, phase, name)
+            for phase, stats in (("before", before), ("after", after))
+            for name, s in stats.items()
+        ],
+        ignore_index=True,
+    )
     profiles.to_csv(out / "profiles.csv", index=False, float_format="%.6g")
     metrics = [c for c in profiles.columns if c not in ("phase", "dataset", "layer")]
     keyed = profiles.set_index(["phase", "dataset", "layer"])[metrics]
     changes = (keyed.loc["after"] - keyed.loc["before"]).reset_index()
     changes.to_csv(out / "changes.csv", index=False, float_format="%.6g")
-    pd.concat([sink_tokens(s, phase, name) for phase, stats in (("before", before), ("after", after))
-               for name, s in stats.items()]).to_csv(out / "hidden_sink_tokens.csv", index=False, float_format="%.6g")
+    pd.concat(
+        [
+            sink_tokens(s, phase, name)
+            for phase, stats in (("before", before), ("after", after))
+            for name, s in stats.items()
+        ]
+    ).to_csv(out / "hidden_sink_tokens.csv", index=False, float_format="%.6g")
     pd.DataFrame(log).to_csv(out / "training_log.csv", index=False, float_format="%.6g")
     total = time.perf_counter() - t0
-    (out / "provenance.json").write_text(json.dumps({
-        "model": info.name, "model_source": info.source, "task": args.task, "level": args.level,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "trained_parameters": names, "n_trained_parameters": int(sum(hf.get_parameter(n).numel() for n in names)),
-        "train_texts": "tokext.evaluation.tasks cot_solution texts", "heldout_loss": "cot_solution texts of unseen problems",
-        "task_stats": "question + newline + cot_solution of the same unseen problems",
-        "natural": "tokext/data/prompts.txt (built-in)", "bridge_max_abs_logit_diff": landed,
-        "seconds": {"before_stats": round(t_before, 1), "training": round(t_train, 1), "total": round(total, 1)},
-        "git_rev": git_revision(), "tokext": __version__, "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, indent=1))
+    (out / "provenance.json").write_text(
+        json.dumps(
+            {
+                "model": info.name,
+                "model_source": info.source,
+                "task": args.task,
+                "level": args.level,
+                "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+                "trained_parameters": names,
+                "n_trained_parameters": int(sum(hf.get_parameter(n).numel() for n in names)),
+                "train_texts": "tokext.evaluation.tasks cot_solution texts",
+                "heldout_loss": "cot_solution texts of unseen problems",
+                "task_stats": "question + newline + cot_solution of the same unseen problems",
+                "natural": "tokext/data/prompts.txt (built-in)",
+                "bridge_max_abs_logit_diff": landed,
+                "seconds": {
+                    "before_stats": round(t_before, 1),
+                    "training": round(t_train, 1),
+                    "total": round(total, 1),
+                },
+                "git_rev": git_revision(),
+                "tokext": __version__,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+            indent=1,
+        )
+    )
     report(changes, profiles, args.train_layers, info.n_layers)
     tokens = pd.read_csv(out / "hidden_sink_tokens.csv", keep_default_na=False)
     for phase in ("before", "after"):
         top = tokens[(tokens.phase == phase) & (tokens.dataset == "task")].nlargest(6, "per_seq")
-        print(f"task hidden sinks (alpha > 0.1, per sequence, all layers) {phase}: "
-              + ", ".join(f"{t!r} {n:.1f}" for t, n in zip(top.token, top.per_seq)))
+        print(
+            f"task hidden sinks (alpha > 0.1, per sequence, all layers) {phase}: "
+            + ", ".join(f"{t!r} {n:.1f}" for t, n in zip(top.token, top.per_seq))
+        )
     print(f"written to {out} in {total:.0f}s (training {t_train:.0f}s)")
     return 0
 
@@ -360,4 +419,3 @@ def report(changes: pd.DataFrame, profiles: pd.DataFrame, n_trained: int, n_laye
             print(f"  L{layer:<3d}" + "  ".join(cells))
     below = changes[changes.layer < n_layers - n_trained][["first_token_mass", "entropy"]].abs().to_numpy().max()
     print(f"\nlargest change in the untrained layers (should be ~0): {below:.2e}")
-

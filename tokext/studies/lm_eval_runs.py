@@ -38,8 +38,22 @@ from tokext.studies.sweep import _atomic_write, git_revision
 
 BASELINE = "baseline"
 ITEM_COLUMNS = ("run", "intervention", "task", "doc_id", "prompt_hash", "metric", "value")
-PAIRED_COLUMNS = ("run", "intervention", "task", "kind", "metric", "n", "acc_baseline", "acc_method", "diff",
-                  "ci_lo", "ci_hi", "p_mcnemar", "n01", "n10")
+PAIRED_COLUMNS = (
+    "run",
+    "intervention",
+    "task",
+    "kind",
+    "metric",
+    "n",
+    "acc_baseline",
+    "acc_method",
+    "diff",
+    "ci_lo",
+    "ci_hi",
+    "p_mcnemar",
+    "n01",
+    "n10",
+)
 
 
 @dataclass(frozen=True)
@@ -73,11 +87,21 @@ def default_out_dir(model: str, limit: int | None) -> Path:
     return Path("results") / "lm_eval" / (name + (f"-limit{limit}" if limit else ""))
 
 
-def run_lm_eval(model: str = "smollm2-135m", tasks: Sequence[str] = ("tokext_mmlu",), interventions: Sequence[str] = (),
-                *, limit: int | None = None, out: str | Path | None = None, batch_size: int = 8,
-                num_fewshot: int | None = None, device: str | None = None, include_path: str | Path | None = None,
-                metadata: dict[str, Any] | None = None, log: Callable[[str], None] | None = print,
-                loader: Callable[[str, str | None], Any] | None = None) -> pd.DataFrame:
+def run_lm_eval(
+    model: str = "smollm2-135m",
+    tasks: Sequence[str] = ("tokext_mmlu",),
+    interventions: Sequence[str] = (),
+    *,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    device: str | None = None,
+    include_path: str | Path | None = None,
+    metadata: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = print,
+    loader: Callable[[str, str | None], Any] | None = None,
+) -> pd.DataFrame:
     """Run the baseline and every intervention on ``tasks`` and return the paired table (also ``paired.csv``).
 
     ``model``: a tokext model spec (:func:`tokext.load_model`). ``tasks``: lm-eval task or group
@@ -101,9 +125,16 @@ def run_lm_eval(model: str = "smollm2-135m", tasks: Sequence[str] = ("tokext_mml
     _check_table_files(out)
     manager = task_manager(include_path, metadata)
     names = resolve_tasks(tasks, manager)
-    key = {"model": model, "tasks": names, "limit": limit, "num_fewshot": num_fewshot, "metadata": metadata or {},
-           "include_path": None if include_path is None else str(include_path), "engine": "hooks",
-           "lm_eval": _lm_eval_version()}
+    key = {
+        "model": model,
+        "tasks": names,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "metadata": metadata or {},
+        "include_path": None if include_path is None else str(include_path),
+        "engine": "hooks",
+        "lm_eval": _lm_eval_version(),
+    }
     todo = [run for run in runs if not _finished(out / "runs" / run.label, key | {"interventions": run.text})]
     say = log or (lambda message: None)
     bridge = None
@@ -115,11 +146,12 @@ def run_lm_eval(model: str = "smollm2-135m", tasks: Sequence[str] = ("tokext_mml
         if bridge is None:
             say(f"loading {model}")
             bridge = (loader or _load)(model, device)
-        say(f"[{i}/{len(runs)}] {run.text or BASELINE}: lm-eval on {', '.join(names)}"
-            + (f", first {limit} documents per task" if limit else ""))
+        say(
+            f"[{i}/{len(runs)}] {run.text or BASELINE}: lm-eval on {', '.join(names)}"
+            + (f", first {limit} documents per task" if limit else "")
+        )
         started = time.time()
-        _run_one(bridge, run, names, manager, folder, key, limit=limit, num_fewshot=num_fewshot,
-                 batch_size=batch_size)
+        _run_one(bridge, run, names, manager, folder, key, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
         say(f"[{i}/{len(runs)}] done in {time.time() - started:.0f} s: {folder}/results.json")
     items = load_items(out, runs)
     table = paired_table(items, group_leaves(out / "runs" / BASELINE / "results.json"))
@@ -152,7 +184,9 @@ def _finished(folder: Path, key: dict[str, Any]) -> bool:
         return False
     if not settings.exists():
         if any(folder.iterdir()):
-            raise DataFileError(f"{folder} exists and was not written by tokext eval (no run.json): choose another --out")
+            raise DataFileError(
+                f"{folder} exists and was not written by tokext eval (no run.json): choose another --out"
+            )
         return False
     try:
         saved = json.loads(settings.read_text(encoding="utf-8"))["key"]
@@ -160,8 +194,10 @@ def _finished(folder: Path, key: dict[str, Any]) -> bool:
         raise DataFileError(f"{settings} is not a tokext eval run file: choose another --out") from None
     if canonical_json(saved) != canonical_json(key):
         changed = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
-        raise InputError(f"{folder} holds a run with other settings ({', '.join(changed)} differ): "
-                         "choose another --out, or delete that run folder to redo it")
+        raise InputError(
+            f"{folder} holds a run with other settings ({', '.join(changed)} differ): "
+            "choose another --out, or delete that run folder to redo it"
+        )
     return (folder / "results.json").exists()
 
 
@@ -171,12 +207,23 @@ def _check_table_files(out: Path) -> None:
         if path.exists():
             header = path.read_text(encoding="utf-8").split("\n", 1)[0].strip()
             if header != ",".join(columns):
-                raise DataFileError(f"{path} exists and is not a tokext eval table (header {header[:60]!r}): "
-                                    "choose another --out")
+                raise DataFileError(
+                    f"{path} exists and is not a tokext eval table (header {header[:60]!r}): choose another --out"
+                )
 
 
-def _run_one(bridge: Any, run: EvalRun, tasks: list[str], manager: Any, folder: Path, key: dict[str, Any], *,
-             limit: int | None, num_fewshot: int | None, batch_size: int) -> None:
+def _run_one(
+    bridge: Any,
+    run: EvalRun,
+    tasks: list[str],
+    manager: Any,
+    folder: Path,
+    key: dict[str, Any],
+    *,
+    limit: int | None,
+    num_fewshot: int | None,
+    batch_size: int,
+) -> None:
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
@@ -184,23 +231,32 @@ def _run_one(bridge: Any, run: EvalRun, tasks: list[str], manager: Any, folder: 
     from tokext.version import __version__
 
     (folder / "samples").mkdir(parents=True, exist_ok=True)
-    provenance = {"key": key | {"interventions": run.text}, "label": run.label, "batch_size": batch_size,
-                  "device": str(next(bridge.parameters()).device), "git_rev": git_revision(),
-                  "tokext_version": __version__, "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    provenance = {
+        "key": key | {"interventions": run.text},
+        "label": run.label,
+        "batch_size": batch_size,
+        "device": str(next(bridge.parameters()).device),
+        "git_rev": git_revision(),
+        "tokext_version": __version__,
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     _atomic_write(folder / "run.json", json.dumps(provenance, indent=2) + "\n")
     lm = TokextLM(model=bridge, intervention=list(run.interventions), batch_size=batch_size)
     lm.spec = key["model"]
     with _quiet_custom_dataset_warning():
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-                                          log_samples=True, task_manager=manager)
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, log_samples=True, task_manager=manager
+        )
 
     def dump(obj: Any) -> str:
         return json.dumps(obj, default=handle_non_serializable, ensure_ascii=False)
 
     for task, samples in results.pop("samples").items():
         _atomic_write(folder / "samples" / f"{task}.jsonl", "".join(dump(s) + "\n" for s in samples))
-    _atomic_write(folder / "results.json", json.dumps(results, indent=2, default=handle_non_serializable,
-                                                      ensure_ascii=False) + "\n")
+    _atomic_write(
+        folder / "results.json",
+        json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n",
+    )
 
 
 @contextmanager
@@ -208,7 +264,9 @@ def _quiet_custom_dataset_warning() -> Iterator[None]:
     """lm-eval warns once per task that builds its data with a function (each of the 57 tokext_mmlu tasks)."""
     from tokext.evaluation.lm_eval_adapter import drop_log_messages
 
-    with drop_log_messages("lm_eval.api.task", "Custom kwargs can be passed to `--metadata`", "For example --metadata="):
+    with drop_log_messages(
+        "lm_eval.api.task", "Custom kwargs can be passed to `--metadata`", "For example --metadata="
+    ):
         yield
 
 
@@ -225,9 +283,17 @@ def load_items(out: str | Path, runs: Sequence[EvalRun]) -> pd.DataFrame:
                 for metric in sample.get("metrics", []):
                     value = sample.get(metric)
                     if isinstance(value, (bool, int, float)) and value in (0, 1):
-                        rows.append({"run": run.label, "intervention": run.text or BASELINE, "task": path.stem,
-                                     "doc_id": int(sample["doc_id"]), "prompt_hash": str(sample["prompt_hash"])[:16],
-                                     "metric": metric, "value": int(value)})
+                        rows.append(
+                            {
+                                "run": run.label,
+                                "intervention": run.text or BASELINE,
+                                "task": path.stem,
+                                "doc_id": int(sample["doc_id"]),
+                                "prompt_hash": str(sample["prompt_hash"])[:16],
+                                "metric": metric,
+                                "value": int(value),
+                            }
+                        )
     return pd.DataFrame(rows, columns=list(ITEM_COLUMNS))
 
 
@@ -250,8 +316,9 @@ def paired_table(items: pd.DataFrame, groups: dict[str, list[str]] | None = None
     base = items[items["run"] == BASELINE]
     rows = []
     for (run, text), method in items[items["run"] != BASELINE].groupby(["run", "intervention"], sort=False):
-        units = [(g, "group", leaves) for g, leaves in groups.items()] + \
-                [(t, "task", [t]) for t in base["task"].unique()]
+        units = [(g, "group", leaves) for g, leaves in groups.items()] + [
+            (t, "task", [t]) for t in base["task"].unique()
+        ]
         for name, kind, leaves in units:
             for metric in base.loc[base["task"].isin(leaves), "metric"].unique():
                 b = _aligned(base, leaves, metric)
@@ -259,8 +326,16 @@ def paired_table(items: pd.DataFrame, groups: dict[str, list[str]] | None = None
                 if not b.index.equals(m.index) or not (b["prompt_hash"] == m["prompt_hash"]).all():
                     raise DataFileError(f"{name} ({metric}): run {run} and the baseline scored different samples")
                 stats = paired_summary(b["value"].to_numpy(bool), m["value"].to_numpy(bool))
-                rows.append({"run": run, "intervention": text, "task": name, "kind": kind, "metric": metric,
-                             **{k: stats[k] for k in PAIRED_COLUMNS if k in stats}})
+                rows.append(
+                    {
+                        "run": run,
+                        "intervention": text,
+                        "task": name,
+                        "kind": kind,
+                        "metric": metric,
+                        **{k: stats[k] for k in PAIRED_COLUMNS if k in stats},
+                    }
+                )
     table = pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
     table.attrs["groups"] = groups
     return table
@@ -277,13 +352,17 @@ def format_table(table: pd.DataFrame, max_tasks: int = 12) -> str:
     members = set().union(*table.attrs.get("groups", {}).values())
     tasks = table[table["kind"] == "task"]
     shown = table if tasks["task"].nunique() <= max_tasks else table[~table["task"].isin(members)]
-    lines = [f"{'task':<34}{'metric':<10}{'n':>5} {'base':>6} {'method':>6} {'diff':>7} {'95% CI':>17} "
-             f"{'McNemar p':>10} {'n01':>4} {'n10':>4}  intervention"]
+    lines = [
+        f"{'task':<34}{'metric':<10}{'n':>5} {'base':>6} {'method':>6} {'diff':>7} {'95% CI':>17} "
+        f"{'McNemar p':>10} {'n01':>4} {'n10':>4}  intervention"
+    ]
     for _, r in shown.iterrows():
         ci = f"[{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}]"
-        lines.append(f"{r['task']:<34}{r['metric']:<10}{int(r['n']):>5} {r['acc_baseline']:>6.3f} "
-                     f"{r['acc_method']:>6.3f} {r['diff']:>+7.3f} {ci:>17} {r['p_mcnemar']:>10.3f} "
-                     f"{int(r['n01']):>4} {int(r['n10']):>4}  {r['intervention']}")
+        lines.append(
+            f"{r['task']:<34}{r['metric']:<10}{int(r['n']):>5} {r['acc_baseline']:>6.3f} "
+            f"{r['acc_method']:>6.3f} {r['diff']:>+7.3f} {ci:>17} {r['p_mcnemar']:>10.3f} "
+            f"{int(r['n01']):>4} {int(r['n10']):>4}  {r['intervention']}"
+        )
     if len(shown) < len(table):
         lines.append(f"({len(table) - len(shown)} per-task rows of grouped tasks are in paired.csv)")
     return "\n".join(lines)

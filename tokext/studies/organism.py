@@ -25,7 +25,12 @@ from tokext.evaluation.organism import evaluate_organism, sink_mass
 from tokext.models.devices import input_device
 from tokext.models.inputs import pad
 from tokext.models.organism import (
-    FORMAT_VERSION, CharTokenizer, Organism, OrganismExample, check_target, save_organism,
+    FORMAT_VERSION,
+    CharTokenizer,
+    Organism,
+    OrganismExample,
+    check_target,
+    save_organism,
 )
 
 
@@ -52,11 +57,28 @@ def _encode_batch(
 
 
 def train_organism(
-    *, steps: int = 1500, seed: int = 0, n_layers: int = 2, d_model: int = 128, n_heads: int = 4,
-    d_mlp: int | None = None, positional: str = "rotary", batch_size: int = 64, lr: float = 4e-3,
-    weight_decay: float = 0.0, warmup: int = 100, n_terms: int = 3, max_operand: int = 9, ops: str = "+-",
-    prefix: str = "", direct_fraction: float = 0.25, loss_on: str = "completion", log_every: int = 250,
-    progress: bool = True, device: str = "cpu", threads: int = 2,
+    *,
+    steps: int = 1500,
+    seed: int = 0,
+    n_layers: int = 2,
+    d_model: int = 128,
+    n_heads: int = 4,
+    d_mlp: int | None = None,
+    positional: str = "rotary",
+    batch_size: int = 64,
+    lr: float = 4e-3,
+    weight_decay: float = 0.0,
+    warmup: int = 100,
+    n_terms: int = 3,
+    max_operand: int = 9,
+    ops: str = "+-",
+    prefix: str = "",
+    direct_fraction: float = 0.25,
+    loss_on: str = "completion",
+    log_every: int = 250,
+    progress: bool = True,
+    device: str = "cpu",
+    threads: int = 2,
 ) -> Organism:
     """Train an organism from scratch with AdamW (linear warm-up, cosine decay) on fresh training
     problems each step; a ``direct_fraction`` of them use the direct (no-CoT) form. The loss covers
@@ -70,16 +92,36 @@ def train_organism(
     from tokext.models.native import native_model
 
     if steps < 1 or d_model % n_heads or not 0 <= direct_fraction <= 1 or loss_on not in ("completion", "all"):
-        raise InputError(f"need steps >= 1, d_model % n_heads == 0, 0 <= direct_fraction <= 1, loss_on 'completion' "
-                         f"or 'all'; got {steps=}, {d_model=}, {n_heads=}, {direct_fraction=}, {loss_on=}")
+        raise InputError(
+            f"need steps >= 1, d_model % n_heads == 0, 0 <= direct_fraction <= 1, loss_on 'completion' "
+            f"or 'all'; got {steps=}, {d_model=}, {n_heads=}, {direct_fraction=}, {loss_on=}"
+        )
     tok = CharTokenizer()
-    model_cfg = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads,
-                     d_mlp=d_mlp or 4 * d_model, n_ctx=_max_len(n_terms, max_operand, ops, prefix),
-                     d_vocab=tok.vocab_size, seed=seed, positional_embedding_type=positional)
-    config = {"format_version": FORMAT_VERSION, "model": model_cfg,
-              "task": dict(n_terms=n_terms, max_operand=max_operand, ops=ops, prefix=prefix),
-              "train": dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                            warmup=warmup, direct_fraction=direct_fraction, loss_on=loss_on)}
+    model_cfg = dict(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=d_mlp or 4 * d_model,
+        n_ctx=_max_len(n_terms, max_operand, ops, prefix),
+        d_vocab=tok.vocab_size,
+        seed=seed,
+        positional_embedding_type=positional,
+    )
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model_cfg,
+        "task": dict(n_terms=n_terms, max_operand=max_operand, ops=ops, prefix=prefix),
+        "train": dict(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            direct_fraction=direct_fraction,
+            loss_on=loss_on,
+        ),
+    }
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -96,12 +138,15 @@ def train_organism(
 def _fit(org: Organism, steps: int, seed: int, log_every: int, progress: bool) -> None:
     train, model = org.config["train"], org.model
     device = _device(model)
-    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": train["weight_decay"]},
-              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases, LN
+    groups = [
+        {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": train["weight_decay"]},
+        {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+    ]  # no decay on biases, LN
     opt = torch.optim.AdamW(groups, lr=train["lr"], betas=(0.9, 0.98))
     warm = max(1, train["warmup"])
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     rng = random.Random(seed + 1)
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -120,15 +165,24 @@ def _fit(org: Organism, steps: int, seed: int, log_every: int, progress: bool) -
         if step == steps or (log_every and step % log_every == 0):
             loss = loss.detach()
             acc = evaluate_organism(org, n=100, seed=1000 + step)
-            org.log.append({"step": step, "loss": float(loss), "accuracy": acc,
-                            "bos_attention": float(sink_mass(org, n=50).max()),
-                            "seconds": round(time.perf_counter() - start, 1)})
+            org.log.append(
+                {
+                    "step": step,
+                    "loss": float(loss),
+                    "accuracy": acc,
+                    "bos_attention": float(sink_mass(org, n=50).max()),
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            )
             if progress:
-                print(f"step {step:5d}  loss {float(loss):.4f}  cot accuracy {acc:.3f}  "
-                      f"max BOS attention {org.log[-1]['bos_attention']:.3f}  "
-                      f"{time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"step {step:5d}  loss {float(loss):.4f}  cot accuracy {acc:.3f}  "
+                    f"max BOS attention {org.log[-1]['bos_attention']:.3f}  "
+                    f"{time.perf_counter() - start:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     model.eval()
-
 
 
 def train_organism_cli(out_dir: str | Path, steps: int = 1500, seed: int = 0, force: bool = False) -> int:

@@ -107,8 +107,12 @@ def paired_mean_ci(
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     chunk = max(1, 2_000_000 // len(d))  # replicates per batch of index draws: bounded memory
-    boot = np.concatenate([d[rng.integers(0, len(d), size=(min(chunk, n_boot - start), len(d)))].mean(1)
-                           for start in range(0, int(n_boot), chunk)])
+    boot = np.concatenate(
+        [
+            d[rng.integers(0, len(d), size=(min(chunk, n_boot - start), len(d)))].mean(1)
+            for start in range(0, int(n_boot), chunk)
+        ]
+    )
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(boot, [tail, 100 - tail])
     return float(d.mean()), float(lo), float(hi)

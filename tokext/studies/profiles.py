@@ -19,8 +19,15 @@ from tokext.interventions import Intervention, intervene, intervention_effect
 
 def default_interventions(n_layers: int, n_heads: int) -> list[Intervention]:
     """The interventions at their defaults (values chosen where a parameter has no default)."""
-    from tokext.interventions import (AttentionTemperature, EarlyLayerEmulation, HeadAblation, PatternPatch,
-                                      SinkCalibration, SinkRebalance, ZeroTuning)
+    from tokext.interventions import (
+        AttentionTemperature,
+        EarlyLayerEmulation,
+        HeadAblation,
+        PatternPatch,
+        SinkCalibration,
+        SinkRebalance,
+        ZeroTuning,
+    )
 
     mid = n_layers // 2
     return [
@@ -38,12 +45,19 @@ def default_interventions(n_layers: int, n_heads: int) -> list[Intervention]:
     ]
 
 
-def intervention_profiles(model: Any, prompts: Sequence[str], interventions: Sequence[Intervention], *,
-                          batch_size: int = 8, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+def intervention_profiles(
+    model: Any,
+    prompts: Sequence[str],
+    interventions: Sequence[Intervention],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary, by_layer): one summary row per intervention; one by-layer row per (intervention, layer).
 
     The baseline is the row with intervention ``"baseline"``.
     """
+
     def profile(*ivs: Intervention):
         with intervene(model, *ivs):
             stats = collect_attention_stats(model, prompts, batch_size=batch_size, progress=False)
@@ -53,9 +67,17 @@ def intervention_profiles(model: Any, prompts: Sequence[str], interventions: Seq
     layers, summary = [], []
 
     def add_layers(name: str, stats) -> None:
-        layers.append(pd.DataFrame({"intervention": name, "layer": stats.layers,
-                                    "first_token_mass": stats.first_token_mass.mean(1),
-                                    "entropy": stats.entropy.mean(1), "row_sum": stats.row_sum.mean(1)}))
+        layers.append(
+            pd.DataFrame(
+                {
+                    "intervention": name,
+                    "layer": stats.layers,
+                    "first_token_mass": stats.first_token_mass.mean(1),
+                    "entropy": stats.entropy.mean(1),
+                    "row_sum": stats.row_sum.mean(1),
+                }
+            )
+        )
 
     add_layers("baseline", base)
     for iv in interventions:
@@ -63,14 +85,20 @@ def intervention_profiles(model: Any, prompts: Sequence[str], interventions: Seq
             effect = intervention_effect(model, prompts, iv, batch_size=batch_size)
         stats = profile(iv)
         add_layers(repr(iv), stats)
-        summary.append({
-            "intervention": repr(iv), "loss_without": effect.loss_before, "loss_with": effect.loss_after,
-            "delta_loss": effect.delta_loss, "max_abs_delta_logit": effect.max_abs_delta_logit,
-            "first_mass_without": float(base.first_token_mass.mean()),
-            "first_mass_with": float(stats.first_token_mass.mean()),
-            "delta_first_mass": float(stats.first_token_mass.mean() - base.first_token_mass.mean()),
-            "mean_row_sum": float(stats.row_sum.mean()), "n_tokens": effect.n_tokens,
-        })
+        summary.append(
+            {
+                "intervention": repr(iv),
+                "loss_without": effect.loss_before,
+                "loss_with": effect.loss_after,
+                "delta_loss": effect.delta_loss,
+                "max_abs_delta_logit": effect.max_abs_delta_logit,
+                "first_mass_without": float(base.first_token_mass.mean()),
+                "first_mass_with": float(stats.first_token_mass.mean()),
+                "delta_first_mass": float(stats.first_token_mass.mean() - base.first_token_mass.mean()),
+                "mean_row_sum": float(stats.row_sum.mean()),
+                "n_tokens": effect.n_tokens,
+            }
+        )
         if progress:
             print(f"  {repr(iv)}: loss {effect.loss_before:.4f} -> {effect.loss_after:.4f}", flush=True)
     return pd.DataFrame(summary), pd.concat(layers, ignore_index=True)

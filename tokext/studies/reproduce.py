@@ -46,16 +46,45 @@ class Sizes:
 
 
 MODES = {
-    "quick": Sizes(analyze_prompts=8, profile_prompts=4, ablation_items=2, mmlu_items=2, computed_items=4,
-                   computed_counts=(0, 8), finetune_steps=4, organism_steps=30, organism_items=8,
-                   long_lengths=(64, 256), long_windows=(1,)),
-    "default": Sizes(analyze_prompts=64, profile_prompts=16, ablation_items=None, mmlu_items=None, computed_items=24,
-                     computed_counts=(0, 4, 16, 64), finetune_steps=60, organism_steps=1500,
-                     organism_items=None, long_lengths=(512, 1024, 2048, 4096, 8192), long_windows=(2, 2, 1, 1, 1)),
-    "full": Sizes(analyze_prompts=80, profile_prompts=80, ablation_items=None, mmlu_items=None, computed_items=80,
-                  computed_counts=(0, 1, 2, 4, 8, 16, 32, 64), finetune_steps=300, organism_steps=3000,
-                  organism_items=None, long_lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768),
-                  long_windows=(4, 4, 4, 2, 2, 1, 1)),
+    "quick": Sizes(
+        analyze_prompts=8,
+        profile_prompts=4,
+        ablation_items=2,
+        mmlu_items=2,
+        computed_items=4,
+        computed_counts=(0, 8),
+        finetune_steps=4,
+        organism_steps=30,
+        organism_items=8,
+        long_lengths=(64, 256),
+        long_windows=(1,),
+    ),
+    "default": Sizes(
+        analyze_prompts=64,
+        profile_prompts=16,
+        ablation_items=None,
+        mmlu_items=None,
+        computed_items=24,
+        computed_counts=(0, 4, 16, 64),
+        finetune_steps=60,
+        organism_steps=1500,
+        organism_items=None,
+        long_lengths=(512, 1024, 2048, 4096, 8192),
+        long_windows=(2, 2, 1, 1, 1),
+    ),
+    "full": Sizes(
+        analyze_prompts=80,
+        profile_prompts=80,
+        ablation_items=None,
+        mmlu_items=None,
+        computed_items=80,
+        computed_counts=(0, 1, 2, 4, 8, 16, 32, 64),
+        finetune_steps=300,
+        organism_steps=3000,
+        organism_items=None,
+        long_lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768),
+        long_windows=(4, 4, 4, 2, 2, 1, 1),
+    ),
 }
 
 
@@ -64,16 +93,28 @@ def write_provenance(folder: Path, **fields: Any) -> None:
     from tokext.studies.sweep import git_revision
     from tokext.version import __version__
 
-    record = {**fields, "tokext": __version__, "git": git_revision(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        **fields,
+        "tokext": __version__,
+        "git": git_revision(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     (folder / "provenance.json").write_text(json.dumps(record, indent=1, default=str))
 
 
 class Reproduction:
     """Runs the steps of one mode into ``results/reproduce/<mode>/``, reusing finished steps."""
 
-    def __init__(self, mode: str = "default", *, results: str | Path = "results/reproduce", model: str = "smollm2-135m",
-                 force: bool = False, log: Callable[[str], None] = print, executor: Any = "serial"):
+    def __init__(
+        self,
+        mode: str = "default",
+        *,
+        results: str | Path = "results/reproduce",
+        model: str = "smollm2-135m",
+        force: bool = False,
+        log: Callable[[str], None] = print,
+        executor: Any = "serial",
+    ):
         """``executor``: where the sweep steps' cells run (``"serial"``, ``"ray"`` or an executor of
         :mod:`tokext.studies.executors`); the other steps run in this process."""
         from tokext.studies.executors import make_executor
@@ -119,8 +160,13 @@ class Reproduction:
         from tokext.models.info import model_info
 
         result = analyze(self.model, n=self.sizes.analyze_prompts, out=folder, progress=False)
-        write_provenance(folder, model=model_info(self.model).name, data="built-in prompts",
-                         n_prompts=result.stats.n_sequences, seconds=result.seconds)
+        write_provenance(
+            folder,
+            model=model_info(self.model).name,
+            data="built-in prompts",
+            n_prompts=result.stats.n_sequences,
+            seconds=result.seconds,
+        )
 
     def patterns(self, folder: Path) -> None:
         """Full patterns of a few heads on one prompt (small: one prompt, a handful of heads)."""
@@ -140,13 +186,19 @@ class Reproduction:
         def keep(layer: int):
             def hook(pattern, hook):
                 kept[layer] = pattern[0, heads[layers.index(layer)]].float().cpu().numpy()
+
             return hook
 
         with attached(self.model, [(pattern_hook_name(l), keep(l)) for l in layers]), torch.inference_mode():
             self.model(tokens)
         texts = [self.model.tokenizer.decode([t]) for t in tokens[0].tolist()]
-        np.savez_compressed(folder / "patterns.npz", patterns=np.stack([kept[l] for l in layers]),
-                            layers=np.array(layers), heads=np.array(heads), tokens=np.array(texts))
+        np.savez_compressed(
+            folder / "patterns.npz",
+            patterns=np.stack([kept[l] for l in layers]),
+            layers=np.array(layers),
+            heads=np.array(heads),
+            tokens=np.array(texts),
+        )
         write_provenance(folder, model=info.name, prompt=prompt, layers=layers, heads=heads)
 
     def profiles(self, folder: Path) -> None:
@@ -156,14 +208,28 @@ class Reproduction:
 
         info = model_info(self.model)
         prompts = load_prompts(None, self.sizes.profile_prompts)
-        summary, by_layer = intervention_profiles(self.model, prompts, default_interventions(info.n_layers, info.n_heads))
+        summary, by_layer = intervention_profiles(
+            self.model, prompts, default_interventions(info.n_layers, info.n_heads)
+        )
         summary.to_csv(folder / "summary.csv", index=False, float_format="%.5g")
         by_layer.to_csv(folder / "by_layer.csv", index=False, float_format="%.5g")
-        write_provenance(folder, model=info.name, data="built-in prompts", n_prompts=len(prompts),
-                         interventions=list(summary["intervention"]))
+        write_provenance(
+            folder,
+            model=info.name,
+            data="built-in prompts",
+            n_prompts=len(prompts),
+            interventions=list(summary["intervention"]),
+        )
 
-    def _sweep(self, folder: Path, config_name: str | None, full_configs: list[str], limit: int | None,
-               model: Any = None, model_spec: str | None = None) -> None:
+    def _sweep(
+        self,
+        folder: Path,
+        config_name: str | None,
+        full_configs: list[str],
+        limit: int | None,
+        model: Any = None,
+        model_spec: str | None = None,
+    ) -> None:
         """Run the packaged ``config_name`` (``experiments/<full_configs>`` in full mode, or always
         when ``config_name`` is None) on ``model`` (default: the main model) and summarise it."""
         from tokext.studies.config import load_config
@@ -172,22 +238,35 @@ class Reproduction:
 
         model = model if model is not None else self.model
         model_spec = model_spec or self.model_spec
-        configs = ([ROOT / "experiments" / name for name in full_configs] if self.mode == "full" or not config_name
-                   else [resources.files("tokext").joinpath(f"data/{config_name}")])
+        configs = (
+            [ROOT / "experiments" / name for name in full_configs]
+            if self.mode == "full" or not config_name
+            else [resources.files("tokext").joinpath(f"data/{config_name}")]
+        )
         for config_path in configs:
             if not Path(str(config_path)).is_file():
                 raise InputError(f"{config_path} not found: `tokext reproduce` runs from a checkout of the repository")
             config = load_config(str(config_path))
             # serial: the model already loaded here; elsewhere each worker loads model_spec itself
             loader = (lambda spec: model) if self.executor.name == "serial" else None
-            run_sweep(config, folder, limit=limit, models=[model_spec], progress=False,
-                      loader=loader, force=True, log=self.log, executor=self.executor)
+            run_sweep(
+                config,
+                folder,
+                limit=limit,
+                models=[model_spec],
+                progress=False,
+                loader=loader,
+                force=True,
+                log=self.log,
+                executor=self.executor,
+            )
         summarize(folder)
-        write_provenance(folder, model=model_info(model).name, config=[Path(str(c)).name for c in configs],
-                         limit=limit)
+        write_provenance(folder, model=model_info(model).name, config=[Path(str(c)).name for c in configs], limit=limit)
 
     def ablation(self, folder: Path) -> None:
-        self._sweep(folder, "reproduce_ablation.toml", ["a_method.toml", "b_neighbours.toml"], self.sizes.ablation_items)
+        self._sweep(
+            folder, "reproduce_ablation.toml", ["a_method.toml", "b_neighbours.toml"], self.sizes.ablation_items
+        )
 
     def mmlu(self, folder: Path) -> None:
         self._sweep(folder, "reproduce_mmlu.toml", ["d_mmlu.toml"], self.sizes.mmlu_items)
@@ -203,23 +282,44 @@ class Reproduction:
 
         org = train_organism(steps=self.sizes.organism_steps, seed=0, progress=False)
         save_organism(org, folder / "model", overwrite=True)
-        stats = collect_attention_stats(org.model, organism_prompts(org, 200, seed=0), tokenizer=org.tokenizer,
-                                        progress=False, dataset="organism held-out CoT prompts")
+        stats = collect_attention_stats(
+            org.model,
+            organism_prompts(org, 200, seed=0),
+            tokenizer=org.tokenizer,
+            progress=False,
+            dataset="organism held-out CoT prompts",
+        )
         stats.metadata["model"] = "organism (2-layer native, CoT arithmetic)"
         stats.save(folder / "stats.npz")
         pd.DataFrame(org.log).to_csv(folder / "training_log.csv", index=False)
         n_eval = 200 if self.mode != "quick" else 20
-        accuracy = {"cot": evaluate_organism(org, n=n_eval, cot=True), "direct": evaluate_organism(org, n=n_eval, cot=False)}
-        write_provenance(folder, model="organism", steps=self.sizes.organism_steps, seed=0, config=org.config,
-                         accuracy=accuracy, first_token_mass=stats.first_token_mass.tolist())
+        accuracy = {
+            "cot": evaluate_organism(org, n=n_eval, cot=True),
+            "direct": evaluate_organism(org, n=n_eval, cot=False),
+        }
+        write_provenance(
+            folder,
+            model="organism",
+            steps=self.sizes.organism_steps,
+            seed=0,
+            config=org.config,
+            accuracy=accuracy,
+            first_token_mass=stats.first_token_mass.tolist(),
+        )
 
     def organism_ablation(self, folder: Path) -> None:
         """experiments/organism.toml on the organism trained by the ``organism`` step."""
         from tokext.models.loading import load_model
 
         trained = self.root / "organism" / "model"
-        self._sweep(folder, None, ["organism.toml"], self.sizes.organism_items, model=load_model(str(trained)),
-                    model_spec=str(trained))
+        self._sweep(
+            folder,
+            None,
+            ["organism.toml"],
+            self.sizes.organism_items,
+            model=load_model(str(trained)),
+            model_spec=str(trained),
+        )
 
     @staticmethod
     def _run_main(main: Callable[[list[str]], int], argv: list[str], what: str) -> None:
@@ -232,9 +332,25 @@ class Reproduction:
         from tokext.studies.computed_tokens_run import main
 
         counts = ",".join(str(c) for c in self.sizes.computed_counts)
-        self._run_main(main, ["--model", self.model_spec, "--task", "arithmetic", "--level", "1",
-                              "--n", str(self.sizes.computed_items), "--counts", counts, "--out", str(folder),
-                              "--force"], "the computed-token study")
+        self._run_main(
+            main,
+            [
+                "--model",
+                self.model_spec,
+                "--task",
+                "arithmetic",
+                "--level",
+                "1",
+                "--n",
+                str(self.sizes.computed_items),
+                "--counts",
+                counts,
+                "--out",
+                str(folder),
+                "--force",
+            ],
+            "the computed-token study",
+        )
 
     def finetune(self, folder: Path) -> None:
         from tokext.studies.finetune import main
@@ -261,10 +377,18 @@ class Reproduction:
     def run(self, figures_dir: str | Path = "figures") -> Path:
         from tokext.viz.figures import build_all
 
-        steps = [("analyze", self.analyze), ("patterns", self.patterns), ("profiles", self.profiles),
-                 ("ablation", self.ablation), ("mmlu", self.mmlu), ("organism", self.organism),
-                 ("organism_ablation", self.organism_ablation), ("computed_tokens", self.computed_tokens), ("finetune", self.finetune),
-                 ("long_context", self.long_context)]
+        steps = [
+            ("analyze", self.analyze),
+            ("patterns", self.patterns),
+            ("profiles", self.profiles),
+            ("ablation", self.ablation),
+            ("mmlu", self.mmlu),
+            ("organism", self.organism),
+            ("organism_ablation", self.organism_ablation),
+            ("computed_tokens", self.computed_tokens),
+            ("finetune", self.finetune),
+            ("long_context", self.long_context),
+        ]
         try:
             for name, run in steps:
                 self.step(name, run)
@@ -281,14 +405,20 @@ def report_tables(root: Path) -> str:
     import pandas as pd
 
     parts = []
-    for name, title in [("ablation", "Ablation (reasoning task)"), ("mmlu", "MMLU by category (letter scoring)"),
-                        ("organism_ablation", "Model organism (its held-out arithmetic, greedy, exact answer)")]:
+    for name, title in [
+        ("ablation", "Ablation (reasoning task)"),
+        ("mmlu", "MMLU by category (letter scoring)"),
+        ("organism_ablation", "Model organism (its held-out arithmetic, greedy, exact answer)"),
+    ]:
         path = root / name / "summary.csv"
         if not path.is_file():
             continue
         table = pd.read_csv(path)
-        rows = ["| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | "
-                "delta loss [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [
+            "| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | "
+            "delta loss [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in table.itertuples(index=False):
             is_base = r.cell_id == r.baseline_id
             diff = "baseline" if is_base else f"{r.diff:+.3f} [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]"
@@ -297,16 +427,24 @@ def report_tables(root: Path) -> str:
             if not is_base and pd.notna(getattr(r, "dloss_lo", float("nan"))):
                 dl += f" [{r.dloss_lo:+.4f}, {r.dloss_hi:+.4f}]"
             form = "CoT" if str(r.cot) == "True" else ("letter" if r.method == "letter" else "direct")
-            rows.append(f"| {r.task} | {r.level} | {form} | {'none' if is_base else r.intervention} | {r.n_items} | "
-                        f"{r.accuracy:.3f} | {diff} | {p} | {r.loss:.4f} | {dl} |")
+            rows.append(
+                f"| {r.task} | {r.level} | {form} | {'none' if is_base else r.intervention} | {r.n_items} | "
+                f"{r.accuracy:.3f} | {diff} | {p} | {r.loss:.4f} | {dl} |"
+            )
         parts.append(f"## {title}\n\n" + "\n".join(rows))
     path = root / "profiles" / "summary.csv"
     if path.is_file():
         table = pd.read_csv(path)
-        rows = ["| intervention | loss without | loss with | max abs delta logit | first-token mass without -> with |",
-                "|---|---|---|---|---|"]
+        rows = [
+            "| intervention | loss without | loss with | max abs delta logit | first-token mass without -> with |",
+            "|---|---|---|---|---|",
+        ]
         for r in table.itertuples(index=False):
-            rows.append(f"| {r.intervention} | {r.loss_without:.4f} | {r.loss_with:.4f} | {r.max_abs_delta_logit:.2f} | "
-                        f"{r.first_mass_without:.3f} -> {r.first_mass_with:.3f} |")
-        parts.append("## Interventions at default settings: next-token loss on the built-in prompts\n\n" + "\n".join(rows))
+            rows.append(
+                f"| {r.intervention} | {r.loss_without:.4f} | {r.loss_with:.4f} | {r.max_abs_delta_logit:.2f} | "
+                f"{r.first_mass_without:.3f} -> {r.first_mass_with:.3f} |"
+            )
+        parts.append(
+            "## Interventions at default settings: next-token loss on the built-in prompts\n\n" + "\n".join(rows)
+        )
     return "\n\n".join(parts)

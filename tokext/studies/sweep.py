@@ -38,12 +38,45 @@ from tokext.studies.config import DEFAULT_DTYPE, StudyConfig, canonical_json, lo
 from tokext.errors import DataFileError, InputError
 
 CELL_COLUMNS = (
-    "cell_id", "baseline_id", "config_hash", "study", "model", "task", "method", "level", "cot", "seed", "shots",
-    "n_items", "label", "intervention", "params", "accuracy", "acc_norm", "loss", "n_correct", "seconds",
-    "git_rev", "tokext_version", "date", "spec",
+    "cell_id",
+    "baseline_id",
+    "config_hash",
+    "study",
+    "model",
+    "task",
+    "method",
+    "level",
+    "cot",
+    "seed",
+    "shots",
+    "n_items",
+    "label",
+    "intervention",
+    "params",
+    "accuracy",
+    "acc_norm",
+    "loss",
+    "n_correct",
+    "seconds",
+    "git_rev",
+    "tokext_version",
+    "date",
+    "spec",
 )
-PAIRED_COLUMNS = ("acc_baseline", "diff", "ci_lo", "ci_hi", "p_mcnemar", "n01", "n10", "n_paired",
-                  "loss_baseline", "delta_loss", "dloss_lo", "dloss_hi")
+PAIRED_COLUMNS = (
+    "acc_baseline",
+    "diff",
+    "ci_lo",
+    "ci_hi",
+    "p_mcnemar",
+    "n01",
+    "n10",
+    "n_paired",
+    "loss_baseline",
+    "delta_loss",
+    "dloss_lo",
+    "dloss_hi",
+)
 BASELINE = "baseline"
 
 
@@ -82,9 +115,13 @@ class Cell:
 def expand(config: StudyConfig) -> list[Cell]:
     """Every cell of ``config``: per model and eval spec, the baseline then each intervention."""
     ivs = config.expanded_interventions()
-    return [cell for model in config.models for spec in config.eval_specs()
-            for cell in [Cell(model, spec, dtype=config.dtype)]
-            + [Cell(model, spec, label, iv, config.dtype) for label, iv in ivs]]
+    return [
+        cell
+        for model in config.models
+        for spec in config.eval_specs()
+        for cell in [Cell(model, spec, dtype=config.dtype)]
+        + [Cell(model, spec, label, iv, config.dtype) for label, iv in ivs]
+    ]
 
 
 def with_limit(config: StudyConfig, limit: int | None) -> StudyConfig:
@@ -108,10 +145,19 @@ def git_revision() -> str:
     """The short commit of the tokext checkout, ``+dirty`` when tracked files changed; else ``unknown``."""
     root = Path(__file__).resolve().parents[2]
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return rev + ("+dirty" if dirty else "")
@@ -135,16 +181,20 @@ def _prepare_cells_csv(path: Path, config_hash: str, force: bool) -> set[str]:
     text = path.read_text(encoding="utf-8")
     header = text.split("\n", 1)[0].strip()
     if header != ",".join(CELL_COLUMNS):
-        raise DataFileError(f"{path} exists and is not a tokext sweep results file (its header is {header[:80]!r}): "
-                            "choose another --out")
+        raise DataFileError(
+            f"{path} exists and is not a tokext sweep results file (its header is {header[:80]!r}): "
+            "choose another --out"
+        )
     if not text.endswith("\n"):  # killed in the middle of a row: drop the torn row
         _atomic_write(path, text[: text.rfind("\n") + 1])
     done = pd.read_csv(path, dtype=str, keep_default_na=False)
     other = sorted(set(done["config_hash"]) - {config_hash})
     if other and not force:
-        raise InputError(f"{path} holds results of a different config (hash {', '.join(other)}; this config is "
-                         f"{config_hash}): pass --force to add to it (matching cells are reused, nothing is "
-                         "deleted), or --out DIR to write elsewhere")
+        raise InputError(
+            f"{path} holds results of a different config (hash {', '.join(other)}; this config is "
+            f"{config_hash}): pass --force to add to it (matching cells are reused, nothing is "
+            "deleted), or --out DIR to write elsewhere"
+        )
     return set(done["cell_id"])
 
 
@@ -169,10 +219,18 @@ def _save_config(out: Path, config: StudyConfig) -> None:
 # ---------------------------------------------------------------------- running
 
 
-def run_sweep(config: StudyConfig | str | Path, out: str | Path | None = None, *, force: bool = False,
-              limit: int | None = None, models: Sequence[str] | None = None, progress: bool = True,
-              loader: Callable[[str], Any] | None = None, log: Callable[[str], None] | None = None,
-              executor: Any = "serial") -> pd.DataFrame:
+def run_sweep(
+    config: StudyConfig | str | Path,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    limit: int | None = None,
+    models: Sequence[str] | None = None,
+    progress: bool = True,
+    loader: Callable[[str], Any] | None = None,
+    log: Callable[[str], None] | None = None,
+    executor: Any = "serial",
+) -> pd.DataFrame:
     """Run every unfinished cell of ``config`` and return its rows of ``cells.csv``.
 
     ``limit``: at most this many items per cell. ``models``: replaces the config's models (the same
@@ -201,19 +259,37 @@ def run_sweep(config: StudyConfig | str | Path, out: str | Path | None = None, *
         from tokext.models.devices import check_placement, normalized_max_memory
 
         place = config.resources.placement()
-        check_placement(place.get("device"), place.get("device_map"), place.get("n_devices"),
-                        normalized_max_memory(place.get("max_memory")))
+        check_placement(
+            place.get("device"),
+            place.get("device_map"),
+            place.get("n_devices"),
+            normalized_max_memory(place.get("max_memory")),
+        )
     try:
         executor.connect()  # a cluster that does not answer fails here, before anything is written
-        return _run_on(executor, config, Path(out) if out is not None else default_out_dir(config, limit), force,
-                       loader, progress, log)
+        return _run_on(
+            executor,
+            config,
+            Path(out) if out is not None else default_out_dir(config, limit),
+            force,
+            loader,
+            progress,
+            log,
+        )
     finally:
         if owned:
             executor.close()
 
 
-def _run_on(executor: Any, config: StudyConfig, out: Path, force: bool, loader: Callable[[str], Any] | None,
-            progress: bool, log: Callable[[str], None]) -> pd.DataFrame:
+def _run_on(
+    executor: Any,
+    config: StudyConfig,
+    out: Path,
+    force: bool,
+    loader: Callable[[str], Any] | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> pd.DataFrame:
     """The body of :func:`run_sweep` once the executor is connected: prepare ``out``, run, read back."""
     from tqdm.auto import tqdm
 
@@ -243,8 +319,9 @@ def _run_on(executor: Any, config: StudyConfig, out: Path, force: bool, loader: 
     return table
 
 
-def _writer(config: StudyConfig, out: Path, cells_csv: Path, chash: str, rev: str, bar: Any,
-            log: Callable[[str], None]) -> Callable[[Cell, pd.DataFrame, float], None]:
+def _writer(
+    config: StudyConfig, out: Path, cells_csv: Path, chash: str, rev: str, bar: Any, log: Callable[[str], None]
+) -> Callable[[Cell, pd.DataFrame, float], None]:
     """What the driver does with each finished cell: its items file (atomically), then its row."""
     from tokext.version import __version__
 
@@ -253,26 +330,43 @@ def _writer(config: StudyConfig, out: Path, cells_csv: Path, chash: str, rev: st
         row = _row(cell, df, seconds, config, chash, rev, __version__)
         _append_row(cells_csv, row)
         bar.update(1)
-        log(f"  {cell.spec.task} {cell.spec.level_label} {cell.spec.method}{' cot' if cell.spec.cot else ''} "
+        log(
+            f"  {cell.spec.task} {cell.spec.level_label} {cell.spec.method}{' cot' if cell.spec.cot else ''} "
             f"seed {cell.spec.seed} {cell.intervention_repr}: acc {row['accuracy']:.3f} loss {row['loss']:.3f} "
-            f"(n={row['n_items']}, {seconds:.0f} s)")
+            f"(n={row['n_items']}, {seconds:.0f} s)"
+        )
 
     return done
 
 
-def _row(cell: Cell, df: pd.DataFrame, seconds: float, config: StudyConfig, chash: str, rev: str,
-         version: str) -> dict[str, Any]:
+def _row(
+    cell: Cell, df: pd.DataFrame, seconds: float, config: StudyConfig, chash: str, rev: str, version: str
+) -> dict[str, Any]:
     loss = df["loss"].astype(float)
     return {
-        "cell_id": cell.id, "baseline_id": cell.baseline_id, "config_hash": chash, "study": config.name,
-        "model": cell.model, "task": cell.spec.task, "method": cell.spec.method, "level": cell.spec.level_label,
-        "cot": cell.spec.cot, "seed": cell.spec.seed, "shots": cell.spec.shots, "n_items": len(df),
-        "label": cell.label, "intervention": cell.intervention_repr, "params": canonical_json(cell.params),
+        "cell_id": cell.id,
+        "baseline_id": cell.baseline_id,
+        "config_hash": chash,
+        "study": config.name,
+        "model": cell.model,
+        "task": cell.spec.task,
+        "method": cell.spec.method,
+        "level": cell.spec.level_label,
+        "cot": cell.spec.cot,
+        "seed": cell.spec.seed,
+        "shots": cell.spec.shots,
+        "n_items": len(df),
+        "label": cell.label,
+        "intervention": cell.intervention_repr,
+        "params": canonical_json(cell.params),
         "accuracy": float(df["correct"].mean()),
         "acc_norm": float(df["correct_norm"].mean()) if "correct_norm" in df else float("nan"),
         "loss": float(loss.mean()) if loss.notna().any() else float("nan"),
-        "n_correct": int(df["correct"].sum()), "seconds": round(seconds, 2), "git_rev": rev,
-        "tokext_version": version, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "n_correct": int(df["correct"].sum()),
+        "seconds": round(seconds, 2),
+        "git_rev": rev,
+        "tokext_version": version,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "spec": canonical_json(cell.spec.to_dict()),
     }
 
@@ -285,8 +379,9 @@ def read_cells(results_dir: str | Path) -> pd.DataFrame:
     path = Path(results_dir) / "cells.csv"
     if not path.is_file():
         raise DataFileError(f"no sweep results in {results_dir}: {path} is missing")
-    table = pd.read_csv(path, dtype={"cell_id": str, "baseline_id": str, "config_hash": str, "level": str,
-                                     "git_rev": str})
+    table = pd.read_csv(
+        path, dtype={"cell_id": str, "baseline_id": str, "config_hash": str, "level": str, "git_rev": str}
+    )
     return table.drop_duplicates("cell_id", keep="last").reset_index(drop=True)
 
 
@@ -314,7 +409,11 @@ def summarize(results_dir: str | Path, *, n_boot: int = 10000, seed: int = 0, wr
     from tokext.studies.paired import paired_mean_ci, paired_summary
 
     cells = read_cells(results_dir)
-    items = {cid: df for cid, df in load_items(results_dir, list(cells["cell_id"])).groupby("cell_id")} if len(cells) else {}
+    items = (
+        {cid: df for cid, df in load_items(results_dir, list(cells["cell_id"])).groupby("cell_id")}
+        if len(cells)
+        else {}
+    )
     by_id = cells.set_index("cell_id")
     stats = []
     for _, row in cells.iterrows():
@@ -323,18 +422,39 @@ def summarize(results_dir: str | Path, *, n_boot: int = 10000, seed: int = 0, wr
             stats.append({c: float("nan") for c in PAIRED_COLUMNS})
             continue
         merged = items[base_id][["id", "correct", "loss"]].merge(
-            items[row["cell_id"]][["id", "correct", "loss"]], on="id", suffixes=("_b", "_m"))
+            items[row["cell_id"]][["id", "correct", "loss"]], on="id", suffixes=("_b", "_m")
+        )
         if merged.empty:
             raise DataFileError(f"cell {row['cell_id']} shares no item with its baseline {base_id}")
-        s = paired_summary(merged["correct_b"].astype(bool).to_numpy(), merged["correct_m"].astype(bool).to_numpy(),
-                           n_boot=n_boot, seed=seed)
+        s = paired_summary(
+            merged["correct_b"].astype(bool).to_numpy(),
+            merged["correct_m"].astype(bool).to_numpy(),
+            n_boot=n_boot,
+            seed=seed,
+        )
         base_loss = float(by_id.loc[base_id, "loss"])
-        _, dloss_lo, dloss_hi = paired_mean_ci(merged["loss_b"].astype(float).to_numpy(),
-                                               merged["loss_m"].astype(float).to_numpy(), n_boot=n_boot, seed=seed)
-        stats.append({"acc_baseline": s["acc_baseline"], "diff": s["diff"], "ci_lo": s["ci_lo"], "ci_hi": s["ci_hi"],
-                      "p_mcnemar": s["p_mcnemar"], "n01": s["n01"], "n10": s["n10"], "n_paired": s["n"],
-                      "loss_baseline": base_loss, "delta_loss": float(row["loss"]) - base_loss,
-                      "dloss_lo": dloss_lo, "dloss_hi": dloss_hi})
+        _, dloss_lo, dloss_hi = paired_mean_ci(
+            merged["loss_b"].astype(float).to_numpy(),
+            merged["loss_m"].astype(float).to_numpy(),
+            n_boot=n_boot,
+            seed=seed,
+        )
+        stats.append(
+            {
+                "acc_baseline": s["acc_baseline"],
+                "diff": s["diff"],
+                "ci_lo": s["ci_lo"],
+                "ci_hi": s["ci_hi"],
+                "p_mcnemar": s["p_mcnemar"],
+                "n01": s["n01"],
+                "n10": s["n10"],
+                "n_paired": s["n"],
+                "loss_baseline": base_loss,
+                "delta_loss": float(row["loss"]) - base_loss,
+                "dloss_lo": dloss_lo,
+                "dloss_hi": dloss_hi,
+            }
+        )
     table = pd.concat([cells, pd.DataFrame(stats, columns=list(PAIRED_COLUMNS), index=cells.index)], axis=1)
     if write:
         _atomic_write(Path(results_dir) / "summary.csv", table.to_csv(index=False, lineterminator="\n"))
@@ -343,15 +463,20 @@ def summarize(results_dir: str | Path, *, n_boot: int = 10000, seed: int = 0, wr
 
 def format_summary(table: pd.DataFrame) -> str:
     """A compact text table: task, level, method, n, accuracy, diff [95% CI], p, loss, delta loss, intervention."""
+
     def num(value: Any, fmt: str) -> str:
         return format(value, fmt) if pd.notna(value) else ""
 
-    lines = [f"{'task':<16}{'level':<11}{'method':<13}{'cot':<4}{'n':>4} {'acc':>6} {'diff':>7} {'95% CI':>16} "
-             f"{'p':>6} {'loss':>6} {'dloss':>7}  intervention"]
+    lines = [
+        f"{'task':<16}{'level':<11}{'method':<13}{'cot':<4}{'n':>4} {'acc':>6} {'diff':>7} {'95% CI':>16} "
+        f"{'p':>6} {'loss':>6} {'dloss':>7}  intervention"
+    ]
     for _, r in table.iterrows():
         ci = f"[{r['ci_lo']:+.3f},{r['ci_hi']:+.3f}]" if pd.notna(r.get("ci_lo")) else ""
-        lines.append(f"{r['task']:<16}{str(r['level']):<11}{r['method']:<13}{'y' if r['cot'] else 'n':<4}"
-                     f"{int(r['n_items']):>4} {r['accuracy']:>6.3f} {num(r.get('diff'), '+.3f'):>7} {ci:>16} "
-                     f"{num(r.get('p_mcnemar'), '.3f'):>6} {num(r['loss'], '.3f'):>6} "
-                     f"{num(r.get('delta_loss'), '+.3f'):>7}  {r['intervention']}")
+        lines.append(
+            f"{r['task']:<16}{str(r['level']):<11}{r['method']:<13}{'y' if r['cot'] else 'n':<4}"
+            f"{int(r['n_items']):>4} {r['accuracy']:>6.3f} {num(r.get('diff'), '+.3f'):>7} {ci:>16} "
+            f"{num(r.get('p_mcnemar'), '.3f'):>6} {num(r['loss'], '.3f'):>6} "
+            f"{num(r.get('delta_loss'), '+.3f'):>7}  {r['intervention']}"
+        )
     return "\n".join(lines)

@@ -58,8 +58,7 @@ METRICS = {
 }
 """The grid's colourings: key -> label. All three are in [0, 1] for a softmax pattern."""
 
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
-       "font-src data:")
+CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:"
 """The page's Content-Security-Policy: inline code and data only, so the browser itself blocks any request."""
 
 GENERATOR = "tokext attention explorer"
@@ -116,6 +115,7 @@ def capture_patterns(model: Any, tokens: torch.Tensor, interventions: Sequence[I
     def keep(layer: int) -> Callable:
         def hook(pattern: torch.Tensor, hook: Any) -> None:
             captured[layer] = pattern[0].detach().float().cpu()
+
         return hook
 
     hooks = [(pattern_hook_name(layer), keep(layer)) for layer in range(n_layers)]
@@ -145,11 +145,13 @@ def _run_payload(pattern: torch.Tensor, visible: torch.Tensor, decimals: int, si
     scores = head_scores(pattern, visible, sink_eps)
     n_layers, n_heads, length, _ = pattern.shape
     rows, cols = np.tril_indices(length)
-    weights = np.rint(pattern.numpy()[:, :, rows, cols] * 10 ** decimals).astype(np.int64)
+    weights = np.rint(pattern.numpy()[:, :, rows, cols] * 10**decimals).astype(np.int64)
     return {
         "scores": {key: [[_finite(v) for v in row] for row in scores[key]] for key in METRICS},
-        "sinks": [[np.flatnonzero(scores["sinks"][layer, head]).tolist() for head in range(n_heads)]
-                  for layer in range(n_layers)],
+        "sinks": [
+            [np.flatnonzero(scores["sinks"][layer, head]).tolist() for head in range(n_heads)]
+            for layer in range(n_layers)
+        ],
         "patterns": weights.tolist(),
     }
 
@@ -177,8 +179,10 @@ class Explorer:
 
     def _repr_html_(self) -> str:
         height = max(620, 18 * self.data["n_layers"] + 260)
-        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" title="{GENERATOR}" '
-                f'style="width: 100%; height: {height}px; border: 0" sandbox="allow-scripts"></iframe>')
+        return (
+            f'<iframe srcdoc="{html.escape(self.html, quote=True)}" title="{GENERATOR}" '
+            f'style="width: 100%; height: {height}px; border: 0" sandbox="allow-scripts"></iframe>'
+        )
 
 
 def check_page_target(path: str | Path) -> Path:
@@ -194,8 +198,10 @@ def check_page_target(path: str | Path) -> Path:
         with open(target, "rb") as f:
             head = f.read(4096).decode("utf-8", "replace")
         if f'content="{GENERATOR}' not in head:
-            raise InputError(f"refusing to overwrite {str(target)!r}: it exists and is not a tokext explorer page "
-                             "(choose another file name)")
+            raise InputError(
+                f"refusing to overwrite {str(target)!r}: it exists and is not a tokext explorer page "
+                "(choose another file name)"
+            )
     return target
 
 
@@ -227,8 +233,11 @@ def explore(
         raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if isinstance(decimals, bool) or not isinstance(decimals, int) or not 1 <= decimals <= 6:
         raise InputError(f"decimals must be an integer from 1 to 6, got {decimals!r}")
-    interventions = [] if intervention is None else (
-        [intervention] if isinstance(intervention, Intervention) else list(intervention))
+    interventions = (
+        []
+        if intervention is None
+        else ([intervention] if isinstance(intervention, Intervention) else list(intervention))
+    )
     validate(model, interventions, "explore")
     longer = encode(model, prompts, max_len=max_tokens + 1, prepend_bos=prepend_bos)  # one more: was it cut?
     info = model_info(model)
@@ -243,12 +252,14 @@ def explore(
         labels = token_labels(model, seq.tolist())
         tokenizer = getattr(model, "tokenizer", None)
         text = tokenizer.decode(seq.tolist()).replace("\n", "\\n") if tokenizer is not None else " ".join(labels)
-        entries.append({
-            "label": text[:60],
-            "tokens": labels,
-            "cut": bool(cut),
-            "runs": {run: _run_payload(patterns[run], visible, decimals, sink_eps) for run in runs},
-        })
+        entries.append(
+            {
+                "label": text[:60],
+                "tokens": labels,
+                "cut": bool(cut),
+                "runs": {run: _run_payload(patterns[run], visible, decimals, sink_eps) for run in runs},
+            }
+        )
     data = {
         "model": info.name,
         "n_layers": info.n_layers,
@@ -275,26 +286,29 @@ def render_page(data: dict[str, Any]) -> str:
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     esc = html.escape
     cut = sum(p["cut"] for p in data["prompts"])
-    notes = [f"{len(data['prompts'])} prompt(s), each cut to its first {data['max_tokens']} tokens"
-             + (f" ({cut} of them longer)" if cut else ""),
-             f"weights rounded to {data['decimals']} decimals",
-             f"sink columns: keys whose received attention &alpha;<sub>k</sub> &gt; {data['sink_eps']:g}",
-             "learned-sink mass: 1 &minus; row sum (0 for softmax attention)",
-             f"tokext {esc(data['version'])}"]
+    notes = [
+        f"{len(data['prompts'])} prompt(s), each cut to its first {data['max_tokens']} tokens"
+        + (f" ({cut} of them longer)" if cut else ""),
+        f"weights rounded to {data['decimals']} decimals",
+        f"sink columns: keys whose received attention &alpha;<sub>k</sub> &gt; {data['sink_eps']:g}",
+        "learned-sink mass: 1 &minus; row sum (0 for softmax attention)",
+        f"tokext {esc(data['version'])}",
+    ]
     title = f"{data['model']}: attention explorer"
     n_layers, n_heads = data["n_layers"], data["n_heads"]
     heads_row = "".join(f'<div class="hlabel">{h}</div>' for h in range(n_heads))
     grid_rows = "".join(
         f'<div class="llabel">{layer}</div>'
         + "".join(f'<div class="cell" data-layer="{layer}" data-head="{h}"></div>' for h in range(n_heads))
-        for layer in range(n_layers))
+        for layer in range(n_layers)
+    )
     views = [*data["runs"], "difference"] if len(data["runs"]) > 1 else data["runs"]
     run_select = "".join(f'<option value="{r}">{r}</option>' for r in views)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta name="generator" content="{GENERATOR} {esc(data['version'])}">
+<meta name="generator" content="{GENERATOR} {esc(data["version"])}">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
 <title>{esc(title)}</title>
 <style>{style}</style>
@@ -302,14 +316,15 @@ def render_page(data: dict[str, Any]) -> str:
 <body>
 <header>
   <h1>{esc(title)}</h1>
-  <p class="meta">{esc(data['model'])}, {n_layers} layers &times; {n_heads} heads{
-      ' &middot; intervention: <code>' + esc(data['intervention']) + '</code>' if data['intervention'] else ''}</p>
-  <p class="meta">{' &middot; '.join(notes)}</p>
+  <p class="meta">{esc(data["model"])}, {n_layers} layers &times; {n_heads} heads{
+        " &middot; intervention: <code>" + esc(data["intervention"]) + "</code>" if data["intervention"] else ""
+    }</p>
+  <p class="meta">{" &middot; ".join(notes)}</p>
 </header>
 <div class="controls">
   <label>prompt <select id="prompt"></select></label>
   <label>colour by <select id="metric"></select></label>
-  <label{' hidden' if len(data['runs']) == 1 else ''}>grid shows <select id="run">{run_select}</select></label>
+  <label{" hidden" if len(data["runs"]) == 1 else ""}>grid shows <select id="run">{run_select}</select></label>
 </div>
 <main>
   <section id="grid-panel">
@@ -321,7 +336,7 @@ def render_page(data: dict[str, Any]) -> str:
   </section>
   <section id="head" data-layer="" data-head="">
     <h2 id="head-title">no head selected</h2>
-    <div class="plots">{''.join(f'<div class="plot" id="plot-{r}" data-run="{r}"></div>' for r in views)}</div>
+    <div class="plots">{"".join(f'<div class="plot" id="plot-{r}" data-run="{r}"></div>' for r in views)}</div>
     <p id="sinks" class="meta"></p>
   </section>
 </main>

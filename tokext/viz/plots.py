@@ -20,12 +20,24 @@ _METADATA = {".png": {"Software": None}, ".pdf": {"CreationDate": None, "Produce
 def style() -> None:
     """Apply tokext's plotting style (call before drawing)."""
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     import seaborn as sns
 
-    sns.set_theme(context="paper", style="whitegrid", font_scale=0.9,
-                  rc={"figure.dpi": 150, "savefig.dpi": 200, "axes.titlesize": 9, "axes.labelsize": 8,
-                      "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7})
+    sns.set_theme(
+        context="paper",
+        style="whitegrid",
+        font_scale=0.9,
+        rc={
+            "figure.dpi": 150,
+            "savefig.dpi": 200,
+            "axes.titlesize": 9,
+            "axes.labelsize": 8,
+            "xtick.labelsize": 7,
+            "ytick.labelsize": 7,
+            "legend.fontsize": 7,
+        },
+    )
 
 
 def save(fig: Any, out_dir: str | Path, name: str, provenance: str | None = None) -> list[Path]:
@@ -48,8 +60,17 @@ def save(fig: Any, out_dir: str | Path, name: str, provenance: str | None = None
     return paths
 
 
-def layer_head_heatmap(values: np.ndarray, layers: Sequence[int], *, title: str, label: str,
-                       cmap: str = "rocket_r", vmin: float = 0.0, vmax: float = 1.0, ax: Any = None) -> Any:
+def layer_head_heatmap(
+    values: np.ndarray,
+    layers: Sequence[int],
+    *,
+    title: str,
+    label: str,
+    cmap: str = "rocket_r",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    ax: Any = None,
+) -> Any:
     """Heatmap of a [layer, head] array: layers on the y axis, heads on the x axis."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -57,17 +78,31 @@ def layer_head_heatmap(values: np.ndarray, layers: Sequence[int], *, title: str,
     if ax is None:
         height = max(2.2, 0.12 * len(layers) + 0.8)
         _, ax = plt.subplots(figsize=(COLUMN_WIDTH, height))
-    sns.heatmap(values, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, cbar_kws={"label": label},
-                yticklabels=[str(l) if len(layers) <= 16 or i % 2 == 0 else "" for i, l in enumerate(layers)],
-                xticklabels=list(range(values.shape[1])))
+    sns.heatmap(
+        values,
+        ax=ax,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        cbar_kws={"label": label},
+        yticklabels=[str(l) if len(layers) <= 16 or i % 2 == 0 else "" for i, l in enumerate(layers)],
+        xticklabels=list(range(values.shape[1])),
+    )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title)
     return ax.figure
 
 
-def received_by_position(received: np.ndarray, layers: Sequence[int], show_layers: Sequence[int], *,
-                         max_position: int = 32, title: str = "", ax: Any = None) -> Any:
+def received_by_position(
+    received: np.ndarray,
+    layers: Sequence[int],
+    show_layers: Sequence[int],
+    *,
+    max_position: int = 32,
+    title: str = "",
+    ax: Any = None,
+) -> Any:
     """Line plot of head-averaged alpha_k against key position for a few layers (log y axis)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -99,6 +134,8 @@ def stats_provenance(stats: Any) -> str:
     """The provenance line of a figure drawn from :class:`~tokext.attention.stats.AttentionStats`."""
     meta = stats.metadata
     lengths = meta.get("lengths") or [0]
-    return (f"model {meta.get('model')} | data {meta.get('dataset')} | n={stats.n_sequences} prompts, "
-            f"{min(lengths)}-{max(lengths)} tokens (T varies; uniform alpha_0 ~ H_T/T) | "
-            f"BOS prepended: {meta.get('prepend_bos')} | max_len {meta.get('max_len')}")
+    return (
+        f"model {meta.get('model')} | data {meta.get('dataset')} | n={stats.n_sequences} prompts, "
+        f"{min(lengths)}-{max(lengths)} tokens (T varies; uniform alpha_0 ~ H_T/T) | "
+        f"BOS prepended: {meta.get('prepend_bos')} | max_len {meta.get('max_len')}"
+    )

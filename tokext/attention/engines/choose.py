@@ -30,8 +30,9 @@ def eager_bytes(model: Any, batch: int, length: int) -> int:
     return batch * int(model.cfg.n_heads) * length * length * _BYTES_EAGER
 
 
-def choose_engine(model: Any, engine: str = "hooks", *, batch: int = 1, length: int = 1,
-                  budget: int = DEFAULT_BUDGET) -> str:
+def choose_engine(
+    model: Any, engine: str = "hooks", *, batch: int = 1, length: int = 1, budget: int = DEFAULT_BUDGET
+) -> str:
     """``"hooks"`` or ``"streaming"``: ``engine`` itself, or for ``"auto"`` streaming exactly when one
     layer's eager patterns for ``batch`` x ``length`` would exceed ``budget`` bytes.
 
@@ -67,7 +68,9 @@ def block_rows(model: Any, batch: int, n_keys: int, budget: int = DEFAULT_BUDGET
     entries = batch * int(model.cfg.n_heads) * n_keys
     per_row = entries * _BYTES_STREAMING
     if per_row > budget:
-        raise InputError(f"a memory budget of {budget} bytes is too small for one streaming block: one query row "
-                         f"needs {per_row} bytes ({batch} sequences x {model.cfg.n_heads} heads x {n_keys} keys x "
-                         f"{_BYTES_STREAMING} bytes); raise budget to at least {per_row}")
+        raise InputError(
+            f"a memory budget of {budget} bytes is too small for one streaming block: one query row "
+            f"needs {per_row} bytes ({batch} sequences x {model.cfg.n_heads} heads x {n_keys} keys x "
+            f"{_BYTES_STREAMING} bytes); raise budget to at least {per_row}"
+        )
     return max(1, min(budget // per_row, preferred_rows(entries)))

@@ -146,8 +146,9 @@ class StreamingEngine:
                 chain.observers += part.observers
                 chain.finish += part.finish
         self._merged = merged
-        self._sources = {stage.source for chain in merged.values() for stage in chain.pattern
-                         if stage.source is not None}
+        self._sources = {
+            stage.source for chain in merged.values() for stage in chain.pattern if stage.source is not None
+        }
 
     def on_block(self, geometry: BlockGeometry | None) -> None:
         for _, listener in self._parts:
@@ -164,22 +165,31 @@ class StreamingEngine:
         if config is None:
             raise UneditableAttentionError(
                 f"{self.info.name}: the streaming engine runs the attention of a Hugging Face model wrapped by "
-                "TransformerLens, and this model wraps none (a TransformerLens-native model): use engine='hooks'")
+                "TransformerLens, and this model wraps none (a TransformerLens-native model): use engine='hooks'"
+            )
         family = self.info.attention.family
         if family in ("Bloom", "MPT"):
             raise UneditableAttentionError(
                 f"{self.info.name} ({family}): its attention adds ALiBi inline instead of calling transformers' "
-                "AttentionInterface, so the streaming engine cannot run it: use engine='hooks'")
-        foreign = [name for name, point in self.model.hook_dict.items()
-                   if name.endswith(("attn.hook_pattern", "attn.hook_attn_scores")) and point.fwd_hooks]
+                "AttentionInterface, so the streaming engine cannot run it: use engine='hooks'"
+            )
+        foreign = [
+            name
+            for name, point in self.model.hook_dict.items()
+            if name.endswith(("attn.hook_pattern", "attn.hook_attn_scores")) and point.fwd_hooks
+        ]
         if foreign:
-            raise InputError(f"hooks are attached to {foreign[:3]}{' ...' if len(foreign) > 3 else ''}: the streaming "
-                             "engine never materialises hook_pattern, so they would not fire; remove them or use "
-                             "engine='hooks'")
+            raise InputError(
+                f"hooks are attached to {foreign[:3]}{' ...' if len(foreign) > 3 else ''}: the streaming "
+                "engine never materialises hook_pattern, so they would not fire; remove them or use "
+                "engine='hooks'"
+            )
         for layer, chain in self._merged.items():
             if len([stage for stage in chain.pattern if stage.two_pass]) > 1:
-                raise InputError(f"layer {layer}: two interventions need a first pass over the whole layer "
-                                 "(e.g. two SinkCalibrations); the streaming engine runs one: use engine='hooks'")
+                raise InputError(
+                    f"layer {layer}: two interventions need a first pass over the whole layer "
+                    "(e.g. two SinkCalibrations); the streaming engine runs one: use engine='hooks'"
+                )
             for stage in chain.pattern:
                 if stage.source is not None:
                     self._check_replay(layer, stage)
@@ -191,13 +201,18 @@ class StreamingEngine:
             raise InputError(f"layer {layer} reads layer {stage.source}'s pattern, which nothing there records")
         before = chain.scores + chain.pattern[: recorders.index(stage.recorder)]
         if any(not s.replayable for s in before):
-            raise InputError(f"layer {layer} reads layer {stage.source}'s pattern after an intervention there that "
-                             "keeps state across rows (SinkCalibration); the streaming engine cannot recompute it: "
-                             "list the reading intervention first, or use engine='hooks'")
+            raise InputError(
+                f"layer {layer} reads layer {stage.source}'s pattern after an intervention there that "
+                "keeps state across rows (SinkCalibration); the streaming engine cannot recompute it: "
+                "list the reading intervention first, or use engine='hooks'"
+            )
 
     @contextlib.contextmanager
-    def adding(self, chains: dict[int, LayerChain] | None = None,
-               on_block: Callable[[BlockGeometry | None], None] | None = None) -> Iterator["StreamingEngine"]:
+    def adding(
+        self,
+        chains: dict[int, LayerChain] | None = None,
+        on_block: Callable[[BlockGeometry | None], None] | None = None,
+    ) -> Iterator["StreamingEngine"]:
         """Run ``chains`` (after those added before) and tell ``on_block`` for the duration."""
         part = (chains or {}, on_block)
         self._parts.append(part)
@@ -249,26 +264,44 @@ class StreamingEngine:
         if missing:
             raise InterventionNotAppliedError(
                 f"{self.info.name}: layers {missing} did not call transformers' AttentionInterface, so the streaming "
-                "engine never saw them: use engine='hooks'")
+                "engine never saw them: use engine='hooks'"
+            )
 
     # ------------------------------------------------------------------ one attention call
 
-    def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None) -> torch.Tensor:
+    def attend(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
         """Blocked attention of one layer; returns ``[batch, query, head, d]`` as transformers expects."""
         layer = self._layer_of.get(id(module))
         if layer is None:
-            raise InterventionNotAppliedError(f"an attention module the engine does not know ran: {type(module).__name__}")
+            raise InterventionNotAppliedError(
+                f"an attention module the engine does not know ran: {type(module).__name__}"
+            )
         self.calls[layer] = self.calls.get(layer, 0) + 1
         groups = query.shape[1] // key.shape[1]
         key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
         value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-        padding = None if attention_mask is None else (attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2)
+        padding = (
+            None if attention_mask is None else (attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2)
+        )
         if padding is not None and bool(padding.all()):
             padding = None  # nothing padded: checked once per layer call, not in every block
-        stored = _Stored(query=query, key=key, sinks=getattr(module, "sinks", None), padding=padding,
-                         scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
-                         softcap=float(softcap) if softcap else None)
+        stored = _Stored(
+            query=query,
+            key=key,
+            sinks=getattr(module, "sinks", None),
+            padding=padding,
+            scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+            softcap=float(softcap) if softcap else None,
+        )
         if layer in self._sources:
             self._stored[layer] = stored
         chain = self.chain(layer)
@@ -283,11 +316,12 @@ class StreamingEngine:
                 self.on_block(None)
             for start in range(0, n_q, rows):
                 stop = min(n_q, start + rows)
-                probs, geometry, plogp = self._probs(layer, stored, start, stop, chain, len(chain.pattern),
-                                                     want_plogp=bool(chain.observers))
+                probs, geometry, plogp = self._probs(
+                    layer, stored, start, stop, chain, len(chain.pattern), want_plogp=bool(chain.observers)
+                )
                 for observe in chain.observers:
                     observe(probs, geometry, plogp)
-                out[:, :, start:stop] = probs.to(value.dtype) @ value[:, :, geometry.k_start:geometry.k_stop]
+                out[:, :, start:stop] = probs.to(value.dtype) @ value[:, :, geometry.k_start : geometry.k_stop]
         finally:
             self.on_block(None)
         for finish in chain.finish:
@@ -297,8 +331,17 @@ class StreamingEngine:
     def _rows(self, batch: int, n_keys: int) -> int:
         return self.block_rows if self.block_rows is not None else block_rows(self.model, batch, n_keys, self.budget)
 
-    def _probs(self, layer: int, stored: _Stored, start: int, stop: int, chain: LayerChain, upto: int,
-               phase: str = "apply", want_plogp: bool = False) -> tuple[torch.Tensor, BlockGeometry, torch.Tensor | None]:
+    def _probs(
+        self,
+        layer: int,
+        stored: _Stored,
+        start: int,
+        stop: int,
+        chain: LayerChain,
+        upto: int,
+        phase: str = "apply",
+        want_plogp: bool = False,
+    ) -> tuple[torch.Tensor, BlockGeometry, torch.Tensor | None]:
         """Probabilities of rows ``start:stop`` after the score stages and the first ``upto`` pattern
         stages, their geometry, and (``want_plogp``, an unedited softmax without a sink) each row's
         ``sum p log p = sum p s - logsumexp(s)``, which costs no logarithm per entry."""
@@ -355,9 +398,14 @@ def active_engine(model: Any) -> StreamingEngine | None:
 
 
 @contextlib.contextmanager
-def streaming(model: Any, chains: dict[int, LayerChain] | None = None,
-              on_block: Callable[[BlockGeometry | None], None] | None = None, *, budget: int = DEFAULT_BUDGET,
-              block_rows: int | None = None) -> Iterator[StreamingEngine]:
+def streaming(
+    model: Any,
+    chains: dict[int, LayerChain] | None = None,
+    on_block: Callable[[BlockGeometry | None], None] | None = None,
+    *,
+    budget: int = DEFAULT_BUDGET,
+    block_rows: int | None = None,
+) -> Iterator[StreamingEngine]:
     """Run ``model`` with the streaming engine for the block, with ``chains`` added to what runs on
     each layer. Inside another streaming block for the same model the chains join it (after the
     outer ones), so statistics collected inside an ``intervene`` block see the edited blocks."""
@@ -395,8 +443,15 @@ def _seen_by_every_row(attention: LayerAttention, first: int, last: int, lo: int
     return a, min(max(b, a), hi)
 
 
-def _mask_block(scores: torch.Tensor, attention: LayerAttention, first: int, last: int, lo: int, hi: int,
-                padding: torch.Tensor | None) -> None:
+def _mask_block(
+    scores: torch.Tensor,
+    attention: LayerAttention,
+    first: int,
+    last: int,
+    lo: int,
+    hi: int,
+    padding: torch.Tensor | None,
+) -> None:
     """Set (in place) the scores of keys a row cannot see to the dtype's minimum: the layer's reach
     on the few columns some row of the block cannot see, then padded keys (``padding``: None when the
     call has none)."""
@@ -405,7 +460,7 @@ def _mask_block(scores: torch.Tensor, attention: LayerAttention, first: int, las
     for c0, c1 in ((lo, a), (b, hi)):
         if c1 > c0:
             hidden = _hidden(attention, last - first + 1, c0 - first, c1 - first, scores.device)
-            scores[..., c0 - lo:c1 - lo].masked_fill_(hidden, low)
+            scores[..., c0 - lo : c1 - lo].masked_fill_(hidden, low)
     if padding is not None:
         scores.masked_fill_(~padding[:, None, None, lo:hi], low)
 
@@ -420,8 +475,9 @@ def _hidden(attention: LayerAttention, n_rows: int, c0: int, c1: int, device: to
 _TINY = 1e-30  # below this a row's own probability is too small to give its log-sum-exp
 
 
-def _sum_plogp_of_softmax(probs: torch.Tensor, scores: torch.Tensor, own_column: int, padding: torch.Tensor | None,
-                          first: int) -> torch.Tensor:
+def _sum_plogp_of_softmax(
+    probs: torch.Tensor, scores: torch.Tensor, own_column: int, padding: torch.Tensor | None, first: int
+) -> torch.Tensor:
     """``sum_k p log p`` [batch, head, row] of an unedited softmax, as ``sum_k p s - lse``.
 
     Each row sees its own key, so the log-sum-exp comes from one entry: ``lse = s_own - log p_own``
@@ -435,7 +491,7 @@ def _sum_plogp_of_softmax(probs: torch.Tensor, scores: torch.Tensor, own_column:
     lse = scores.gather(-1, own).squeeze(-1) - torch.log(p_own)
     low = p_own < _TINY
     if padding is not None:
-        low &= padding[:, None, first:first + n_rows]  # a pad row's entropy is never used
+        low &= padding[:, None, first : first + n_rows]  # a pad row's entropy is never used
     if bool(low.any()):
         lse = torch.where(low, torch.logsumexp(scores, -1), lse)
     return torch.linalg.vecdot(probs, scores) - lse
@@ -464,9 +520,17 @@ def _configs(model: Any) -> list[Any]:
     return configs
 
 
-def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-               softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function: hands the call to the active engine."""
     if not _ACTIVE:
         raise RuntimeError(f"the {NAME!r} attention ran outside a tokext streaming engine")
@@ -477,15 +541,24 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
     return _ACTIVE[-1].attend(module, query, key, value, attention_mask, scaling, softcap), None
 
 
-def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                  mask_function: Any = None, attention_mask: torch.Tensor | None = None, dtype: Any = None,
-                  device: Any = None, **kwargs: Any) -> torch.Tensor | None:
+def _padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    dtype: Any = None,
+    device: Any = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
     """The ``AttentionMaskInterface`` function: the 2-D padding mask of the layer's keys as an additive
     ``[batch, 1, 1, key]`` tensor (``None`` without padding); causality and windows come from the
     layer's attention kind, positions from the key axis."""
     if attention_mask is None:
         return None
-    pad = attention_mask[:, kv_offset: kv_offset + kv_length].to(device=device, dtype=torch.bool)
+    pad = attention_mask[:, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)
     if pad.shape[1] < kv_length:  # a static cache longer than the mask: the rest is not real
         pad = torch.nn.functional.pad(pad, (0, kv_length - pad.shape[1]))
     dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
@@ -505,12 +578,22 @@ def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerC
     pending: list[tuple[Stage, Callable]] = []
     for name, fn in hooks:
         parts = name.split(".")
-        if len(parts) != 4 or parts[0] != "blocks" or parts[2] != "attn" or parts[3] not in ("hook_pattern",
-                                                                                              "hook_attn_scores"):
-            raise InputError(f"the streaming engine runs stages on hook_pattern and hook_attn_scores only, not {name!r}")
+        if (
+            len(parts) != 4
+            or parts[0] != "blocks"
+            or parts[2] != "attn"
+            or parts[3] not in ("hook_pattern", "hook_attn_scores")
+        ):
+            raise InputError(
+                f"the streaming engine runs stages on hook_pattern and hook_attn_scores only, not {name!r}"
+            )
         layer = int(parts[1])
-        stage = Stage(fn=_no_hook(fn), two_pass=bool(getattr(fn, "stream_two_pass", False)),
-                      replayable=bool(getattr(fn, "stream_replayable", True)), source=getattr(fn, "stream_source", None))
+        stage = Stage(
+            fn=_no_hook(fn),
+            two_pass=bool(getattr(fn, "stream_two_pass", False)),
+            replayable=bool(getattr(fn, "stream_replayable", True)),
+            source=getattr(fn, "stream_source", None),
+        )
         made[id(getattr(fn, "stream_id", fn))] = stage
         if stage.source is not None:
             pending.append((stage, getattr(fn, "stream_recorder")))

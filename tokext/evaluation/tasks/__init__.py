@@ -20,8 +20,7 @@ from tokext.evaluation.tasks.variables import Variables
 from tokext.evaluation.tasks.verbal import Verbal
 
 TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (Arithmetic("chain"), Arithmetic("expression"), Variables(), Lookup(), Verbal())
+    task.name: task for task in (Arithmetic("chain"), Arithmetic("expression"), Variables(), Lookup(), Verbal())
 }
 
 

@@ -75,9 +75,7 @@ def _make_chain(rng: random.Random, n_ops: int) -> tuple[str, str, str, dict[str
 def _make_expression(rng: random.Random, n_ops: int) -> tuple[str, str, str, dict[str, Any]]:
     operands = [rng.randint(1, 9) for _ in range(n_ops + 1)]
     ops = [rng.choice("+-*") for _ in range(n_ops)]
-    expression = " ".join(
-        str(tok) for pair in zip(operands, ops + [""]) for tok in pair if tok != ""
-    )
+    expression = " ".join(str(tok) for pair in zip(operands, ops + [""]) for tok in pair if tok != "")
     answer, steps = evaluate_with_steps(operands, ops)
     meta = {"form": "expression", "n_ops": n_ops, "expression": expression}
     return f"Compute {expression}.", str(answer), "\n".join(steps), meta
