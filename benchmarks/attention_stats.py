@@ -36,6 +36,7 @@ METHODS = ["plain_forward", "tokext", "tl_run_with_cache", "hf_output_attentions
 def real_token_batches(model, seq_len: int, n_seqs: int, batch_size: int):
     """``n_seqs`` sequences of exactly ``seq_len`` real-text tokens (built-in prompts, concatenated)."""
     import torch
+
     from tokext.evaluation.prompts import builtin_prompts
 
     tokenizer = model.tokenizer
@@ -53,10 +54,11 @@ def real_token_batches(model, seq_len: int, n_seqs: int, batch_size: int):
 
 def worker(job: dict) -> dict:
     import torch
+
     import tokext
     from tokext.attention.collect import batch_context, category_table
-    from tokext.models.hooks import pattern_hook_name
     from tokext.attention.stats import AttentionStats
+    from tokext.models.hooks import pattern_hook_name
 
     limit_memory_from_env()
     device = job.get("device", "cpu")
@@ -102,9 +104,9 @@ def worker(job: dict) -> dict:
             same_statistics(out)
     elif method == "hf_output_attentions":
         from transformers import AutoModelForCausalLM
-        from tokext.models.loading import _smollm2_dir
 
         from tokext.models.devices import resolve_dtype
+        from tokext.models.loading import _smollm2_dir
 
         hf = (
             AutoModelForCausalLM.from_pretrained(

@@ -19,8 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 
 def rss_mib() -> float:
@@ -197,6 +197,7 @@ def seq_len_configs(args: argparse.Namespace) -> list[dict] | None:
 def load_for_job(job: dict):
     """The job's model on its device and dtype (threads limited on the CPU)."""
     import torch
+
     import tokext
 
     if job.get("device", "cpu") == "cpu":
@@ -214,6 +215,7 @@ def sdpa_forward(job: dict, make_batches: Callable) -> Callable[[], None]:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from tokext.models.devices import resolve_dtype
     from tokext.models.loading import _resolve_spec
 

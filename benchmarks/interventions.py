@@ -41,7 +41,7 @@ INTERVENTIONS = {
 
 def worker(job: dict) -> dict:
     import torch
-    import tokext
+
     from tokext import interventions as ivs
 
     limit_memory_from_env()

@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 
 import tokext
+from tokext.evaluation.prompts import load_prompts
 from tokext.models.info import model_info
 from tokext.models.loading import load_model
 from tokext.studies.profiles import default_interventions, intervention_profiles
-from tokext.evaluation.prompts import load_prompts
 from tokext.studies.sweep import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                 "tokext": tokext.__version__,
                 "torch": torch.__version__,
                 "git": git_revision(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "notes": "first-token mass = mean over heads of the share of each real row's (renormalised) "
                 "attention on its first token; PatternPatch/HeadAblation/AttentionTemperature have "
                 "no defaults: values as listed in the summary",

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             "tokext": tokext.__version__,
             "torch": torch.__version__,
             "git": git_revision(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         path.write_text(json.dumps(record, indent=1))
         print(

@@ -9,13 +9,13 @@ import warnings
 import numpy as np
 import pytest
 
-from tokext.studies.analyze import default_out_dir
-from tokext.cli import main
 from tokext.attention.collect import collect_attention_stats
-from tokext.errors import TokextWarning
-from tokext.models.loading import load_model
-from tokext.evaluation.prompts import builtin_prompts, load_prompts
 from tokext.attention.stats import AttentionStats
+from tokext.cli import main
+from tokext.errors import TokextWarning
+from tokext.evaluation.prompts import builtin_prompts, load_prompts
+from tokext.models.loading import load_model
+from tokext.studies.analyze import default_out_dir
 
 PROMPTS = [
     "The capital of France is Paris .",

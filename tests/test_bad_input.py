@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from tokext import errors
-from tokext.studies.analyze import analyze
-from tokext.cli import main
 from tokext.attention.collect import collect_attention_stats
-from tokext.models.loading import load_model
-from tokext.evaluation.prompts import load_prompts
 from tokext.attention.stats import AttentionStats
+from tokext.cli import main
+from tokext.evaluation.prompts import load_prompts
+from tokext.models.loading import load_model
+from tokext.studies.analyze import analyze
 
 
 def attached_hooks(model) -> int:

@@ -8,6 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
+from tokext.errors import InputError
+from tokext.evaluation.tasks import get_task, prompt
+from tokext.models.loading import load_model
 from tokext.studies.computed_tokens import (
     FULL_COT,
     POSITIONS,
@@ -18,9 +21,6 @@ from tokext.studies.computed_tokens import (
     study_cells,
     truncate_cot,
 )
-from tokext.errors import InputError
-from tokext.models.loading import load_model
-from tokext.evaluation.tasks import get_task, prompt
 
 EXAMPLE = get_task("arithmetic").generate(1, seed=0, level=1)[0]
 

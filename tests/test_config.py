@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tokext.errors import DataFileError, InputError
 from tokext.evaluation.spec import EvalSpec
 from tokext.studies.config import load_config, parse_config, validate
-from tokext.errors import DataFileError, InputError
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 BASE = """

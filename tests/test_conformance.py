@@ -32,6 +32,7 @@ import torch
 
 from tests import conformance as C
 from tests import reference_interventions as R
+from tokext.attention.collect import collect_attention_stats
 from tokext.errors import InputError, UneditableAttentionError
 from tokext.evaluation.generation import greedy_generate
 from tokext.interventions import (
@@ -44,7 +45,6 @@ from tokext.interventions import (
     ZeroTuning,
     intervene,
 )
-from tokext.attention.collect import collect_attention_stats
 from tokext.models.info import model_info
 
 TOL = 1e-5

@@ -5,12 +5,9 @@ hook engine's results are the independent computation each path is compared with
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from tests.models_fixtures import tiny_tokens
 from tokext.attention.collect import collect_attention_stats
@@ -19,7 +16,6 @@ from tokext.errors import DataFileError, InputError
 from tokext.evaluation.evaluate import evaluate
 from tokext.evaluation.generation import greedy_generate
 from tokext.interventions import EarlyLayerEmulation, SinkCalibration, SinkRebalance, intervene, intervention_effect
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -256,8 +256,8 @@ def test_mc_cot_generates(model):
 
 
 def test_evaluate_applies_interventions(model):
-    from tokext.evaluation.spec import EvalSpec
     from tokext.evaluation.evaluate import evaluate
+    from tokext.evaluation.spec import EvalSpec
     from tokext.interventions import AttentionTemperature
 
     spec = EvalSpec("arithmetic", level=1, n=3, shots=1, max_new_tokens=3)

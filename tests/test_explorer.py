@@ -17,13 +17,13 @@ import torch
 from transformers import AutoTokenizer
 
 from tests import explorer_reference as ref
+from tokext.attention.masks import visible_keys
 from tokext.cli import main
 from tokext.errors import EmptyInputError, InputError
 from tokext.interventions import SinkRebalance
 from tokext.models.loading import load_model
 from tokext.models.native import native_model
 from tokext.viz.explorer import GENERATOR, explore, head_scores
-from tokext.attention.masks import visible_keys
 
 TEXTS = ["The capital of France is Paris , and the capital of Germany is Berlin .", "Why is the sky blue ?"]
 MAX_TOKENS = 9  # the first prompt has 15 tokens: it is cut

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from tests import explorer_reference as ref
+from tests.tiny_hf import reference_attentions
 from tokext.evaluation.prompts import builtin_prompts
 from tokext.interventions import EarlyLayerEmulation, SinkRebalance
-from tests.tiny_hf import reference_attentions
 from tokext.models.loading import _smollm2_dir, load_model
 from tokext.viz.explorer import explore
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models_fixtures import encode_text
-from tests.models_fixtures import tiny_llama, tiny_native  # noqa: F401  (fixtures)
+from tests.models_fixtures import encode_text, tiny_llama, tiny_native  # noqa: F401  (fixtures)
 from tokext.errors import InputError
 from tokext.evaluation.generation import greedy_generate
-from tokext.models.hooks import attached, pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.calibration import SinkCalibration
 from tokext.interventions.emulation import EarlyLayerEmulation
@@ -19,6 +17,7 @@ from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
 from tokext.interventions.zerotuning import ZeroTuning
+from tokext.models.hooks import attached, pattern_hook_name
 
 ROW_LOCAL = [
     (),

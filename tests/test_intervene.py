@@ -7,8 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.models_fixtures import encode_text
-from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native, tiny_opt  # noqa: F401  (fixtures)
+from tests.models_fixtures import encode_text, tiny_gpt2, tiny_llama, tiny_native, tiny_opt  # noqa: F401  (fixtures)
 from tokext.errors import (
     InputError,
     InterventionNotAppliedError,
@@ -16,16 +15,16 @@ from tokext.errors import (
     TokextError,
     UneditableAttentionError,
 )
-from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
+from tokext.interventions.base import fwd_hooks
 from tokext.interventions.calibration import SinkCalibration, select_heads_greedy
 from tokext.interventions.emulation import EarlyLayerEmulation
-from tokext.interventions.base import fwd_hooks
 from tokext.interventions.intervene import intervene, intervention_effect, mean_loss
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
 from tokext.interventions.zerotuning import ZeroTuning
+from tokext.models.hooks import pattern_hook_name
 from tokext.models.info import model_info
 from tokext.models.native import native_model
 

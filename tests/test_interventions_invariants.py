@@ -17,9 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.models_fixtures import VOCAB, _tokenizer
-from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native  # noqa: F401  (fixtures)
-from tokext.models.hooks import ForwardInputs, pattern_hook_name
+from tests.models_fixtures import VOCAB, _tokenizer, tiny_gpt2, tiny_llama, tiny_native  # noqa: F401  (fixtures)
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.base import RunContext
 from tokext.interventions.calibration import SinkCalibration
@@ -29,6 +27,7 @@ from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
 from tokext.interventions.zerotuning import ZeroTuning
+from tokext.models.hooks import ForwardInputs, pattern_hook_name
 
 N_LAYERS, N_HEADS = 3, 2
 FAKE = SimpleNamespace(cfg=SimpleNamespace(n_layers=N_LAYERS, n_heads=N_HEADS, d_vocab=VOCAB), tokenizer=_tokenizer())

@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from tests import reference_interventions as R
-from tests.models_fixtures import CHARS, SPECIALS, encode_text, gpt2_dir, llama_dir
-from tests.models_fixtures import tiny_gpt2, tiny_llama, tiny_native  # noqa: F401  (fixtures)
+from tests.models_fixtures import CHARS, SPECIALS, encode_text, gpt2_dir, llama_dir, tiny_gpt2, tiny_llama, tiny_native  # noqa: F401  (fixtures)
 from tokext.errors import InputError
-from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.ablation import HeadAblation
 from tokext.interventions.calibration import SinkCalibration
 from tokext.interventions.emulation import EarlyLayerEmulation
@@ -25,6 +23,7 @@ from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
 from tokext.interventions.zerotuning import ZeroTuning
+from tokext.models.hooks import pattern_hook_name
 
 TEXTS = ["the cat sat. on a mat, ok", "hi! yes\nno", "q? 7"]
 ABLATED = [(0, 0), (1, 3)]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from tokext.evaluation.prompts import builtin_prompts
 from tokext.interventions.intervene import intervention_effect
 from tokext.studies.profiles import default_interventions
-from tokext.evaluation.prompts import builtin_prompts
 
 pytestmark = pytest.mark.slow
 

@@ -22,8 +22,7 @@ FIRST, PUNCT, SPACE, DIGIT, OTHER = range(5)
 
 
 def test_exported_from_the_package():
-    from tokext.attention import masks
-    from tokext.attention import metrics
+    from tokext.attention import masks, metrics
 
     for name in (
         "received_attention",

@@ -7,9 +7,9 @@ import torch
 
 from tests.models_fixtures import llama_dir, opt_dir
 from tests.test_bad_input import attached_hooks
+from tokext.errors import UneditableAttentionError
 from tokext.models import gguf as conversion
 from tokext.models import loading, probes
-from tokext.errors import UneditableAttentionError
 from tokext.models.hooks import attached, pattern_hook_name
 from tokext.models.info import model_info
 from tokext.models.loading import load_model

@@ -159,10 +159,10 @@ def test_evaluate_organism_items_scores_and_losses(tiny_organism, cot):
 
 
 def test_organism_sweep_runs_and_interventions_move_it(tiny_organism, tmp_path):
-    from tokext.studies.config import load_config, validate
     from tokext.interventions import AttentionTemperature, intervene
     from tokext.models.loading import load_model
     from tokext.models.organism import DEFAULT_TASK
+    from tokext.studies.config import load_config, validate
     from tokext.studies.sweep import run_sweep
 
     save_organism(tiny_organism, tmp_path / "org")
@@ -195,8 +195,8 @@ temperature = 3.0
 
 
 def test_organism_and_other_tasks_do_not_mix(tiny_organism, tmp_path):
-    from tokext.studies.config import load_config, validate
     from tokext.evaluation.evaluate import evaluate
+    from tokext.studies.config import load_config, validate
 
     save_organism(tiny_organism, tmp_path / "org")
     mixed = tmp_path / "mixed.toml"

@@ -12,10 +12,10 @@ import torch
 from tests.models_fixtures import tiny_llama, tiny_native  # noqa: F401  (fixtures)
 from tests.test_interventions_reference import _left_padded_batch
 from tokext.errors import InputError, LayerIndexError
-from tokext.models.hooks import attached, pattern_hook_name
 from tokext.interventions.intervene import intervene
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.zerotuning import ZeroTuning, calibrate_zerotuning
+from tokext.models.hooks import attached, pattern_hook_name
 
 
 def _tokens(model, n=3, length=10, seed=0):

@@ -8,7 +8,8 @@ batch gives the statistics of one-by-one runs.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +27,7 @@ from tokext.models.hooks import attached, pattern_hook_name, resolve_layers
 from tokext.models.info import model_info
 from tokext.models.inputs import Inputs, batches, bos_policy, encode, pad_id
 
-_CATEGORY_TABLES: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakKeyDictionary()
+_CATEGORY_TABLES: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
 def category_table(model: Any, tokenizer: Any = None) -> torch.Tensor:

@@ -14,8 +14,9 @@ padding does not shift it. Bin ``j`` holds positions ``edges[j] <= position < ed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,7 +146,7 @@ class PositionProfile:
                 self.entropy_rows[:, None] > 0, self.entropy_sum / np.maximum(self.entropy_rows, 1)[:, None], np.nan
             )
 
-    def merge(self, other: "PositionProfile") -> "PositionProfile":
+    def merge(self, other: PositionProfile) -> PositionProfile:
         if self.edges != other.edges or (self.n_layers, self.n_heads) != (other.n_layers, other.n_heads):
             raise InputError("can only merge position profiles with the same bins, layers and heads")
         return PositionProfile(
@@ -169,7 +170,7 @@ class PositionProfile:
         }
 
     @classmethod
-    def from_arrays(cls, data: "np.lib.npyio.NpzFile") -> "PositionProfile | None":
+    def from_arrays(cls, data: np.lib.npyio.NpzFile) -> PositionProfile | None:
         if "position_edges" not in data.files:
             return None
         first = data["position_first_sum"]

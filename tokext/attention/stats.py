@@ -23,9 +23,10 @@ Conventions (the formulas live in :mod:`tokext.attention.metrics`):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -314,7 +315,7 @@ class AttentionStats:
                 ).to(device)
             )
 
-    def finish(self, decode: Any = None) -> "AttentionStats":
+    def finish(self, decode: Any = None) -> AttentionStats:
         """Move accumulators to numpy; ``decode(token_id) -> str`` names the sink tokens."""
         acc = self._acc
         self.received_sum = acc["received"].cpu().numpy()
@@ -444,7 +445,7 @@ class AttentionStats:
                 return 100.0 * np.nanmean(np.where(np.isnan(values), np.nan, values > eps), axis=(0, 2))
         return 100.0 * (self.received[:, :, 0] > eps).mean(1)
 
-    def hidden_sinks(self, tau: float = 0.1) -> "Any":
+    def hidden_sinks(self, tau: float = 0.1) -> Any:
         """ACT-style hidden sinks: per sequence, (layer, head, position) with alpha_k > tau, except the
         first position above tau, which ACT keeps as the attention sink (normally position 0).
 
@@ -465,7 +466,7 @@ class AttentionStats:
         frame["token"] = frame["token_id"].map(lambda t: self.token_text.get(int(t), str(int(t))))
         return frame.sort_values("alpha", ascending=False).reset_index(drop=True)
 
-    def to_frame(self) -> "Any":
+    def to_frame(self) -> Any:
         """Tidy table, one row per (layer, head): first- and last-token mass, learned-sink mass,
         entropy, category shares, alpha_0, row sum."""
         import pandas as pd
@@ -489,7 +490,7 @@ class AttentionStats:
                 rows.append(row)
         return pd.DataFrame(rows)
 
-    def received_frame(self) -> "Any":
+    def received_frame(self) -> Any:
         """Long table of alpha_k: layer, head, position, received, n_sequences."""
         import pandas as pd
 
@@ -508,7 +509,7 @@ class AttentionStats:
             }
         )
 
-    def layer_summary(self, eps: float = 0.3, per_sequence: bool | None = None) -> "Any":
+    def layer_summary(self, eps: float = 0.3, per_sequence: bool | None = None) -> Any:
         """Per layer: mean first- and last-token mass, learned-sink mass, entropy, and the sink rate
         (``eps``, position 0; thresholded as :meth:`sink_rate` does) over heads."""
         import pandas as pd
@@ -527,7 +528,7 @@ class AttentionStats:
 
     # ------------------------------------------------------------------ merge and persistence
 
-    def merge(self, other: "AttentionStats") -> "AttentionStats":
+    def merge(self, other: AttentionStats) -> AttentionStats:
         """Sum of two collections over the same layers and heads (e.g. two data shards)."""
         if self.layers != other.layers or self.n_heads != other.n_heads:
             raise InputError("can only merge statistics of the same layers and heads")
@@ -608,7 +609,7 @@ class AttentionStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "AttentionStats":
+    def load(cls, path: str | Path) -> AttentionStats:
         """Read statistics written by :meth:`save` (this format, or the first one, without windows)."""
         try:
             data = np.load(Path(path), allow_pickle=False)

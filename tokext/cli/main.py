@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 from tokext.cli import analyze, eval, study, sweep
 from tokext.errors import TokextError, TokextWarning

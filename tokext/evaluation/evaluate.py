@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -464,8 +465,8 @@ def _evaluate_organism(
     engine: str = "hooks",
 ) -> pd.DataFrame:
     """Task ``organism``: the organism's own problems (test split), greedy, with ``interventions``."""
-    from tokext.interventions import intervene
     from tokext.evaluation.organism import evaluate_organism_items
+    from tokext.interventions import intervene
     from tokext.models.organism import DEFAULT_TASK
 
     organism = getattr(model, "organism", None)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -19,8 +20,8 @@ from tokext.attention.engines.choose import choose_engine
 from tokext.attention.engines.streaming import active_engine, streaming
 from tokext.errors import InputError, SequenceTooLongError
 from tokext.models.devices import input_device
-from tokext.models.inputs import Inputs, batches, encode, pad_id
 from tokext.models.info import model_info
+from tokext.models.inputs import Inputs, batches, encode, pad_id
 
 
 def greedy_generate(

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from tokext.attention.engines.choose import check_engine
 from tokext.errors import InputError
@@ -147,7 +148,7 @@ class TokextLM(HFLM):
         bridge.eval()
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "TokextLM":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TokextLM:
         """As lm-eval's, but a comma inside brackets or quotes does not split the arguments, so
         ``"model=smollm2-135m,intervention=SinkCalibration(tau=0.1, beta=0.5)"`` works from Python
         as it does on lm-eval's command line (which splits the same way)."""

@@ -22,9 +22,10 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tokext.errors import DataFileError, InputError, MissingDependencyError
 

@@ -13,9 +13,10 @@ import csv
 import importlib.util
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from tokext.errors import DataFileError, InputError
 

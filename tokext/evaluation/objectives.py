@@ -17,7 +17,8 @@ with the interventions under trial applied. Each takes an :class:`~tokext.evalua
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

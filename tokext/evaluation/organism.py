@@ -6,7 +6,8 @@ Run these inside :func:`tokext.interventions.intervene` to score an intervention
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -60,7 +61,7 @@ def evaluate_organism(organism: Organism, n: int = 200, seed: int = 123, cot: bo
 
 def evaluate_organism_items(
     organism: Organism, examples: Sequence[OrganismExample], *, cot: bool, batch_size: int = 64, progress: bool = True
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """Greedy completions of ``examples`` and their scores, one row per problem (the columns of
     :func:`tokext.evaluation.evaluate.evaluate_reasoning`): id, task, level, cot, gold, extracted (the text
     after the last "A:"), correct (answer exact match), completion_correct (chain and answer

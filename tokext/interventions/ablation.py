@@ -12,14 +12,15 @@ sink everything (share 1), ``"mean"`` and ``"first"`` leave it nothing (share 0)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from tokext.errors import InputError
-from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import Hooks, Intervention, RunContext, as_head_pairs, head_index, head_selection
+from tokext.models.hooks import pattern_hook_name
 
 MODES = ("zero", "mean", "first")
 

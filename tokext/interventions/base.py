@@ -22,8 +22,9 @@ import dataclasses
 import math
 import numbers
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

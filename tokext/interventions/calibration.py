@@ -20,12 +20,12 @@ values of later layers. With only last-layer heads calibrated they agree exactly
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import (
     Hooks,
     Intervention,
@@ -39,6 +39,7 @@ from tokext.interventions.base import (
     split_row_mass,
 )
 from tokext.interventions.search import all_heads, default_score, score_each, score_with
+from tokext.models.hooks import pattern_hook_name
 
 
 @dataclass(frozen=True, repr=False)

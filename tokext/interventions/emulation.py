@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
-from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
     Hooks,
     Intervention,
@@ -34,6 +33,7 @@ from tokext.interventions.base import (
     is_int,
     rescale_rows,
 )
+from tokext.models.hooks import pattern_hook_name, resolve_layers
 
 
 @dataclass(frozen=True, repr=False)

@@ -10,19 +10,18 @@ in next-token loss.
 
 from __future__ import annotations
 
-from collections import Counter
 import contextlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from tokext.attention.engines.choose import DEFAULT_BUDGET, choose_engine
 from tokext.attention.engines.streaming import active_engine, stages_from_hooks, streaming
 from tokext.errors import InputError, InterventionNotAppliedError
-from tokext.models.hooks import HookFn, HookRun, attached, capture_inputs
-from tokext.models.inputs import Inputs, batches, encode, pad_id
 from tokext.interventions.base import (
     FORWARD_HOOK,
     Intervention,
@@ -32,6 +31,8 @@ from tokext.interventions.base import (
     model_layout,
     validate,
 )
+from tokext.models.hooks import HookFn, HookRun, attached, capture_inputs
+from tokext.models.inputs import Inputs, batches, encode, pad_id
 
 
 @dataclass

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
-from tokext.models.hooks import pattern_hook_name, resolve_layers
 from tokext.interventions.base import (
     Hooks,
     Intervention,
@@ -30,6 +29,7 @@ from tokext.interventions.base import (
     is_int,
     model_layout,
 )
+from tokext.models.hooks import pattern_hook_name, resolve_layers
 
 
 @dataclass(frozen=True, repr=False)

@@ -14,13 +14,14 @@ what the sink gives up (or the reverse for ``scale > 1``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from tokext.attention.metrics import CATEGORIES
 from tokext.errors import InputError
-from tokext.models.hooks import pattern_hook_name
 from tokext.interventions.base import (
     Hooks,
     Intervention,
@@ -39,7 +40,7 @@ from tokext.interventions.base import (
     scale_entries,
     split_row_mass,
 )
-from tokext.attention.metrics import CATEGORIES
+from tokext.models.hooks import pattern_hook_name
 
 NON_SEMANTIC = ("punctuation", "whitespace")
 """Categories meant by ``targets="categories"``: punctuation/symbols and whitespace/newlines."""
@@ -126,7 +127,7 @@ class SinkRebalance(Intervention):
             )
 
     def _hook(
-        self, layer: int, heads: list[int] | None, ctx: RunContext, plan: "_TargetPlan", scale_sink: bool
+        self, layer: int, heads: list[int] | None, ctx: RunContext, plan: _TargetPlan, scale_sink: bool
     ) -> Callable:
         name = pattern_hook_name(layer)
         scale, renormalize = self.scale, self.renormalize

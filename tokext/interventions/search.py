@@ -9,7 +9,8 @@ does. :func:`score_with` evaluates one trial; :func:`score_each` tries every can
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
 
 import torch
 

@@ -29,8 +29,9 @@ is lost in the pattern, so the score path is preferred there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -55,13 +55,13 @@ elsewhere). The paper reports that classification tasks prefer ``gamma > 1``, mu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from tokext.errors import InputError, LayerIndexError
-from tokext.models.hooks import pattern_hook_name, resolve_heads
 from tokext.interventions.base import (
     Hooks,
     Intervention,
@@ -77,6 +77,7 @@ from tokext.interventions.base import (
 )
 from tokext.interventions.rebalance import rebalance_rows
 from tokext.interventions.search import Score, all_heads, distinct, score_each, score_with
+from tokext.models.hooks import pattern_hook_name, resolve_heads
 
 HeadGammas = tuple[tuple[int, int, float], ...]
 

@@ -11,7 +11,8 @@ map naming ``cuda:3`` on a machine with two GPUs fails at once and names the dev
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -70,7 +70,7 @@ class ModelInfo:
         return all(self.pattern_edit_lands.values())
 
 
-_INFO: "weakref.WeakKeyDictionary[torch.nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
+_INFO: weakref.WeakKeyDictionary[torch.nn.Module, ModelInfo] = weakref.WeakKeyDictionary()
 
 
 def model_info(model: Any) -> ModelInfo:

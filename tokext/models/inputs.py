@@ -6,8 +6,9 @@ are unchanged, and a padded batch gives the same activations as one-by-one runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 

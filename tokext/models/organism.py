@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ class CharTokenizer:
         return {"type": "CharTokenizer", "chars": self.chars}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CharTokenizer":
+    def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
         return cls(data["chars"])
 
     def __eq__(self, other: object) -> bool:

@@ -11,8 +11,9 @@ length shown in demos, and measures accuracy, the teacher-forced answer loss and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -215,8 +216,8 @@ def _span_forward(
     """
     from tokext.models.devices import input_device
     from tokext.models.hooks import attached, pattern_hook_name, resolve_layers
-    from tokext.models.inputs import batches, pad_id
     from tokext.models.info import model_info
+    from tokext.models.inputs import batches, pad_id
 
     chosen = resolve_layers(model, layers)
     if len(spans) != len(seqs) or len(stat_lengths) != len(seqs):

@@ -32,8 +32,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: default output folder
 
-from tokext.studies.computed_tokens import DEFAULT_COUNTS, FULL_COT, POSITIONS, study_cells
 from tokext.errors import InputError
+from tokext.studies.computed_tokens import DEFAULT_COUNTS, FULL_COT, POSITIONS, study_cells
 from tokext.version import __version__
 
 QUICK = dict(n=4, counts=(0, 4, 16), positions=("before_answer",), cot_lengths=())
@@ -155,9 +155,9 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from tokext.studies.computed_tokens import run_computed_tokens_study
     from tokext.models.info import model_info
     from tokext.models.loading import load_model
+    from tokext.studies.computed_tokens import run_computed_tokens_study
     from tokext.studies.sweep import git_revision
 
     start = time.perf_counter()
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config_hash": hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12],
         "notes": "sink: alpha_k > 0.3 (Gu et al.); alpha over the prompt only (rows after the prompt excluded); "
         "filler_sink_share = % of (prompt, layer, head) with >= 1 filler sink; cot_steps -1 = full chain",

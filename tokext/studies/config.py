@@ -206,7 +206,7 @@ class Resources:
         }
         return {k: v for k, v in out.items() if v is not None}
 
-    def replace(self, **changes: Any) -> "Resources":
+    def replace(self, **changes: Any) -> Resources:
         return dataclasses.replace(self, **changes)
 
 
@@ -254,7 +254,7 @@ class StudyConfig:
         """12 hex digits of SHA-1 over the canonical JSON of :meth:`to_dict`."""
         return hashlib.sha1(canonical_json(self.to_dict()).encode()).hexdigest()[:12]
 
-    def replace(self, **changes: Any) -> "StudyConfig":
+    def replace(self, **changes: Any) -> StudyConfig:
         return dataclasses.replace(self, **changes)
 
 

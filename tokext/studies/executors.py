@@ -29,7 +29,8 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokext.errors import ClusterError, InputError, MissingExtraError, TokextError
 
@@ -64,7 +65,7 @@ def check_interventions(model: Any, model_name: str, labelled: Sequence[tuple[st
 
 def run_cell(
     model: Any, cell: Cell, items: Any, batch_size: int, progress: bool = False, engine: str = "hooks"
-) -> tuple["pd.DataFrame", float]:
+) -> tuple[pd.DataFrame, float]:
     """Evaluate one cell on a loaded model with attention run by ``engine``: its per-item frame
     (``cell_id`` first) and the seconds it took."""
     from tokext.evaluation.evaluate import evaluate
@@ -89,7 +90,7 @@ def model_interventions(cells: Sequence[Cell], model_name: str) -> list[tuple[st
     return list(distinct.values())
 
 
-def default_loader(config: "StudyConfig") -> Loader:
+def default_loader(config: StudyConfig) -> Loader:
     """Model spec -> :func:`tokext.models.load_model` with the config's dtype and placement."""
     options = config.load_options()
 
@@ -111,7 +112,7 @@ class SerialExecutor:
 
     def run(
         self,
-        config: "StudyConfig",
+        config: StudyConfig,
         cells: Sequence[Cell],
         items: dict,
         done: Done,
@@ -273,7 +274,7 @@ class RayExecutor:
             self.ray.shutdown()
         self._started = False
 
-    def _plan(self, config: "StudyConfig", n_cells: int, log: Callable[[str], None]) -> tuple[int, float, float]:
+    def _plan(self, config: StudyConfig, n_cells: int, log: Callable[[str], None]) -> tuple[int, float, float]:
         """(workers, CPUs and GPUs per worker), checked against what the cluster has."""
         res = config.resources
         total = self.ray.cluster_resources()
@@ -306,7 +307,7 @@ class RayExecutor:
             )
         return workers, num_cpus, num_gpus
 
-    def _loader(self, config: "StudyConfig", num_gpus: float) -> Loader:
+    def _loader(self, config: StudyConfig, num_gpus: float) -> Loader:
         """On a GPU worker the model goes to CUDA unless the config places it; 2+ GPUs split it."""
         res = config.resources
         if num_gpus > 0 and res.device is None and res.device_map is None and res.n_devices is None:
@@ -318,7 +319,7 @@ class RayExecutor:
 
     def run(
         self,
-        config: "StudyConfig",
+        config: StudyConfig,
         cells: Sequence[Cell],
         items: dict,
         done: Done,
@@ -351,7 +352,7 @@ class RayExecutor:
                 ray.kill(actor, no_restart=True)
 
     def _serve(
-        self, config: "StudyConfig", cells: list, items: dict, done: Done, actors: list, log: Callable[[str], None]
+        self, config: StudyConfig, cells: list, items: dict, done: Done, actors: list, log: Callable[[str], None]
     ) -> None:
         """Hand out cells to idle workers until every cell is done.
 

@@ -292,9 +292,9 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from tokext.attention.collect import collect_attention_stats
+    from tokext.evaluation.prompts import load_prompts
     from tokext.models.info import model_info
     from tokext.models.loading import load_model
-    from tokext.evaluation.prompts import load_prompts
     from tokext.studies.sweep import git_revision
 
     t0 = time.perf_counter()
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
                 "tokext": __version__,
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             },
             indent=1,
         )

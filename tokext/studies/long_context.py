@@ -33,8 +33,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -151,7 +152,7 @@ def run_long_context(
                 "seconds_per_run": seconds,
                 "tokext": __version__,
                 "git": git_revision(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             },
             indent=1,
         )
@@ -159,7 +160,7 @@ def run_long_context(
     return tables
 
 
-def queries_seeing(attention: Any, length: int, position: "Any") -> "Any":
+def queries_seeing(attention: Any, length: int, position: Any) -> Any:
     """How many of ``length`` queries see the key at ``position`` in a layer with this visibility
     (:class:`~tokext.models.architectures.LayerAttention`); ``position`` may be an array."""
     import numpy as np

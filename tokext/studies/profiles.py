@@ -8,7 +8,8 @@ after the intervention's, so they see the edited pattern, renormalised per row).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import torch

@@ -16,10 +16,11 @@ import datetime
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -97,7 +98,7 @@ def write_provenance(folder: Path, **fields: Any) -> None:
         **fields,
         "tokext": __version__,
         "git": git_revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     (folder / "provenance.json").write_text(json.dumps(record, indent=1, default=str))
 
@@ -156,8 +157,8 @@ class Reproduction:
     # ------------------------------------------------------------------ steps
 
     def analyze(self, folder: Path) -> None:
-        from tokext.studies.analyze import analyze
         from tokext.models.info import model_info
+        from tokext.studies.analyze import analyze
 
         result = analyze(self.model, n=self.sizes.analyze_prompts, out=folder, progress=False)
         write_provenance(
@@ -202,9 +203,9 @@ class Reproduction:
         write_provenance(folder, model=info.name, prompt=prompt, layers=layers, heads=heads)
 
     def profiles(self, folder: Path) -> None:
+        from tokext.evaluation.prompts import load_prompts
         from tokext.models.info import model_info
         from tokext.studies.profiles import default_interventions, intervention_profiles
-        from tokext.evaluation.prompts import load_prompts
 
         info = model_info(self.model)
         prompts = load_prompts(None, self.sizes.profile_prompts)
@@ -232,8 +233,8 @@ class Reproduction:
     ) -> None:
         """Run the packaged ``config_name`` (``experiments/<full_configs>`` in full mode, or always
         when ``config_name`` is None) on ``model`` (default: the main model) and summarise it."""
-        from tokext.studies.config import load_config
         from tokext.models.info import model_info
+        from tokext.studies.config import load_config
         from tokext.studies.sweep import run_sweep, summarize
 
         model = model if model is not None else self.model

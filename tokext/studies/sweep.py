@@ -27,15 +27,16 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 
+from tokext.errors import DataFileError, InputError
 from tokext.evaluation.spec import EvalSpec
 from tokext.studies.config import DEFAULT_DTYPE, StudyConfig, canonical_json, load_config, validate
-from tokext.errors import DataFileError, InputError
 
 CELL_COLUMNS = (
     "cell_id",
@@ -366,7 +367,7 @@ def _row(
         "seconds": round(seconds, 2),
         "git_rev": rev,
         "tokext_version": version,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "spec": canonical_json(cell.spec.to_dict()),
     }
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tokext.viz import plots
 from tokext.attention.stats import AttentionStats
+from tokext.viz import plots
 
 
 @dataclass

@@ -6,8 +6,9 @@ PNG and PDF at a size readable at paper column width.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

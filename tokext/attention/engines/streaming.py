@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ from tokext.models.architectures import LayerAttention
 from tokext.models.info import model_info
 
 NAME = "tokext_streaming"
-_ACTIVE: list["StreamingEngine"] = []
+_ACTIVE: list[StreamingEngine] = []
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ class StreamingEngine:
         self,
         chains: dict[int, LayerChain] | None = None,
         on_block: Callable[[BlockGeometry | None], None] | None = None,
-    ) -> Iterator["StreamingEngine"]:
+    ) -> Iterator[StreamingEngine]:
         """Run ``chains`` (after those added before) and tell ``on_block`` for the duration."""
         part = (chains or {}, on_block)
         self._parts.append(part)
@@ -225,7 +226,7 @@ class StreamingEngine:
             self._merge()
 
     @contextlib.contextmanager
-    def active(self) -> Iterator["StreamingEngine"]:
+    def active(self) -> Iterator[StreamingEngine]:
         """Install the engine for the block; everything is restored on exit, also on error."""
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
@@ -596,7 +597,7 @@ def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerC
         )
         made[id(getattr(fn, "stream_id", fn))] = stage
         if stage.source is not None:
-            pending.append((stage, getattr(fn, "stream_recorder")))
+            pending.append((stage, fn.stream_recorder))
         chain = chains.setdefault(layer, LayerChain())
         (chain.scores if parts[3] == "hook_attn_scores" else chain.pattern).append(stage)
     for stage, recorder in pending:

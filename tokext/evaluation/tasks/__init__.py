@@ -9,7 +9,7 @@ True
 from __future__ import annotations
 
 import difflib
-from typing import Sequence
+from collections.abc import Sequence
 
 from tokext.errors import InputError
 from tokext.evaluation.tasks.arithmetic import Arithmetic
