@@ -99,7 +99,7 @@ def worker(job: dict) -> dict:
             with torch.inference_mode():
                 for tokens in batches:
                     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
-                    out.append((tokens, [cache[pattern_hook_name(l)] for l in range(n_layers)]))
+                    out.append((tokens, [cache[pattern_hook_name(layer)] for layer in range(n_layers)]))
                     del cache
             same_statistics(out)
     elif method == "hf_output_attentions":

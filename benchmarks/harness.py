@@ -87,7 +87,7 @@ def run_workers(
             if memory_limit_gib:
                 env["TOKEXT_BENCH_MEMORY_LIMIT_GIB"] = str(memory_limit_gib)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not line:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
                 results.append(

@@ -243,7 +243,8 @@ def main(argv=None) -> int:
         where = f"CPU ({os.cpu_count()} cores, 2 threads)" if args.device == "cpu" else args.device
         print(
             f"streaming engine vs a transformers SDPA forward pass: model {args.model}, {args.dtype}, {where}, "
-            f"{rounds} round(s) x {jobs[0]['repeats']} timed run(s) {'without' if args.no_warmup else 'after a'} warm-up, one process per run, one sequence of T tokens"
+            f"{rounds} round(s) x {jobs[0]['repeats']} timed run(s) {'without' if args.no_warmup else 'after a'} "
+            "warm-up, one process per run, one sequence of T tokens"
         )
         print(ratio_table(results, {"seq_len": "T"}, baseline="sdpa_forward").replace("x plain", "x SDPA"))
         if args.out:

@@ -22,11 +22,11 @@ def test_benchmark_quick_prints_ratio_table(script, smollm2):
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
     assert lines[0].startswith("| T | batch") and "x plain" in lines[0]
     body = lines[2:]
-    assert any("| plain_forward |" in l and "| 1.00 |" in l for l in body)
-    assert len(body) >= 3 and not any("failed" in l for l in body), proc.stdout
+    assert any("| plain_forward |" in ln and "| 1.00 |" in ln for ln in body)
+    assert len(body) >= 3 and not any("failed" in ln for ln in body), proc.stdout
 
 
 @pytest.mark.slow
@@ -48,11 +48,11 @@ def test_streaming_benchmark_quick_table_and_figure(smollm2, tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
     assert lines[0].startswith("| T | method") and "x sdpa" in lines[0]
     body = lines[2:]
-    assert any("| sdpa_forward |" in l and "| 1.00 |" in l for l in body)
-    assert len(body) == 5 and not any("failed" in l for l in body), proc.stdout
+    assert any("| sdpa_forward |" in ln and "| 1.00 |" in ln for ln in body)
+    assert len(body) == 5 and not any("failed" in ln for ln in body), proc.stdout
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "streaming.py"), "--figure", str(figure), "--results", str(raw)],
         capture_output=True,

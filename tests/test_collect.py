@@ -68,7 +68,7 @@ def test_hook_pattern_matches_transformers(tiny_hf_dir):
     def keep(pattern, hook):
         seen[hook.name] = pattern.detach().double()
 
-    hooks = [(pattern_hook_name(l), keep) for l in range(model.cfg.n_layers)]
+    hooks = [(pattern_hook_name(layer), keep) for layer in range(model.cfg.n_layers)]
     with attached(model, hooks), torch.no_grad():
         logits = model(tokens)
     ref, ref_logits = reference_attentions(tiny_hf_dir, tokens)

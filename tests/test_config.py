@@ -146,7 +146,10 @@ def test_hash_is_stable_and_sensitive(tmp_path):
         (BASE + "\n[[interventions]]\nalpha = 0.2\n", "interventions[0]: each [[interventions]] table needs a `type`"),
         (
             'version = 1\n[[tasks]]\nname = "mmlu"\nlevels = [1]\n',
-            "unknown key 'levels'. Valid keys: name, n, max_new_tokens, method, path, labels_path, categories, subjects, limit_per_subject (for the multiple-choice task 'mmlu')",
+            (
+                "unknown key 'levels'. Valid keys: name, n, max_new_tokens, method, path, labels_path, categories, "
+                "subjects, limit_per_subject (for the multiple-choice task 'mmlu')"
+            ),
         ),
         (
             'version = 1\n[[tasks]]\nname = "mmlu"\nmethod = "leter"\n',
@@ -169,10 +172,8 @@ def test_errors_name_the_file_and_field(tmp_path, text, expected):
 
 def test_valid_keys_are_listed(tmp_path):
     message = error_of(tmp_path, "model = 'x'\n" + BASE)
-    assert (
-        "Valid keys: version, name, description, models, seeds, batch_size, dtype, engine, resources, tasks, interventions"
-        in message
-    )
+    valid = "version, name, description, models, seeds, batch_size, dtype, engine, resources, tasks, interventions"
+    assert f"Valid keys: {valid}" in message
 
 
 def test_missing_data_file_is_caught_by_validate(tmp_path):

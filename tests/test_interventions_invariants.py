@@ -160,11 +160,15 @@ def _capture_layers(model, tokens, mask, *ivs):
     """Incoming and outgoing pattern of every layer inside ``intervene(model, *ivs)``."""
     incoming, outgoing = {}, {}
     n = model.cfg.n_layers
-    before = [(pattern_hook_name(l), lambda p, hook, l=l: incoming.__setitem__(l, p.clone())) for l in range(n)]
-    after = [(pattern_hook_name(l), lambda p, hook, l=l: outgoing.__setitem__(l, p.clone())) for l in range(n)]
+
+    def keep(store, layer):
+        return lambda p, hook: store.__setitem__(layer, p.clone())
+
+    before = [(pattern_hook_name(layer), keep(incoming, layer)) for layer in range(n)]
+    after = [(pattern_hook_name(layer), keep(outgoing, layer)) for layer in range(n)]
     with torch.no_grad(), model.hooks(fwd_hooks=before), intervene(model, *ivs), model.hooks(fwd_hooks=after):
         logits = model(tokens, attention_mask=mask)
-    return [incoming[l] for l in range(n)], [outgoing[l] for l in range(n)], logits
+    return [incoming[layer] for layer in range(n)], [outgoing[layer] for layer in range(n)], logits
 
 
 @pytest.mark.parametrize(

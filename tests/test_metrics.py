@@ -146,7 +146,7 @@ def test_random_padded_batch_matches_collect_attention_stats(tiny_llama_dir):
     def keep(pattern, hook):
         patterns[hook.name] = pattern.detach().double()
 
-    with attached(model, [(pattern_hook_name(l), keep) for l in range(model.cfg.n_layers)]), torch.no_grad():
+    with attached(model, [(pattern_hook_name(layer), keep) for layer in range(model.cfg.n_layers)]), torch.no_grad():
         model(tokens, attention_mask=mask)
     visible = tokext.visible_keys(mask)
     categories = category_table(model)[tokens]

@@ -16,7 +16,8 @@ WORDS = sorted(
             (
                 "The capital of France is Paris , and the capital of Germany is Berlin . Water boils at 100 degrees ; "
                 "a cat sat on the mat ! Why is the sky blue ? She said : hello world . x = 3 ; y = x + 2 ( z ) "
-                "one two three four five six seven eight nine ten apple river stone green quick brown fox jumps over lazy dog"
+                "one two three four five six seven eight nine ten apple river stone green quick brown fox jumps over "
+                "lazy dog"
             ),
         )
     )

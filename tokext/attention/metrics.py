@@ -153,10 +153,10 @@ def hidden_sink_mask(received: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
 
 
 def token_category(text: str) -> int:
-    """Category index into :data:`CATEGORIES` of a token's *decoded* text.
+    r"""Category index into :data:`CATEGORIES` of a token's *decoded* text.
 
     Leading and trailing whitespace is ignored, then: nothing left is ``"whitespace"`` (``" "``,
-    ``"\\n"``, ``"\\t"``, ``"\\n\\n"``); only digits is ``"digit"`` (``"7"``, ``" 42"``); only
+    ``"\n"``, ``"\t"``, ``"\n\n"``); only digits is ``"digit"`` (``"7"``, ``" 42"``); only
     Unicode punctuation or symbols is ``"punctuation"`` (``","``, ``"?!"``, ``"$"``); anything
     else, including a byte-level fragment of a multi-byte character (decoded as U+FFFD), is
     ``"other"``. Pass decoded text: a byte-level vocabulary entry such as ``"Ċ"`` (GPT-2's

@@ -42,7 +42,8 @@ def _analyze(args: argparse.Namespace) -> int:
             hf_logging.enable_progress_bar()
     print(format_table(result.stats))
     print(
-        f"\n{result.stats.n_sequences} prompts in {result.seconds:.1f} s; wrote {len(result.files)} files to {result.out_dir}/"
+        f"\n{result.stats.n_sequences} prompts in {result.seconds:.1f} s; "
+        f"wrote {len(result.files)} files to {result.out_dir}/"
     )
     if result.html is not None:
         print(f"wrote the attention explorer to {result.html} (open it in a browser; it works offline)")
@@ -91,7 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=16,
         metavar="N",
-        help="prompts shown in the explorer: the first N analysed (default 16), each cut to its first 64 tokens (fewer with --max-len)",
+        help=(
+            "prompts shown in the explorer: the first N analysed (default 16), each cut to its first 64 tokens "
+            "(fewer with --max-len)"
+        ),
     )
     add_engine_flag(p, "hooks", "hooks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

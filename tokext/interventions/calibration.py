@@ -13,9 +13,10 @@ a sliding-window layer.
 In KV-cached decoding the column means are accumulated over every query seen so far in the
 generation, so a decode row uses the sinks of the whole sequence, as the last row of a full
 recompute does. The streaming engine runs it in two passes over a layer's query blocks (column
-means first, calibration second), which costs a second computation of that layer's scores. Cached and recomputed generation still differ when a calibrated layer feeds a
-later one: recomputing re-calibrates earlier rows as ``S`` changes, which changes the keys and
-values of later layers. With only last-layer heads calibrated they agree exactly (tested).
+means first, calibration second), which costs a second computation of that layer's scores.
+Cached and recomputed generation still differ when a calibrated layer feeds a later one:
+recomputing re-calibrates earlier rows as ``S`` changes, which changes the keys and values of later
+layers. With only last-layer heads calibrated they agree exactly (tested).
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ class EarlyLayerEmulation(Intervention):
         horizon = self.resolved_horizon(model)
         if horizon <= 0:
             raise InputError("horizon is 0 (one-layer model?): pass horizon explicitly")
-        negative = [l for l in layers if self.factor(l, horizon) < 0]
+        negative = [layer for layer in layers if self.factor(layer, horizon) < 0]
         if negative:
             raise InputError(f"alpha={self.alpha} makes the factor negative in layers {negative}")
         return layers

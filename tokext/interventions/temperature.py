@@ -36,16 +36,6 @@ from typing import Any
 import torch
 
 from tokext.errors import InputError, UneditableAttentionError
-from tokext.models.hooks import pattern_hook_name
-
-HOOKS = ("auto", "scores", "pattern")
-
-
-def scores_hook_name(layer: int) -> str:
-    """Name of the pre-softmax (scaled, masked) attention scores hook of ``layer``."""
-    return f"blocks.{layer}.attn.hook_attn_scores"
-
-
 from tokext.interventions.base import (
     Hooks,
     Intervention,
@@ -59,6 +49,14 @@ from tokext.interventions.base import (
     learned_sink_share,
     on_heads,
 )
+from tokext.models.hooks import pattern_hook_name
+
+HOOKS = ("auto", "scores", "pattern")
+
+
+def scores_hook_name(layer: int) -> str:
+    """Name of the pre-softmax (scaled, masked) attention scores hook of ``layer``."""
+    return f"blocks.{layer}.attn.hook_attn_scores"
 
 
 @dataclass(frozen=True, repr=False)

@@ -256,7 +256,8 @@ def calibrate_zerotuning(
     resolve_heads(model, candidates)  # validates indices before any forward pass
 
     def tuned(up: Sequence[tuple[int, int]], g_up: float, down: Sequence[tuple[int, int]], g_down: float) -> ZeroTuning:
-        triples = [(l, h, g_up) for l, h in up if g_up != 1] + [(l, h, g_down) for l, h in down if g_down != 1]
+        triples = [(layer, h, g_up) for layer, h in up if g_up != 1]
+        triples += [(layer, h, g_down) for layer, h in down if g_down != 1]
         return ZeroTuning(head_gammas=triples)
 
     baseline = score_with(model, score)

@@ -30,7 +30,8 @@ def encode(
     ``inputs``: a list of strings, a [n, pos] token tensor, or a list of token-id lists.
     ``prepend_bos``: ``None`` keeps the model's own tokenizer's default (recorded in
     :class:`~tokext.models.info.ModelInfo`; SmolLM2's adds no BOS, Llama-2's adds ``<s>``);
-    True/False forces a leading BOS on or off. ``max_len`` keeps each sequence's first ``max_len`` tokens (Gu et al. cut to 64).
+    True/False forces a leading BOS on or off. ``max_len`` keeps each sequence's first ``max_len``
+    tokens (Gu et al. cut to 64).
     """
     if isinstance(inputs, str):
         raise InputError("inputs must be a list of strings, not a single string: wrap it in a list")

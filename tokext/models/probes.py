@@ -118,7 +118,7 @@ def _edit_changes_logits(
 def require_pattern_edits(model: Any, layers: list[int] | None = None) -> None:
     """Raise :class:`UneditableAttentionError` unless ``hook_pattern`` edits reach the logits."""
     lands = check_pattern_edits(model)
-    bad = [l for l in (layers if layers is not None else lands) if not lands.get(l, False)]
+    bad = [layer for layer in (layers if layers is not None else lands) if not lands.get(layer, False)]
     if bad:
         info = model_info(model)
         cls = type(model.blocks[bad[0]].attn).__name__

@@ -66,7 +66,7 @@ def _check_count(n: Any, filler: str) -> None:
 def insert_filler(
     prompt_text: str, n: int, filler: str = " .", position: str = "before_answer", *, label: str | None = None
 ) -> str:
-    """``prompt_text`` with ``filler`` repeated ``n`` times at ``position`` of the final question block.
+    r"""``prompt_text`` with ``filler`` repeated ``n`` times at ``position`` of the final question block.
 
     The final block follows the last blank line; its last line (or ``label``, e.g. the model
     organism's ``"A:"``) is the answer label. Positions (:data:`POSITIONS`): ``before_answer`` ends
@@ -74,8 +74,8 @@ def insert_filler(
     block's first line (the same place for direct prompts, before the instruction for CoT ones);
     ``before_question`` starts the block; ``end`` follows the label (Goyal et al.'s pauses).
 
-    >>> insert_filler("Q: 1+1?\\nAnswer: 2\\n\\nQ: 2+2?\\nAnswer:", 3)
-    'Q: 1+1?\\nAnswer: 2\\n\\nQ: 2+2? . . .\\nAnswer:'
+    >>> insert_filler("Q: 1+1?\nAnswer: 2\n\nQ: 2+2?\nAnswer:", 3)
+    'Q: 1+1?\nAnswer: 2\n\nQ: 2+2? . . .\nAnswer:'
     >>> insert_filler("2+2=;A:", 2, " ", "before_answer", label="A:")
     '2+2=;  A:'
     """
@@ -187,7 +187,7 @@ class _SpanAccumulator:
     def frame(self, layers: Sequence[int]) -> pd.DataFrame:
         n_heads, c = self.sums["span_mass"].shape[1], self.counts
         frame = pd.DataFrame(
-            {"layer": [l for l in layers for _ in range(n_heads)], "head": list(range(n_heads)) * len(layers)}
+            {"layer": [lay for lay in layers for _ in range(n_heads)], "head": list(range(n_heads)) * len(layers)}
         )
         for name, count in _COLUMNS.items():
             frame[name] = (self.sums[name] / c[count]).reshape(-1).numpy() if c[count] else math.nan

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: default output folder
-
 from tokext.errors import InputError
 from tokext.studies.computed_tokens import DEFAULT_COUNTS, FULL_COT, POSITIONS, study_cells
 from tokext.version import __version__
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: default output folder
 
 QUICK = dict(n=4, counts=(0, 4, 16), positions=("before_answer",), cot_lengths=())
 FILES = ("summary.csv", "items.csv", "span_by_head.csv")

@@ -1,4 +1,4 @@
-"""Sweep configs: TOML files read into frozen dataclasses, checked completely before any model loads.
+r"""Sweep configs: TOML files read into frozen dataclasses, checked completely before any model loads.
 
 A config (``experiments/*.toml``)::
 
@@ -31,7 +31,7 @@ A config (``experiments/*.toml``)::
 A baseline (no intervention) always runs. Lists expand only for scalar parameters; parameters that
 are themselves lists (``layers``, ``heads``, ``target_layers``, positional ``targets``) take the
 list as one value: write one ``[[interventions]]`` entry per value to compare several. Unknown
-keys, names and values are :class:`tokext.errors.DataFileError`\\ s naming the file and field.
+keys, names and values are errors (:class:`tokext.errors.DataFileError`) naming the file and field.
 
 Numerics, attention engine and placement (all optional)::
 

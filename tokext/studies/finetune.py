@@ -1,10 +1,10 @@
-"""The fine-tuning diagnostic of arXiv 2403.14932 v3: does fine-tuning on a structured dataset make
+r"""The fine-tuning diagnostic of arXiv 2403.14932 v3: does fine-tuning on a structured dataset make
 non-semantic tokens (punctuation, newlines, digits) draw outlier attention?
 
 Fine-tunes the last ``--train-layers`` decoder layers (plus the final norm; embeddings and the tied
 unembedding stay frozen) of SmolLM2-135M in fp32 with AdamW on the worked ``cot_solution`` texts of
 one task (tokext.evaluation.tasks), then compares attention statistics before and after on (a) held-out task
-records ("<question>\\n<cot_solution>" of problems not trained on) and (b) the built-in natural
+records ("<question>\n<cot_solution>" of problems not trained on) and (b) the built-in natural
 prompts. Layers below the trained ones cannot change, by construction; full fine-tuning does not fit
 in ~10 CPU minutes here. The frozen layers' output for the training texts is computed once, so a
 step only runs the trained layers; the first step checks that this gives the full model's loss, and
@@ -35,10 +35,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: default output folder, --save-dir check
-
 from tokext.errors import InputError
 from tokext.version import __version__
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: default output folder, --save-dir check
 
 QUICK = dict(steps=3, n_train=8, n_eval=4, n_natural=4, train_layers=1, batch_size=2, log_every=1)
 

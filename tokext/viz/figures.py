@@ -454,7 +454,8 @@ def computed_tokens(results: Path, out: Path) -> Figure | None:
     task = f"{filler['task'].iloc[0]} level {filler['level'].iloc[0]}"
     caption = (
         f"Computed tokens on {meta.get('model', 'the model')}: filler tokens ({meta.get('filler', ' .')!r}) inserted "
-        f"at position(s) {', '.join(map(str, positions))} of the final question of {task} prompts ({filler['shots'].iloc[0]}-shot, n={n} per count). Left: "
+        f"at position(s) {', '.join(map(str, positions))} of the final question of {task} prompts "
+        f"({filler['shots'].iloc[0]}-shot, n={n} per count). Left: "
         f"accuracy and teacher-forced answer loss; middle: share of the later rows' attention on the filler span; "
         f"right: mean received attention of filler keys vs content keys vs the first token (do fillers become sinks?)."
     )

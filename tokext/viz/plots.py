@@ -86,7 +86,7 @@ def layer_head_heatmap(
         vmin=vmin,
         vmax=vmax,
         cbar_kws={"label": label},
-        yticklabels=[str(l) if len(layers) <= 16 or i % 2 == 0 else "" for i, l in enumerate(layers)],
+        yticklabels=[str(layer) if len(layers) <= 16 or i % 2 == 0 else "" for i, layer in enumerate(layers)],
         xticklabels=list(range(values.shape[1])),
     )
     ax.set_xlabel("head")

@@ -47,14 +47,14 @@ def prompt(
     demos: Sequence[Example] | None = None,
     demo_seed: int = 0,
 ) -> str:
-    """The full prompt: ``shots`` worked demos (same task and level), then ``example``'s block.
+    r"""The full prompt: ``shots`` worked demos (same task and level), then ``example``'s block.
 
     ``demos`` overrides the generated demos (``shots`` is then ignored). Direct demos show
     ``"Answer: X"``; CoT demos show the worked chain ending in ``"Response: X"``.
 
     >>> from tokext.evaluation.tasks import get_task
     >>> ex = get_task("variables").generate(1, seed=0, level=1)[0]
-    >>> prompt(ex, cot=False, shots=0).endswith("\\nAnswer:")
+    >>> prompt(ex, cot=False, shots=0).endswith("\nAnswer:")
     True
     """
     if demos is None:

@@ -1,4 +1,4 @@
-"""Example records, the seeded task base class, and the two prompt forms (direct and chain-of-thought).
+r"""Example records, the seeded task base class, and the two prompt forms (direct and chain-of-thought).
 
 Every task yields :class:`Example` records with a worked ``cot_solution`` ending in
 ``"Response: <answer>"``, so one record serves evaluation, few-shot demos and fine-tuning.
@@ -6,8 +6,8 @@ Every task yields :class:`Example` records with a worked ``cot_solution`` ending
 Prompt forms (one example; few-shot demos are the same blocks with their targets filled in, separated
 by a blank line):
 
-* direct: ``"<question>\\nAnswer:"``, target ``" <answer>"``;
-* CoT: ``"<question>\\n<COT_INSTRUCTION>\\nAnalysis:"``, target ``" <cot_solution>"``.
+* direct: ``"<question>\nAnswer:"``, target ``" <answer>"``;
+* CoT: ``"<question>\n<COT_INSTRUCTION>\nAnalysis:"``, target ``" <cot_solution>"``.
 
 Small models (SmolLM2-135M) rarely produce either format zero-shot, hence ``shots=3`` by default.
 Demos come from a seed stream separate from the evaluation stream, so they never depend on, and

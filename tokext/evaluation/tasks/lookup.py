@@ -1,4 +1,4 @@
-"""In-context key-value lookup: "Key-value pairs: apple: 7, river: 3, stone: 5. What is the value of river?"
+"""In-context key-value lookup ("Key-value pairs: apple: 7, river: 3, stone: 5. What is the value of river?").
 
 Levels 1..3 are one-hop lookups among 3, 6 and 10 pairs. Level 4 is a two-hop lookup among 8 pairs:
 the first key's value is another key, whose value is the number asked for ("Look up apple, then look

@@ -1,4 +1,4 @@
-"""Variable tracking: "a = 3; b = a + 2; c = b - 1. What is c?"
+"""Variable tracking ("a = 3; b = a + 2; c = b - 1. What is c?").
 
 Level ``L`` has a dependency chain of ``L + 1`` assignments (2..5), plus ``L - 2`` distractor
 assignments (levels 3 and 4) that read a chain variable but are never asked about. Values stay

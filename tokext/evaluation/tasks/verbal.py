@@ -1,4 +1,4 @@
-"""Non-numeric ordering: "Tom is taller than Ann. Ann is taller than Bob. Who is the shortest?"
+"""Non-numeric ordering ("Tom is taller than Ann. Ann is taller than Bob. Who is the shortest?").
 
 Level ``L`` has ``L + 2`` people (3..6) and one fact per neighbouring pair of the hidden order, so the
 order is fully determined. From level 2 the facts are shuffled; from level 3 each fact is phrased
