@@ -76,9 +76,11 @@ class PositionProfile:
 
     @property
     def n_bins(self) -> int:
+        """Number of position bins (one fewer than the edges)."""
         return len(self.edges) - 1
 
     def start(self, device: torch.device) -> None:
+        """Allocate the running sums (float64) on ``device`` before the first batch."""
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         bins = self.n_bins
         self._acc = {
@@ -123,6 +125,7 @@ class PositionProfile:
         )
 
     def finish(self) -> None:
+        """Move the running sums to numpy arrays once the last batch is in."""
         acc = self._acc
         self.first_sum = acc["first"].cpu().numpy()
         self.entropy_sum = acc["entropy"].cpu().numpy()
@@ -147,6 +150,7 @@ class PositionProfile:
             )
 
     def merge(self, other: PositionProfile) -> PositionProfile:
+        """The profile of both runs (same bins, layers and heads), as if one run had seen all the rows."""
         if self.edges != other.edges or (self.n_layers, self.n_heads) != (other.n_layers, other.n_heads):
             raise InputError("can only merge position profiles with the same bins, layers and heads")
         return PositionProfile(
@@ -171,6 +175,7 @@ class PositionProfile:
 
     @classmethod
     def from_arrays(cls, data: np.lib.npyio.NpzFile) -> PositionProfile | None:
+        """The profile stored by :meth:`to_arrays` in ``data``, or ``None`` when it holds none."""
         if "position_edges" not in data.files:
             return None
         first = data["position_first_sum"]

@@ -168,14 +168,17 @@ class TokextLM(HFLM):
             yield run
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's log-likelihood requests, scored with the interventions active."""
         with self.intervening():
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """lm-eval's rolling (perplexity) requests, scored with the interventions active."""
         with self.intervening():
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """lm-eval's generation requests, generated with the interventions active."""
         with self.intervening():
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 

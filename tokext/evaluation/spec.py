@@ -47,6 +47,7 @@ class EvalSpec:
         return str(self.level) if self.level is not None else (self.category or "all")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for provenance records and TOML)."""
         return dataclasses.asdict(self)
 
     def load(self) -> list[Any]:

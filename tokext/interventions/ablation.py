@@ -42,6 +42,7 @@ class HeadAblation(Intervention):
         object.__setattr__(self, "heads", as_head_pairs("heads", self.heads, allow_none=False))
 
     def edited_layers(self, model: Any) -> list[int]:
+        """Layers whose ``hook_pattern`` this intervention rewrites (validated against ``model``)."""
         return list(head_selection(model, None, self.heads))
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:

@@ -493,10 +493,12 @@ def check_number(
 
 
 def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (numpy integers too), but not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_bool(name: str, value: Any) -> None:
+    """Raise :class:`~tokext.errors.InputError` unless ``value`` is True or False."""
     if not isinstance(value, bool):
         raise InputError(f"{name} must be True or False, got {value!r}")
 
@@ -560,8 +562,10 @@ def head_selection(
 
 
 def head_index(heads: list[int] | None, device: torch.device) -> torch.Tensor | None:
+    """``heads`` as a long tensor on ``device`` for indexing the head axis (``None``: every head)."""
     return None if heads is None else torch.tensor(heads, dtype=torch.long, device=device)
 
 
 def model_device(model: Any) -> torch.device:
+    """The device that the model's inputs go to."""
     return input_device(model)

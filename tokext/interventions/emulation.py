@@ -79,9 +79,11 @@ class EarlyLayerEmulation(Intervention):
         return 1.0 + self.alpha * (1.0 - layer / horizon)
 
     def resolved_horizon(self, model: Any) -> float:
+        """The horizon ``H`` of the decay: the given one, else the model's last layer index."""
         return float(self.horizon) if self.horizon is not None else float(int(model.cfg.n_layers) - 1)
 
     def edited_layers(self, model: Any) -> list[int]:
+        """Layers whose ``hook_pattern`` this intervention rewrites (validated against ``model``)."""
         source = resolve_layers(model, self.source_layer)[0]
         if self.layers is None:
             layers = list(range(source + 1, int(model.cfg.n_layers)))

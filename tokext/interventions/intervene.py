@@ -157,6 +157,7 @@ class InterventionEffect:
 
     @property
     def delta_loss(self) -> float:
+        """``loss_after - loss_before`` (positive: the intervention made the loss worse)."""
         return self.loss_after - self.loss_before
 
 

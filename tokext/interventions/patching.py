@@ -72,6 +72,7 @@ class PatternPatch(Intervention):
         return source, head_selection(model, targets, self.heads)
 
     def edited_layers(self, model: Any) -> list[int]:
+        """Layers whose ``hook_pattern`` this intervention rewrites (validated against ``model``)."""
         return list(self._plan(model)[1])
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:

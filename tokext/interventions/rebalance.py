@@ -78,12 +78,14 @@ class SinkRebalance(Intervention):
 
     @property
     def needs_tokens(self) -> bool:  # type: ignore[override]
+        """Whether a target names a token class, so the token ids must be known."""
         return any(isinstance(t, str) and t not in ("first", "sink") for t in self._target_names())
 
     def _target_names(self) -> tuple:
         return (self.targets,) if isinstance(self.targets, str) else self.targets
 
     def edited_layers(self, model: Any) -> list[int]:
+        """Layers whose ``hook_pattern`` this intervention rewrites (validated against ``model``)."""
         return list(head_selection(model, self.layers, self.heads))
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:

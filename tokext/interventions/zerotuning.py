@@ -138,6 +138,7 @@ class ZeroTuning(Intervention):
         return table
 
     def edited_layers(self, model: Any) -> list[int]:
+        """Layers whose ``hook_pattern`` this intervention rewrites (validated against ``model``)."""
         return list(self.factors(model))
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:

@@ -125,6 +125,7 @@ class Batch:
 
     @property
     def lengths(self) -> torch.Tensor:
+        """Real (unpadded) tokens per sequence, [batch]."""
         return self.attention_mask.sum(1)
 
 

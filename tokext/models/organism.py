@@ -49,6 +49,7 @@ class CharTokenizer:
         self.vocab_size = len(_SPECIALS) + len(chars)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Character ids of ``text``, with BOS and EOS if asked; unknown characters are an error."""
         unknown = sorted({c for c in text if c not in self._ids})
         if unknown:
             raise InputError(f"characters {unknown} of {text!r} are not in the vocabulary {self.chars!r}")
@@ -61,10 +62,12 @@ class CharTokenizer:
         return "".join(self.chars[i - n] for i in (int(i) for i in ids) if i >= n)
 
     def to_dict(self) -> dict[str, Any]:
+        """The tokenizer as a JSON-serialisable dict (saved next to the weights)."""
         return {"type": "CharTokenizer", "chars": self.chars}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
+        """The tokenizer saved by :meth:`to_dict`."""
         return cls(data["chars"])
 
     def __eq__(self, other: object) -> bool:
@@ -81,12 +84,15 @@ class OrganismExample:
     answer: int
 
     def prompt(self, cot: bool = True) -> str:
+        """The model's prompt: the question, plus ``;A:`` without CoT."""
         return self.question if cot else self.question + ";A:"
 
     def completion(self, cot: bool = True) -> str:
+        """The target after the prompt: the chain and the answer, or the answer alone without CoT."""
         return f"{self.chain};A:{self.answer}" if cot else str(self.answer)
 
     def text(self, cot: bool = True) -> str:
+        """Prompt and completion, the training text."""
         return self.prompt(cot) + self.completion(cot)
 
 
@@ -147,6 +153,7 @@ class Organism:
     log: list[dict[str, float]] = field(default_factory=list)
 
     def examples(self, n: int, seed: int, split: str = "test") -> list[OrganismExample]:
+        """``n`` examples of this organism's task (the ``split`` it was or was not trained on)."""
         task = self.config["task"]
         return organism_examples(
             n, seed, task["n_terms"], task["max_operand"], ops=task["ops"], split=split, prefix=task["prefix"]
@@ -163,6 +170,7 @@ DEFAULT_TASK = {"n_terms": 3, "max_operand": 9, "ops": "+-", "prefix": ""}  # tr
 
 
 def check_target(directory: Path, overwrite: bool) -> None:
+    """Refuse to write into a non-empty ``directory`` unless ``overwrite``."""
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
         raise InputError(
             f"refusing to overwrite {str(directory)!r}: it exists and is not empty "

@@ -25,6 +25,8 @@ from tokext.viz import plots
 
 @dataclass
 class Figure:
+    """A drawn figure: its ``name``, ``title``, ``caption`` and the ``files`` written (PNG and PDF)."""
+
     name: str
     title: str
     caption: str

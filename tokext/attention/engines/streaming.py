@@ -152,6 +152,7 @@ class StreamingEngine:
         }
 
     def on_block(self, geometry: BlockGeometry | None) -> None:
+        """Tell every listener that a new query block starts (``None``: the whole layer in one piece)."""
         for _, listener in self._parts:
             if listener is not None:
                 listener(geometry)

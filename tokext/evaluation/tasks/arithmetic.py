@@ -41,6 +41,7 @@ class Arithmetic(Task):
         )
 
     def make(self, rng: random.Random, level: int) -> tuple[str, str, str, dict[str, Any]]:
+        """One problem at ``level``: ``(question, answer, cot_solution, meta)``."""
         if self.form == "chain":
             return _make_chain(rng, n_operations(level))
         return _make_expression(rng, n_operations(level))

@@ -28,6 +28,7 @@ class Lookup(Task):
     description = "find a key's value in a list of pairs; two hops at level 4"
 
     def make(self, rng: random.Random, level: int) -> tuple[str, str, str, dict[str, Any]]:
+        """One problem at ``level``: ``(question, answer, cot_solution, meta)``."""
         n_pairs, hops = pairs_and_hops(level)
         keys = rng.sample(NOUNS, n_pairs)
         table: dict[str, str] = {k: str(rng.randint(1, 99)) for k in keys}

@@ -31,6 +31,7 @@ class Variables(Task):
     description = "track a chain of assignments ('x = 3; y = x + 2. What is y?')"
 
     def make(self, rng: random.Random, level: int) -> tuple[str, str, str, dict[str, Any]]:
+        """One problem at ``level``: ``(question, answer, cot_solution, meta)``."""
         n_chain, n_extra = chain_length(level), n_distractors(level)
         names = rng.sample(VARIABLES, n_chain + n_extra)
         chain, extra = names[:n_chain], names[n_chain:]

@@ -35,6 +35,7 @@ class Verbal(Task):
     description = "order people from pairwise comparisons; answer a name ('Who is the shortest?')"
 
     def make(self, rng: random.Random, level: int) -> tuple[str, str, str, dict[str, Any]]:
+        """One problem at ``level``: ``(question, answer, cot_solution, meta)``."""
         more, less, most, least = rng.choice(SCALES)
         order = rng.sample(NAMES, n_people(level))  # order[0] is the most <more>
         pairs = list(zip(order, order[1:]))
