@@ -135,47 +135,55 @@ class PositionProfile:
 
     # ------------------------------------------------------------------ results
 
+    def _sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(first_sum, entropy_sum, rows, entropy_rows)`` of a finished profile."""
+        if self.first_sum is None or self.entropy_sum is None or self.rows is None or self.entropy_rows is None:
+            raise InputError("this position profile is empty: collect it first")
+        return self.first_sum, self.entropy_sum, self.rows, self.entropy_rows
+
     @property
     def first_token_mass(self) -> np.ndarray:
         """Mean first-token mass of the rows in each bin [layer, head, bin]; NaN for an empty bin."""
+        first_sum, _, rows, _ = self._sums()
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.rows[:, None] > 0, self.first_sum / np.maximum(self.rows, 1)[:, None], np.nan)
+            return np.where(rows[:, None] > 0, first_sum / np.maximum(rows, 1)[:, None], np.nan)
 
     @property
     def entropy(self) -> np.ndarray:
         """Mean normalised entropy of the rows in each bin [layer, head, bin]; NaN for an empty bin."""
+        _, entropy_sum, _, entropy_rows = self._sums()
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(
-                self.entropy_rows[:, None] > 0, self.entropy_sum / np.maximum(self.entropy_rows, 1)[:, None], np.nan
-            )
+            return np.where(entropy_rows[:, None] > 0, entropy_sum / np.maximum(entropy_rows, 1)[:, None], np.nan)
 
     def merge(self, other: PositionProfile) -> PositionProfile:
         """The profile of both runs (same bins, layers and heads), as if one run had seen all the rows."""
         if self.edges != other.edges or (self.n_layers, self.n_heads) != (other.n_layers, other.n_heads):
             raise InputError("can only merge position profiles with the same bins, layers and heads")
+        first, entropy, rows, entropy_rows = (a + b for a, b in zip(self._sums(), other._sums()))
         return PositionProfile(
             edges=list(self.edges),
             n_layers=self.n_layers,
             n_heads=self.n_heads,
-            first_sum=self.first_sum + other.first_sum,
-            entropy_sum=self.entropy_sum + other.entropy_sum,
-            rows=self.rows + other.rows,
-            entropy_rows=self.entropy_rows + other.entropy_rows,
+            first_sum=first,
+            entropy_sum=entropy,
+            rows=rows,
+            entropy_rows=entropy_rows,
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What :meth:`AttentionStats.save` writes, keyed ``position_*``."""
+        first, entropy, rows, entropy_rows = self._sums()
         return {
             "position_edges": np.asarray(self.edges),
-            "position_first_sum": self.first_sum,
-            "position_entropy_sum": self.entropy_sum,
-            "position_rows": self.rows,
-            "position_entropy_rows": self.entropy_rows,
+            "position_first_sum": first,
+            "position_entropy_sum": entropy,
+            "position_rows": rows,
+            "position_entropy_rows": entropy_rows,
         }
 
     @classmethod
     def from_arrays(cls, data: np.lib.npyio.NpzFile) -> PositionProfile | None:
-        """The profile stored by :meth:`to_arrays` in ``data``, or ``None`` when it holds none."""
+        """The profile stored by :meth:`arrays` in ``data``, or ``None`` when it holds none."""
         if "position_edges" not in data.files:
             return None
         first = data["position_first_sum"]
@@ -193,7 +201,7 @@ class PositionProfile:
         """Long table: layer, bin_start, bin_stop, rows, first_token_mass and entropy (means over heads)."""
         import pandas as pd
 
-        first, entropy = self.first_token_mass, self.entropy
+        first, entropy, rows = self.first_token_mass, self.entropy, self._sums()[2]
         records = []
         for slot, layer in enumerate(layers):
             for b in range(self.n_bins):
@@ -202,7 +210,7 @@ class PositionProfile:
                         "layer": layer,
                         "bin_start": self.edges[b],
                         "bin_stop": self.edges[b + 1],
-                        "rows": int(self.rows[slot, b]),
+                        "rows": int(rows[slot, b]),
                         "first_token_mass": float(np.mean(first[slot, :, b])),
                         "entropy": float(np.mean(entropy[slot, :, b])),
                     }

@@ -114,6 +114,34 @@ class BatchContext:
         return self.counts()[1]
 
 
+def _filled(array: np.ndarray | None) -> np.ndarray:
+    """``array`` of collected statistics; an error when nothing was collected."""
+    if array is None:
+        raise InputError("these statistics are empty: collect them first")
+    return array
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """The sums every finished collection holds (checked present once, for merge and save)."""
+
+    received: np.ndarray
+    count: np.ndarray
+    entropy: np.ndarray
+    mass: np.ndarray
+    row_sum: np.ndarray
+
+    @classmethod
+    def of(cls, stats: AttentionStats) -> _Sums:
+        return cls(
+            _filled(stats.received_sum),
+            _filled(stats.received_count),
+            _filled(stats.entropy_sum),
+            _filled(stats.mass_sum),
+            _filled(stats.row_sum_sum),
+        )
+
+
 @dataclass
 class AttentionStats:
     """Per-layer, per-head attention statistics accumulated over a dataset (see module docstring)."""
@@ -135,13 +163,16 @@ class AttentionStats:
     learned_sink_sum: np.ndarray | None = None
     last_sum: np.ndarray | None = None
     per_sequence: np.ndarray | None = None  # [sequence, layer, head, position < PER_SEQUENCE_POSITIONS]
-    attention: list[LayerAttention] | None = None  # what each collected layer's queries see
+    attention: list[LayerAttention] = field(
+        default_factory=list
+    )  # what each collected layer's queries see (empty: causal)
     by_position: PositionProfile | None = None  # statistics per bin of query positions, when asked for
     # running torch accumulators while collecting
     _acc: dict[str, Any] = field(default_factory=dict, repr=False)
+    _ctx: BatchContext | None = field(default=None, init=False, repr=False)  # the batch being collected
 
     def __post_init__(self) -> None:
-        if self.attention is None:
+        if not self.attention:
             self.attention = [CAUSAL] * len(self.layers)
 
     # ------------------------------------------------------------------ accumulation
@@ -191,6 +222,8 @@ class AttentionStats:
         """The current batch context on ``device`` (a model may span devices: one copy per device)."""
         if device not in self._ctx_on:
             ctx = self._ctx
+            if ctx is None:
+                raise RuntimeError("no batch begun: begin_batch() comes before the layers' statistics")
             self._ctx_on[device] = BatchContext(
                 real=ctx.real.to(device),
                 categories=ctx.categories.to(device),
@@ -346,29 +379,25 @@ class AttentionStats:
     # ------------------------------------------------------------------ results
 
     def _need(self) -> None:
-        if self.received_sum is None:
-            raise InputError("these statistics are empty: collect them first")
+        _filled(self.received_sum)
 
     @property
     def received(self) -> np.ndarray:
         """alpha_k [layer, head, key position], averaged over the sequences that have position k."""
-        self._need()
-        count = self.received_count
+        count = _filled(self.received_count)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, self.received_sum / np.where(count > 0, count, 1), np.nan)
+            return np.where(count > 0, _filled(self.received_sum) / np.where(count > 0, count, 1), np.nan)
 
     @property
     def entropy(self) -> np.ndarray:
         """Mean normalised row entropy [layer, head] (rows with >= 2 outcomes)."""
-        self._need()
         rows = np.broadcast_to(np.asarray(self.entropy_rows, dtype=float), (len(self.layers),))
-        return self.entropy_sum / np.maximum(rows, 1)[:, None]
+        return _filled(self.entropy_sum) / np.maximum(rows, 1)[:, None]
 
     @property
     def category_mass(self) -> np.ndarray:
         """Mean share of a row's attention on each token category [layer, head, category]."""
-        self._need()
-        return self.mass_sum / max(self.real_rows, 1)
+        return _filled(self.mass_sum) / max(self.real_rows, 1)
 
     @property
     def first_token_mass(self) -> np.ndarray:
@@ -402,8 +431,7 @@ class AttentionStats:
     def row_sum(self) -> np.ndarray:
         """Mean raw row sum [layer, head]: 1 for plain softmax, above 1 under an unnormalised boost,
         ``1 - learned_sink_mass`` for an unedited learned-sink layer."""
-        self._need()
-        return self.row_sum_sum / max(self.real_rows, 1)
+        return _filled(self.row_sum_sum) / max(self.real_rows, 1)
 
     def layer_index(self, layer: int) -> int:
         """Row of ``layer`` in the [layer, ...] arrays."""
@@ -505,7 +533,7 @@ class AttentionStats:
                 "head": head,
                 "position": position,
                 "received": received.reshape(-1),
-                "n_sequences": np.tile(self.received_count, n_layers * n_heads),
+                "n_sequences": np.tile(_filled(self.received_count), n_layers * n_heads),
             }
         )
 
@@ -534,7 +562,8 @@ class AttentionStats:
             raise InputError("can only merge statistics of the same layers and heads")
         if self.attention != other.attention:
             raise InputError("can only merge statistics of layers with the same attention (window, sinks)")
-        n = max(self.received_sum.shape[-1], other.received_sum.shape[-1])
+        mine, theirs = _Sums.of(self), _Sums.of(other)
+        n = max(mine.received.shape[-1], theirs.received.shape[-1])
         grow = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])  # noqa: E731
         offset = self.n_sequences
         events = {
@@ -553,12 +582,12 @@ class AttentionStats:
             n_heads=self.n_heads,
             metadata={**self.metadata, "merged_with": other.metadata},
             sink_floor=max(self.sink_floor, other.sink_floor),
-            received_sum=grow(self.received_sum) + grow(other.received_sum),
-            received_count=grow(self.received_count) + grow(other.received_count),
-            entropy_sum=self.entropy_sum + other.entropy_sum,
+            received_sum=grow(mine.received) + grow(theirs.received),
+            received_count=grow(mine.count) + grow(theirs.count),
+            entropy_sum=mine.entropy + theirs.entropy,
             entropy_rows=rows(self) + rows(other),
-            mass_sum=self.mass_sum + other.mass_sum,
-            row_sum_sum=self.row_sum_sum + other.row_sum_sum,
+            mass_sum=mine.mass + theirs.mass,
+            row_sum_sum=mine.row_sum + theirs.row_sum,
             real_rows=self.real_rows + other.real_rows,
             n_sequences=self.n_sequences + other.n_sequences,
             events=events,
@@ -590,12 +619,13 @@ class AttentionStats:
             "attention": [vars(att) for att in self.attention],
             "format": FORMAT,
         }
+        sums = _Sums.of(self)
         arrays = {
-            "received_sum": self.received_sum,
-            "received_count": self.received_count,
-            "entropy_sum": self.entropy_sum,
-            "mass_sum": self.mass_sum,
-            "row_sum_sum": self.row_sum_sum,
+            "received_sum": sums.received,
+            "received_count": sums.count,
+            "entropy_sum": sums.entropy,
+            "mass_sum": sums.mass,
+            "row_sum_sum": sums.row_sum,
             "entropy_rows": np.broadcast_to(np.asarray(self.entropy_rows, dtype=float), (len(self.layers),)),
         }
         for name in ("learned_sink_sum", "last_sum", "per_sequence"):
@@ -605,7 +635,8 @@ class AttentionStats:
         if self.by_position is not None:
             arrays.update(self.by_position.arrays())
         with open(path, "wb") as handle:
-            np.savez_compressed(handle, header=np.array(json.dumps(header)), **arrays)
+            # numpy's stub checks **arrays against its allow_pickle: bool keyword too
+            np.savez_compressed(handle, header=np.array(json.dumps(header)), **arrays)  # type: ignore[arg-type]
         return path
 
     @classmethod
@@ -622,7 +653,7 @@ class AttentionStats:
             by_position = PositionProfile.from_arrays(data)
         except (OSError, KeyError, ValueError) as err:
             raise DataFileError(f"cannot read attention statistics from {path}: {err}") from None
-        attention = [LayerAttention(**att) for att in header["attention"]] if "attention" in header else None
+        attention = [LayerAttention(**att) for att in header["attention"]] if "attention" in header else []
         return cls(
             layers=list(header["layers"]),
             n_heads=int(header["n_heads"]),
@@ -640,5 +671,7 @@ class AttentionStats:
             token_text={int(k): v for k, v in header["token_text"].items()},
             attention=attention,
             by_position=by_position,
-            **optional,
+            learned_sink_sum=optional["learned_sink_sum"],
+            last_sum=optional["last_sum"],
+            per_sequence=optional["per_sequence"],
         )

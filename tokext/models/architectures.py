@@ -170,7 +170,8 @@ def _n_layers(config: Any) -> int:
 
 def _windows(config: Any, family: Family | None, n_layers: int) -> list[int | None]:
     """The window of every layer (``None``: full attention)."""
-    size = getattr(config, "sliding_window", None)
+    raw = getattr(config, "sliding_window", None)
+    size = int(raw) if raw else 0  # 0: no window configured
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
@@ -183,20 +184,22 @@ def _windows(config: Any, family: Family | None, n_layers: int) -> list[int | No
             raise InputError(f"config.layer_types lists {len(layer_types)} layers for a {n_layers}-layer model")
         if "sliding_attention" in layer_types and not size:
             raise InputError("config.layer_types has sliding_attention layers but sliding_window is not set")
-        return [int(size) if kind == "sliding_attention" else None for kind in layer_types]
+        return [size if kind == "sliding_attention" else None for kind in layer_types]
     rule = family.windows if family else "all"
     if not size or rule == "none":
         return [None] * n_layers
     if rule == "all":
-        return [int(size)] * n_layers
+        return [size] * n_layers
     if rule == "max_window_layers":
         if not getattr(config, "use_sliding_window", False):
             return [None] * n_layers
         first = int(getattr(config, "max_window_layers", 0) or 0)
-        return [int(size) if i >= first else None for i in range(n_layers)]
+        return [size if i >= first else None for i in range(n_layers)]
     if rule == "even_layers":
-        return [int(size) if i % 2 == 0 else None for i in range(n_layers)]
+        return [size if i % 2 == 0 else None for i in range(n_layers)]
     if rule == "pattern":
-        pattern = int(getattr(config, "sliding_window_pattern", None) or getattr(config, "_sliding_window_pattern", 6))
-        return [int(size) if (i + 1) % pattern else None for i in range(n_layers)]
+        pattern = int(
+            getattr(config, "sliding_window_pattern", None) or getattr(config, "_sliding_window_pattern", None) or 6
+        )
+        return [size if (i + 1) % pattern else None for i in range(n_layers)]
     raise InputError(f"unknown window rule {rule!r} (choose from {WINDOW_RULES})")  # pragma: no cover

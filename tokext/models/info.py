@@ -42,16 +42,12 @@ class ModelInfo:
     n_heads: int
     n_ctx: int
     prepend_bos: bool
-    attention: AttentionLayout | None = None
+    attention: AttentionLayout
     bos_token: str | None = None
     first_special: str | None = None  # a special token the tokenizer puts first without a BOS ([CLS])
     pattern_edit_lands: dict[int, bool] | None = None
     score_edit_lands: dict[int, bool] | None = None
     notes: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.attention is None:
-            self.attention = causal_layout(self.n_layers)
 
     @property
     def bos_description(self) -> str:

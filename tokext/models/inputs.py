@@ -46,7 +46,7 @@ def encode(
             raise InputError(f"token tensor must be [batch, pos], got shape {tuple(inputs.shape)}")
         seqs = [row.long() for row in inputs]
     elif all(isinstance(x, str) for x in inputs):
-        seqs = _tokenize_strings(model, list(inputs), prepend_bos)
+        seqs = _tokenize_strings(model, [str(x) for x in inputs], prepend_bos)
     else:
         try:
             seqs = [torch.as_tensor(list(x), dtype=torch.long) for x in inputs]

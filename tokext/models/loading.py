@@ -302,7 +302,7 @@ def _repair_kv_cache_kwarg(bridge: Any) -> None:
     for block in getattr(bridge, "blocks", []):
         attn = getattr(block, "attn", None)
         update = getattr(attn, "_update_kv_cache", None)
-        if update is None or getattr(update, "_tokext_repaired", False):
+        if attn is None or update is None or getattr(update, "_tokext_repaired", False):
             continue
 
         def patched(k, v, _update=update, **kwargs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from tokext.models.architectures import causal_layout
 from tokext.models.info import ModelInfo, register
 
 
@@ -44,7 +45,14 @@ def native_model(
         warnings.simplefilter("ignore")
         model = TransformerBridge.boot_native(cfg)
     model.eval()
-    register(
-        model, ModelInfo(name=name, source="native", n_layers=n_layers, n_heads=n_heads, n_ctx=n_ctx, prepend_bos=False)
+    info = ModelInfo(
+        name=name,
+        source="native",
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_ctx=n_ctx,
+        prepend_bos=False,
+        attention=causal_layout(n_layers),
     )
+    register(model, info)
     return model

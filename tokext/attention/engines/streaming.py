@@ -85,6 +85,12 @@ class Stage:
     source: int | None = None
     recorder: Edit | None = None
 
+    def reads(self) -> tuple[int, Edit]:
+        """``(source, recorder)`` of a stage that reads another layer's recorded block."""
+        if self.source is None or self.recorder is None:
+            raise InterventionNotAppliedError("this stage reads no other layer's pattern")
+        return self.source, self.recorder
+
 
 @dataclass
 class LayerChain:
@@ -197,11 +203,14 @@ class StreamingEngine:
                     self._check_replay(layer, stage)
 
     def _check_replay(self, layer: int, stage: Stage) -> None:
-        chain = self.chain(stage.source)
-        recorders = [s.fn for s in chain.pattern]
-        if stage.recorder not in recorders:
+        if stage.source is None or stage.recorder is None:
             raise InputError(f"layer {layer} reads layer {stage.source}'s pattern, which nothing there records")
-        before = chain.scores + chain.pattern[: recorders.index(stage.recorder)]
+        source, recorder = stage.reads()
+        chain = self.chain(source)
+        recorders = [s.fn for s in chain.pattern]
+        if recorder not in recorders:
+            raise InputError(f"layer {layer} reads layer {source}'s pattern, which nothing there records")
+        before = chain.scores + chain.pattern[: recorders.index(recorder)]
         if any(not s.replayable for s in before):
             raise InputError(
                 f"layer {layer} reads layer {stage.source}'s pattern after an intervention there that "
@@ -380,12 +389,13 @@ class StreamingEngine:
 
     def _replay(self, stage: Stage, start: int, stop: int) -> None:
         """Compute the source layer's block of the same rows again, up to and including its recorder."""
-        source = self._stored.get(stage.source)
+        layer, recorder = stage.reads()
+        source = self._stored.get(layer)
         if source is None:
-            raise InterventionNotAppliedError(f"layer {stage.source}'s queries and keys were not kept for this call")
-        chain = self.chain(stage.source)
-        recorder = [s.fn for s in chain.pattern].index(stage.recorder)
-        self._probs(stage.source, source, start, stop, chain, recorder + 1)
+            raise InterventionNotAppliedError(f"layer {layer}'s queries and keys were not kept for this call")
+        chain = self.chain(layer)
+        upto = [s.fn for s in chain.pattern].index(recorder) + 1
+        self._probs(layer, source, start, stop, chain, upto)
 
 
 _EMPTY = LayerChain()
@@ -577,7 +587,7 @@ def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerC
     block, itself marked with ``stream_id``)."""
     chains: dict[int, LayerChain] = {}
     made: dict[int, Stage] = {}
-    pending: list[tuple[Stage, Callable]] = []
+    pending: list[tuple[Stage, Callable | None]] = []  # (stage, the hook whose recording it reads)
     for name, fn in hooks:
         parts = name.split(".")
         if (
@@ -598,7 +608,7 @@ def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerC
         )
         made[id(getattr(fn, "stream_id", fn))] = stage
         if stage.source is not None:
-            pending.append((stage, fn.stream_recorder))
+            pending.append((stage, getattr(fn, "stream_recorder", None)))
         chain = chains.setdefault(layer, LayerChain())
         (chain.scores if parts[3] == "hook_attn_scores" else chain.pattern).append(stage)
     for stage, recorder in pending:
