@@ -24,7 +24,7 @@ import numbers
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -124,9 +124,9 @@ class RunContext:
     def total(self, pattern: torch.Tensor) -> int:
         """Positions in the sequence so far (cached + new). Needs no padding mask: a batch of strings
         (padding unknown) still has a length."""
-        mask = self.inputs.attention_mask
+        mask = self.sequence_mask(pattern) if self.inputs.attention_mask is not None else None
         if mask is not None:
-            return int(self.sequence_mask(pattern).shape[1])
+            return int(mask.shape[1])
         n_q, _, _, n_k, _, _ = self._shape(pattern)
         return max(n_k, int(self.inputs.past_len) + n_q)
 
@@ -160,10 +160,10 @@ class RunContext:
     def visible(self, pattern: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Bool [batch or 1, query, key]: the query sees the key (within ``layer``'s reach, both real)."""
         reach = sees(self.query_positions(pattern), self.key_positions(pattern), self.attention(layer))[None]
-        mask = self.sequence_mask(pattern)
-        if mask is None:
+        keys, queries = self.attention_mask(pattern), self.real_queries(pattern)
+        if keys is None or queries is None:  # both or neither: the call had no mask
             return reach
-        return reach & self.attention_mask(pattern)[:, None, :] & self.real_queries(pattern)[:, :, None]
+        return reach & keys[:, None, :] & queries[:, :, None]
 
     def first_position(self, pattern: torch.Tensor) -> torch.Tensor:
         """Long [batch]: position of each row's first real token (its "position 0" under left padding)."""
@@ -519,6 +519,10 @@ def as_int_tuple(name: str, value: Any, *, allow_none: bool = True) -> tuple[int
     return tuple(int(x) for x in items)
 
 
+@overload
+def as_head_pairs(name: str, value: Any, *, allow_none: Literal[False]) -> tuple[tuple[int, int], ...]: ...
+@overload
+def as_head_pairs(name: str, value: Any, *, allow_none: bool = True) -> tuple[tuple[int, int], ...] | None: ...
 def as_head_pairs(name: str, value: Any, *, allow_none: bool = True) -> tuple[tuple[int, int], ...] | None:
     """(layer, head) pairs as a tuple of int pairs."""
     if value is None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from tokext.errors import InterventionNotAppliedError
 from tokext.interventions.base import (
     Hooks,
     Intervention,
@@ -85,26 +86,35 @@ class SinkCalibration(Intervention):
             total = ctx.total(pattern)
             n_call = ctx.block.n_queries if ctx.block is not None else pattern.shape[-2]
             past = total - n_call
+            column_sum, count_sum = acc["column"], acc["count"]
             if ctx.block is None or ctx.block.q_start == 0:  # the first rows of a forward pass
-                old_column, old_count = acc["column"], acc["count"]
-                if past > 0 and old_column is not None and old_column.shape == (batch, sub.shape[1], past):
-                    acc["column"] = torch.nn.functional.pad(old_column, (0, n_call))
-                    acc["count"] = torch.nn.functional.pad(old_count, (0, n_call))
+                if (
+                    past > 0
+                    and column_sum is not None
+                    and count_sum is not None
+                    and column_sum.shape == (batch, sub.shape[1], past)
+                ):
+                    column_sum = torch.nn.functional.pad(column_sum, (0, n_call))
+                    count_sum = torch.nn.functional.pad(count_sum, (0, n_call))
                 else:
-                    acc["column"] = sub.new_zeros(batch, sub.shape[1], total)
-                    acc["count"] = sub.new_zeros(batch, total)
+                    column_sum, count_sum = sub.new_zeros(batch, sub.shape[1], total), sub.new_zeros(batch, total)
+                acc["column"], acc["count"] = column_sum, count_sum
+            if column_sum is None or count_sum is None:
+                raise InterventionNotAppliedError("SinkCalibration saw a later query block before the first one")
             real_q = ctx.real_queries(pattern)
             if real_q is None:
                 column = sub.sum(2)  # [batch, head, key]: received mass from the real queries
             else:  # a batched vector-matrix product: no pattern-sized temporary
                 column = torch.matmul(real_q[:, None, None, :].to(sub.dtype), sub).squeeze(2)
             keys = ctx.key_positions(pattern)
-            acc["column"][..., keys] += column
-            acc["count"][:, keys] += ctx.visible(pattern, layer).sum(1).to(sub.dtype).expand(batch, -1)
+            column_sum[..., keys] += column
+            count_sum[:, keys] += ctx.visible(pattern, layer).sum(1).to(sub.dtype).expand(batch, -1)
 
         def sinks_of(pattern: torch.Tensor) -> torch.Tensor:
             """Bool [batch, head, key]: the hidden sinks among this pattern's keys."""
             column, count = acc["column"], acc["count"]
+            if column is None or count is None:
+                raise InterventionNotAppliedError("SinkCalibration has no column sums: nothing was observed")
             received = column / torch.where(count > 0, count, 1.0)[:, None]
             sinks = received > tau  # [batch, head, position]
             real = ctx.sequence_mask(pattern)
@@ -194,8 +204,8 @@ def select_heads_greedy(
     """
     from tqdm.auto import tqdm
 
-    settings = {"tau": tau, "beta": beta, "exclude_first": exclude_first}
-    SinkCalibration(**settings)  # validate before any forward pass
+    settings: dict[str, Any] = {"tau": tau, "beta": beta, "exclude_first": exclude_first}
+    SinkCalibration(tau=tau, beta=beta, exclude_first=exclude_first)  # validate before any forward pass
     candidates = list(
         as_head_pairs("candidates", candidates if candidates is not None else all_heads(model), allow_none=False)
     )
@@ -203,17 +213,17 @@ def select_heads_greedy(
     score = score if score is not None else default_score(inputs, batch_size)
 
     def calibrated(heads: list[tuple[int, int]]) -> SinkCalibration:
-        return SinkCalibration(heads=heads, **settings)
+        return SinkCalibration(heads=tuple(heads), tau=tau, beta=beta, exclude_first=exclude_first)
 
     baseline = score_with(model, score)
     if not cumulative:  # each head alone against the baseline
         scores = score_each(
             model, score, candidates, lambda pair: calibrated([pair]), progress=progress, desc="ACT head selection"
         )
-        kept = [pair for pair in candidates if scores[pair] < baseline - min_gain]
-        return HeadSelection(heads=tuple(kept), baseline=baseline, scores=scores, settings=settings)
+        alone = [pair for pair in candidates if scores[pair] < baseline - min_gain]
+        return HeadSelection(heads=tuple(alone), baseline=baseline, scores=scores, settings=settings)
     kept: list[tuple[int, int]] = []
-    scores: dict[tuple[int, int], float] = {}
+    scores = {}
     current = baseline
     for pair in tqdm(candidates, desc="ACT head selection", disable=not progress):
         scores[pair] = score_with(model, score, calibrated(kept + [pair]))

@@ -119,7 +119,7 @@ class EarlyLayerEmulation(Intervention):
                 mask.diagonal(offset=ctx.diagonal_offset(pattern), dim1=-2, dim2=-1).fill_(0)
             state["mask"], state["keys"], state["moved"] = mask, ctx.key_positions(pattern), {}
 
-        record_mask.stream_id = record_mask  # type: ignore[attr-defined]  (what the streaming engine replays)
+        record_mask.stream_id = record_mask  # type: ignore[attr-defined]  # a function attribute: what the streaming engine replays
 
         def make_boost(layer: int) -> Any:
             gain = self.factor(layer, horizon)

@@ -84,7 +84,7 @@ class PatternPatch(Intervention):
             state["pattern"] = pattern.detach().clone()  # later in-place edits must not reach it
             state["keys"] = ctx.key_positions(pattern)
 
-        record.stream_id = record  # type: ignore[attr-defined]  (what the streaming engine replays)
+        record.stream_id = record  # type: ignore[attr-defined]  # a function attribute: what the streaming engine replays
 
         def make_patch(layer: int, heads: list[int] | None) -> Any:
             name = pattern_hook_name(layer)

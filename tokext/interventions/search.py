@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -18,6 +18,7 @@ from tokext.errors import InputError
 from tokext.interventions.base import Intervention
 
 Score = Callable[[Any], float]
+Candidate = TypeVar("Candidate", bound=Hashable)
 
 
 def score_with(model: Any, score: Score, *interventions: Intervention) -> float:
@@ -44,12 +45,12 @@ def score_with(model: Any, score: Score, *interventions: Intervention) -> float:
 def score_each(
     model: Any,
     score: Score,
-    candidates: Sequence[Hashable],
-    build: Callable[[Hashable], Intervention],
+    candidates: Sequence[Candidate],
+    build: Callable[[Candidate], Intervention],
     *,
     progress: bool = False,
     desc: str = "calibration",
-) -> dict[Hashable, float]:
+) -> dict[Candidate, float]:
     """``candidate -> score(model)`` with ``build(candidate)`` alone applied, in order."""
     from tqdm.auto import tqdm
 

@@ -259,7 +259,7 @@ def calibrate_zerotuning(
     def tuned(up: Sequence[tuple[int, int]], g_up: float, down: Sequence[tuple[int, int]], g_down: float) -> ZeroTuning:
         triples = [(layer, h, g_up) for layer, h in up if g_up != 1]
         triples += [(layer, h, g_down) for layer, h in down if g_down != 1]
-        return ZeroTuning(head_gammas=triples)
+        return ZeroTuning(head_gammas=tuple(triples))
 
     baseline = score_with(model, score)
     profile = score_each(
@@ -283,7 +283,7 @@ def calibrate_zerotuning(
     grid = score_each(
         model, score, pairs, lambda g: tuned(up, g[0], down, g[1]), progress=progress, desc="ZeroTuning factor search"
     )
-    best_pair = min(grid, key=grid.get) if grid else None
+    best_pair = min(grid, key=lambda g: grid[g]) if grid else None
     chosen: HeadGammas = ()
     best = baseline
     if best_pair is not None and grid[best_pair] < baseline - min_gain:

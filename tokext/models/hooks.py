@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -50,6 +50,10 @@ def resolve_layers(model: Any, layers: int | Sequence[int] | None) -> list[int]:
     return sorted(set(out))
 
 
+@overload
+def resolve_heads(model: Any, heads: None) -> None: ...
+@overload
+def resolve_heads(model: Any, heads: Sequence[tuple[int, int]]) -> list[tuple[int, int]]: ...
 def resolve_heads(model: Any, heads: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
     """Validate (layer, head) pairs against ``model``; ``None`` stays ``None`` (all heads)."""
     if heads is None:
