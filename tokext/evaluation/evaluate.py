@@ -246,7 +246,7 @@ def _n_bytes(choice: str) -> int:
     return max(1, len(choice.encode("utf-8")))
 
 
-def mc_predictions(lls: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
+def mc_predictions(lls: Sequence[float] | np.ndarray, choices: Sequence[str]) -> tuple[int, int]:
     """``(acc prediction, acc_norm prediction)``: argmax of the summed log-likelihoods, and of the
     log-likelihoods divided by the options' UTF-8 byte lengths (ties: the first option).
 

@@ -126,7 +126,12 @@ def _replace_options(text: str, choices: Sequence[str], letters: str) -> str:
     if not spans:
         return text
     pattern = "|".join(f"(?P<o{i}>{_bounded(s)})" for i, (s, _) in enumerate(spans))
-    return re.sub(pattern, lambda m: spans[int(m.lastgroup[1:])][1], text, flags=re.IGNORECASE)
+
+    def letter_of(match: re.Match[str]) -> str:
+        matched = next(name for name, value in match.groupdict().items() if value is not None)  # one group per option
+        return spans[int(matched[1:])][1]
+
+    return re.sub(pattern, letter_of, text, flags=re.IGNORECASE)
 
 
 def _bounded(option: str) -> str:

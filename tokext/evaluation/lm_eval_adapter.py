@@ -164,7 +164,7 @@ class TokextLM(HFLM):
         """``tokext.intervene(bridge, *interventions)`` with this model's engine."""
         from tokext.interventions import intervene
 
-        with intervene(self.bridge, *self.interventions, **self._engine_options) as run:
+        with intervene(self.bridge, *self.interventions, engine=self._engine_options["engine"]) as run:
             yield run
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

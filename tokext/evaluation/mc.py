@@ -13,7 +13,7 @@ import csv
 import importlib.util
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ def load_mmlu(
             by_subject.setdefault(subject, []).append((question, choices, label))
     items = []
     for subject, entries in by_subject.items():
-        indices = range(len(entries))
+        indices: Sequence[int] = range(len(entries))
         if limit is not None and limit < len(entries):
             indices = sorted(random.Random(f"{seed}/{subject}").sample(indices, limit))
         for i in indices:
@@ -243,7 +243,7 @@ def _subject_filter(subjects: Iterable[str] | None, categories: Iterable[str] | 
         if isinstance(categories, str):
             categories = [categories]
         names = {c.lower(): c for c in MMLU_CATEGORIES}
-        chosen = set()
+        chosen: set[str] = set()
         for c in categories:
             if str(c).lower() not in names:
                 valid = ", ".join(MMLU_CATEGORIES)

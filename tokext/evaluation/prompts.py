@@ -101,7 +101,7 @@ def long_token_sequences(model: Any, length: int, n: int = 1) -> list[list[int]]
     questions = [item.question for item in load_mmlu()]
     out = []
     for i in range(n):
-        start, ids = (i * 997) % len(questions), []
+        start, ids = (i * 997) % len(questions), list[int]()
         while len(ids) < length:
             chunk = "\n\n".join(questions[start : start + 64]) + "\n\n"
             # each chunk cut to `length` tokens: a chunk that long completes the sequence anyway

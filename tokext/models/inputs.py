@@ -15,7 +15,7 @@ import torch
 from tokext.errors import EmptyInputError, InputError, SequenceTooLongError
 from tokext.models.info import model_info
 
-Inputs = Sequence[str] | torch.Tensor | Sequence[Sequence[int]]
+Inputs = Sequence[str] | torch.Tensor | Sequence[Sequence[int]] | Sequence[torch.Tensor]
 
 
 def encode(

@@ -166,7 +166,7 @@ class Organism:
         return self.model
 
 
-DEFAULT_TASK = {"n_terms": 3, "max_operand": 9, "ops": "+-", "prefix": ""}  # train_organism's defaults
+DEFAULT_TASK: dict[str, Any] = {"n_terms": 3, "max_operand": 9, "ops": "+-", "prefix": ""}  # train_organism's defaults
 
 
 def check_target(directory: Path, overwrite: bool) -> None:

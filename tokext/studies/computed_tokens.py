@@ -200,7 +200,7 @@ class _SpanAccumulator:
 
 def _span_forward(
     model: Any,
-    seqs: Sequence[Sequence[int]],
+    seqs: Sequence[Sequence[int]] | Sequence[torch.Tensor],
     spans: Sequence[tuple[int, int]],
     stat_lengths: Sequence[int],
     *,

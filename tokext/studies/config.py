@@ -62,6 +62,7 @@ Numerics, attention engine and placement (all optional)::
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import difflib
 import hashlib
@@ -310,13 +311,13 @@ class _Reader:
             raise self.fail(where, f"expected a non-empty string, got {value!r}")
         return value
 
-    def many(self, value: Any, where: str, check) -> tuple:
+    def many(self, value: Any, where: builtins.str, check) -> tuple:
         values = value if isinstance(value, list) else [value]
         if not values:
             raise self.fail(where, "empty list")
         return tuple(check(v, f"{where}[{i}]" if isinstance(value, list) else where) for i, v in enumerate(values))
 
-    def bool(self, value: Any, where: str) -> bool:
+    def bool(self, value: Any, where: builtins.str) -> builtins.bool:
         if not isinstance(value, bool):
             raise self.fail(where, f"expected true or false, got {value!r}")
         return value

@@ -213,7 +213,7 @@ def finetune(hf: Any, tokenizer: Any, texts: list[str], held: list[str], args: a
             row = {
                 "step": step,
                 "train_loss": sum(running) / len(running),
-                "lr": sched.get_last_lr()[0],
+                "lr": float(sched.get_last_lr()[0]),
                 "heldout_loss": _held_loss(tail, held_cache, held_ids)
                 if step == args.steps or step % (10 * args.log_every) == 0
                 else math.nan,

@@ -40,7 +40,7 @@ from typing import Any
 
 import pandas as pd
 
-from tokext.errors import InputError
+from tokext.errors import InputError, InterventionNotAppliedError
 
 TAU = 0.1
 """ACT's threshold for a hidden sink (Yu et al. 2024)."""
@@ -228,6 +228,8 @@ def summarize(
                     "hidden_sink_alpha": float(mine["alpha"].sum()),
                 }
             )
+        if stats.by_position is None:
+            raise InterventionNotAppliedError("the statistics were collected without position bins")
         frame = stats.by_position.to_frame(stats.layers)
         frame.insert(0, "beyond_trained", beyond)
         frame.insert(0, "window", window)

@@ -98,7 +98,7 @@ def train_organism(
             f"or 'all'; got {steps=}, {d_model=}, {n_heads=}, {direct_fraction=}, {loss_on=}"
         )
     tok = CharTokenizer()
-    model_cfg = dict(
+    model_cfg: dict[str, Any] = dict(
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,

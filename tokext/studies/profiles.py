@@ -41,7 +41,7 @@ def default_interventions(n_layers: int, n_heads: int) -> list[Intervention]:
         AttentionTemperature(2.0),
         PatternPatch(0, (1,)),
         PatternPatch(0, tuple(range(1, n_layers))),
-        HeadAblation([(mid, h) for h in range(n_heads)], "zero"),
+        HeadAblation(tuple((mid, h) for h in range(n_heads)), "zero"),
         ZeroTuning(gamma=0.5),  # every head, as the authors' code by default, in the paper's direction for QA
     ]
 

@@ -509,10 +509,11 @@ def finetune(results: Path, out: Path) -> Figure | None:
             ax.set_xlim(first - 0.5, n_layers - 0.5)
             ax.set_xticks(range(first, n_layers))
     _bottom_labels(axes, len(columns), "layer")
+    from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles = [
+    handles: list[Artist] = [
         Line2D(
             [],
             [],
