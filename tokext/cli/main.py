@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from tokext.cli import analyze, eval, study, sweep
 from tokext.errors import TokextError, TokextWarning
+from tokext.version import __version__
 
 COMMAND_GROUPS = (analyze, study, sweep, eval)
 """The modules of the subcommands; each has ``register(subparsers)``."""
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"tokext {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for group in COMMAND_GROUPS:
