@@ -22,6 +22,7 @@ from tokext.errors import InputError, TokextWarning, UnknownModelError
 from tokext.models.architectures import family_of, layout_from_config
 from tokext.models.devices import check_device_map_modules, check_placement, normalized_max_memory, resolve_dtype
 from tokext.models.gguf import converted_gguf_dir
+from tokext.models.hub import check_hub_access
 from tokext.models.info import ModelInfo, first_special_token, model_info, register, tokenizer_adds_bos
 from tokext.models.probes import check_pattern_edits, require_pattern_edits
 
@@ -94,6 +95,8 @@ def load_model(
             bridge = bridge.to(device)
     else:
         hf_dir, name, source = _resolve_spec(spec)
+        # a hub id: at once, not after the hub client's retries, when it cannot be fetched
+        cache_only = source.startswith("hub id") and check_hub_access(hf_dir, KNOWN_MODELS)
         placement = (
             {
                 "device_map": device_map,
@@ -104,7 +107,7 @@ def load_model(
             if spread
             else {"device": device or "cpu"}
         )
-        bridge = _boot_hf_dir(hf_dir, name, dtype=dtype, source=source, **placement)
+        bridge = _boot_hf_dir(hf_dir, name, dtype=dtype, source=source, cache_only=cache_only, **placement)
     try:
         check_pattern_edits(bridge)
     except Exception as err:  # the probe forward itself failed: say so, and let require_* re-raise
@@ -180,6 +183,7 @@ def _boot_hf_dir(
     *,
     dtype: torch.dtype,
     source: str,
+    cache_only: bool = False,
     device: str | torch.device | None = None,
     device_map: str | dict[str, Any] | None = None,
     n_devices: int | None = None,
@@ -192,7 +196,7 @@ def _boot_hf_dir(
     from transformer_lens import TransformerBridge
     from transformers import AutoConfig, AutoTokenizer
 
-    is_local = Path(hf_dir).is_dir()
+    is_local = cache_only or Path(hf_dir).is_dir()
     spread = device_map is not None or n_devices is not None
     try:
         config = AutoConfig.from_pretrained(hf_dir, local_files_only=is_local)
