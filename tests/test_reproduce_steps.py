@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
-from tokext.studies.reproduce import Reproduction
+from tokext.studies.reproduce import LONG_CONTEXT_STUDY, Reproduction
 
 
 def _runner(calls: list):
@@ -44,3 +46,65 @@ def test_a_step_that_fails_is_not_marked_done(tmp_path):
     calls: list = []
     repro.step("demo", _runner(calls))
     assert calls == ["demo"]
+
+
+# ---------------------------------------------------------------------- make demo leaves figures/ as committed
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _caption(report: str, title: str) -> str:
+    """The caption paragraph under the figure heading that ends with ``title``."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("## Figure") and line.endswith(title))
+    return lines[start + 4]
+
+
+def test_default_mode_draws_fig9_from_the_committed_study(tmp_path):
+    """The default mode copies the committed 512-32k study (no model is loaded) and redraws figure 9
+    byte for byte as committed in figures/, with the same caption in REPORT.md, twice over."""
+    from tokext.viz.figures import build_all
+
+    repro = Reproduction("default", results=tmp_path / "results", log=lambda msg: None)
+    assert repro.long_context_source == LONG_CONTEXT_STUDY
+    folder = repro.step("long_context", repro.long_context)
+    assert repro._model is None  # nothing was run
+    for name in ("layers.csv", "positions.csv", "provenance.json"):
+        assert (folder / name).read_bytes() == (LONG_CONTEXT_STUDY / name).read_bytes()
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        build_all(repro.root, out)
+    for suffix in (".png", ".pdf"):
+        committed = (REPO / "figures" / f"fig9_long_context{suffix}").read_bytes()
+        for out in outs:
+            assert (out / f"fig9_long_context{suffix}").read_bytes() == committed, f"{out.name}: fig9{suffix} differs"
+    reports = [(out / "REPORT.md").read_text() for out in outs]
+    assert reports[0] == reports[1]
+    assert not re.search(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}", reports[0]), "REPORT.md carries a timestamp"
+    title = "Attention sinks at long context"
+    assert _caption(reports[0], title) == _caption((REPO / "figures" / "REPORT.md").read_text(), title)
+
+
+def test_the_long_context_study_reruns_when_asked_or_outside_the_default_mode(tmp_path):
+    assert Reproduction("default", results=tmp_path, rerun_long_context=True).long_context_source is None
+    assert Reproduction("quick", results=tmp_path).long_context_source is None
+    assert Reproduction("full", results=tmp_path).long_context_source is None
+    missing = tmp_path / "no-study"
+    assert Reproduction("default", results=tmp_path, long_context_study=missing).long_context_source is None
+
+
+def test_rerun_long_context_flag_reaches_the_reproduction(monkeypatch, tmp_path):
+    import tokext.studies.reproduce as reproduce
+    from tokext.cli import main
+
+    seen = {}
+
+    def fake_run(self, figures):
+        seen["source"] = self.long_context_source
+        return Path(figures)
+
+    monkeypatch.setattr(reproduce.Reproduction, "run", fake_run)
+    assert main(["reproduce", "--results", str(tmp_path), "--figures", str(tmp_path / "f")]) == 0
+    assert seen["source"] == LONG_CONTEXT_STUDY
+    assert main(["reproduce", "--rerun-long-context", "--results", str(tmp_path), "--figures", str(tmp_path)]) == 0
+    assert seen["source"] is None

@@ -12,6 +12,7 @@ REPRODUCE_EPILOG = """examples:
   tokext reproduce --quick      # a smoke run in < 3 min (results/reproduce/quick, figures in --figures)
   tokext reproduce --full       # the complete grids of experiments/*.toml (hours on a CPU)
   tokext reproduce --force      # recompute every step instead of reusing cached results
+  tokext reproduce --rerun-long-context   # rerun the long-context study (512-8k) instead of the committed one
   tokext reproduce --full --executor ray --address 10.0.0.5:6379   # the sweeps' cells on a Ray cluster
 """
 
@@ -24,7 +25,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     figures = args.figures or ("figures" if mode == "default" else f"results/reproduce/{mode}/figures")
     executor = make_executor_from(args)
     try:
-        Reproduction(mode, results=args.results, model=args.model, force=args.force, executor=executor).run(figures)
+        Reproduction(
+            mode,
+            results=args.results,
+            model=args.model,
+            force=args.force,
+            executor=executor,
+            rerun_long_context=args.rerun_long_context,
+        ).run(figures)
     finally:
         executor.close()
     return 0
@@ -75,6 +83,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model spec (default smollm2-135m)")
     p.add_argument("--results", default="results/reproduce", help="results root (a folder per mode)")
     p.add_argument("--figures", default=None, help="figure folder (default figures/ for the default mode)")
+    p.add_argument(
+        "--rerun-long-context",
+        action="store_true",
+        help="default mode: run the 512-8k long-context study instead of drawing figure 9 from the committed "
+        "full study (experiments/results/long_context/)",
+    )
     add_executor_flags(p)
     p.set_defaults(run=_reproduce)
 

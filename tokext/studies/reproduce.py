@@ -8,6 +8,11 @@ last; a step whose provenance exists is skipped (``--force`` empties the step fo
 Sizes per mode:
 ``quick`` (a smoke run, < 3 min), ``default`` (< 20 min on 2 CPU cores), ``full`` (the complete
 grids of ``experiments/*.toml``; hours on a CPU).
+
+The default mode draws figure 9 from the committed long-context study
+(``experiments/results/long_context/``, 512 to 32k tokens, hours on a CPU) rather than rerunning a
+shorter one, so ``make demo`` on a fresh clone rewrites ``figures/`` with the bytes committed there;
+``rerun_long_context=True`` (``--rerun-long-context``) runs the mode's own 512-8k study instead.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ import numpy as np
 from tokext.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
+LONG_CONTEXT_STUDY = ROOT / "experiments" / "results" / "long_context"
+"""The committed full long-context study (``experiments/long_context.py``; absent from an installed wheel)."""
+LONG_CONTEXT_FILES = ("layers.csv", "positions.csv", "hidden_sinks.csv", "runs.csv", "provenance.json")
 
 
 @dataclass(frozen=True)
@@ -115,9 +123,13 @@ class Reproduction:
         force: bool = False,
         log: Callable[[str], None] = print,
         executor: Any = "serial",
+        rerun_long_context: bool = False,
+        long_context_study: str | Path = LONG_CONTEXT_STUDY,
     ):
         """``executor``: where the sweep steps' cells run (``"serial"``, ``"ray"`` or an executor of
-        :mod:`tokext.studies.executors`); the other steps run in this process."""
+        :mod:`tokext.studies.executors`); the other steps run in this process. In the default mode
+        the long-context step copies the results in ``long_context_study`` (when they are there)
+        unless ``rerun_long_context``."""
         from tokext.studies.executors import make_executor
 
         if mode not in MODES:
@@ -126,6 +138,10 @@ class Reproduction:
         self.root = Path(results) / mode
         self._model = None
         self.timings: dict[str, float] = {}
+        study = Path(long_context_study)
+        self.long_context_source = (
+            study if mode == "default" and not rerun_long_context and (study / "provenance.json").is_file() else None
+        )
         self._owns_executor = isinstance(executor, str)
         self.executor = make_executor(executor) if self._owns_executor else executor
 
@@ -368,6 +384,12 @@ class Reproduction:
         from tokext.models.loading import load_model
         from tokext.studies.long_context import run_long_context
 
+        if self.long_context_source is not None:  # the committed full study, copied as it is
+            for name in LONG_CONTEXT_FILES:
+                if (self.long_context_source / name).is_file():
+                    shutil.copy2(self.long_context_source / name, folder / name)
+            self.log(f"[long_context] copied from {self.long_context_source} (--rerun-long-context runs it)")
+            return
         longest = max(self.sizes.long_lengths)
         model = self.model
         if longest > int(model.cfg.n_ctx):
