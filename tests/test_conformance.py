@@ -16,8 +16,9 @@ For each family of ``tests/conformance.py`` (a tiny random model loaded through 
   Bloom, whose attention adds ALiBi inline instead of calling transformers' AttentionInterface, is
   refused by it.
 
-README's support table is rendered from these results (:func:`support_table`); the last test checks
-that it is up to date (``TOKEXT_WRITE_SUPPORT_TABLE=1`` rewrites it).
+The documentation's support table (``docs/reference/support.md``) and its short form in README.md are
+rendered from these results (:func:`support_table`, :func:`support_summary`); the last test checks
+that both are up to date (``TOKEXT_WRITE_SUPPORT_TABLE=1`` rewrites them).
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ BINS = [0, 1, 3, 8, 27]  # query-position bins of the by-position statistics (th
 FAMILY_NAMES = list(C.FAMILIES)
 NOT_STREAMING = {"Bloom"}  # ALiBi added inline: transformers' AttentionInterface is never called
 STREAM_BUDGET = 4 * 3 * 4 * 27 * 4 * 4  # bytes: query blocks of 4 rows for 3 sequences x 4 heads x 27 keys
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+SUPPORT_PAGE, README = REPO / "docs" / "reference" / "support.md", REPO / "README.md"
 TABLE_START, TABLE_END = "<!-- support-table:start -->", "<!-- support-table:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- support-summary:start -->", "<!-- support-summary:end -->"
+COLUMNS = ("statistics", "edits", "cached generation", "streaming engine")
 
 
 # ---------------------------------------------------------------------- statistics from the oracle
@@ -435,15 +439,12 @@ def test_refusals_name_the_architecture_and_the_reason():
             pass
 
 
-# ---------------------------------------------------------------------- README's support table
+# ---------------------------------------------------------------------- the support tables (docs, README)
 
 
-def support_table() -> str:
-    """The README table, from the reports (✓ = checked to 1e-5 in tests/test_conformance.py)."""
-    lines = [
-        "| architecture | attention (tiny model) | statistics | edits | cached generation | streaming engine | notes |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def support_rows() -> dict[str, tuple[str, ...]]:
+    """Family -> (attention, statistics, edits, cached generation, streaming engine, notes) marks."""
+    rows = {}
     for name in FAMILY_NAMES:
         spec, result = C.FAMILIES[name], report(name)
         stats = "✓" if result["stats_error"] < TOL and result["padding_error"] < TOL else "✗"
@@ -466,17 +467,45 @@ def support_table() -> str:
                 and all(result.get("streaming_generation", {}).values())
             )
             stream = "✓" if same else "✗"
-        lines.append(f"| {name} | {result['layout']} | {stats} | {edits} | {generation} | {stream} | {spec.notes} |")
+        rows[name] = (result["layout"], stats, edits, generation, stream, spec.notes)
+    return rows
+
+
+def support_table() -> str:
+    """The documentation's table, from the reports (✓ = checked to 1e-5 in tests/test_conformance.py)."""
+    lines = [
+        "| architecture | attention (tiny model) | statistics | edits | cached generation | streaming engine | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {' | '.join(row)} |" for name, row in support_rows().items()]
     return "\n".join(lines)
 
 
-def test_readme_support_table_is_current():
-    table = support_table()
-    text = README.read_text(encoding="utf-8")
+def support_summary() -> str:
+    """README's short form: the families grouped by what passes."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, row in support_rows().items():
+        groups.setdefault(row[1:5], []).append(name)
+    lines = ["| what is checked against transformers | architectures |", "|---|---|"]
+    for marks, names in groups.items():
+        passed = [column for column, mark in zip(COLUMNS, marks) if mark.startswith("✓")]
+        other = [f"{column} {mark}" for column, mark in zip(COLUMNS, marks) if not mark.startswith("✓")]
+        text = ", ".join(passed) + " ✓" + (f"; {', '.join(other)}" if other else "")
+        lines.append(f"| {text} | {', '.join(names)} |")
+    return "\n".join(lines)
+
+
+def _check_block(path: Path, start_mark: str, end_mark: str, block: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert start_mark in text and end_mark in text, f"{path.name} has no {start_mark} ... {end_mark} markers"
     if os.environ.get("TOKEXT_WRITE_SUPPORT_TABLE"):
-        start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-        README.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
-        text = README.read_text(encoding="utf-8")
-    assert TABLE_START in text and TABLE_END in text, "README has no support-table markers"
-    current = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
-    assert current == table, "README's support table is out of date: rerun with TOKEXT_WRITE_SUPPORT_TABLE=1\n" + table
+        start, end = text.index(start_mark) + len(start_mark), text.index(end_mark)
+        path.write_text(text[:start] + "\n" + block + "\n" + text[end:], encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+    current = text[text.index(start_mark) + len(start_mark) : text.index(end_mark)].strip()
+    assert current == block, f"{path.name}: the support table is out of date: rerun with TOKEXT_WRITE_SUPPORT_TABLE=1"
+
+
+def test_support_tables_are_current():
+    _check_block(SUPPORT_PAGE, TABLE_START, TABLE_END, support_table())
+    _check_block(README, SUMMARY_START, SUMMARY_END, support_summary())

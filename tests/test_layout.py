@@ -212,15 +212,18 @@ def test_cli_help_loads_no_heavy_module():
     assert _heavy_modules_after(code) == []
 
 
-def _readme_layout() -> str:
-    text = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+LAYOUT_PAGE = PACKAGE.parent / "docs" / "concepts" / "layout.md"
+
+
+def _documented_layout() -> str:
+    text = LAYOUT_PAGE.read_text(encoding="utf-8")
     return text[text.index("## Layout") : text.index("## Architecture")]
 
 
-def test_readme_layout_matches_the_tree():
+def test_documented_layout_matches_the_tree():
     import re
 
-    block = _readme_layout()
+    block = _documented_layout()
     missing = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE)
@@ -233,7 +236,9 @@ def test_readme_layout_matches_the_tree():
             name = rel.name
         if (len(rel.parts) == 2 and f"{rel.parts[0]}/" not in block) or name not in block:
             missing.append(str(rel))
-    assert not missing, f"README's Layout section does not list: {missing}"
+    assert not missing, f"the Layout section of {LAYOUT_PAGE.name} does not list: {missing}"
     named = set(re.findall(r"\b([a-z_]+\.py)\b", block))
     existing = {p.name for p in PACKAGE.rglob("*.py")} | {"reference_interventions.py", "test_layout.py"}
-    assert named <= existing, f"README's Layout section lists modules that do not exist: {sorted(named - existing)}"
+    assert named <= existing, (
+        f"{LAYOUT_PAGE.name}'s Layout section lists modules that do not exist: {sorted(named - existing)}"
+    )
