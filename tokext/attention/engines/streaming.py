@@ -480,8 +480,13 @@ def _mask_block(
 @functools.lru_cache(maxsize=64)
 def _hidden(attention: LayerAttention, n_rows: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
     """Bool [row, column]: row ``r`` (at offset ``r``) does not see the key at offset ``c`` (``c0 <= c <
-    c1``); offsets from the block's first row, so every full block of a layer shares one mask."""
-    return ~sees(torch.arange(n_rows, device=device), torch.arange(c0, c1, device=device), attention)
+    c1``); offsets from the block's first row, so every full block of a layer shares one mask.
+
+    Made outside inference mode: the cache outlives the call, and a mask made under
+    ``torch.inference_mode`` (as statistics run) could not be saved for backward by a later call
+    that records gradients."""
+    with torch.inference_mode(False):
+        return ~sees(torch.arange(n_rows, device=device), torch.arange(c0, c1, device=device), attention)
 
 
 _TINY = 1e-30  # below this a row's own probability is too small to give its log-sum-exp
