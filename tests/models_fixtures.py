@@ -73,6 +73,28 @@ def llama_dir() -> Path:
 
 
 @functools.cache
+def long_llama_dir() -> Path:
+    """2-layer Llama, 4 query heads sharing 2 KV heads, d_model 32, RoPE, 2,048 positions (task prompts fit)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return _save(LlamaForCausalLM(config).eval(), "tiny-llama-long")
+
+
+@functools.cache
 def gpt2_dir() -> Path:
     """3-layer GPT-2, 4 heads, d_model 32, learned positions."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -10,7 +10,6 @@ the reason is required. Each page's blocks must also have left no tokext hook at
 
 from __future__ import annotations
 
-import functools
 import re
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import tokext
 import tokext.models
 import tokext.models.loading
-from tests.models_fixtures import VOCAB, _save
+from tests.models_fixtures import long_llama_dir
 from tests.test_bad_input import attached_hooks
 from tokext.errors import TokextWarning
 
@@ -52,33 +51,10 @@ def test_every_skipped_block_says_why():
             assert reason is None or reason.strip(), f"{page}: a no-run block without a reason:\n{code}"
 
 
-@functools.cache
-def tiny_llama_long() -> Path:
-    """2-layer Llama, 4 heads sharing 2 KV heads, d_model 32, RoPE, 2,048 positions."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return _save(LlamaForCausalLM(config).eval(), "tiny-llama-long")
-
-
 @pytest.fixture()
 def tiny_default_model(monkeypatch):
     real = tokext.models.loading.load_model
-    tiny = str(tiny_llama_long())
+    tiny = str(long_llama_dir())
 
     def load_model(spec: str = tokext.models.loading.DEFAULT_MODEL, **kwargs):
         return real(tiny if spec == tokext.models.loading.DEFAULT_MODEL else spec, **kwargs)

