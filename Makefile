@@ -43,8 +43,8 @@ demo: install
 
 # lint, format and types (configured in pyproject.toml; .pre-commit-config.yaml runs the same on commit)
 check: install
-	$(VENV)/bin/ruff check tokext tests benchmarks experiments
-	$(VENV)/bin/ruff format --check tokext tests benchmarks experiments
+	$(VENV)/bin/ruff check tokext tests benchmarks experiments docs
+	$(VENV)/bin/ruff format --check tokext tests benchmarks experiments docs
 	$(VENV)/bin/mypy
 
 # the documentation site, offline, into site/ (a warning, a broken reference or a page missing from the nav fails it)
