@@ -26,15 +26,15 @@ import json
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-import tokext  # noqa: E402
-from tokext.evaluation.probe_inputs import KINDS, probe_bos  # noqa: E402
+import tokext
+from tokext.evaluation.probe_inputs import KINDS, probe_bos
 
 GU_TABLE_1 = {  # Gu et al. 2024, Table 1: Sink_1^0.3 (%), natural / random / repeated, their BOS defaults
     "GPT2-XL": (77.00, 70.29, 62.28),
@@ -77,9 +77,11 @@ def measure(spec: str, n: int, seed: int, batch_size: int) -> list[dict]:
 
 def markdown(table: pd.DataFrame) -> str:
     lines = [
-        "Sink_1^0.3 (%), Gu et al.'s protocol (T = 64, per-row threshold), n = "
-        f"{int(table['n'].iloc[0])} rows per cell, seed {int(table['seed'].iloc[0])}. "
-        "Bold: the row's BOS choice is Gu et al.'s default.",
+        (
+            "Sink_1^0.3 (%), Gu et al.'s protocol (T = 64, per-row threshold), n = "
+            f"{int(table['n'].iloc[0])} rows per cell, seed {int(table['seed'].iloc[0])}. "
+            "Bold: the row's BOS choice is Gu et al.'s default."
+        ),
         "",
         "| model | BOS | natural | random | repeated |",
         "|---|---|---|---|---|",
@@ -91,7 +93,8 @@ def markdown(table: pd.DataFrame) -> str:
                 row = part[(part["kind"] == kind) & (part["bos"] == bos)].iloc[0]
                 value = f"{row['sink_1']:.2f}"
                 cells.append(f"**{value}**" if row["gu_default"] else value)
-            label = f"{part['bos_token'].iloc[0]} first" if bos else "none"
+            token = str(part["bos_token"].iloc[0]).replace("|", "\\|")  # a pipe would end the cell
+            label = f"`{token}` first" if bos else "none"
             lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
     for model, values in GU_TABLE_1.items():
         lines.append(f"| {model} (Gu et al.) | their default | " + " | ".join(f"{v:.2f}" for v in values) + " |")
@@ -105,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table-only", action="store_true", help="rewrite probe_inputs.md from the saved CSV")
     args = parser.parse_args(argv)
+    if args.table_only:
+        table = pd.read_csv(args.out / "probe_inputs.csv")
+        (args.out / "probe_inputs.md").write_text(markdown(table))
+        print(markdown(table))
+        return 0
     rows = []
     for spec in args.models.split(","):
         rows += measure(spec.strip(), args.n, args.seed, args.batch_size)
@@ -113,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "probe_inputs.csv", index=False, float_format="%.4f")
     (args.out / "probe_inputs.md").write_text(markdown(table))
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    git = ["git", "rev-parse", "HEAD"]
+    rev = subprocess.run(git, check=False, capture_output=True, text=True, cwd=Path(__file__).parent)
     provenance = {
         "script": "experiments/probe_inputs.py",
         "argv": sys.argv[1:] if argv is None else argv,
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": "gu2024",
         "tokext": tokext.__version__,
         "git": rev.stdout.strip(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(markdown(table))
