@@ -147,7 +147,7 @@ def check_gguf_file(path: Path) -> None:
     except Exception as err:  # noqa: BLE001  (the reader fails in many ways on a cut file: ValueError, IndexError...)
         detail = " ".join(str(err).split())[:200]
         raise ModelConversionError(
-            f"GGUF file {path} ({size} bytes) is truncated or corrupt: its header or tensor table cannot be read "
+            f"GGUF file {path} ({size} bytes) is truncated or corrupt: the gguf reader fails on it "
             f"({type(err).__name__}: {detail})"
         ) from None
     for tensor in reader.tensors:
