@@ -53,8 +53,18 @@ def test_loads_with_its_window_layout_and_real_bos(gemma, hf_gemma):
     assert ids[0] == own and ids[1] != own
     assert gemma.to_tokens(text)[0].tolist() == ids
     assert encode(gemma, [text], prepend_bos=False)[0].tolist() == ids[1:]
-    natural = probe_inputs(gemma, "natural", n=4, length=64)
+    natural = probe_inputs(gemma, "natural", n=4, length=64, seed=5)
     assert (natural[:, 0] == own).all() and (natural[:, 1:] != own).all()
+    # each row: Gemma's own tokenizer on the MMLU questions the row starts at (drawn with the seed)
+    from transformers import AutoTokenizer
+
+    from tokext.evaluation.mc import load_mmlu
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_gemma.name_or_path)
+    questions = [item.question for item in load_mmlu()]
+    starts = torch.randperm(len(questions), generator=torch.Generator().manual_seed(5))[:4].tolist()
+    for row, start in zip(natural.tolist(), starts):
+        assert row == tokenizer("\n\n".join(questions[start : start + 8]) + "\n\n").input_ids[:64]
     assert (probe_inputs(gemma, "random", n=4, length=64) != own).all()
 
 

@@ -60,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--model", default="smollm2-135m", help="smollm2-135m (default), a local HF directory, a .gguf file or a hub id"
+        "--model",
+        default="smollm2-135m",
+        help="smollm2-135m (default), gemma3-270m, a local HF directory, a .gguf file or a hub id",
     )
     p.add_argument(
         "--data",
