@@ -290,6 +290,7 @@ class _State:
     probs: dict[int, torch.Tensor] = {}
     layer: int | None = None
     bloom_mask: torch.Tensor | None = None
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (keys, values) as the attention got them
 
 
 _STATE = _State()
@@ -318,6 +319,7 @@ def _apply(layer: int, probs: torch.Tensor, visible: torch.Tensor, learned_sink:
 
 def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """Eager attention from the published formula, with the edit between softmax and ``@ V``."""
+    _STATE.kv[int(module.layer_idx)] = (key.detach().clone(), value.detach().clone())
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     if scaling is None:
@@ -418,7 +420,7 @@ def oracle_forward(
     transformers' own mask), and each layer's (edited) probabilities."""
     model = oracle_model(name)
     _STATE.edit, _STATE.score_edit = edit, score_edit
-    _STATE.info, _STATE.probs = Info(real=attention_mask.bool(), tokens=tokens), {}
+    _STATE.info, _STATE.probs, _STATE.kv = Info(real=attention_mask.bool(), tokens=tokens), {}, {}
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     # positions of a left-padded row count from its first real token (Bloom's ALiBi and BERT's
     # absolute positions come from the model itself)
@@ -430,3 +432,72 @@ def oracle_forward(
     finally:
         _STATE.edit = _STATE.score_edit = None
     return logits, _STATE.info, dict(_STATE.probs)
+
+
+# ---------------------------------------------------------------------- the oracle's norm sources
+
+_LAYERS_AND_OUTPUT = {  # family -> (path of the decoder layers, path of the output projection inside one)
+    "GPT-NeoX": ("gpt_neox.layers", "attention.dense"),
+    "GPT-2": ("transformer.h", "attn.c_proj"),
+    "Bloom": ("transformer.h", "self_attention.dense"),
+    "BERT": ("bert.encoder.layer", "attention.output.dense"),
+    "OPT": ("model.decoder.layers", "self_attn.out_proj"),
+    "GPT-J": ("transformer.h", "attn.out_proj"),
+}
+_DEFAULT_LAYERS_AND_OUTPUT = ("model.layers", "self_attn.o_proj")
+
+
+def _path(root: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def oracle_output_projection(name: str, layer: int) -> torch.nn.Module:
+    """The family's output projection of ``layer`` in the oracle model (a transformers module)."""
+    layers, output = _LAYERS_AND_OUTPUT.get(name, _DEFAULT_LAYERS_AND_OUTPUT)
+    return _path(_path(oracle_model(name), layers)[layer], output)
+
+
+def oracle_head_outputs(name: str, layer: int, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """x_h W_O^h [..., head, d_model] for x [..., head x d_head]: head h's slice of the projection's
+    weight applied to head h's slice of x (``nn.Linear``: columns of W; GPT-2's ``Conv1D``: rows)."""
+    module = oracle_output_projection(name, layer)
+    weight = module.weight.detach().double()
+    d_head = x.shape[-1] // n_heads
+    outs = []
+    for h in range(n_heads):
+        part = x[..., h * d_head : (h + 1) * d_head].double()
+        if type(module).__name__ == "Conv1D":
+            outs.append(part @ weight[h * d_head : (h + 1) * d_head])
+        else:
+            outs.append(part @ weight[:, h * d_head : (h + 1) * d_head].T)
+    return torch.stack(outs, dim=-2)
+
+
+def oracle_norm_forward(name: str, tokens: torch.Tensor) -> dict:
+    """One sequence through the oracle with forward hooks: each decoder layer's output ``h`` [T, d_model],
+    each output projection's input ``z`` [T, heads x d_head], the keys and values the attention function
+    got [kv heads, T, d_head] and the probabilities [heads, T, T] with each layer's visibility."""
+    model = oracle_model(name)
+    layers_path, _ = _LAYERS_AND_OUTPUT.get(name, _DEFAULT_LAYERS_AND_OUTPUT)
+    decoder = _path(model, layers_path)
+    h, z, handles = {}, {}, []
+    for index, layer in enumerate(decoder):
+        handles.append(
+            layer.register_forward_hook(
+                lambda m, a, out, i=index: h.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0].detach())
+            )
+        )
+        handles.append(
+            oracle_output_projection(name, index).register_forward_pre_hook(
+                lambda m, a, i=index: z.__setitem__(i, a[0][0].detach())
+            )
+        )
+    try:
+        _, info, probs = oracle_forward(name, tokens, torch.ones_like(tokens))
+    finally:
+        for handle in handles:
+            handle.remove()
+    kv = {layer: (k[0], v[0]) for layer, (k, v) in _STATE.kv.items()}
+    return {"h": h, "z": z, "kv": kv, "probs": {k: p[0] for k, p in probs.items()}, "visible": info.masks}

@@ -480,3 +480,171 @@ def test_readme_support_table_is_current():
     assert TABLE_START in text and TABLE_END in text, "README has no support-table markers"
     current = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
     assert current == table, "README's support table is out of date: rerun with TOKEXT_WRITE_SUPPORT_TABLE=1\n" + table
+
+
+# ---------------------------------------------------------------------- norm statistics (norms=True)
+
+NORM_TOL = 1e-5  # relative
+NORM_FIELDS = (
+    "residual_norm",
+    "key_norm",
+    "value_norm",
+    "norm_weighted_received",
+    "head_output_norm",
+    "top_activations",
+    "median_activation",
+)
+NORM_FAMILIES = [n for n in FAMILY_NAMES if n != "Bloom"]  # Bloom's attention never calls the oracle's function
+MASSIVE = {"abs_threshold": 2.0, "ratio": 4.0}  # the tiny models' scale: a few entries per sequence and layer
+
+
+def norm_engines(name: str) -> list[str]:
+    return ["hooks"] + ([] if name in NOT_STREAMING else ["streaming"])
+
+
+def _lower_median(x: np.ndarray) -> float:
+    flat = np.sort(np.abs(x).ravel())
+    return float(flat[(flat.size - 1) // 2])
+
+
+@functools.cache
+def oracle_norms(name: str) -> dict:
+    """Every norm statistic from transformers' own forward (one sequence at a time), pooled as documented:
+    per-position arrays over the sequences that have the position, head-output norm over real rows,
+    top-3 and median |h| over sequences, massive entries by Sun et al.'s criterion."""
+    seqs = C.sequences()
+    model = C.family_bridge(name)
+    n_layers, n_heads = len(model_info(model).attention), model_info(model).n_heads
+    length = max(map(len, seqs))
+    seen = np.zeros(length)
+    residual = np.zeros((n_layers, length))
+    key, value, weighted = (np.zeros((n_layers, n_heads, length)) for _ in range(3))
+    head_output, rows = np.zeros((n_layers, n_heads)), 0
+    top, median = np.zeros((n_layers, 3)), np.zeros(n_layers)
+    massive = {}
+    for s, seq in enumerate(seqs):
+        t = len(seq)
+        run = C.oracle_norm_forward(name, torch.tensor([seq]))
+        seen[:t] += 1
+        rows += t
+        for layer in range(n_layers):
+            h = run["h"][layer].double().numpy()  # [T, d_model]
+            residual[layer, :t] += np.linalg.norm(h, axis=-1)
+            top[layer] += np.sort(np.abs(h).ravel())[::-1][:3]
+            med = _lower_median(h)
+            median[layer] += med
+            hit = (np.abs(h) > MASSIVE["abs_threshold"]) & (np.abs(h) >= MASSIVE["ratio"] * med)
+            for position, dim in zip(*np.nonzero(hit)):
+                massive[(s, layer, int(position), int(dim))] = float(h[position, dim])
+            k, v = run["kv"][layer]
+            groups = n_heads // k.shape[0]
+            k = k.double().repeat_interleave(groups, 0)  # [head, T, d_head]
+            v = v.double().repeat_interleave(groups, 0)
+            key[layer, :, :t] += k.norm(dim=-1).numpy()
+            value[layer, :, :t] += v.norm(dim=-1).numpy()
+            # ‖v_j W_O^h‖ straight from the projection's weight, head by head
+            flat = v.permute(1, 0, 2).reshape(t, -1)  # [T, heads x d_head], head h in its slice
+            u = C.oracle_head_outputs(name, layer, flat, n_heads).norm(dim=-1).T  # [head, T]
+            p = run["probs"][layer].double() * run["visible"][layer][0]  # [head, query, key]
+            n = p * u[:, None, :]
+            n = n / n.sum(-1, keepdim=True)
+            seers = run["visible"][layer][0].double().sum(0)  # [key]
+            weighted[layer, :, :t] += (n.sum(1) / seers).numpy()
+            z = run["z"][layer]  # [T, heads x d_head]
+            head_output[layer] += C.oracle_head_outputs(name, layer, z, n_heads).norm(dim=-1).sum(0).numpy()
+    n_seq = len(seqs)
+    return {
+        "residual_norm": residual / seen,
+        "key_norm": key / seen,
+        "value_norm": value / seen,
+        "norm_weighted_received": weighted / seen,
+        "head_output_norm": head_output / rows,
+        "top_activations": top / n_seq,
+        "median_activation": median / n_seq,
+        "massive": massive,
+    }
+
+
+def norm_fields(stats) -> dict:
+    out = {field: getattr(stats, field) for field in NORM_FIELDS}
+    table = stats.massive_activations(**MASSIVE)
+    out["massive"] = {
+        (int(r.sequence), int(r.layer), int(r.position), int(r.dim)): float(r.value) for r in table.itertuples()
+    }
+    return out
+
+
+def relative_error(ours: dict, theirs: dict) -> tuple[float, str]:
+    """Largest elementwise |a - b| / |b| over the array fields (NaN on both sides agrees), and its field."""
+    worst, where = 0.0, ""
+    for field in NORM_FIELDS:
+        a, b = np.asarray(ours[field], float), np.asarray(theirs[field], float)
+        if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+            return float("inf"), f"{field} (shape or NaN pattern)"
+        scale = np.maximum(np.abs(b), 1e-6 * np.nanmax(np.abs(b)))
+        error = float(np.nanmax(np.abs(a - b) / scale))
+        if error > worst:
+            worst, where = error, field
+    return worst, where
+
+
+@functools.cache
+def norm_report(name: str, engine: str, batch_size: int) -> dict:
+    stats = collect_attention_stats(
+        C.family_bridge(name),
+        C.sequences(),
+        batch_size=batch_size,
+        progress=False,
+        engine=engine,
+        budget=STREAM_BUDGET,
+        norms=True,
+    )
+    return norm_fields(stats)
+
+
+NORM_CASES = [(n, e) for n in NORM_FAMILIES for e in norm_engines(n)]
+
+
+@pytest.mark.parametrize("name,engine", NORM_CASES)
+def test_norm_statistics_match_the_oracle(name, engine):
+    """A padded batch of three (right-padded, 26/15/9 tokens) against transformers' forward, one by one."""
+    theirs = oracle_norms(name)
+    ours = norm_report(name, engine, 3)
+    error, field = relative_error(ours, theirs)
+    assert error < NORM_TOL, f"{name} ({engine}): relative max_diff={error:.3g} in {field}"
+    assert theirs["massive"], f"{name}: the massive-activation thresholds {MASSIVE} select nothing"
+    mine, oracle = set(ours["massive"]), set(theirs["massive"])
+    assert mine == oracle, (
+        f"{name} ({engine}): massive activations differ: only ours {sorted(mine - oracle)[:3]}, "
+        f"only the oracle's {sorted(oracle - mine)[:3]}"
+    )
+    worst = max(abs(ours["massive"][k] - v) / abs(v) for k, v in theirs["massive"].items())
+    assert worst < NORM_TOL, f"{name} ({engine}): massive activation values differ by {worst:.3g} (relative)"
+
+
+@pytest.mark.parametrize("name,engine", NORM_CASES)
+def test_norm_statistics_padded_equal_one_by_one(name, engine):
+    error, field = relative_error(norm_report(name, engine, 3), norm_report(name, engine, 1))
+    assert error < NORM_TOL, f"{name} ({engine}): padded vs one-by-one relative max_diff={error:.3g} in {field}"
+
+
+@pytest.mark.parametrize("name", [n for n in NORM_FAMILIES if len(norm_engines(n)) == 2])
+def test_norm_statistics_equal_on_both_engines(name):
+    error, field = relative_error(norm_report(name, "streaming", 3), norm_report(name, "hooks", 3))
+    assert error < NORM_TOL, f"{name}: streaming vs hooks relative max_diff={error:.3g} in {field}"
+
+
+def test_norms_refused_where_the_hook_engine_cannot_see_normalised_keys():
+    """A GPT-2 whose attention module carries a key norm (as Gemma-3n's does inside Hugging Face's code,
+    where TransformerLens's delegating adapter has no hook): refused before any work, no hook left."""
+    from tokext.models.loading import load_model
+
+    model = load_model(str(C.family_dir("GPT-2")))
+    model.blocks[1].attn.original_component.k_norm = torch.nn.LayerNorm(8)
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    before = hooks()
+    with pytest.raises(InputError, match=r"key norm \(k_norm\).*layer 1.*engine='streaming'"):
+        collect_attention_stats(model, C.sequences(), progress=False, norms=True)
+    assert hooks() == before
+    stats = collect_attention_stats(model, C.sequences(), progress=False, norms=True, engine="streaming")
+    assert stats.has_norms

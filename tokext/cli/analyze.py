@@ -12,6 +12,7 @@ EPILOG = """examples:
   tokext analyze --data mmlu --protocol gu2024    # Gu et al.'s Sink_1^0.3 on 64-token texts
   tokext analyze --n 16 --html results/explorer.html   # also the interactive explorer (offline HTML)
   tokext analyze --data long.txt --engine streaming     # long prompts: no [T, T] pattern is held
+  tokext analyze --norms                          # also norms, norm-weighted attention, massive activations
 """
 
 
@@ -36,6 +37,7 @@ def _analyze(args: argparse.Namespace) -> int:
             html=args.html,
             html_prompts=args.html_prompts,
             engine=args.engine,
+            norms=args.norms,
         )
     finally:
         if bars:
@@ -94,5 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prompts shown in the explorer: the first N analysed (default 16), each cut to its first 64 tokens (fewer with --max-len)",
     )
     add_engine_flag(p, "hooks", "hooks")
+    p.add_argument(
+        "--norms",
+        action="store_true",
+        help="also key, value, head-output and residual norms, norm-weighted attention and massive activations",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_analyze)

@@ -52,6 +52,7 @@ def analyze(
     html: str | Path | None = None,
     html_prompts: int = 16,
     engine: str = "hooks",
+    norms: bool = False,
 ) -> AnalyzeResult:
     """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge.
 
@@ -70,6 +71,10 @@ def analyze(
     ``engine``: how attention runs while the statistics are collected (``"hooks"``, ``"streaming"``
     or ``"auto"``, see :func:`~tokext.attention.collect.collect_attention_stats`); the numbers are
     the same, the streaming engine needs no [T, T] pattern, for long prompts.
+
+    ``norms``: also collect the norm statistics (``collect_attention_stats(..., norms=True)``); the
+    printed table then shows norm-weighted first-token alpha, head-output norm, Gu et al.'s
+    residual, key and value norm ratios and Sun et al.'s top |h| / median |h| per layer.
     """
     from tokext.attention.engines.choose import check_engine
     from tokext.viz.explorer import DEFAULT_MAX_TOKENS, check_page_target, explore
@@ -94,6 +99,7 @@ def analyze(
         dataset=str(data or "builtin"),
         protocol=protocol,
         engine=engine,
+        norms=norms,
     )
     seconds = time.perf_counter() - started
     info = model_info(bridge)
@@ -125,7 +131,8 @@ def _long_enough(model: Any, prompts: list[str], length: int, n: int | None) -> 
 
 
 def write_outputs(stats: AttentionStats, out_dir: Path) -> list[Path]:
-    """Write ``attention_stats.csv``, ``layer_summary.csv``, ``stats.npz`` and the three figures."""
+    """Write ``attention_stats.csv``, ``layer_summary.csv``, ``stats.npz``, the three figures and, with
+    norms, ``massive_activations.csv`` (Sun et al.'s default thresholds)."""
     from tokext.viz import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +140,9 @@ def write_outputs(stats: AttentionStats, out_dir: Path) -> list[Path]:
     stats.to_frame().to_csv(files[0], index=False)
     stats.layer_summary().to_csv(files[1], index=False)
     stats.save(files[2])
+    if stats.has_norms:
+        files.append(out_dir / "massive_activations.csv")
+        stats.massive_activations().to_csv(files[-1], index=False)
     plots.style()
     note = plots.stats_provenance(stats)
     model = stats.metadata.get("model")
@@ -179,6 +189,16 @@ def format_table(stats: AttentionStats) -> str:
     if stats.has_learned_sinks:
         columns.append(("learned_sink_mass", "learned-sink mass"))
     columns += [("entropy", "entropy"), ("sink_rate", "sink rate %")]
+    if stats.has_norms:
+        columns += [
+            ("norm_weighted_received_first", "norm-wtd alpha_0"),
+            ("head_output_norm", "head-out norm"),
+            ("residual_norm_ratio", "|h_0|/|h_t|"),
+            ("key_norm_ratio", "|k_0|/|k_t|"),
+            ("value_norm_ratio", "|v_0|/|v_t|"),
+            ("top_activation", "top |h|"),
+            ("top_median_ratio", "top/median"),
+        ]
     per_sequence = stats._per_sequence_default(None)
     lines = [
         f"{meta.get('model')} ({meta.get('family', 'unknown family')}): {meta.get('bos')}, "
@@ -190,6 +210,10 @@ def format_table(stats: AttentionStats) -> str:
             f"{getattr(row, key):>{max(len(label), 7)}.{1 if key == 'sink_rate' else 3}f}" for key, label in columns
         ]
         lines.append("  ".join([f"{row.layer:>5}"] + cells))
+    if stats.has_norms:
+        lines.append(
+            "norm ratios: position 0 over the mean of positions t > 0; top |h|: the largest entry of a sequence"
+        )
     how = "each sequence's alpha thresholded, then averaged" if per_sequence else "sequence-averaged alpha thresholded"
     lines.append(f"overall sink rate (eps=0.3, position 0, {how}): {stats.sink_rate():.1f}% of (layer, head) pairs")
     return "\n".join(lines)
