@@ -502,67 +502,11 @@ def norm_engines(name: str) -> list[str]:
     return ["hooks"] + ([] if name in NOT_STREAMING else ["streaming"])
 
 
-def _lower_median(x: np.ndarray) -> float:
-    flat = np.sort(np.abs(x).ravel())
-    return float(flat[(flat.size - 1) // 2])
-
-
 @functools.cache
 def oracle_norms(name: str) -> dict:
-    """Every norm statistic from transformers' own forward (one sequence at a time), pooled as documented:
-    per-position arrays over the sequences that have the position, head-output norm over real rows,
-    top-3 and median |h| over sequences, massive entries by Sun et al.'s criterion."""
-    seqs = C.sequences()
-    model = C.family_bridge(name)
-    n_layers, n_heads = len(model_info(model).attention), model_info(model).n_heads
-    length = max(map(len, seqs))
-    seen = np.zeros(length)
-    residual = np.zeros((n_layers, length))
-    key, value, weighted = (np.zeros((n_layers, n_heads, length)) for _ in range(3))
-    head_output, rows = np.zeros((n_layers, n_heads)), 0
-    top, median = np.zeros((n_layers, 3)), np.zeros(n_layers)
-    massive = {}
-    for s, seq in enumerate(seqs):
-        t = len(seq)
-        run = C.oracle_norm_forward(name, torch.tensor([seq]))
-        seen[:t] += 1
-        rows += t
-        for layer in range(n_layers):
-            h = run["h"][layer].double().numpy()  # [T, d_model]
-            residual[layer, :t] += np.linalg.norm(h, axis=-1)
-            top[layer] += np.sort(np.abs(h).ravel())[::-1][:3]
-            med = _lower_median(h)
-            median[layer] += med
-            hit = (np.abs(h) > MASSIVE["abs_threshold"]) & (np.abs(h) >= MASSIVE["ratio"] * med)
-            for position, dim in zip(*np.nonzero(hit)):
-                massive[(s, layer, int(position), int(dim))] = float(h[position, dim])
-            k, v = run["kv"][layer]
-            groups = n_heads // k.shape[0]
-            k = k.double().repeat_interleave(groups, 0)  # [head, T, d_head]
-            v = v.double().repeat_interleave(groups, 0)
-            key[layer, :, :t] += k.norm(dim=-1).numpy()
-            value[layer, :, :t] += v.norm(dim=-1).numpy()
-            # ‖v_j W_O^h‖ straight from the projection's weight, head by head
-            flat = v.permute(1, 0, 2).reshape(t, -1)  # [T, heads x d_head], head h in its slice
-            u = C.oracle_head_outputs(name, layer, flat, n_heads).norm(dim=-1).T  # [head, T]
-            p = run["probs"][layer].double() * run["visible"][layer][0]  # [head, query, key]
-            n = p * u[:, None, :]
-            n = n / n.sum(-1, keepdim=True)
-            seers = run["visible"][layer][0].double().sum(0)  # [key]
-            weighted[layer, :, :t] += (n.sum(1) / seers).numpy()
-            z = run["z"][layer]  # [T, heads x d_head]
-            head_output[layer] += C.oracle_head_outputs(name, layer, z, n_heads).norm(dim=-1).sum(0).numpy()
-    n_seq = len(seqs)
-    return {
-        "residual_norm": residual / seen,
-        "key_norm": key / seen,
-        "value_norm": value / seen,
-        "norm_weighted_received": weighted / seen,
-        "head_output_norm": head_output / rows,
-        "top_activations": top / n_seq,
-        "median_activation": median / n_seq,
-        "massive": massive,
-    }
+    """Every norm statistic from transformers' own forward, one sequence at a time (tests/conformance.py)."""
+    runs = [C.oracle_norm_forward(name, torch.tensor([seq])) for seq in C.sequences()]
+    return C.pool_oracle_norms(runs, model_info(C.family_bridge(name)).n_heads, MASSIVE)
 
 
 def norm_fields(stats) -> dict:
@@ -641,7 +585,10 @@ def test_norms_refused_where_the_hook_engine_cannot_see_normalised_keys():
 
     model = load_model(str(C.family_dir("GPT-2")))
     model.blocks[1].attn.original_component.k_norm = torch.nn.LayerNorm(8)
-    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
     before = hooks()
     with pytest.raises(InputError, match=r"key norm \(k_norm\).*layer 1.*engine='streaming'"):
         collect_attention_stats(model, C.sequences(), progress=False, norms=True)

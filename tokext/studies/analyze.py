@@ -108,7 +108,7 @@ def analyze(
     page = None
     if html is not None:
         tokens = min(max_len, DEFAULT_MAX_TOKENS) if max_len else DEFAULT_MAX_TOKENS
-        page = explore(bridge, prompts[:html_prompts], max_tokens=tokens).save(html)
+        page = explore(bridge, prompts[:html_prompts], max_tokens=tokens, norms=norms).save(html)
     return AnalyzeResult(stats=stats, out_dir=out_dir, files=files, seconds=seconds, html=page)
 
 
