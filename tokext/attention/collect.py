@@ -184,7 +184,7 @@ def collect_attention_stats(
     stats.start(device, [info.attention[layer] for layer in chosen])
     if plan is not None:
         stats.norms = NormStats(chosen, info.n_heads)
-        stats.norms.start(device, plan.grams)
+        stats.norms.start(device, plan.factors)
     stats.metadata["engine"] = which
     stats.metadata["norms"] = bool(norms)
     pad = pad_id(model)

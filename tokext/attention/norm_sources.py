@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tokext.attention.engines.streaming import LayerChain
+from tokext.attention.norms import output_factor
 from tokext.errors import InputError
 from tokext.models.hooks import attached, module_pre_hooks
 from tokext.models.info import model_info
@@ -39,14 +40,14 @@ KEY_NORMS = ("k_norm", "k_layernorm", "key_norm")
 
 @dataclass(frozen=True)
 class NormPlan:
-    """The resolved sources of one collection: TL hook names per layer, output projections, Gram matrices."""
+    """The resolved sources of one collection: TL hook names per layer, output projections and their factors."""
 
     engine: str
     residual: dict[int, str]
     keys: dict[int, str]  # hook engine only
     values: dict[int, str]  # hook engine only
     projections: dict[int, torch.nn.Module]
-    grams: list[torch.Tensor]  # per collected layer: W_O^h W_O^hᵀ [head, d_head, d_head]
+    factors: list[torch.Tensor]  # per collected layer: L_h with L_h L_hᵀ = W_O^h W_O^hᵀ [head, d_head, d_head]
 
 
 def _key_hook(model: Any, layer: int) -> str:
@@ -103,13 +104,12 @@ def plan_norms(model: Any, layers: Sequence[int], engine: str) -> NormPlan:
             raise InputError(
                 f"{model_info(model).name}: norms=True needs the hook point {name!r}, which this model lacks"
             )
-    projections, grams = {}, []
+    projections, factors = {}, []
     for layer in layers:
         module, w = _output_weight(model, layer)
         projections[layer] = module
-        w = w.to(torch.float64)
-        grams.append(w @ w.transpose(-1, -2))
-    return NormPlan(engine, residual, keys, values, projections, grams)
+        factors.append(output_factor(w))
+    return NormPlan(engine, residual, keys, values, projections, factors)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:

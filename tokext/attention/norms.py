@@ -18,8 +18,9 @@ With ``W_O^h`` head h's slice of the output projection (``d_head x d_model``, no
   al.'s average head-output norm);
 - per-position arrays are averaged over the sequences that have the position, as ``received`` is.
 
-‖x W_O^h‖₂ is computed as ``sqrt(x G_h x)`` with the Gram matrix ``G_h = W_O^h W_O^hᵀ`` (d_head x d_head,
-float64), so no ``[.., d_model]`` product per head is ever formed.
+‖x W_O^h‖₂ is computed as ‖x L_h‖₂ with ``L_h = U_h S_h`` from the SVD ``W_O^h = U_h S_h V_hᵀ`` (d_head x
+d_head, computed once per collection in float64: ``L_h L_hᵀ = W_O^h W_O^hᵀ``), so no ``[.., d_model]`` product
+per head is ever formed, and the norm of a small output is not lost to cancellation.
 """
 
 from __future__ import annotations
@@ -35,16 +36,25 @@ from tokext.attention.residual_stats import ResidualStats
 from tokext.errors import InputError, InterventionNotAppliedError
 
 
-def output_norms(x: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """‖x_h W_O^h‖₂ for x [..., head, d_head] and ``gram`` [head, d_head, d_head] -> [..., head] (float64).
+def output_factor(w_o: torch.Tensor) -> torch.Tensor:
+    """``L`` [head, d_head, d_head] with ``L_h L_hᵀ = W_O^h W_O^hᵀ`` for ``w_o`` [head, d_head, d_model]
+    (``U_h S_h`` of the SVD, in float64), so that ‖x W_O^h‖₂ = ‖x L_h‖₂."""
+    u, s, _ = torch.linalg.svd(w_o.detach().to(torch.float64), full_matrices=False)
+    return u * s[:, None, :]
+
+
+def output_norms(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """‖x_h W_O^h‖₂ for x [..., head, d_head] and ``factor`` = :func:`output_factor` of W_O -> [..., head]
+    (in x's precision, at least float32).
 
     >>> w = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]])  # one head, W_O^h = diag(3, 4)
-    >>> output_norms(torch.tensor([[1.0, 1.0]]), w @ w.transpose(-1, -2)).tolist()
+    >>> output_norms(torch.tensor([[1.0, 1.0]]), output_factor(w)).tolist()
     [5.0]
     """
-    x = x.detach().to(torch.float64)
-    quadratic = (torch.einsum("...hd,hde->...he", x, gram.to(x.device)) * x).sum(-1)
-    return quadratic.clamp_min(0.0).sqrt()
+    x = x.detach()
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    y = torch.einsum("...hd,hde->...he", x.to(dtype), factor.to(x.device, dtype))
+    return torch.linalg.vector_norm(y, dim=-1)
 
 
 @dataclass
@@ -68,10 +78,10 @@ class NormStats:
 
     # ------------------------------------------------------------------ accumulation
 
-    def start(self, device: torch.device, grams: Sequence[torch.Tensor]) -> None:
-        """Allocate the sums; ``grams[slot]`` is ``W_O^h W_O^hᵀ`` [head, d_head, d_head] of each collected layer."""
-        if len(grams) != len(self.layers):
-            raise InputError(f"got output projections of {len(grams)} layers for {len(self.layers)} collected")
+    def start(self, device: torch.device, factors: Sequence[torch.Tensor]) -> None:
+        """Allocate the sums; ``factors[slot]`` is :func:`output_factor` of each collected layer's W_O."""
+        if len(factors) != len(self.layers):
+            raise InputError(f"got output projections of {len(factors)} layers for {len(self.layers)} collected")
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
         n, h = len(self.layers), self.n_heads
         self._acc = {
@@ -80,7 +90,7 @@ class NormStats:
             "weighted": zeros(n, h, 0),
             "count": zeros(0),
             "head_output": zeros(n, h),
-            "grams": [g.to(torch.float64) for g in grams],
+            "factors": [f.to(torch.float64) for f in factors],
             "value_out": {},  # slot -> ‖v_j W_O^h‖ [batch, head, key] of the current batch
             "pending": {},  # slot -> column sums of Ñ [batch, head, key] of the current batch
         }
@@ -118,20 +128,21 @@ class NormStats:
     def add_values(self, layer: int, value: torch.Tensor) -> None:
         """Fold layer ``layer``'s values [batch, kv head, position, d_head]; keeps ‖v_j W_O^h‖ for the
         layer's pattern blocks."""
-        values = self._add_norms("value", layer, value).transpose(1, 2)  # [batch, position, head, d_head]
+        self._add_norms("value", layer, value)
+        values = self._per_query_head(value.detach()).transpose(1, 2)  # [batch, position, head, d_head]
         acc, slot = self._acc, self.layers.index(layer)
-        acc["value_out"][slot] = output_norms(values, acc["grams"][slot]).transpose(1, 2)  # [batch, head, key]
+        acc["value_out"][slot] = output_norms(values, acc["factors"][slot]).transpose(1, 2)  # [batch, head, key]
 
-    def _add_norms(self, name: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _add_norms(self, name: str, layer: int, x: torch.Tensor) -> None:
         acc, slot = self._acc, self.layers.index(layer)
         ctx = self._batch_on(x.device)
         length = ctx.real.shape[1]
         if x.dim() != 4 or x.shape[2] != length:
             raise InputError(f"layer {layer}: got {name}s of shape {tuple(x.shape)} for a batch of {length} positions")
-        x = self._per_query_head(x.detach())
-        norms = torch.linalg.vector_norm(x.to(torch.float64), dim=-1)  # [batch, head, position]
-        acc[name][slot, :, :length] += (norms * ctx.real[:, None]).sum(0).to(acc[name].device)
-        return x
+        x = x.detach()
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        norms = self._per_query_head(torch.linalg.vector_norm(x, dim=-1))  # [batch, head, position]
+        acc[name][slot, :, :length] += (norms * ctx.real[:, None]).sum(0).to(acc[name].device, torch.float64)
 
     def add_block(self, layer: int, block: torch.Tensor, query_start: int, key_start: int) -> None:
         """Fold a block of layer ``layer``'s pattern (rows ``query_start..``, columns ``key_start..``, the
@@ -149,7 +160,7 @@ class NormStats:
         n_rows, n_cols = p.shape[-2:]
         u = value_out[..., key_start : key_start + n_cols].to(p.device, p.dtype)  # [batch, head, column]
         # Σ_j N_ij = Σ_j A_ij u_j, and Σ_i w_i N_ij / Σ_j' N_ij' = u_j Σ_i (w_i / r_i) A_ij: two products, no N
-        row_total = (p @ u.unsqueeze(-1)).squeeze(-1)  # [batch, head, row]
+        row_total = torch.einsum("bhqk,bhk->bhq", p, u)  # [batch, head, row]
         real_q = ctx.real[:, query_start : query_start + n_rows].to(p.dtype)[:, None]
         weight = torch.where(row_total > 0, real_q / torch.where(row_total > 0, row_total, 1.0), 0.0)
         column = (weight.unsqueeze(-2) @ p).squeeze(-2) * u  # [batch, head, column]
@@ -175,7 +186,7 @@ class NormStats:
         acc, slot = self._acc, self.layers.index(layer)
         ctx = self._batch_on(z.device)
         per_head = z.reshape(*z.shape[:2], self.n_heads, -1)
-        norms = output_norms(per_head, acc["grams"][slot])  # [batch, position, head]
+        norms = output_norms(per_head, acc["factors"][slot])  # [batch, position, head]
         real = ctx.real[..., None].to(torch.float64)
         acc["head_output"][slot] += (norms * real).sum((0, 1)).to(acc["head_output"].device)
 
