@@ -11,6 +11,12 @@ the process), interleaved, and the table gives ratios to the plain forward pass 
     python benchmarks/attention_stats.py --long     # T = 8192: tokext completes where caching cannot
     python benchmarks/attention_stats.py --device cuda --dtype bfloat16 --seq-lens 2048,8192 \
         --baseline sdpa_forward --methods tokext  # on a GPU, against transformers' fused attention
+    python benchmarks/attention_stats.py --norms    # the cost of norms=True, T = 2048, both engines
+
+``--norms`` times ``collect_attention_stats`` with and without ``norms=True`` on each engine (methods
+``tokext``, ``tokext_norms``, ``tokext_streaming``, ``tokext_streaming_norms``) next to the plain
+forward pass, and adds a table of each engine's norms=True time over its norms=False time, from the
+same run.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from harness import (
 )
 
 METHODS = ["plain_forward", "tokext", "tl_run_with_cache", "hf_output_attentions", "sdpa_forward"]
+NORM_METHODS = ["plain_forward", "tokext", "tokext_norms", "tokext_streaming", "tokext_streaming_norms"]
 
 
 def real_token_batches(model, seq_len: int, n_seqs: int, batch_size: int):
@@ -87,11 +94,15 @@ def worker(job: dict) -> dict:
             with torch.inference_mode():
                 for tokens in batches:
                     model(tokens, return_type=None)
-    elif method == "tokext":
+    elif method in NORM_METHODS[1:]:
         all_tokens = torch.cat(batches)
+        engine = "streaming" if "streaming" in method else "hooks"
+        norms = method.endswith("_norms")
 
         def run():
-            tokext.collect_attention_stats(model, all_tokens, batch_size=job["batch_size"], progress=False)
+            tokext.collect_attention_stats(
+                model, all_tokens, batch_size=job["batch_size"], progress=False, engine=engine, norms=norms
+            )
     elif method == "tl_run_with_cache":
 
         def run():
@@ -132,6 +143,7 @@ def worker(job: dict) -> dict:
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--long", action="store_true", help="T=8192 on SmolLM2: streaming vs caching")
+    p.add_argument("--norms", action="store_true", help="T=2048: the cost of norms=True on both engines")
     p.add_argument(
         "--memory-limit-gib",
         type=float,
@@ -147,11 +159,15 @@ def main(argv=None) -> int:
         configs, rounds, repeats = [dict(seq_len=64, n_seqs=4, batch_size=2)], 1, 1
     elif args.long:
         configs, rounds, repeats = [dict(seq_len=8192, n_seqs=1, batch_size=1)], 1, 1
+    elif args.norms:
+        configs, rounds, repeats = [dict(seq_len=2048, n_seqs=2, batch_size=1)], args.rounds, args.repeats
     else:
         configs = [dict(seq_len=512, n_seqs=8, batch_size=4), dict(seq_len=2048, n_seqs=2, batch_size=1)]
         rounds, repeats = args.rounds, args.repeats
     methods = METHODS if not args.long else ["plain_forward", "tokext", "tl_run_with_cache", "sdpa_forward"]
-    benchmark(
+    if args.norms:
+        methods = NORM_METHODS
+    results = benchmark(
         __file__,
         "attention statistics vs a plain forward pass",
         args,
@@ -161,7 +177,33 @@ def main(argv=None) -> int:
         repeats,
         memory_limit_gib=args.memory_limit_gib,
     )
+    if args.norms:
+        print(norms_table(results))
     return 0
+
+
+def norms_table(results: list[dict]) -> str:
+    """Per configuration and engine: median seconds without and with norms=True, and their ratio."""
+    import pandas as pd
+
+    frame = pd.DataFrame([r for r in results if not r.get("failed")])
+    medians = frame.groupby(["seq_len", "batch_size", "n_seqs", "method"])["seconds"].median()
+    lines = [
+        "| T | batch | seqs | engine | norms=False s | norms=True s | x norms=False |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (seq_len, batch, seqs), group in medians.groupby(level=[0, 1, 2]):
+        times = group.droplevel([0, 1, 2])
+        for engine, plain, normed in (
+            ("hooks", "tokext", "tokext_norms"),
+            ("streaming", "tokext_streaming", "tokext_streaming_norms"),
+        ):
+            if plain in times and normed in times:
+                lines.append(
+                    f"| {seq_len} | {batch} | {seqs} | {engine} | {times[plain]:.3f} | {times[normed]:.3f} | "
+                    f"{times[normed] / times[plain]:.3f} |"
+                )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ _EXPORTS = {
     "ZeroTuning": "tokext.interventions",
     "calibrate_zerotuning": "tokext.interventions",
     "greedy_generate": "tokext.evaluation.generation",
+    "probe_inputs": "tokext.evaluation.probe_inputs",
     "explore": "tokext.viz.explorer",
 }
 
