@@ -51,7 +51,7 @@ check: install
 
 # the documentation site, offline, into site/ (a warning, a broken reference or a page missing from the nav fails it)
 docs: install
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: check browser docs
 	$(PY) -m pytest -q

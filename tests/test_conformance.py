@@ -485,7 +485,7 @@ def support_summary() -> str:
     """README's short form: the families grouped by what passes."""
     groups: dict[tuple[str, ...], list[str]] = {}
     for name, row in support_rows().items():
-        groups.setdefault(row[1:5], []).append(name)
+        groups.setdefault(tuple("✓" if mark.startswith("✓") else mark for mark in row[1:5]), []).append(name)
     lines = ["| what is checked against transformers | architectures |", "|---|---|"]
     for marks, names in groups.items():
         passed = [column for column, mark in zip(COLUMNS, marks) if mark.startswith("✓")]

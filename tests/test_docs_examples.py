@@ -82,3 +82,13 @@ def test_page_examples_run(page, tiny_default_model, monkeypatch):
                 loaded.append(namespace["model"])
     for model in loaded:
         assert attached_hooks(model) == 0, f"{page.name}: a tokext hook is left attached"
+
+
+def test_readme_is_a_front_page_whose_links_resolve():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(text.encode()) <= 12 * 1024, f"README.md is {len(text.encode())} bytes (at most 12 KB)"
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert len(local) >= 10
+    missing = [link for link in local if not (REPO / link).exists()]
+    assert not missing, f"README links to missing files: {missing}"

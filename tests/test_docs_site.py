@@ -79,20 +79,17 @@ def test_api_index_links_every_public_name(site):
             assert f'href="{_defined_at(name).split(".")[1]}/#{_defined_at(name)}"' in page, name
 
 
-def test_cli_reference_is_the_parsers_help(site):
+def test_cli_reference_is_the_parsers_help(site, monkeypatch):
     """Every subcommand's usage line, as argparse prints it at the page's width, is on the page."""
     page = (site / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
     text = re.sub(r"<[^>]+>", "", page).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-    os.environ["COLUMNS"] = "100"
-    try:
-        parser = build_parser()
-        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-        for name, subparser in sub.choices.items():
-            assert f"tokext {name}" in text, name
-            for line in subparser.format_help().splitlines()[:3]:
-                assert line.strip() in text, f"{name}: {line!r} not on the CLI page"
-    finally:
-        os.environ.pop("COLUMNS", None)
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, subparser in sub.choices.items():
+        assert f"tokext {name}" in text, name
+        for line in subparser.format_help().splitlines()[:3]:
+            assert line.strip() in text, f"{name}: {line!r} not on the CLI page"
 
 
 def test_tutorials_show_their_outputs(site):
