@@ -19,14 +19,10 @@ from tokext.errors import InputError
 
 def _rest_mean(x: np.ndarray) -> np.ndarray:
     """Mean over positions t > 0 of a [..., position] array (positions no sequence has are skipped)."""
-    if x.shape[-1] < 2:
-        return np.full(x.shape[:-1], np.nan)
-    with np.errstate(invalid="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(x[..., 1:], axis=-1)
+    rest = x[..., 1:]
+    count = np.isfinite(rest).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.nansum(rest, axis=-1) / np.maximum(count, 1), np.nan)
 
 
 class NormResults:
