@@ -13,7 +13,8 @@ Both run plain forward passes (no intervention) over right-padded batches, readi
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

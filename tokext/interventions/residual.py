@@ -186,12 +186,11 @@ class MassiveActivationAblation(Intervention):
         check_number("ratio", self.ratio, low=0.0)
         object.__setattr__(self, "abs_threshold", float(self.abs_threshold))
         object.__setattr__(self, "ratio", float(self.ratio))
-        if self.mode == "mean":
-            if self.means is None:
-                raise InputError(
-                    "mode='mean' needs means (one per dim): pass means=... or build it with "
-                    "tokext.calibrate_massive_ablation(model, texts, 'mean')"
-                )
+        if self.mode == "mean" and self.means is None:
+            raise InputError(
+                "mode='mean' needs means (one per dim): pass means=... or build it with "
+                "tokext.calibrate_massive_ablation(model, texts, 'mean')"
+            )
         if self.means is not None:
             if not isinstance(self.means, (list, tuple)):
                 raise InputError(f"means must be a sequence of numbers (one per dim), got {self.means!r}")
