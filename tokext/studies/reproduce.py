@@ -43,6 +43,7 @@ class Sizes:
     organism_items: int | None  # problems per organism sweep cell (None: the config's n)
     long_lengths: tuple[int, ...] = (512, 2048)  # the long-context study's context lengths
     long_windows: tuple[int, ...] = (1,)  # its text windows per length (one count, or one per length)
+    causal_chunks: tuple[int, int, int] = (32, 128, 16)  # the causal study: scored chunks, tokens, calibration
 
 
 MODES = {
@@ -58,6 +59,7 @@ MODES = {
         organism_items=8,
         long_lengths=(64, 256),
         long_windows=(1,),
+        causal_chunks=(4, 32, 2),
     ),
     "default": Sizes(
         analyze_prompts=64,
@@ -84,6 +86,7 @@ MODES = {
         organism_items=None,
         long_lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768),
         long_windows=(4, 4, 4, 2, 2, 1, 1),
+        causal_chunks=(64, 256, 32),
     ),
 }
 
@@ -372,6 +375,18 @@ class Reproduction:
             model = load_model(self.model_spec, n_ctx=longest)
         run_long_context(model, folder, lengths=self.sizes.long_lengths, windows=self.sizes.long_windows, log=self.log)
 
+    def causal(self, folder: Path) -> None:
+        """The causal study (:mod:`tokext.studies.causal`) on the reproduction's model."""
+        from tokext.studies.causal import CausalSettings, run_causal
+
+        n, length, calib = self.sizes.causal_chunks
+        settings = CausalSettings(n_chunks=n, length=length, calib_chunks=calib, stats_chunks=min(n, 16))
+        if self.mode == "quick":
+            settings = CausalSettings(
+                n_chunks=n, length=length, calib_chunks=calib, stats_chunks=n, shares=(0.1,), n_boot=200
+            )
+        run_causal(self.model, self.model_spec, folder, settings, log=self.log)
+
     # ------------------------------------------------------------------ all
 
     def run(self, figures_dir: str | Path = "figures") -> Path:
@@ -388,6 +403,7 @@ class Reproduction:
             ("computed_tokens", self.computed_tokens),
             ("finetune", self.finetune),
             ("long_context", self.long_context),
+            ("causal", self.causal),
         ]
         try:
             for name, run in steps:

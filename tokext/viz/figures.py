@@ -20,6 +20,7 @@ import pandas as pd
 
 from tokext.viz import plots
 from tokext.attention.stats import AttentionStats
+from tokext.viz.causal_figure import causal_study
 
 
 @dataclass
@@ -638,6 +639,7 @@ BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     finetune,
     organism,
     long_context,
+    causal_study,  # figure 11, in tokext/viz/causal_figure.py
 ]
 
 
@@ -663,6 +665,7 @@ def build_all(results: str | Path, out: str | Path, *, tables: str = "") -> list
         "computed_tokens",
         "finetune",
         "long_context",
+        "causal",
     ]
     done = [s for s in steps if (results / s / "provenance.json").is_file()]
     missing = [s for s in steps if s not in done]
