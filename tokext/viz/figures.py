@@ -20,7 +20,7 @@ import pandas as pd
 
 from tokext.viz import plots
 from tokext.attention.stats import AttentionStats
-from tokext.viz.causal_figure import causal_study
+from tokext.viz import causal_figure
 
 
 @dataclass
@@ -629,6 +629,12 @@ def long_context(results: Path, out: Path) -> Figure | None:
     )
 
 
+def causal_study(results: Path, out: Path) -> Figure | None:
+    """Figure 11: the causal study (drawn by :mod:`tokext.viz.causal_figure`)."""
+    drawn = causal_figure.draw(results, out)
+    return None if drawn is None else Figure(*drawn)
+
+
 BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     head_patterns,
     sink_and_entropy,
@@ -639,7 +645,7 @@ BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     finetune,
     organism,
     long_context,
-    causal_study,  # figure 11, in tokext/viz/causal_figure.py
+    causal_study,
 ]
 
 
