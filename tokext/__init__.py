@@ -49,6 +49,7 @@ _EXPORTS = {
     "perplexity": "tokext.studies.perplexity",
     "calibrate_zerotuning": "tokext.interventions",
     "greedy_generate": "tokext.evaluation.generation",
+    "probe_inputs": "tokext.evaluation.probe_inputs",
     "explore": "tokext.viz.explorer",
 }
 

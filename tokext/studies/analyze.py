@@ -19,10 +19,14 @@ from tokext.attention.collect import collect_attention_stats
 from tokext.attention.protocols import resolve_protocol
 from tokext.attention.stats import AttentionStats
 from tokext.errors import InputError, TokextWarning
+from tokext.evaluation.probe_inputs import check_kind, probe_bos, probe_inputs
 from tokext.evaluation.prompts import load_prompts
 from tokext.models.info import model_info
 from tokext.models.inputs import encode
 from tokext.models.loading import DEFAULT_MODEL, load_model
+
+PROBE_LENGTH = 64
+"""Probe rows' length without a protocol or max_len (Gu et al.'s T)."""
 
 
 @dataclass
@@ -52,6 +56,8 @@ def analyze(
     html: str | Path | None = None,
     html_prompts: int = 16,
     engine: str = "hooks",
+    inputs: str | None = None,
+    bos: bool | None = None,
 ) -> AnalyzeResult:
     """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge.
 
@@ -70,19 +76,33 @@ def analyze(
     ``engine``: how attention runs while the statistics are collected (``"hooks"``, ``"streaming"``
     or ``"auto"``, see :func:`~tokext.attention.collect.collect_attention_stats`); the numbers are
     the same, the streaming engine needs no [T, T] pattern, for long prompts.
+
+    ``inputs``: instead of prompts, ``n`` probe rows of Gu et al.'s Table 1
+    (:func:`~tokext.evaluation.probe_inputs.probe_inputs`: ``"natural"``, ``"random"`` or
+    ``"repeated"``), ``max_len`` tokens long (default 64; the protocol's length under one), seed 0;
+    ``bos`` forces a BOS on (True) or off (False) in every row, ``None`` keeps Gu et al.'s default.
+    Not combinable with ``data``; ``bos`` needs ``inputs``.
     """
     from tokext.attention.engines.choose import check_engine
     from tokext.viz.explorer import DEFAULT_MAX_TOKENS, check_page_target, explore
 
     check_engine(engine)
     rules = resolve_protocol(protocol)
-    prompts = load_prompts(data, None if rules else n)
+    if inputs is not None:
+        _check_probe_request(inputs, data, bos, max_len, rules)
+    elif bos is not None:
+        raise InputError("bos (--bos / --no-bos) applies to probe inputs: pass inputs (--inputs) too")
+    prompts: Any = load_prompts(data, None if rules else n) if inputs is None else None
     if html is not None:
         check_page_target(html)
         if isinstance(html_prompts, bool) or not isinstance(html_prompts, int) or html_prompts < 1:
             raise InputError(f"html_prompts must be a positive integer, got {html_prompts!r}")
     bridge = load_model(model) if isinstance(model, str) else model
-    if rules is not None:
+    if inputs is not None:
+        length = rules.length if rules is not None else (max_len or PROBE_LENGTH)
+        prompts = probe_inputs(bridge, inputs, n=64 if n is None else n, length=length, bos=bos)
+        max_len = None if rules is not None else max_len
+    elif rules is not None:
         prompts = _long_enough(bridge, prompts, rules.length, n)
     started = time.perf_counter()
     stats = collect_attention_stats(
@@ -91,11 +111,15 @@ def analyze(
         batch_size=batch_size,
         max_len=max_len,
         progress=progress,
-        dataset=str(data or "builtin"),
+        dataset=f"probe:{inputs}" if inputs is not None else str(data or "builtin"),
         protocol=protocol,
         engine=engine,
     )
     seconds = time.perf_counter() - started
+    if inputs is not None:  # token rows carry their BOS choice: record it, not the tokenizer's default
+        with_bos = probe_bos(bridge, inputs, bos)
+        stats.metadata["prepend_bos"] = with_bos
+        stats.metadata["bos"] = _probe_bos_words(bridge, inputs, bos, with_bos)
     info = model_info(bridge)
     out_dir = Path(out) if out is not None else default_out_dir(info.name)
     files = write_outputs(stats, out_dir)
@@ -104,6 +128,24 @@ def analyze(
         tokens = min(max_len, DEFAULT_MAX_TOKENS) if max_len else DEFAULT_MAX_TOKENS
         page = explore(bridge, prompts[:html_prompts], max_tokens=tokens).save(html)
     return AnalyzeResult(stats=stats, out_dir=out_dir, files=files, seconds=seconds, html=page)
+
+
+def _check_probe_request(inputs: str, data: Any, bos: Any, max_len: int | None, rules: Any) -> None:
+    """Refuse probe settings that contradict each other, before any model loads."""
+    check_kind(inputs)
+    if data is not None:
+        raise InputError(f"pass either data ({data!r}) or probe inputs ({inputs!r}), not both")
+    if bos is not None and not isinstance(bos, bool):
+        raise InputError(f"bos must be None, True or False, got {bos!r}")
+    if rules is not None and max_len not in (None, rules.length):
+        raise InputError(f"protocol {rules.name!r} fixes the length at {rules.length} tokens: drop max_len={max_len}")
+
+
+def _probe_bos_words(model: Any, kind: str, bos: bool | None, with_bos: bool) -> str:
+    token = getattr(getattr(model, "tokenizer", None), "bos_token", None) or "BOS"
+    if bos is None:
+        return f"{token} first (as the tokenizer encodes text)" if with_bos else "no BOS (Gu et al.'s default)"
+    return f"{token} first (bos=True)" if with_bos else "no BOS (bos=False)"
 
 
 def _long_enough(model: Any, prompts: list[str], length: int, n: int | None) -> list[str]:
