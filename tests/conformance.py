@@ -290,6 +290,7 @@ class _State:
     probs: dict[int, torch.Tensor] = {}
     layer: int | None = None
     bloom_mask: torch.Tensor | None = None
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (keys, values) as the attention got them
 
 
 _STATE = _State()
@@ -318,6 +319,7 @@ def _apply(layer: int, probs: torch.Tensor, visible: torch.Tensor, learned_sink:
 
 def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """Eager attention from the published formula, with the edit between softmax and ``@ V``."""
+    _STATE.kv[int(module.layer_idx)] = (key.detach().clone(), value.detach().clone())
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     if scaling is None:
@@ -364,7 +366,8 @@ class _BloomSoftmax:
 
 
 @functools.cache
-def _register() -> None:
+def register_oracle() -> None:
+    """Register the oracle attention (and transformers' eager mask) as ``attn_implementation="tokext_oracle"``."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -377,7 +380,7 @@ def oracle_model(name: str) -> Any:
     """The family's model loaded by transformers with the oracle attention (once per session)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    _register()
+    register_oracle()
     cls = AutoModelForMaskedLM if name == "BERT" else AutoModelForCausalLM
     implementation = "eager" if name == "Bloom" else "tokext_oracle"
     return cls.from_pretrained(family_dir(name), attn_implementation=implementation, dtype=torch.float32).eval()
@@ -411,14 +414,16 @@ def oracle_forward(
     attention_mask: torch.Tensor,
     edit: Callable | None = None,
     score_edit: Callable | None = None,
+    model: Any = None,
 ) -> tuple[torch.Tensor, Info, dict[int, torch.Tensor]]:
     """Logits of the family's model run by transformers with ``edit`` applied to every layer's
     probabilities (``score_edit`` to its masked, softcapped scores, a sink logit included), the
     :class:`~tests.reference_interventions.Info` it saw (with each layer's visibility from
-    transformers' own mask), and each layer's (edited) probabilities."""
-    model = oracle_model(name)
+    transformers' own mask), and each layer's (edited) probabilities. ``model``: another transformers model
+    loaded with ``attn_implementation="tokext_oracle"`` (after :func:`register_oracle`) instead of the family's."""
+    model = model if model is not None else oracle_model(name)
     _STATE.edit, _STATE.score_edit = edit, score_edit
-    _STATE.info, _STATE.probs = Info(real=attention_mask.bool(), tokens=tokens), {}
+    _STATE.info, _STATE.probs, _STATE.kv = Info(real=attention_mask.bool(), tokens=tokens), {}, {}
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     # positions of a left-padded row count from its first real token (Bloom's ALiBi and BERT's
     # absolute positions come from the model itself)
@@ -506,3 +511,144 @@ def oracle_output_forward(
         for handle in handles:
             handle.remove()
     return logits
+
+
+# ---------------------------------------------------------------------- the oracle's norm sources
+
+_LAYERS_AND_OUTPUT = {  # family -> (path of the decoder layers, path of the output projection inside one)
+    "GPT-NeoX": ("gpt_neox.layers", "attention.dense"),
+    "GPT-2": ("transformer.h", "attn.c_proj"),
+    "Bloom": ("transformer.h", "self_attention.dense"),
+    "BERT": ("bert.encoder.layer", "attention.output.dense"),
+    "OPT": ("model.decoder.layers", "self_attn.out_proj"),
+    "GPT-J": ("transformer.h", "attn.out_proj"),
+}
+_DEFAULT_LAYERS_AND_OUTPUT = ("model.layers", "self_attn.o_proj")
+
+
+def _path(root: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def oracle_output_projection(name: str, layer: int, model: Any = None) -> torch.nn.Module:
+    """The family's output projection of ``layer`` in the oracle model (a transformers module)."""
+    layers, output = _LAYERS_AND_OUTPUT.get(name, _DEFAULT_LAYERS_AND_OUTPUT)
+    return _path(_path(model if model is not None else oracle_model(name), layers)[layer], output)
+
+
+def head_outputs(module: torch.nn.Module, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """x_h W_O^h [..., head, d_model] for x [..., head x d_head]: head h's slice of the projection's
+    weight applied to head h's slice of x (``nn.Linear``: columns of W; GPT-2's ``Conv1D``: rows)."""
+    weight = module.weight.detach().double()
+    d_head = x.shape[-1] // n_heads
+    outs = []
+    for h in range(n_heads):
+        part = x[..., h * d_head : (h + 1) * d_head].double()
+        if type(module).__name__ == "Conv1D":
+            outs.append(part @ weight[h * d_head : (h + 1) * d_head])
+        else:
+            outs.append(part @ weight[:, h * d_head : (h + 1) * d_head].T)
+    return torch.stack(outs, dim=-2)
+
+
+def oracle_norm_forward(name: str, tokens: torch.Tensor, model: Any = None, edit: Callable | None = None) -> dict:
+    """One sequence through the oracle (``model``: another transformers model loaded with the oracle
+    attention, e.g. SmolLM2) with forward hooks: each decoder layer's output ``h`` [T, d_model], each output
+    projection's input ``z`` [T, heads x d_head], the keys and values the attention function got [kv heads,
+    T, d_head], the probabilities [heads, T, T] with each layer's visibility, and the projections.
+    ``edit(layer, probs, info)`` changes the probabilities between the softmax and ``@ V``, as in
+    :func:`oracle_forward`."""
+    model = model if model is not None else oracle_model(name)
+    layers_path, _ = _LAYERS_AND_OUTPUT.get(name, _DEFAULT_LAYERS_AND_OUTPUT)
+    decoder = _path(model, layers_path)
+    h, z, handles = {}, {}, []
+    projections = [oracle_output_projection(name, index, model) for index in range(len(decoder))]
+    for index, layer in enumerate(decoder):
+        handles.append(
+            layer.register_forward_hook(
+                lambda m, a, out, i=index: h.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0].detach())
+            )
+        )
+        handles.append(
+            projections[index].register_forward_pre_hook(lambda m, a, i=index: z.__setitem__(i, a[0][0].detach()))
+        )
+    try:
+        _, info, probs = oracle_forward(name, tokens, torch.ones_like(tokens), edit=edit, model=model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kv = {layer: (k[0], v[0]) for layer, (k, v) in _STATE.kv.items()}
+    return {
+        "h": h,
+        "z": z,
+        "kv": kv,
+        "probs": {k: p[0] for k, p in probs.items()},
+        "visible": info.masks,
+        "projections": projections,
+    }
+
+
+def _lower_median(x: Any) -> float:
+    import numpy as np
+
+    flat = np.sort(np.abs(x).ravel())
+    return float(flat[(flat.size - 1) // 2])
+
+
+def pool_oracle_norms(runs: list[dict], n_heads: int, massive: dict) -> dict:
+    """Every norm statistic from the runs of :func:`oracle_norm_forward` (one per sequence), pooled as
+    tokext documents it: per-position arrays over the sequences that have the position, head-output norm
+    over real rows, top-3 and median |h| over sequences, massive entries by Sun et al.'s criterion with
+    ``massive`` thresholds ({(sequence, layer, position, dim): value})."""
+    import numpy as np
+
+    n_layers = len(runs[0]["h"])
+    length = max(run["h"][0].shape[0] for run in runs)
+    seen = np.zeros(length)
+    residual = np.zeros((n_layers, length))
+    key, value, weighted = (np.zeros((n_layers, n_heads, length)) for _ in range(3))
+    head_output, rows = np.zeros((n_layers, n_heads)), 0
+    top, median = np.zeros((n_layers, 3)), np.zeros(n_layers)
+    found = {}
+    for s, run in enumerate(runs):
+        t = run["h"][0].shape[0]
+        seen[:t] += 1
+        rows += t
+        for layer in range(n_layers):
+            h = run["h"][layer].double().numpy()  # [T, d_model]
+            residual[layer, :t] += np.linalg.norm(h, axis=-1)
+            top[layer] += np.sort(np.abs(h).ravel())[::-1][:3]
+            med = _lower_median(h)
+            median[layer] += med
+            hit = (np.abs(h) > massive["abs_threshold"]) & (np.abs(h) >= massive["ratio"] * med)
+            for position, dim in zip(*np.nonzero(hit)):
+                found[(s, layer, int(position), int(dim))] = float(h[position, dim])
+            k, v = run["kv"][layer]
+            groups = n_heads // k.shape[0]
+            k = k.double().repeat_interleave(groups, 0)  # [head, T, d_head]
+            v = v.double().repeat_interleave(groups, 0)
+            key[layer, :, :t] += k.norm(dim=-1).numpy()
+            value[layer, :, :t] += v.norm(dim=-1).numpy()
+            # ‖v_j W_O^h‖ straight from the projection's weight, head by head
+            projection = run["projections"][layer]
+            flat = v.permute(1, 0, 2).reshape(t, -1)  # [T, heads x d_head], head h in its slice
+            u = head_outputs(projection, flat, n_heads).norm(dim=-1).T  # [head, T]
+            p = run["probs"][layer].double() * run["visible"][layer][0]  # [head, query, key]
+            n = p * u[:, None, :]
+            n = n / n.sum(-1, keepdim=True)
+            seers = run["visible"][layer][0].double().sum(0)  # [key]
+            weighted[layer, :, :t] += (n.sum(1) / seers).numpy()
+            head_output[layer] += head_outputs(projection, run["z"][layer], n_heads).norm(dim=-1).sum(0).numpy()
+    n_seq = len(runs)
+    return {
+        "residual_norm": residual / seen,
+        "key_norm": key / seen,
+        "value_norm": value / seen,
+        "norm_weighted_received": weighted / seen,
+        "head_output_norm": head_output / rows,
+        "top_activations": top / n_seq,
+        "median_activation": median / n_seq,
+        "massive": found,
+    }

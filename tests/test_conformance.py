@@ -598,3 +598,118 @@ def test_readme_support_table_is_current():
     assert TABLE_START in text and TABLE_END in text, "README has no support-table markers"
     current = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
     assert current == table, "README's support table is out of date: rerun with TOKEXT_WRITE_SUPPORT_TABLE=1\n" + table
+
+
+# ---------------------------------------------------------------------- norm statistics (norms=True)
+
+NORM_TOL = 1e-5  # relative
+NORM_FIELDS = (
+    "residual_norm",
+    "key_norm",
+    "value_norm",
+    "norm_weighted_received",
+    "head_output_norm",
+    "top_activations",
+    "median_activation",
+)
+NORM_FAMILIES = [n for n in FAMILY_NAMES if n != "Bloom"]  # Bloom's attention never calls the oracle's function
+MASSIVE = {"abs_threshold": 2.0, "ratio": 4.0}  # the tiny models' scale: a few entries per sequence and layer
+
+
+def norm_engines(name: str) -> list[str]:
+    return ["hooks"] + ([] if name in NOT_STREAMING else ["streaming"])
+
+
+@functools.cache
+def oracle_norms(name: str) -> dict:
+    """Every norm statistic from transformers' own forward, one sequence at a time (tests/conformance.py)."""
+    runs = [C.oracle_norm_forward(name, torch.tensor([seq])) for seq in C.sequences()]
+    return C.pool_oracle_norms(runs, model_info(C.family_bridge(name)).n_heads, MASSIVE)
+
+
+def norm_fields(stats) -> dict:
+    out = {field: getattr(stats, field) for field in NORM_FIELDS}
+    table = stats.massive_activations(**MASSIVE)
+    out["massive"] = {
+        (int(r.sequence), int(r.layer), int(r.position), int(r.dim)): float(r.value) for r in table.itertuples()
+    }
+    return out
+
+
+def relative_error(ours: dict, theirs: dict) -> tuple[float, str]:
+    """Largest elementwise |a - b| / |b| over the array fields (NaN on both sides agrees), and its field."""
+    worst, where = 0.0, ""
+    for field in NORM_FIELDS:
+        a, b = np.asarray(ours[field], float), np.asarray(theirs[field], float)
+        if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+            return float("inf"), f"{field} (shape or NaN pattern)"
+        scale = np.maximum(np.abs(b), 1e-6 * np.nanmax(np.abs(b)))
+        error = float(np.nanmax(np.abs(a - b) / scale))
+        if error > worst:
+            worst, where = error, field
+    return worst, where
+
+
+@functools.cache
+def norm_report(name: str, engine: str, batch_size: int) -> dict:
+    stats = collect_attention_stats(
+        C.family_bridge(name),
+        C.sequences(),
+        batch_size=batch_size,
+        progress=False,
+        engine=engine,
+        budget=STREAM_BUDGET,
+        norms=True,
+    )
+    return norm_fields(stats)
+
+
+NORM_CASES = [(n, e) for n in NORM_FAMILIES for e in norm_engines(n)]
+
+
+@pytest.mark.parametrize("name,engine", NORM_CASES)
+def test_norm_statistics_match_the_oracle(name, engine):
+    """A padded batch of three (right-padded, 26/15/9 tokens) against transformers' forward, one by one."""
+    theirs = oracle_norms(name)
+    ours = norm_report(name, engine, 3)
+    error, field = relative_error(ours, theirs)
+    assert error < NORM_TOL, f"{name} ({engine}): relative max_diff={error:.3g} in {field}"
+    assert theirs["massive"], f"{name}: the massive-activation thresholds {MASSIVE} select nothing"
+    mine, oracle = set(ours["massive"]), set(theirs["massive"])
+    assert mine == oracle, (
+        f"{name} ({engine}): massive activations differ: only ours {sorted(mine - oracle)[:3]}, "
+        f"only the oracle's {sorted(oracle - mine)[:3]}"
+    )
+    worst = max(abs(ours["massive"][k] - v) / abs(v) for k, v in theirs["massive"].items())
+    assert worst < NORM_TOL, f"{name} ({engine}): massive activation values differ by {worst:.3g} (relative)"
+
+
+@pytest.mark.parametrize("name,engine", NORM_CASES)
+def test_norm_statistics_padded_equal_one_by_one(name, engine):
+    error, field = relative_error(norm_report(name, engine, 3), norm_report(name, engine, 1))
+    assert error < NORM_TOL, f"{name} ({engine}): padded vs one-by-one relative max_diff={error:.3g} in {field}"
+
+
+@pytest.mark.parametrize("name", [n for n in NORM_FAMILIES if len(norm_engines(n)) == 2])
+def test_norm_statistics_equal_on_both_engines(name):
+    error, field = relative_error(norm_report(name, "streaming", 3), norm_report(name, "hooks", 3))
+    assert error < NORM_TOL, f"{name}: streaming vs hooks relative max_diff={error:.3g} in {field}"
+
+
+def test_norms_refused_where_the_hook_engine_cannot_see_normalised_keys():
+    """A GPT-2 whose attention module carries a key norm (as Gemma-3n's does inside Hugging Face's code,
+    where TransformerLens's delegating adapter has no hook): refused before any work, no hook left."""
+    from tokext.models.loading import load_model
+
+    model = load_model(str(C.family_dir("GPT-2")))
+    model.blocks[1].attn.original_component.k_norm = torch.nn.LayerNorm(8)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before = hooks()
+    with pytest.raises(InputError, match=r"key norm \(k_norm\).*layer 1.*engine='streaming'"):
+        collect_attention_stats(model, C.sequences(), progress=False, norms=True)
+    assert hooks() == before
+    stats = collect_attention_stats(model, C.sequences(), progress=False, norms=True, engine="streaming")
+    assert stats.has_norms

@@ -300,3 +300,54 @@ def test_analyze_html_refuses_a_foreign_file_before_loading_the_model(tmp_path, 
     err = capsys.readouterr().err
     assert status == 2 and "refusing to overwrite" in err and "no-such-model" not in err
     assert mine.read_text() == "mine"
+
+
+# ---------------------------------------------------------------------- norms=True: two more colourings
+
+
+@pytest.fixture(scope="module")
+def norm_page(llama):
+    return explore(llama, TEXTS, SinkRebalance(), max_tokens=MAX_TOKENS, norms=True)
+
+
+def _oracle_norm_scores(tiny_llama_dir, ids, edit=None):
+    """Norm-weighted alpha_0 and head-output norm [layer, head] of one prompt from transformers itself
+    (forward hooks, the oracle attention function: tests/conformance.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests import conformance as C
+
+    C.register_oracle()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="tokext_oracle").eval()
+    run = C.oracle_norm_forward("Llama", torch.tensor([ids]), model=hf, edit=edit)
+    pooled = C.pool_oracle_norms([run], hf.config.num_attention_heads, {"abs_threshold": 1e9, "ratio": 1e9})
+    return pooled["norm_weighted_received"][:, :, 0], pooled["head_output_norm"]
+
+
+def test_norm_colourings_match_transformers(norm_page, tiny_llama_dir):
+    keys = [m["key"] for m in norm_page.data["metrics"]]
+    assert keys[-2:] == ["norm_weighted_first", "head_output_norm"]
+    assert [m["unbounded"] for m in norm_page.data["metrics"]][-2:] == [False, True]
+    for index, text in enumerate(TEXTS):
+        ids = ref.token_ids(tiny_llama_dir, text, MAX_TOKENS)
+        for run, edit in (("baseline", None), ("edited", ref.first_token_sink_removed())):
+            weighted, output = _oracle_norm_scores(tiny_llama_dir, ids, edit)
+            scores = norm_page.data["prompts"][index]["runs"][run]["scores"]
+            _close(
+                np.array(scores["norm_weighted_first"], float), weighted, 1e-5, f"prompt {index} {run} norm-weighted"
+            )
+            _close(
+                np.array(scores["head_output_norm"], float),
+                output,
+                5e-7 + 1e-5 * output.max(),
+                f"prompt {index} {run} AHON",
+            )
+        edited = np.array(norm_page.data["prompts"][index]["runs"]["edited"]["scores"]["norm_weighted_first"])
+        # SinkRebalance removes the first token from every row but its own: 1/t of the norm-weighted mass
+        assert np.allclose(edited, 1 / len(ids), atol=1e-6)
+    assert "norm-weighted mass" in norm_page.html
+
+
+def test_norm_colourings_only_when_asked(page):
+    assert [m["key"] for m in page.data["metrics"]] == ["first_token_mass", "entropy", "learned_sink_mass"]
+    assert "head_output_norm" not in page.data["prompts"][0]["runs"]["baseline"]["scores"]

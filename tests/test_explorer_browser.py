@@ -261,6 +261,32 @@ def test_notebook_view_renders_the_same_page(browser, tiny, tmp_path):
     assert outside == [] and seen.refused == [] and seen.sockets == [] and seen.errors == []
 
 
+def test_norm_colourings_in_the_browser(browser, tiny_llama_dir, tmp_path):
+    """``norms=True``: the grid coloured by norm-weighted first-token mass and by head-output norm shows
+    transformers' own values (tests/conformance.py's oracle); the head-output norm's colours run from 0
+    to the grid's largest value."""
+    from tests.test_explorer import _oracle_norm_scores
+
+    page = explore(load_model(str(tiny_llama_dir)), TEXTS, max_tokens=MAX_TOKENS, norms=True)
+    seen = open_page(browser, page.save(tmp_path / "norms.html"))
+    for prompt, text in enumerate(TEXTS):
+        seen.page.select_option("#prompt", str(prompt))
+        weighted, output = _oracle_norm_scores(tiny_llama_dir, ref.token_ids(tiny_llama_dir, text, MAX_TOKENS))
+        seen.page.select_option("#metric", "norm_weighted_first")
+        _grid_matches(cell_values(seen.page), weighted, f"norm-weighted first-token mass of prompt {prompt}")
+        seen.page.select_option("#metric", "head_output_norm")
+        values = cell_values(seen.page)
+        got = np.array([[values[(layer, head)] for head in range(4)] for layer in range(3)])
+        assert np.abs(got - output).max() < 1e-6 + 1e-5 * output.max(), f"head-output norm of prompt {prompt}"
+        top = np.unravel_index(np.argmax(output), output.shape)
+        colour = seen.page.eval_on_selector(
+            f".cell[data-layer='{top[0]}'][data-head='{top[1]}']", "c => getComputedStyle(c).backgroundColor"
+        )
+        assert colour == "rgb(253, 231, 37)", colour  # the top of the colour scale
+        assert float(seen.page.text_content("#legend-hi")) == pytest.approx(output.max(), abs=1e-3)
+    assert_nothing_left_the_page(seen)
+
+
 @pytest.mark.slow
 def test_smollm2_page_in_the_browser(browser, smollm2, tmp_path):
     """SmolLM2-135M-Instruct, two built-in prompts, EarlyLayerEmulation(alpha=0.2): the README's screenshot."""

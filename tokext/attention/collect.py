@@ -7,8 +7,9 @@ batch gives the statistics of one-by-one runs.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +18,8 @@ from tokext.attention.engines.choose import DEFAULT_BUDGET, choose_engine
 from tokext.attention.engines.streaming import BlockGeometry, LayerChain, active_engine, streaming
 from tokext.attention.masks import first_real_position, last_real_position
 from tokext.attention.metrics import CATEGORIES, token_category
+from tokext.attention.norm_sources import NormPlan, feeding_norms, plan_norms, streaming_kv
+from tokext.attention.norms import NormStats
 from tokext.attention.positions import PositionProfile, check_bins
 from tokext.attention.protocols import Protocol, resolve_protocol
 from tokext.attention.stats import AttentionStats, BatchContext
@@ -109,6 +112,7 @@ def collect_attention_stats(
     engine: str = "hooks",
     budget: int = DEFAULT_BUDGET,
     position_bins: Sequence[int] | None = None,
+    norms: bool = False,
 ) -> AttentionStats:
     """Attention statistics of ``model`` over ``inputs``, reduced inside the hooks.
 
@@ -126,6 +130,9 @@ def collect_attention_stats(
     its engine and see the edited blocks, as the hook engine's statistics see edited patterns.
     ``position_bins`` (edges of query positions, e.g. :func:`~tokext.attention.positions.log_position_bins`)
     also resolves first-token mass and entropy by query position (``stats.by_position``).
+    ``norms=True`` also collects key, value, head-output and residual norms, norm-weighted received
+    attention and massive activations in the same pass (:mod:`tokext.attention.norms`; where each is
+    read: :mod:`tokext.attention.norm_sources`).
 
     >>> from tokext.models import native_model
     >>> model = native_model()
@@ -167,18 +174,23 @@ def collect_attention_stats(
         if position_bins is None
         else PositionProfile(edges=check_bins(position_bins), n_layers=len(chosen), n_heads=info.n_heads),
     )
-    stats.start(device, [info.attention[layer] for layer in chosen])
     longest = max(int(s.numel()) for s in seqs)
     which = (
         "streaming"
         if active_engine(model) is not None
         else choose_engine(model, engine, batch=min(batch_size, len(seqs)), length=longest, budget=budget)
     )
+    plan = plan_norms(model, chosen, which) if norms else None  # every source checked before any work
+    stats.start(device, [info.attention[layer] for layer in chosen])
+    if plan is not None:
+        stats.norms = NormStats(chosen, info.n_heads)
+        stats.norms.start(device, plan.grams)
     stats.metadata["engine"] = which
+    stats.metadata["norms"] = bool(norms)
     pad = pad_id(model)
     all_batches = list(batches(seqs, batch_size, pad))
     no_logits = last_logits_only(model)
-    with _observing(model, stats, chosen, which, budget), torch.inference_mode():
+    with _observing(model, stats, chosen, which, budget, plan), torch.inference_mode():
         for batch in tqdm(all_batches, desc="attention stats", disable=not progress, unit="batch"):
             tokens = batch.tokens.to(device)
             mask = batch.attention_mask.to(device)
@@ -206,8 +218,23 @@ def last_logits_only(model: Any) -> dict[str, int]:
         return {}
 
 
-def _observing(model: Any, stats: AttentionStats, layers: Sequence[int], engine: str, budget: int) -> Any:
-    """The statistics fed by hooks on ``hook_pattern`` or, streaming, by the engine's blocks."""
+@contextlib.contextmanager
+def _observing(
+    model: Any, stats: AttentionStats, layers: Sequence[int], engine: str, budget: int, plan: NormPlan | None
+) -> Iterator[None]:
+    """The statistics fed by hooks on ``hook_pattern`` or, streaming, by the engine's blocks; with a
+    norm plan, the norm statistics' own sources too."""
+    with _attention_feed(model, stats, layers, engine, budget, plan is not None):
+        if plan is None:
+            yield
+        else:
+            with feeding_norms(model, stats, plan):
+                yield
+
+
+def _attention_feed(
+    model: Any, stats: AttentionStats, layers: Sequence[int], engine: str, budget: int, kv: bool
+) -> Any:
     if engine == "hooks":
 
         def make_hook(layer: int) -> Callable:
@@ -222,7 +249,9 @@ def _observing(model: Any, stats: AttentionStats, layers: Sequence[int], engine:
         def observe(block: torch.Tensor, geometry: BlockGeometry, plogp: torch.Tensor | None) -> None:
             stats.update_block(layer, block, geometry.q_start, geometry.k_start, plogp=plogp)
 
-        return LayerChain(observers=[observe], finish=[lambda: stats.end_layer(layer)])
+        return LayerChain(
+            observers=[observe], finish=[lambda: stats.end_layer(layer)], kv=streaming_kv(stats, layer).kv if kv else []
+        )
 
     return streaming(model, {layer: observer(layer) for layer in layers}, budget=budget)
 

@@ -17,7 +17,10 @@ Conventions (the formulas live in :mod:`tokext.attention.metrics`):
 - rows are renormalised over their visible keys before any of these (a learned-sink row over keys
   plus sink, as the model uses it); ``row_sum`` keeps the raw sum;
 - ``by_position`` (when collected with position bins): first-token mass and entropy per bin of
-  query positions (:class:`~tokext.attention.positions.PositionProfile`).
+  query positions (:class:`~tokext.attention.positions.PositionProfile`);
+- ``norms`` (when collected with ``norms=True``): key, value, head-output and residual norms,
+  norm-weighted received attention and massive activations (:class:`~tokext.attention.norms.NormStats`,
+  shown through :class:`~tokext.attention.norm_results.NormResults`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import torch
 from tokext.attention import metrics
 from tokext.attention.masks import CAUSAL, first_real_position, visibility_counts
 from tokext.attention.metrics import CATEGORIES
+from tokext.attention.norm_results import NormResults
+from tokext.attention.norms import NormStats
 from tokext.attention.positions import PositionProfile
 from tokext.errors import DataFileError, InputError
 from tokext.models.architectures import LayerAttention
@@ -40,7 +45,7 @@ from tokext.models.architectures import LayerAttention
 _EVENT_FIELDS = ("sequence", "layer", "head", "position", "token_id", "alpha")
 _CHUNK_ELEMENTS = 1 << 22  # temporaries of at most 16 MiB (fp32) while reducing a pattern
 _MIN_BLOCK_ROWS = 32  # query rows per block of the entropy reduction
-FORMAT = "tokext-attention-stats-2"
+FORMAT = "tokext-attention-stats-3"  # 3: optional norm arrays (norm_*, residual_*)
 PER_SEQUENCE_POSITIONS = 4  # alpha_k of each sequence is kept for these first positions (StreamingLLM's 4)
 
 
@@ -114,7 +119,7 @@ class BatchContext:
 
 
 @dataclass
-class AttentionStats:
+class AttentionStats(NormResults):
     """Per-layer, per-head attention statistics accumulated over a dataset (see module docstring)."""
 
     layers: list[int]
@@ -136,6 +141,7 @@ class AttentionStats:
     per_sequence: np.ndarray | None = None  # [sequence, layer, head, position < PER_SEQUENCE_POSITIONS]
     attention: list[LayerAttention] | None = None  # what each collected layer's queries see
     by_position: PositionProfile | None = None  # statistics per bin of query positions, when asked for
+    norms: NormStats | None = None  # norm statistics, when collected with norms=True
     # running torch accumulators while collecting
     _acc: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -185,6 +191,8 @@ class AttentionStats:
         self.real_rows += int(ctx.real.sum())
         self._ctx = ctx
         self._ctx_on = {ctx.real.device: ctx}  # the batch's facts per device its layers run on
+        if self.norms is not None:
+            self.norms.begin_batch(self._batch_on)
 
     def _batch_on(self, device: torch.device) -> BatchContext:
         """The current batch context on ``device`` (a model may span devices: one copy per device)."""
@@ -276,6 +284,8 @@ class AttentionStats:
             index = first_col.clamp(0, n_cols - 1)[:, None, None, None].expand(-1, p.shape[1], n_rows, 1)
             first_mass = p.gather(3, index).squeeze(-1) * inside / safe_total
             self.by_position.add(slot, positions, ctx.real[:, rows], first_mass, normalised, keep)
+        if self.norms is not None:
+            self.norms.add_block(layer, p, query_start, key_start)
 
     def end_layer(self, layer: int) -> None:
         """Finish a layer of the current batch: alpha_k from its column sums, per-sequence alpha,
@@ -287,6 +297,8 @@ class AttentionStats:
         n_queries, _ = ctx.counts(self.attention[slot])
         n_q = n_queries.to(column_sum.dtype)[:, None]
         alpha = column_sum / torch.where(n_q > 0, n_q, torch.ones_like(n_q))  # 0 on pad keys
+        if self.norms is not None:
+            self.norms.end_layer(layer, n_queries)
         length = alpha.shape[-1]
         acc["received"][slot, :, :length] += alpha.sum(0).to(device, torch.float64)
         # each sequence's own alpha at the first positions (Gu et al. threshold per sample)
@@ -331,6 +343,8 @@ class AttentionStats:
         self.per_sequence = per_sequence
         if self.by_position is not None:
             self.by_position.finish()
+        if self.norms is not None:
+            self.norms.finish()
         events = torch.cat(acc["events"]).cpu().numpy() if acc["events"] else np.zeros((0, len(_EVENT_FIELDS)))
         self.events = {name: events[:, i] for i, name in enumerate(_EVENT_FIELDS)}
         for name in _EVENT_FIELDS[:-1]:
@@ -472,6 +486,7 @@ class AttentionStats:
 
         rows = []
         mass, received, last, sink = self.category_mass, self.received, self.last_token_mass, self.learned_sink_mass
+        norm_columns = self._norm_head_columns()
         for i, layer in enumerate(self.layers):
             for head in range(self.n_heads):
                 row = {
@@ -486,6 +501,7 @@ class AttentionStats:
                     row[f"mass_{name}"] = float(mass[i, head, c])
                 row["last_token_mass"] = float(last[i, head])
                 row["learned_sink_mass"] = float(sink[i, head])
+                row.update({name: float(values[i, head]) for name, values in norm_columns.items()})
                 rows.append(row)
         return pd.DataFrame(rows)
 
@@ -522,6 +538,7 @@ class AttentionStats:
                 "last_token_mass": self.last_token_mass.mean(1),
                 "learned_sink_mass": self.learned_sink_mass.mean(1),
                 "attention": [att.describe() for att in self.attention],
+                **self._norm_layer_columns(),
             }
         )
 
@@ -571,6 +588,7 @@ class AttentionStats:
                 if self.by_position is None or other.by_position is None
                 else self.by_position.merge(other.by_position)
             ),
+            norms=None if self.norms is None or other.norms is None else self.norms.merge(other.norms),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -603,13 +621,15 @@ class AttentionStats:
         arrays.update({f"event_{k}": v for k, v in self.events.items()})
         if self.by_position is not None:
             arrays.update(self.by_position.arrays())
+        if self.norms is not None:
+            arrays.update(self.norms.arrays())
         with open(path, "wb") as handle:
             np.savez_compressed(handle, header=np.array(json.dumps(header)), **arrays)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionStats":
-        """Read statistics written by :meth:`save` (this format, or the first one, without windows)."""
+        """Read statistics written by :meth:`save` (this format, or an earlier one: without norms, windows)."""
         try:
             data = np.load(Path(path), allow_pickle=False)
             header = json.loads(str(data["header"]))
@@ -619,6 +639,7 @@ class AttentionStats:
             }
             rows = data["entropy_rows"] if "entropy_rows" in data.files else int(header["entropy_rows"])
             by_position = PositionProfile.from_arrays(data)
+            norms = NormStats.from_arrays(data)
         except (OSError, KeyError, ValueError) as err:
             raise DataFileError(f"cannot read attention statistics from {path}: {err}") from None
         attention = [LayerAttention(**att) for att in header["attention"]] if "attention" in header else None
@@ -639,5 +660,6 @@ class AttentionStats:
             token_text={int(k): v for k, v in header["token_text"].items()},
             attention=attention,
             by_position=by_position,
+            norms=norms,
             **optional,
         )

@@ -13,6 +13,7 @@ EPILOG = """examples:
   tokext analyze --n 16 --html results/explorer.html   # also the interactive explorer (offline HTML)
   tokext analyze --data long.txt --engine streaming     # long prompts: no [T, T] pattern is held
   tokext analyze --inputs repeated --n 100 --protocol gu2024 --bos   # Gu et al.'s Table 1 probes, BOS forced
+  tokext analyze --norms                          # also norms, norm-weighted attention, massive activations
 """
 
 
@@ -39,6 +40,7 @@ def _analyze(args: argparse.Namespace) -> int:
             engine=args.engine,
             inputs=args.inputs,
             bos=args.bos,
+            norms=args.norms,
         )
     finally:
         if bars:
@@ -113,5 +115,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "text as the tokenizer encodes it, random and repeated rows without)",
     )
     add_engine_flag(p, "hooks", "hooks")
+    p.add_argument(
+        "--norms",
+        action="store_true",
+        help="also key, value, head-output and residual norms, norm-weighted attention and massive activations",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_analyze)

@@ -154,3 +154,29 @@ def capture_inputs(model: Any) -> Iterator[ForwardInputs]:
         yield current
     finally:
         handle.remove()
+
+
+@contextmanager
+def module_pre_hooks(pairs: Sequence[tuple[torch.nn.Module, Callable[[torch.Tensor], None]]]) -> Iterator[None]:
+    """Call ``fn(input)`` with the first positional input of each ``module`` for the duration of the
+    block (torch forward pre-hooks that read and never replace); removes exactly these handles on exit,
+    also when the body raises."""
+    for module, fn in pairs:
+        if not isinstance(module, torch.nn.Module) or not callable(fn):
+            raise InputError(f"module_pre_hooks takes (module, callable) pairs, got ({module!r}, {fn!r})")
+
+    def reading(fn: Callable[[torch.Tensor], None]) -> Callable:
+        def pre_hook(module: Any, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                fn(args[0])
+
+        return pre_hook
+
+    handles = []
+    try:
+        for module, fn in pairs:
+            handles.append(module.register_forward_pre_hook(reading(fn)))
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()

@@ -58,6 +58,7 @@ def analyze(
     engine: str = "hooks",
     inputs: str | None = None,
     bos: bool | None = None,
+    norms: bool = False,
 ) -> AnalyzeResult:
     """Run the attention analysis; ``model`` is a spec for :func:`load_model` or a loaded bridge.
 
@@ -82,6 +83,9 @@ def analyze(
     ``"repeated"``), ``max_len`` tokens long (default 64; the protocol's length under one), seed 0;
     ``bos`` forces a BOS on (True) or off (False) in every row, ``None`` keeps Gu et al.'s default.
     Not combinable with ``data``; ``bos`` needs ``inputs``.
+    ``norms``: also collect the norm statistics (``collect_attention_stats(..., norms=True)``); the
+    printed table then shows norm-weighted first-token alpha, head-output norm, Gu et al.'s
+    residual, key and value norm ratios and Sun et al.'s top |h| / median |h| per layer.
     """
     from tokext.attention.engines.choose import check_engine
     from tokext.viz.explorer import DEFAULT_MAX_TOKENS, check_page_target, explore
@@ -114,6 +118,7 @@ def analyze(
         dataset=f"probe:{inputs}" if inputs is not None else str(data or "builtin"),
         protocol=protocol,
         engine=engine,
+        norms=norms,
     )
     seconds = time.perf_counter() - started
     if inputs is not None:  # token rows carry their BOS choice: record it, not the tokenizer's default
@@ -126,7 +131,7 @@ def analyze(
     page = None
     if html is not None:
         tokens = min(max_len, DEFAULT_MAX_TOKENS) if max_len else DEFAULT_MAX_TOKENS
-        page = explore(bridge, prompts[:html_prompts], max_tokens=tokens).save(html)
+        page = explore(bridge, prompts[:html_prompts], max_tokens=tokens, norms=norms).save(html)
     return AnalyzeResult(stats=stats, out_dir=out_dir, files=files, seconds=seconds, html=page)
 
 
@@ -167,7 +172,8 @@ def _long_enough(model: Any, prompts: list[str], length: int, n: int | None) -> 
 
 
 def write_outputs(stats: AttentionStats, out_dir: Path) -> list[Path]:
-    """Write ``attention_stats.csv``, ``layer_summary.csv``, ``stats.npz`` and the three figures."""
+    """Write ``attention_stats.csv``, ``layer_summary.csv``, ``stats.npz``, the three figures and, with
+    norms, ``massive_activations.csv`` (Sun et al.'s default thresholds)."""
     from tokext.viz import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +181,9 @@ def write_outputs(stats: AttentionStats, out_dir: Path) -> list[Path]:
     stats.to_frame().to_csv(files[0], index=False)
     stats.layer_summary().to_csv(files[1], index=False)
     stats.save(files[2])
+    if stats.has_norms:
+        files.append(out_dir / "massive_activations.csv")
+        stats.massive_activations().to_csv(files[-1], index=False)
     plots.style()
     note = plots.stats_provenance(stats)
     model = stats.metadata.get("model")
@@ -221,6 +230,16 @@ def format_table(stats: AttentionStats) -> str:
     if stats.has_learned_sinks:
         columns.append(("learned_sink_mass", "learned-sink mass"))
     columns += [("entropy", "entropy"), ("sink_rate", "sink rate %")]
+    if stats.has_norms:
+        columns += [
+            ("norm_weighted_received_first", "norm-wtd alpha_0"),
+            ("head_output_norm", "head-out norm"),
+            ("residual_norm_ratio", "|h_0|/|h_t|"),
+            ("key_norm_ratio", "|k_0|/|k_t|"),
+            ("value_norm_ratio", "|v_0|/|v_t|"),
+            ("top_activation", "top |h|"),
+            ("top_median_ratio", "top/median"),
+        ]
     per_sequence = stats._per_sequence_default(None)
     lines = [
         f"{meta.get('model')} ({meta.get('family', 'unknown family')}): {meta.get('bos')}, "
@@ -232,6 +251,10 @@ def format_table(stats: AttentionStats) -> str:
             f"{getattr(row, key):>{max(len(label), 7)}.{1 if key == 'sink_rate' else 3}f}" for key, label in columns
         ]
         lines.append("  ".join([f"{row.layer:>5}"] + cells))
+    if stats.has_norms:
+        lines.append(
+            "norm ratios: position 0 over the mean of positions t > 0; top |h|: the largest entry of a sequence"
+        )
     how = "each sequence's alpha thresholded, then averaged" if per_sequence else "sequence-averaged alpha thresholded"
     lines.append(f"overall sink rate (eps=0.3, position 0, {how}): {stats.sink_rate():.1f}% of (layer, head) pairs")
     return "\n".join(lines)

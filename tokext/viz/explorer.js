@@ -37,9 +37,11 @@
 
   function range(n) { var r = []; for (var i = 0; i < n; i++) r.push(i); return r; }
 
-  function metricLabel() {
-    return DATA.metrics.filter(function (m) { return m.key === state.metric; })[0].label;
+  function metric() {
+    return DATA.metrics.filter(function (m) { return m.key === state.metric; })[0];
   }
+
+  function metricLabel() { return metric().label; }
 
   function score(run, layer, head) {
     var runs = DATA.prompts[state.prompt].runs;
@@ -71,13 +73,16 @@
     var diff = state.run === "difference";
     var values = cells.map(function (c) { return score(state.run, +c.dataset.layer, +c.dataset.head); });
     var hi = 1, lo = 0;
+    if (metric().unbounded) {  // a norm: coloured from 0 to the grid's largest value
+      hi = Math.max.apply(null, values.map(function (v) { return v === null ? 0 : Math.abs(v); }).concat([1 / SCALE]));
+    }
     if (diff) {
       hi = Math.max.apply(null, values.map(function (v) { return v === null ? 0 : Math.abs(v); }).concat([1 / SCALE]));
       lo = -hi;
     }
     cells.forEach(function (c, k) {
       var v = values[k];
-      c.style.background = v === null ? "#cccccc" : diff ? mix(DIVERGING, (v - lo) / (hi - lo)) : mix(VIRIDIS, v);
+      c.style.background = v === null ? "#cccccc" : diff ? mix(DIVERGING, (v - lo) / (hi - lo)) : mix(VIRIDIS, (v - lo) / (hi - lo));
       c.dataset.value = v === null ? "" : String(v);
       c.title = "layer " + c.dataset.layer + ", head " + c.dataset.head + ": " + metricLabel() +
         (diff ? " (edited - baseline)" : " (" + state.run + ")") + " = " + fmt(v);

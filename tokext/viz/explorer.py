@@ -5,7 +5,11 @@ every layer's ``hook_pattern`` and returns an :class:`Explorer`. In a notebook i
 ``.save("x.html")`` writes the same page. The page shows:
 
 - a layer x head grid coloured by first-token mass, normalised entropy or learned-sink mass (a
-  selector), one ``<div class="cell" data-layer=L data-head=H>`` per head;
+  selector), one ``<div class="cell" data-layer=L data-head=H>`` per head; with ``norms=True`` also by
+  norm-weighted first-token mass (Kobayashi et al.'s alpha_0) and head-output norm (the mean
+  ‖z_i^h W_O^h‖ over the prompt's rows, coloured from 0 to the grid's largest), from
+  :func:`tokext.collect_attention_stats` with ``norms=True`` run on the same tokens (one more forward
+  pass per prompt and run);
 - the clicked head's pattern on the prompt (Plotly heatmap, tokens as labels, weights on hover),
   with its sink columns (keys whose received attention alpha_k exceeds ``sink_eps``) outlined;
 - with an intervention: the baseline, edited and edited - baseline patterns side by side, and the
@@ -35,7 +39,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from tokext.attention.collect import collect_attention_stats
 from tokext.attention.masks import visible_keys
+from tokext.attention.norm_sources import plan_norms
 from tokext.attention.metrics import received_attention, row_entropy
 from tokext.errors import InputError
 from tokext.interventions.base import Intervention, model_device, validate
@@ -57,6 +63,13 @@ METRICS = {
     "learned_sink_mass": "learned-sink mass",
 }
 """The grid's colourings: key -> label. All three are in [0, 1] for a softmax pattern."""
+
+NORM_METRICS = {
+    "norm_weighted_first": "norm-weighted first-token mass",
+    "head_output_norm": "head-output norm",
+}
+"""The colourings added with ``norms=True``; the head-output norm is coloured from 0 to its largest value."""
+UNBOUNDED = ("head_output_norm",)
 
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:"
 """The page's Content-Security-Policy: inline code and data only, so the browser itself blocks any request."""
@@ -140,14 +153,32 @@ def token_labels(model: Any, ids: Sequence[int]) -> list[str]:
     return [t.replace("\n", "\\n").replace("\t", "\\t") or f"[{int(i)}]" for t, i in zip(texts, ids)]
 
 
-def _run_payload(pattern: torch.Tensor, visible: torch.Tensor, decimals: int, sink_eps: float) -> dict[str, Any]:
-    """One run of one prompt as JSON-ready lists: scores, sink keys and the rounded lower triangles."""
-    scores = head_scores(pattern, visible, sink_eps)
+def norm_scores(model: Any, tokens: torch.Tensor, interventions: Sequence[Intervention] = ()) -> dict[str, np.ndarray]:
+    """[layer, head] norm-weighted first-token mass (``norm_weighted_received[..., 0]``) and head-output norm
+    of one unpadded sequence, from :func:`~tokext.attention.collect.collect_attention_stats` with
+    ``norms=True`` (inside :func:`tokext.intervene` when ``interventions`` are given)."""
+    with ExitStack() as stack:
+        if interventions:
+            stack.enter_context(intervene(model, *interventions))
+        stats = collect_attention_stats(model, [tokens.tolist()], batch_size=1, progress=False, norms=True)
+    return {"norm_weighted_first": stats.norm_weighted_received[:, :, 0], "head_output_norm": stats.head_output_norm}
+
+
+def _run_payload(
+    pattern: torch.Tensor,
+    visible: torch.Tensor,
+    decimals: int,
+    sink_eps: float,
+    extra: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """One run of one prompt as JSON-ready lists: scores (with ``extra`` ones), sink keys and the rounded
+    lower triangles."""
+    scores = {**head_scores(pattern, visible, sink_eps), **(extra or {})}
     n_layers, n_heads, length, _ = pattern.shape
     rows, cols = np.tril_indices(length)
     weights = np.rint(pattern.numpy()[:, :, rows, cols] * 10**decimals).astype(np.int64)
     return {
-        "scores": {key: [[_finite(v) for v in row] for row in scores[key]] for key in METRICS},
+        "scores": {key: [[_finite(v) for v in row] for row in scores[key]] for key in [*METRICS, *(extra or {})]},
         "sinks": [
             [np.flatnonzero(scores["sinks"][layer, head]).tolist() for head in range(n_heads)]
             for layer in range(n_layers)
@@ -214,6 +245,7 @@ def explore(
     decimals: int = 3,
     sink_eps: float = SINK_EPS,
     prepend_bos: bool | None = None,
+    norms: bool = False,
 ) -> Explorer:
     """Capture every head's attention on ``prompts`` and build the interactive explorer page.
 
@@ -221,8 +253,9 @@ def explore(
     tokenizer takes ids and shows them as labels). Each prompt keeps its first ``max_tokens``
     tokens (the page says so) and weights are rounded to ``decimals`` decimals. ``intervention``:
     one or several interventions (applied in order, as in :func:`tokext.intervene`); the page then
-    shows the baseline, the edited run and their difference. Everything is validated before the
-    first forward pass.
+    shows the baseline, the edited run and their difference. ``norms=True`` also colours the grid by
+    norm-weighted first-token mass and head-output norm (:func:`norm_scores`). Everything is
+    validated before the first forward pass.
 
     >>> from tokext.models import native_model
     >>> page = explore(native_model(), torch.randint(0, 64, (2, 6)))
@@ -239,8 +272,10 @@ def explore(
         else ([intervention] if isinstance(intervention, Intervention) else list(intervention))
     )
     validate(model, interventions, "explore")
-    longer = encode(model, prompts, max_len=max_tokens + 1, prepend_bos=prepend_bos)  # one more: was it cut?
     info = model_info(model)
+    if norms:
+        plan_norms(model, list(range(info.n_layers)), "hooks")  # every source the norms read, checked now
+    longer = encode(model, prompts, max_len=max_tokens + 1, prepend_bos=prepend_bos)  # one more: was it cut?
     runs = ["baseline", "edited"] if interventions else ["baseline"]
     entries = []
     for seq in longer:
@@ -257,7 +292,16 @@ def explore(
                 "label": text[:60],
                 "tokens": labels,
                 "cut": bool(cut),
-                "runs": {run: _run_payload(patterns[run], visible, decimals, sink_eps) for run in runs},
+                "runs": {
+                    run: _run_payload(
+                        patterns[run],
+                        visible,
+                        decimals,
+                        sink_eps,
+                        norm_scores(model, seq, interventions if run == "edited" else ()) if norms else None,
+                    )
+                    for run in runs
+                },
             }
         )
     data = {
@@ -266,7 +310,10 @@ def explore(
         "n_heads": info.n_heads,
         "intervention": " + ".join(repr(iv) for iv in interventions) or None,
         "runs": runs,
-        "metrics": [{"key": key, "label": label} for key, label in METRICS.items()],
+        "metrics": [
+            {"key": key, "label": label, "unbounded": key in UNBOUNDED}
+            for key, label in {**METRICS, **(NORM_METRICS if norms else {})}.items()
+        ],
         "max_tokens": max_tokens,
         "decimals": decimals,
         "sink_eps": sink_eps,
@@ -292,6 +339,14 @@ def render_page(data: dict[str, Any]) -> str:
         f"weights rounded to {data['decimals']} decimals",
         f"sink columns: keys whose received attention &alpha;<sub>k</sub> &gt; {data['sink_eps']:g}",
         "learned-sink mass: 1 &minus; row sum (0 for softmax attention)",
+        *(
+            [
+                "norm-weighted mass: A<sub>ij</sub>&Vert;v<sub>j</sub>W<sub>O</sub>&Vert; row-normalised (Kobayashi et al.); "
+                "head-output norm coloured from 0 to the grid's largest"
+            ]
+            if any(m["key"] in NORM_METRICS for m in data["metrics"])
+            else []
+        ),
         f"tokext {esc(data['version'])}",
     ]
     title = f"{data['model']}: attention explorer"

@@ -93,14 +93,17 @@ class LayerChain:
     and before a learned sink's column joins it), pattern stages (probabilities), output stages (the
     layer's per-head output z = A V, [batch, query, head, d], before the output projection), observers
     (``observe(block, geometry, plogp)`` after every stage; ``plogp`` is each row's ``sum p log p``
-    when the engine has it for free: an unedited softmax, else None) and ``finish`` callbacks after
-    the last block."""
+    when the engine has it for free: an unedited softmax, else None), ``finish`` callbacks after
+    the last block, and ``kv`` observers, called once per attention call, before any block, with the
+    layer's keys and values as the attention uses them (after RoPE and q/k norms, cache included;
+    ``[batch, kv head, key, d]``, one per KV head)."""
 
     scores: list[Stage] = field(default_factory=list)
     pattern: list[Stage] = field(default_factory=list)
     output: list[Stage] = field(default_factory=list)  # on the per-head output z [batch, query, head, d]
     observers: list[Callable[..., None]] = field(default_factory=list)
     finish: list[Callable[[], None]] = field(default_factory=list)
+    kv: list[Callable[[torch.Tensor, torch.Tensor], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +153,7 @@ class StreamingEngine:
                 chain.output += part.output
                 chain.observers += part.observers
                 chain.finish += part.finish
+                chain.kv += part.kv
         self._merged = merged
         self._sources = {
             stage.source for chain in merged.values() for stage in chain.pattern if stage.source is not None
@@ -291,6 +295,8 @@ class StreamingEngine:
                 f"an attention module the engine does not know ran: {type(module).__name__}"
             )
         self.calls[layer] = self.calls.get(layer, 0) + 1
+        for see in self.chain(layer).kv:
+            see(key, value)
         groups = query.shape[1] // key.shape[1]
         key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
         value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
