@@ -376,16 +376,30 @@ class Reproduction:
         run_long_context(model, folder, lengths=self.sizes.long_lengths, windows=self.sizes.long_windows, log=self.log)
 
     def causal(self, folder: Path) -> None:
-        """The causal study (:mod:`tokext.studies.causal`) on the reproduction's model."""
+        """The causal study (:mod:`tokext.studies.causal`) on the reproduction's model and, outside quick
+        mode, on Gemma 3 270M (smaller sizes: its 262k-token unembedding dominates the cost on a CPU)."""
+        from tokext.models.loading import load_model
         from tokext.studies.causal import CausalSettings, run_causal
 
         n, length, calib = self.sizes.causal_chunks
-        settings = CausalSettings(n_chunks=n, length=length, calib_chunks=calib, stats_chunks=min(n, 16))
         if self.mode == "quick":
             settings = CausalSettings(
                 n_chunks=n, length=length, calib_chunks=calib, stats_chunks=n, shares=(0.1,), n_boot=200
             )
+            run_causal(self.model, self.model_spec, folder, settings, log=self.log)
+            return
+        settings = CausalSettings(n_chunks=n, length=length, calib_chunks=calib, stats_chunks=min(n, 16), batch_size=4)
         run_causal(self.model, self.model_spec, folder, settings, log=self.log)
+        if self.model_spec != "gemma3-270m":
+            small = CausalSettings(
+                n_chunks=n // 2,
+                length=length,
+                calib_chunks=calib // 2,
+                stats_chunks=min(n // 2, 8),
+                batch_size=4,
+                shares=(0.05, 0.1, 0.2),
+            )
+            run_causal(load_model("gemma3-270m"), "gemma3-270m", folder, small, log=self.log)
 
     # ------------------------------------------------------------------ all
 
