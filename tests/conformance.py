@@ -440,8 +440,11 @@ def oracle_forward(
 # ---------------------------------------------------------------------- the oracle for output-level edits
 
 
-def decoder_layers(model: Any) -> Any:
-    """The list of decoder layers of a plain transformers causal LM (``layers`` or GPT-2's ``h``)."""
+def decoder_layers(model: Any, name: str | None = None) -> Any:
+    """The list of decoder (or encoder) layers of a plain transformers model: the family's path in
+    :data:`_LAYERS_AND_OUTPUT` when ``name`` is given, else ``layers`` or GPT-2's ``h`` of the base model."""
+    if name is not None:
+        return _path(model, _LAYERS_AND_OUTPUT.get(name, _DEFAULT_LAYERS_AND_OUTPUT)[0])
     base = model.base_model
     for attr in ("layers", "h"):
         if hasattr(base, attr):
@@ -476,7 +479,7 @@ def oracle_output_forward(
     the layer's output projection (a forward pre-hook on ``o_proj`` / ``c_proj``). ``edit`` as in
     :func:`oracle_forward` (a pattern edit, to check composition)."""
     model = oracle_model(name)
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, name)
     real = attention_mask.bool()
     config = model.config
     n_heads = config.num_attention_heads
@@ -505,7 +508,7 @@ def oracle_output_forward(
         for layer, fn in (resid or {}).items():
             handles.append(layers[layer].register_forward_hook(layer_hook(fn)))
         for layer in sorted({l for l, _ in (heads or {})}):
-            handles.append(output_projection(layers[layer]).register_forward_pre_hook(proj_hook(layer)))
+            handles.append(oracle_output_projection(name, layer, model).register_forward_pre_hook(proj_hook(layer)))
         logits, _, _ = oracle_forward(name, tokens, attention_mask, edit=edit)
     finally:
         for handle in handles:

@@ -532,6 +532,32 @@ def test_delegating_adapters_refuse_every_edit(name):
         assert delegating_report(name)["generation"], f"{name}: cached generation differs from recompute"
 
 
+@pytest.mark.parametrize("name", DELEGATING)
+def test_output_level_edits_work_on_delegating_adapters(name):
+    """Residual and head-output edits do not go through the attention pattern, so they land where pattern
+    edits are refused: against the oracle, moving the log-probabilities, on both engines."""
+    model = C.family_bridge(name)
+    tokens, mask = C.padded(C.sequences(), "right" if name == "BERT" else "left")
+    real = mask.bool()
+    with torch.no_grad():
+        base = _run(model, tokens, mask)
+    failures = []
+    for case, (ivs, resid, heads, edit) in output_cases(name).items():
+        if edit is not None:  # the composition case includes a pattern edit, refused here
+            continue
+        with torch.no_grad(), intervene(model, *ivs):
+            ours = _run(model, tokens, mask)
+        with torch.no_grad(), intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET):
+            streamed = _run(model, tokens, mask)
+        reference = _log_probs(C.oracle_output_forward(name, tokens, mask, resid=resid, heads=heads))
+        error = float((ours - reference).abs()[real].max())
+        moved = float((ours - base).abs()[real].max())
+        gap = float((streamed - ours).abs()[real].max())
+        if error >= TOL or moved <= 1e-3 or gap >= TOL:
+            failures.append(f"{case}: max_diff={error:.3g}, moved {moved:.3g}, streaming {gap:.3g}")
+    assert not failures, f"{name}: " + "; ".join(failures)
+
+
 def test_gpt_oss_rows_carry_the_learned_sink():
     stats = collect_attention_stats(C.family_bridge("gpt-oss"), C.sequences(), progress=False)
     assert stats.has_learned_sinks and (stats.learned_sink_mass > 0.01).all()
