@@ -109,6 +109,7 @@ def test_positions_beyond_every_sequence_fail_before_any_forward():
     [
         ResidualPatch(1, (0, 3), (2, 5), (4.0, -2.0)),
         MassiveActivationAblation(2, (1, 447), "mean", (3.5, -2.0), abs_threshold=50.0, ratio=10.0),
+        MassiveActivationAblation(1, tuple(range(8, 20))),  # written as range(8, 20)
         HeadOutputAblation([(0, 1), (2, 3)], "mean", ((1.0, 2.0), (3.0, 4.0))),
     ],
 )
