@@ -38,6 +38,9 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     fig, axes = plt.subplots(2, 2, figsize=(plots.FULL_WIDTH, 5.0))
     sun_ax, sink_ax, noop_ax, heads_ax = axes.flat
 
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     width = 0.8 / max(len(models), 1)
     for i, row in enumerate(tables["sun_table"].itertuples(index=False)):
         xs, ys, err = [0], [row.ppl_orig], [[0.0], [0.0]]
@@ -52,10 +55,30 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
         offset = (i - (len(models) - 1) / 2) * width
         sun_ax.bar(np.array(xs) + offset, ys, width, color=colors[row.model], label=row.model)
         sun_ax.errorbar(np.array(xs) + offset, ys, yerr=err, fmt="none", ecolor="0.2", lw=0.8, capsize=2)
+        for x, y in zip(xs, ys):
+            sun_ax.annotate(
+                f"{y:.1f}",
+                (x + offset, y),
+                ha="center",
+                va="bottom",
+                fontsize=5,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+        if len(xs) == 1:
+            sun_ax.annotate(
+                "no massive\nactivations",
+                (1.5 + offset, row.ppl_orig),
+                ha="center",
+                fontsize=5,
+                color=colors[row.model],
+            )
     sun_ax.set_xticks([0, 1, 2], ["original", "massive = 0", "massive = mean"])
-    sun_ax.set_ylabel("perplexity")
+    sun_ax.set_ylabel("perplexity (log scale)")
     sun_ax.set_yscale("log")
-    sun_ax.legend(frameon=False, fontsize=5)
+    sun_ax.yaxis.set_major_formatter(plain)
+    sun_ax.yaxis.set_minor_formatter(plain)
+    sun_ax.legend(frameon=False, fontsize=5, loc="upper left")
 
     styles = {"original": "-", "zero": "--", "mean": ":"}
     for model in models:
@@ -70,7 +93,8 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
                 label=f"{model}: {condition}",
             )
     sink_ax.set_xlabel("layer")
-    sink_ax.set_ylabel("first-token mass")
+    sink_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    sink_ax.set_ylabel("first-token mass (mean over heads)")
     sink_ax.legend(frameon=False, fontsize=5)
 
     noop = tables["noop"]
@@ -83,8 +107,10 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
         noop_ax.errorbar(x, y, yerr=err, fmt="none", ecolor="0.2", lw=0.8, capsize=2)
     noop_ax.axhline(1.0, color="0.4", lw=0.6)
     noop_ax.set_xticks([0, 1], ["A_i0 = 0, no renorm.\n(= v_0 = 0)", "SinkRebalance\n(renormalised)"])
-    noop_ax.set_ylabel("perplexity ratio to original")
+    noop_ax.set_ylabel("perplexity ratio to original (log)")
     noop_ax.set_yscale("log")
+    noop_ax.yaxis.set_major_formatter(plain)
+    noop_ax.yaxis.set_minor_formatter(plain)
     noop_ax.legend(frameon=False, fontsize=5)
 
     markers = {"head_output_norm": "o", "first_token_mass": "s", "random": "x"}
@@ -104,8 +130,9 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     heads_ax.axhline(1.0, color="0.4", lw=0.6, ls="--")
     heads_ax.set_xlabel("heads zero-ablated together (% of all, lowest-ranked first)")
     heads_ax.set_ylabel("loss change (%)")
-    heads_ax.set_yscale("symlog", linthresh=1.0)
-    heads_ax.legend(frameon=False, fontsize=5)
+    heads_ax.set_yscale("symlog", linthresh=2.0)
+    heads_ax.yaxis.set_major_formatter(plain)
+    heads_ax.legend(frameon=False, fontsize=4.5, loc="upper left", ncol=2)
     titles = [
         "(a) Sun et al.'s test: massive activations ablated",
         "(b) does the sink survive? (first-token mass)",
