@@ -88,3 +88,15 @@ def test_bad_settings_are_refused_before_any_run(tmp_path):
     with pytest.raises(InputError, match="shares"):
         run_causal(C.family_bridge("Llama"), "x", tmp_path, CausalSettings(shares=(1.5,)))
     assert not list(tmp_path.iterdir())
+
+
+def test_more_shares_join_the_saved_run(study):
+    from tokext.studies.causal import add_shares
+
+    out, tables = study
+    before = tables["inactive_heads"]
+    table = add_shares(C.family_bridge("Llama"), "tiny-llama", out, [0.1], log=lambda s: None)
+    assert len(table) == len(before) + 3 and sorted(set(table["share"])) == [0.1, 0.25]
+    again = table[table["share"] == 0.25].set_index("method")["rel_loss"]
+    first = before.set_index("method")["rel_loss"]
+    assert np.allclose(again.sort_index(), first.sort_index(), atol=1e-9)  # same chunks, scores and ranking

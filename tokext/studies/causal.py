@@ -130,7 +130,7 @@ def run_causal(
 ) -> dict[str, pd.DataFrame]:
     """Run parts a-d on ``model`` (named ``label`` in the tables) and write them under ``out/label/``."""
     from tokext.evaluation.perplexity import natural_chunks
-    from tokext.interventions import HeadOutputAblation, SinkRebalance
+    from tokext.interventions import SinkRebalance
 
     settings.check()
     folder = Path(out) / label
@@ -193,40 +193,14 @@ def run_causal(
     noop_table = pd.DataFrame(noop)
 
     # d. inactive heads
-    n_layers, n_heads = base_stats.first_token_mass.shape
-    scores = {  # lower = more inactive
-        "head_output_norm": np.asarray(base_stats.relative_head_output_norm(), dtype=float),
-        "first_token_mass": -base_stats.first_token_mass,
-    }
-    rng = np.random.default_rng(settings.seed)
-    scores["random"] = rng.random((n_layers, n_heads))
-    head_rows = [
-        {
-            "model": label,
-            "layer": layer,
-            "head": head,
-            **{k: float(v[layer, head]) for k, v in scores.items() if k != "random"},
-        }
-        for layer in range(n_layers)
-        for head in range(n_heads)
-    ]
-    inactive = []
-    for method, score in scores.items():
-        order = np.argsort(score, axis=None, kind="stable")
-        for share in settings.shares:
-            k = max(1, round(share * n_layers * n_heads))
-            heads = [(int(i // n_heads), int(i % n_heads)) for i in order[:k]]
-            r = runner.paired(HeadOutputAblation(sorted(heads)))
-            inactive.append({"model": label, "method": method, "share": share, "n_heads": k, **r})
-            log(f"[{label}] {method} {share:.0%} ({k} heads): loss {100 * r['rel_loss']:+.2f}%")
-    inactive_table = pd.DataFrame(inactive)
+    inactive_table, head_scores = _inactive(runner, base_stats, label, settings.shares, settings.seed, log)
 
     tables = {
         "sun_table": sun_table,
         "sink_by_layer": sink_table,
         "noop": noop_table,
         "inactive_heads": inactive_table,
-        "head_scores": pd.DataFrame(head_rows),
+        "head_scores": head_scores,
     }
     for name, table in tables.items():
         table.to_csv(folder / f"{name}.csv", index=False)
@@ -238,6 +212,67 @@ def run_causal(
     }
     (folder / "settings.json").write_text(json.dumps(record, indent=1))
     return tables
+
+
+def _inactive(
+    runner: _Runner, base_stats: Any, label: str, shares: Sequence[float], seed: int, log: Callable[[str], None]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Part d: per ranking and share, the lowest-ranked heads zero-ablated together; and the head scores."""
+    from tokext.interventions import HeadOutputAblation
+
+    n_layers, n_heads = base_stats.first_token_mass.shape
+    scores = {  # lower = more inactive
+        "head_output_norm": np.asarray(base_stats.relative_head_output_norm(), dtype=float),
+        "first_token_mass": -base_stats.first_token_mass,
+        "random": np.random.default_rng(seed).random((n_layers, n_heads)),
+    }
+    head_rows = [
+        {
+            "model": label,
+            "layer": layer,
+            "head": head,
+            "relative_head_output_norm": float(scores["head_output_norm"][layer, head]),
+            "first_token_mass": float(base_stats.first_token_mass[layer, head]),
+        }
+        for layer in range(n_layers)
+        for head in range(n_heads)
+    ]
+    rows = []
+    for method, score in scores.items():
+        order = np.argsort(score, axis=None, kind="stable")
+        for share in shares:
+            k = max(1, round(share * n_layers * n_heads))
+            heads = [(int(i // n_heads), int(i % n_heads)) for i in order[:k]]
+            r = runner.paired(HeadOutputAblation(sorted(heads)))
+            rows.append({"model": label, "method": method, "share": share, "n_heads": k, **r})
+            log(f"[{label}] {method} {share:.0%} ({k} heads): loss {100 * r['rel_loss']:+.2f}%")
+    return pd.DataFrame(rows), pd.DataFrame(head_rows)
+
+
+def add_shares(
+    model: Any, label: str, out: str | Path, shares: Sequence[float], log: Callable[[str], None] = print
+) -> pd.DataFrame:
+    """Part d again for more ``shares``, with the settings of the run saved under ``out/label/`` (the same
+    chunks, scores and random ranking); the rows join ``inactive_heads.csv`` (a share already there is
+    replaced) and the shares are recorded in ``settings.json``."""
+    from tokext.evaluation.perplexity import natural_chunks
+
+    folder = Path(out) / label
+    record = json.loads((folder / "settings.json").read_text())
+    settings = CausalSettings(**{**record["settings"], "shares": tuple(shares)})
+    settings.check()
+    all_chunks = natural_chunks(model, settings.calib_chunks + settings.n_chunks, settings.length)
+    chunks = [torch.tensor(c) for c in all_chunks[settings.calib_chunks :]]
+    runner = _Runner(model, chunks, settings)
+    base_stats = _stats(model, chunks[: settings.stats_chunks], (), settings.batch_size)
+    new, _ = _inactive(runner, base_stats, label, settings.shares, settings.seed, log)
+    old = pd.read_csv(folder / "inactive_heads.csv")
+    old = old[~old["share"].isin(list(shares))]
+    table = pd.concat([old, new], ignore_index=True).sort_values(["method", "share"], kind="stable")
+    table.to_csv(folder / "inactive_heads.csv", index=False)
+    record["extra_shares"] = sorted(set(record.get("extra_shares", [])) | set(shares))
+    (folder / "settings.json").write_text(json.dumps(record, indent=1))
+    return table
 
 
 def published_table() -> pd.DataFrame:
@@ -304,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("n_chunks", "length", "calib_chunks", "stats_chunks", "batch_size", "n_boot"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--shares", default=",".join(map(str, defaults.shares)))
+    parser.add_argument(
+        "--add-shares", default=None, help="only part d again, for these shares, with the saved run's settings"
+    )
     args = parser.parse_args(argv)
     settings = CausalSettings(
         n_chunks=args.n_chunks,
@@ -316,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for spec in [s for s in args.models.split(",") if s]:
         model = load_model(spec)
-        run_causal(model, spec, args.out, settings)
+        if args.add_shares:
+            add_shares(model, spec, args.out, [float(x) for x in args.add_shares.split(",")])
+        else:
+            run_causal(model, spec, args.out, settings)
         del model
     print(headline(args.out))
     return 0
