@@ -38,7 +38,7 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     fig, axes = plt.subplots(2, 2, figsize=(plots.FULL_WIDTH, 5.0))
     sun_ax, sink_ax, noop_ax, heads_ax = axes.flat
 
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     width = 0.8 / max(len(models), 1)
@@ -77,7 +77,7 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     sun_ax.set_ylabel("perplexity (log scale)")
     sun_ax.set_yscale("log")
     sun_ax.yaxis.set_major_formatter(plain)
-    sun_ax.yaxis.set_minor_formatter(plain)
+    sun_ax.yaxis.set_minor_formatter(NullFormatter())
     sun_ax.legend(frameon=False, fontsize=5, loc="upper left")
 
     styles = {"original": "-", "zero": "--", "mean": ":"}
@@ -95,7 +95,9 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     sink_ax.set_xlabel("layer")
     sink_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     sink_ax.set_ylabel("first-token mass (mean over heads)")
-    sink_ax.legend(frameon=False, fontsize=5)
+    sink_ax.set_ylim(0, 1.3)
+    sink_ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    sink_ax.legend(frameon=False, fontsize=5, loc="upper left", ncol=2)
 
     noop = tables["noop"]
     for i, model in enumerate(models):
@@ -110,7 +112,7 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     noop_ax.set_ylabel("perplexity ratio to original (log)")
     noop_ax.set_yscale("log")
     noop_ax.yaxis.set_major_formatter(plain)
-    noop_ax.yaxis.set_minor_formatter(plain)
+    noop_ax.yaxis.set_minor_formatter(NullFormatter())
     noop_ax.legend(frameon=False, fontsize=5)
 
     markers = {"head_output_norm": "o", "first_token_mass": "s", "random": "x"}
@@ -132,7 +134,7 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     heads_ax.set_ylabel("loss change (%)")
     heads_ax.set_yscale("symlog", linthresh=2.0)
     heads_ax.yaxis.set_major_formatter(plain)
-    heads_ax.legend(frameon=False, fontsize=4.5, loc="upper left", ncol=2)
+    heads_ax.legend(frameon=False, fontsize=4.5, loc="lower right", ncol=2)
     titles = [
         "(a) Sun et al.'s test: massive activations ablated",
         "(b) does the sink survive? (first-token mass)",
@@ -141,10 +143,10 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     ]
     for ax, title in zip(axes.flat, titles):
         ax.set_title(title, fontsize=7, loc="left")
-    first = settings[0]["settings"] if settings else {}
-    sizes = (
-        f"{first.get('n_chunks')} chunks of {first.get('length')} tokens scored, "
-        f"{first.get('calib_chunks')} calibration chunks, {first.get('stats_chunks')} for the statistics"
+    sizes = "; ".join(
+        f"{r['model']}: {r['settings']['n_chunks']} chunks of {r['settings']['length']} tokens scored, "
+        f"{r['settings']['calib_chunks']} for calibration, {r['settings']['stats_chunks']} for the statistics"
+        for r in settings
     )
     caption = (
         f"The causal study on {', '.join(models)}: natural text (MMLU test questions in file order), {sizes}. "
