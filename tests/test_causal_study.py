@@ -59,10 +59,11 @@ def test_the_tables_and_the_no_op_edit_equal_a_value_edit(study):
     assert set(tables["sink_by_layer"]["condition"]) == {"original"} and len(tables["sink_by_layer"]) == 3
     chunks = natural_chunks(C.family_bridge("Llama"), 6, 12)[2:]
     sums, counts = _value_edit_nll(chunks)
-    no_op = tables["noop"].iloc[0]
-    assert "no renormalisation" in no_op["edit"]
-    assert no_op["ppl"] == pytest.approx(math.exp(sums / counts), rel=1e-5)
-    assert tables["noop"].iloc[1]["ppl"] != pytest.approx(no_op["ppl"], rel=1e-3)
+    own_row_kept, value_zero, rebalanced = (tables["noop"].iloc[i] for i in range(3))
+    assert "v_0 = 0" in value_zero["edit"] and "SinkValueRemoval" in own_row_kept["intervention"]
+    assert value_zero["ppl"] == pytest.approx(math.exp(sums / counts), rel=1e-5)
+    assert own_row_kept["ppl"] != pytest.approx(value_zero["ppl"], rel=1e-4)
+    assert rebalanced["ppl"] != pytest.approx(value_zero["ppl"], rel=1e-4)
     inactive = tables["inactive_heads"]
     assert set(inactive["method"]) == {"head_output_norm", "first_token_mass", "random"}
     assert (inactive["n_heads"] == 3).all() and np.isfinite(inactive["rel_loss"]).all()

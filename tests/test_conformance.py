@@ -44,6 +44,7 @@ from tokext.interventions import (
     PatternPatch,
     SinkCalibration,
     SinkRebalance,
+    SinkValueRemoval,
     ZeroTuning,
     intervene,
 )
@@ -205,6 +206,7 @@ def cases(name: str) -> dict[str, tuple]:
             None,
         ),
         "SinkRebalance()": ((SinkRebalance(),), R.ref_rebalance(_is_first), None),
+        "SinkValueRemoval()": ((SinkValueRemoval(),), R.ref_sink_value_removal(), None),
         "SinkRebalance(categories)": (
             (SinkRebalance("categories", scale=0.2),),
             R.ref_rebalance(_is_non_semantic, scale=0.2),

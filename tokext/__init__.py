@@ -37,6 +37,7 @@ _EXPORTS = {
     "SinkCalibration": "tokext.interventions",
     "select_heads_greedy": "tokext.interventions",
     "SinkRebalance": "tokext.interventions",
+    "SinkValueRemoval": "tokext.interventions",
     "AttentionTemperature": "tokext.interventions",
     "PatternPatch": "tokext.interventions",
     "HeadAblation": "tokext.interventions",

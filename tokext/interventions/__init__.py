@@ -10,6 +10,7 @@ Every intervention is a frozen dataclass of hyperparameters acting on
 - :class:`AttentionTemperature`: exact softmax temperature;
 - :class:`PatternPatch`: copy a source layer's pattern into later layers;
 - :class:`HeadAblation`: zero / mean / first-token ablation of heads;
+- :class:`SinkValueRemoval`: the first token's value contribution removed from the later rows (the no-op test);
 - :class:`ZeroTuning`: per-head scaling of the initial token's attention, renormalised, and its
   calibration :func:`calibrate_zerotuning`.
 
@@ -46,6 +47,7 @@ from tokext.interventions.parse import intervention_classes, parse_interventions
 from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.residual import MassiveActivationAblation, ResidualPatch
+from tokext.interventions.sink_value import SinkValueRemoval
 from tokext.interventions.temperature import AttentionTemperature
 from tokext.interventions.zerotuning import ZeroTuning, ZeroTuningCalibration, calibrate_zerotuning
 
@@ -64,6 +66,7 @@ __all__ = [
     "RunContext",
     "SinkCalibration",
     "SinkRebalance",
+    "SinkValueRemoval",
     "ZeroTuning",
     "ZeroTuningCalibration",
     "calibrate_head_means",

@@ -11,11 +11,13 @@ a. **Sun et al.'s exp3.** :func:`tokext.calibrate_massive_ablation` finds the la
    perplexity with them set to zero and to their mean, printed beside the published rows.
 b. **Does the sink survive?** First-token mass and sink rate (% of heads with alpha_0 > 0.3) per
    layer on the first ``stats_chunks`` chunks, without and with each ablation.
-c. **The no-op test.** The first token's value contribution removed: ``SinkRebalance(scale=0,
-   renormalize=False)`` sets A_i0 to 0 and leaves the rest of each row alone, so z_i = sum_j A_ij v_j
-   loses exactly its A_i0 v_0 term, which is what setting v_0 = 0 does (z is linear in the values and
-   no other entry moves). Against ``SinkRebalance()``, which renormalises: the attention the sink held
-   goes to the other tokens.
+c. **The no-op test.** The first token's value contribution removed, as a pattern edit without
+   renormalisation: A_i0 set to 0 and the rest of each row left alone, so z_i = sum_j A_ij v_j loses
+   exactly its A_i0 v_0 term, which is what setting v_0 = 0 does (z is linear in the values and no
+   other entry moves). Two forms: :class:`~tokext.SinkValueRemoval` keeps the first token's own row
+   (which sees only itself; removing it would also rewrite the sink token's own residual stream),
+   ``SinkRebalance(scale=0, renormalize=False)`` zeroes every row's A_i0 (exactly v_0 = 0). Against
+   ``SinkRebalance()``, which renormalises: the attention the sink held goes to the other tokens.
 d. **Inactive heads.** Heads ranked by head-output norm relative to their layer's mean (Sandoval-Segura
    et al.'s score, ``AttentionStats.relative_head_output_norm``), by first-token mass (highest first),
    and at random; the lowest-ranked ``share`` of all heads zero-ablated together
@@ -130,7 +132,6 @@ def run_causal(
 ) -> dict[str, pd.DataFrame]:
     """Run parts a-d on ``model`` (named ``label`` in the tables) and write them under ``out/label/``."""
     from tokext.evaluation.perplexity import natural_chunks
-    from tokext.interventions import SinkRebalance
 
     settings.check()
     folder = Path(out) / label
@@ -183,14 +184,7 @@ def run_causal(
     sink_table = pd.DataFrame(layers)
 
     # c. the no-op test
-    noop = []
-    for name, iv in [
-        ("first token's value removed (no renormalisation)", SinkRebalance(scale=0.0, renormalize=False)),
-        ("first token's attention moved to the others (SinkRebalance)", SinkRebalance()),
-    ]:
-        r = runner.paired(iv)
-        noop.append({"model": label, "edit": name, "intervention": repr(iv), **r})
-    noop_table = pd.DataFrame(noop)
+    noop_table = _noop(runner, label)
 
     # d. inactive heads
     inactive_table, head_scores = _inactive(runner, base_stats, label, settings.shares, settings.seed, log)
@@ -212,6 +206,25 @@ def run_causal(
     }
     (folder / "settings.json").write_text(json.dumps(record, indent=1))
     return tables
+
+
+NOOP_EDITS = (
+    ("first token's value removed from the later rows (own row kept)", "SinkValueRemoval()"),
+    ("A_i0 = 0 in every row, no renormalisation (= v_0 = 0)", "SinkRebalance(scale=0.0, renormalize=False)"),
+    ("first token's attention moved to the others (SinkRebalance)", "SinkRebalance()"),
+)
+"""Part c: the edits compared (label, intervention as text)."""
+
+
+def _noop(runner: _Runner, label: str) -> pd.DataFrame:
+    """Part c: perplexity under each of :data:`NOOP_EDITS`, paired with the baseline."""
+    from tokext.interventions import parse_interventions
+
+    rows = []
+    for name, text in NOOP_EDITS:
+        (iv,) = parse_interventions(text)
+        rows.append({"model": label, "edit": name, "intervention": repr(iv), **runner.paired(iv)})
+    return pd.DataFrame(rows)
 
 
 def _inactive(
@@ -250,11 +263,17 @@ def _inactive(
 
 
 def add_shares(
-    model: Any, label: str, out: str | Path, shares: Sequence[float], log: Callable[[str], None] = print
+    model: Any,
+    label: str,
+    out: str | Path,
+    shares: Sequence[float],
+    log: Callable[[str], None] = print,
+    noop: bool = False,
 ) -> pd.DataFrame:
     """Part d again for more ``shares``, with the settings of the run saved under ``out/label/`` (the same
     chunks, scores and random ranking); the rows join ``inactive_heads.csv`` (a share already there is
-    replaced) and the shares are recorded in ``settings.json``."""
+    replaced) and the shares are recorded in ``settings.json``. ``noop``: part c again too (``noop.csv``
+    rewritten with every edit of :data:`NOOP_EDITS`)."""
     from tokext.evaluation.perplexity import natural_chunks
 
     folder = Path(out) / label
@@ -264,6 +283,10 @@ def add_shares(
     all_chunks = natural_chunks(model, settings.calib_chunks + settings.n_chunks, settings.length)
     chunks = [torch.tensor(c) for c in all_chunks[settings.calib_chunks :]]
     runner = _Runner(model, chunks, settings)
+    if noop:
+        _noop(runner, label).to_csv(folder / "noop.csv", index=False)
+    if not shares:
+        return pd.read_csv(folder / "inactive_heads.csv")
     base_stats = _stats(model, chunks[: settings.stats_chunks], (), settings.batch_size)
     new, _ = _inactive(runner, base_stats, label, settings.shares, settings.seed, log)
     old = pd.read_csv(folder / "inactive_heads.csv")
@@ -342,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--add-shares", default=None, help="only part d again, for these shares, with the saved run's settings"
     )
+    parser.add_argument("--redo-noop", action="store_true", help="only part c again, with the saved run's settings")
     args = parser.parse_args(argv)
     settings = CausalSettings(
         n_chunks=args.n_chunks,
@@ -354,8 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for spec in [s for s in args.models.split(",") if s]:
         model = load_model(spec)
-        if args.add_shares:
-            add_shares(model, spec, args.out, [float(x) for x in args.add_shares.split(",")])
+        if args.add_shares or args.redo_noop:
+            shares = [float(x) for x in args.add_shares.split(",")] if args.add_shares else []
+            add_shares(model, spec, args.out, shares, noop=args.redo_noop)
         else:
             run_causal(model, spec, args.out, settings)
         del model

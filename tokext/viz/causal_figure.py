@@ -102,13 +102,20 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     noop = tables["noop"]
     for i, model in enumerate(models):
         mine = noop[noop["model"] == model].reset_index(drop=True)
-        x = np.arange(len(mine)) + (i - (len(models) - 1) / 2) * width
+        x = np.array([list(dict.fromkeys(noop["intervention"])).index(e) for e in mine["intervention"]], dtype=float)
+        x += (i - (len(models) - 1) / 2) * width
         y = mine["ppl_ratio"].to_numpy()
         err = [y - mine["ratio_lo"].to_numpy(), mine["ratio_hi"].to_numpy() - y]
         noop_ax.bar(x, y - 1.0, width, bottom=1.0, color=colors[model], label=model)
         noop_ax.errorbar(x, y, yerr=err, fmt="none", ecolor="0.2", lw=0.8, capsize=2)
     noop_ax.axhline(1.0, color="0.4", lw=0.6)
-    noop_ax.set_xticks([0, 1], ["A_i0 = 0, no renorm.\n(= v_0 = 0)", "SinkRebalance\n(renormalised)"])
+    labels = {
+        "SinkValueRemoval()": "A_i0 = 0 for i > 0\n(own row kept)",
+        "SinkRebalance(renormalize=False)": "A_i0 = 0, every row\n(= v_0 = 0)",
+        "SinkRebalance()": "SinkRebalance\n(renormalised)",
+    }
+    edits = list(dict.fromkeys(noop["intervention"]))
+    noop_ax.set_xticks(range(len(edits)), [labels.get(e, e) for e in edits], fontsize=6)
     noop_ax.set_ylabel("perplexity ratio to original (log)")
     noop_ax.set_yscale("log")
     noop_ax.yaxis.set_major_formatter(plain)
@@ -153,8 +160,9 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
         "(a) perplexity with the massive activations found on the calibration chunks (|h| > 100 and >= 1000x the "
         "median, at the first layer holding them in half the chunks) set to zero or to their mean; error bars: "
         "95% paired bootstrap CI over chunks. (b) first-token mass per layer, original and under each ablation. "
-        "(c) perplexity ratio with the first token's value contribution removed (A_i0 set to 0 without "
-        "renormalisation, which equals v_0 = 0) and with SinkRebalance (A_i0 set to 0, rows renormalised). "
+        "(c) perplexity ratio with the first token's value contribution removed without renormalisation: from "
+        "the later rows only (SinkValueRemoval, the first token's own row kept) or from every row (A_i0 = 0, "
+        "which equals v_0 = 0), and with SinkRebalance (A_i0 set to 0, rows renormalised). "
         "(d) relative change in next-token loss when the lowest-ranked share of heads (by head-output norm "
         "relative to the layer mean, by first-token mass, or at random) is zero-ablated together."
     )
