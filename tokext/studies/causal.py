@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ class CausalSettings:
             raise InputError(f"stats_chunks ({self.stats_chunks}) cannot exceed n_chunks ({self.n_chunks})")
         if not self.shares or not all(0 < s < 1 for s in self.shares):
             raise InputError(f"shares must be fractions in (0, 1), got {self.shares!r}")
+
+
+def folder_name(label: str) -> str:
+    """A model label (a spec, possibly a path) as one safe folder name: its last path part."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(label)).name).strip("._")
+    if not name:
+        raise InputError(f"model label {label!r} gives no folder name")
+    return name
 
 
 class _Runner:
@@ -134,7 +143,7 @@ def run_causal(
     from tokext.evaluation.perplexity import natural_chunks
 
     settings.check()
-    folder = Path(out) / label
+    folder = Path(out) / folder_name(label)
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     all_chunks = natural_chunks(model, settings.calib_chunks + settings.n_chunks, settings.length)
@@ -276,7 +285,7 @@ def add_shares(
     rewritten with every edit of :data:`NOOP_EDITS`)."""
     from tokext.evaluation.perplexity import natural_chunks
 
-    folder = Path(out) / label
+    folder = Path(out) / folder_name(label)
     record = json.loads((folder / "settings.json").read_text())
     settings = CausalSettings(**{**record["settings"], "shares": tuple(shares)})
     settings.check()
