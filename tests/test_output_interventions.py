@@ -179,7 +179,9 @@ def test_calibrate_head_means_is_the_mean_o_proj_input_over_real_tokens():
         captured = {}
         handles = [
             C.output_projection(layers[layer]).register_forward_pre_hook(
-                lambda module, args, layer=layer: captured.__setitem__(layer, args[0].detach().clone())
+                lambda module, args, layer=layer, captured=captured: captured.__setitem__(
+                    layer, args[0].detach().clone()
+                )
             )
             for layer in (0, 2)
         ]
