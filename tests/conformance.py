@@ -438,6 +438,85 @@ def oracle_forward(
     return logits, _STATE.info, dict(_STATE.probs)
 
 
+# ---------------------------------------------------------------------- the oracle for output-level edits
+
+
+def decoder_layers(model: Any, name: str | None = None) -> Any:
+    """The list of decoder (or encoder) layers of a plain transformers model: the family's path in
+    :data:`_LAYERS_AND_OUTPUT` when ``name`` is given, else ``layers`` or GPT-2's ``h`` of the base model."""
+    if name is not None:
+        return _path(model, _LAYERS_AND_OUTPUT.get(name, _DEFAULT_LAYERS_AND_OUTPUT)[0])
+    base = model.base_model
+    for attr in ("layers", "h"):
+        if hasattr(base, attr):
+            return getattr(base, attr)
+    raise AssertionError(f"no decoder layers found on {type(base).__name__}")
+
+
+def output_projection(layer: Any) -> Any:
+    """A decoder layer's attention output projection (the module whose input is the heads' outputs)."""
+    for attn_name in ("self_attn", "attn", "attention", "self_attention"):
+        attn = getattr(layer, attn_name, None)
+        if attn is None:
+            continue
+        for proj in ("o_proj", "c_proj", "dense", "out_proj"):
+            if hasattr(attn, proj):
+                return getattr(attn, proj)
+    raise AssertionError(f"no output projection found on {type(layer).__name__}")
+
+
+def oracle_output_forward(
+    name: str,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor,
+    resid: dict[int, Callable] | None = None,
+    heads: dict[tuple[int, int], Callable] | None = None,
+    edit: Callable | None = None,
+) -> torch.Tensor:
+    """Logits of the family's model run by transformers with output-level edits made by plain torch hooks:
+    ``resid[layer](h, real)`` replaces decoder layer ``layer``'s output [batch, position, d_model]
+    (a forward hook on the layer; ``real`` is the Bool [batch, position] mask), and
+    ``heads[(layer, head)](x)`` replaces head ``head``'s slice [batch, position, d_head] of the input of
+    the layer's output projection (a forward pre-hook on ``o_proj`` / ``c_proj``). ``edit`` as in
+    :func:`oracle_forward` (a pattern edit, to check composition)."""
+    model = oracle_model(name)
+    layers = decoder_layers(model, name)
+    real = attention_mask.bool()
+    config = model.config
+    n_heads = config.num_attention_heads
+    handles = []
+
+    def layer_hook(fn: Callable) -> Callable:
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (fn(output[0], real),) + tuple(output[1:])
+            return fn(output, real)
+
+        return hook
+
+    def proj_hook(layer: int) -> Callable:
+        def hook(module, args):
+            x = args[0].clone()
+            d_head = x.shape[-1] // n_heads
+            for (l, h), fn in (heads or {}).items():
+                if l == layer:
+                    x[..., h * d_head : (h + 1) * d_head] = fn(x[..., h * d_head : (h + 1) * d_head])
+            return (x,) + tuple(args[1:])
+
+        return hook
+
+    try:
+        for layer, fn in (resid or {}).items():
+            handles.append(layers[layer].register_forward_hook(layer_hook(fn)))
+        for layer in sorted({l for l, _ in (heads or {})}):
+            handles.append(oracle_output_projection(name, layer, model).register_forward_pre_hook(proj_hook(layer)))
+        logits, _, _ = oracle_forward(name, tokens, attention_mask, edit=edit)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits
+
+
 # ---------------------------------------------------------------------- the oracle's norm sources
 
 _LAYERS_AND_OUTPUT = {  # family -> (path of the decoder layers, path of the output projection inside one)

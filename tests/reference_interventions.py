@@ -244,6 +244,20 @@ def ref_rebalance(target_fn, scale=0.0, renormalize=True, layers=None, heads=Non
     return edit
 
 
+def ref_sink_value_removal():
+    """A'(i, first) = 0 for every real query row i after the row's first real token; nothing else moves."""
+
+    def edit(layer, p, info):
+        out = p.clone()
+        for b, hi, i in _rows(p):
+            first = info.first(b)
+            if i != first:
+                out[b, hi, i, first] = 0.0
+        return out
+
+    return edit
+
+
 def ref_zerotuning(gamma_of):
     """ZeroTuning (arXiv 2505.11739): with a_0 the row's mass on its first real key and gamma the
     head's factor, a_0' = gamma a_0 / D and a_j' = a_j / D, D = (gamma - 1) a_0 + 1, on the row

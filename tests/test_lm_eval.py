@@ -130,6 +130,27 @@ def test_batch_size_one_equals_four(bridge, manager, intervention):
     assert diff < 1e-5, f"{intervention}: max_diff={diff}"
 
 
+@pytest.mark.parametrize(
+    "intervention",
+    [
+        "ResidualPatch(1, positions=(0, 2), dims=(3, 5), value=4.0)",
+        "MassiveActivationAblation(1, dims=(0, 1, 2, 3, 4, 5, 6, 7), abs_threshold=0.0, ratio=1.5)",
+        "HeadOutputAblation(heads=[(1, 0), (2, 3)])",
+    ],
+)
+def test_output_level_interventions_move_the_scores_padding_exactly(bridge, manager, intervention):
+    """Residual and head-output edits through the model type: one-by-one equals padded batches of 4,
+    both engines agree, and the log-likelihoods moved."""
+    tasks = ["piqa_fixture", "siqa_fixture"]
+    base = loglikelihoods(run(bridge, manager, tasks))
+    one = loglikelihoods(run(bridge, manager, tasks, intervention, batch_size=1))
+    four = loglikelihoods(run(bridge, manager, tasks, intervention, batch_size=4))
+    streamed = loglikelihoods(run(bridge, manager, tasks, intervention, batch_size=4, engine="streaming"))
+    assert max(abs(one[k] - four[k]) for k in one) < 1e-5
+    assert max(abs(streamed[k] - four[k]) for k in one) < 1e-5
+    assert max(abs(base[k] - four[k]) for k in one) > 1e-3
+
+
 def test_streaming_engine_gives_the_hook_engines_scores(bridge, manager):
     """``engine=streaming`` in the model arguments: the same log-likelihoods, under an intervention."""
     tasks = ["piqa_fixture", "siqa_fixture"]

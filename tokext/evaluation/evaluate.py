@@ -430,6 +430,8 @@ def evaluate(
         spec = EvalSpec(**spec)
 
     items = list(items) if items is not None else spec.load()
+    if spec.task == "perplexity":
+        return _evaluate_perplexity(model, spec, interventions, items, batch_size, engine)
     if spec.task == "organism":
         return _evaluate_organism(model, spec, interventions, items, batch_size, progress, engine)
     with intervene(model, *interventions, engine=engine):
@@ -482,3 +484,24 @@ def _evaluate_organism(
         )
     with intervene(model, *interventions, engine=engine):
         return evaluate_organism_items(organism, items, cot=spec.cot, batch_size=max(batch_size, 1), progress=progress)
+
+
+def _evaluate_perplexity(
+    model: Any, spec: Any, interventions: Sequence[Any], items: Sequence[Any], batch_size: int, engine: str
+) -> pd.DataFrame:
+    """Task ``perplexity``: one row per chunk of the shipped natural text (``items``: chunk indices), its
+    mean next-token loss in ``loss`` (perplexity = exp of the mean over chunks, all of ``spec.length``
+    tokens) and ``correct`` NaN (no accuracy)."""
+    from tokext.evaluation.perplexity import chunk_losses, natural_chunks
+
+    chunks = natural_chunks(model, max(int(i) for i in items) + 1, int(spec.length))
+    picked = [torch.tensor(chunks[int(i)]) for i in items]
+    sums, counts = chunk_losses(model, picked, interventions, batch_size=batch_size, engine=engine)
+    return pd.DataFrame(
+        {
+            "id": [f"chunk{int(i)}" for i in items],
+            "correct": np.nan,
+            "loss": sums / counts,
+            "n_tokens": counts,
+        }
+    )

@@ -15,6 +15,7 @@ from tokext.errors import DataFileError, InputError
 
 MC_TASKS = ("mmlu", "piqa", "siqa")
 ORGANISM_TASK = "organism"  # the trained model organism's own arithmetic (its test split)
+PERPLEXITY_TASK = "perplexity"  # next-token loss on the shipped natural text, in chunks of `length` tokens
 MC_METHODS = ("letter", "continuation", "cot")
 
 
@@ -40,6 +41,7 @@ class EvalSpec:
     path: str | None = None
     labels_path: str | None = None
     limit_per_subject: int | None = None
+    length: int | None = None  # task 'perplexity': tokens per chunk
 
     @property
     def level_label(self) -> str:
@@ -47,11 +49,18 @@ class EvalSpec:
         return str(self.level) if self.level is not None else (self.category or "all")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict (for provenance records and TOML)."""
-        return dataclasses.asdict(self)
+        """The fields as a dict; ``length`` only when set (so the ids of other cells are unchanged)."""
+        out = dataclasses.asdict(self)
+        if out["length"] is None:
+            out.pop("length")
+        return out
 
     def load(self) -> list[Any]:
         """The items: :class:`tokext.evaluation.tasks.Example` or :class:`tokext.evaluation.mc.MCItem` records."""
+        if self.task == PERPLEXITY_TASK:
+            if self.n is None or self.length is None:
+                raise InputError("task 'perplexity' needs n (chunks) and length (tokens per chunk)")
+            return list(range(self.n))  # chunk indices: the chunks need the model's tokenizer
         if self.task == ORGANISM_TASK:
             from tokext.models.organism import DEFAULT_TASK, organism_examples
 

@@ -331,6 +331,10 @@ class Intervention:
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
         raise NotImplementedError
 
+    def check_inputs(self, model: Any, lengths: list[int]) -> None:
+        """Raise :class:`InputError` when inputs of these token ``lengths`` cannot be edited (a position
+        beyond every sequence); entry points that know their inputs call it before any forward pass."""
+
     def hooks(self, model: Any, ctx: RunContext | None = None) -> Hooks:
         """TransformerLens ``fwd_hooks`` applying this intervention, with fresh per-run state.
 
@@ -405,6 +409,13 @@ def fwd_hooks(model: Any, *interventions: Intervention) -> list[tuple[str, HookF
 
         hooks.insert(0, (FORWARD_HOOK, record_tokens))
     return hooks
+
+
+def check_inputs(model: Any, interventions: Sequence[Intervention], lengths: list[int]) -> None:
+    """Every intervention's :meth:`Intervention.check_inputs` for sequences of these lengths."""
+    if lengths:
+        for iv in interventions:
+            iv.check_inputs(model, lengths)
 
 
 def validate(model: Any, interventions: Sequence[Intervention], caller: str) -> None:

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from tokext.attention.engines.choose import DEFAULT_BUDGET, choose_engine
-from tokext.attention.engines.streaming import active_engine, stages_from_hooks, streaming
+from tokext.attention.engines.streaming import STAGE_HOOKS, active_engine, stages_from_hooks, streaming
 from tokext.errors import InputError, InterventionNotAppliedError
 from tokext.interventions.base import (
     FORWARD_HOOK,
     Intervention,
     RunContext,
     bind,
+    check_inputs,
     model_device,
     model_layout,
     validate,
@@ -100,7 +101,7 @@ def intervene(
             }
             attention, others = hooks, []
         else:
-            attention = [(n, f) for n, f in hooks if n.endswith(("attn.hook_pattern", "attn.hook_attn_scores"))]
+            attention = [(n, f) for n, f in hooks if n.endswith(tuple(f"attn.{h}" for h in STAGE_HOOKS))]
             others = [(n, f) for n, f in hooks if (n, f) not in attention]
         if interventions and FORWARD_HOOK in model.hook_dict:
             others.append((FORWARD_HOOK, _forward_counter(run)))
@@ -193,6 +194,7 @@ def mean_loss(
 
     ``engine`` as in :func:`intervene` (``"auto"`` decides by these inputs)."""
     seqs = encode(model, inputs, max_len=max_len)
+    check_inputs(model, interventions, [int(s.numel()) for s in seqs])
     device = model_device(model)
     total, count = 0.0, 0
     with torch.inference_mode(), intervene(model, *interventions, engine=_engine_for(model, engine, seqs, batch_size)):
@@ -228,6 +230,7 @@ def intervention_effect(
     """
     chosen = _as_list(intervention)
     seqs = encode(model, tokens, max_len=max_len)
+    check_inputs(model, chosen, [int(s.numel()) for s in seqs])
     which = _engine_for(model, engine, seqs, batch_size)
     device = model_device(model)
     max_delta, before, after, count = 0.0, 0.0, 0.0, 0

@@ -104,6 +104,16 @@ def _build(node: ast.AST, source: str) -> Intervention:
 
 
 def _literal(node: ast.AST, name: str, source: str) -> Any:
+    if (  # range(a, b) with literal ints: how reprs write long runs (layers, dims)
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "range"
+        and not node.keywords
+        and 1 <= len(node.args) <= 3
+    ):
+        bounds = [_literal(a, name, source) for a in node.args]
+        if all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
+            return tuple(range(*bounds))
     if isinstance(node, ast.Starred):
         raise InterventionSpecError(f"intervention {source!r}: * arguments are not allowed")
     try:

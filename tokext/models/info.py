@@ -28,7 +28,8 @@ class ModelInfo:
     logits. :func:`load_model` measures it on load (two forward passes of 8 tokens, about 0.4 s
     on SmolLM2-135M on one CPU thread); it is ``None`` for bridges built elsewhere until
     :func:`check_pattern_edits` runs. ``score_edit_lands`` is the same for ``hook_attn_scores``,
-    measured lazily by :func:`check_score_edits`.
+    measured lazily by :func:`check_score_edits`; ``hook_edit_lands`` the same for other hooks
+    (``"blocks.{layer}.attn.hook_z"``), measured by :func:`require_hook_edits` when first needed.
 
     ``prepend_bos`` is whether the model's own tokenizer (the Hugging Face one, before
     TransformerLens swaps in a BOS-adding copy) puts its BOS first; tokext encodes text that way
@@ -47,6 +48,7 @@ class ModelInfo:
     first_special: str | None = None  # a special token the tokenizer puts first without a BOS ([CLS])
     pattern_edit_lands: dict[int, bool] | None = None
     score_edit_lands: dict[int, bool] | None = None
+    hook_edit_lands: dict[str, dict[int, bool]] = field(default_factory=dict)  # hook template -> layer -> lands
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -24,6 +24,7 @@ def encode(
     *,
     max_len: int | None = None,
     prepend_bos: bool | None = None,
+    any_length: bool = False,
 ) -> list[torch.Tensor]:
     """Tokenize ``inputs`` into a list of 1-D Long tensors, validated against the model.
 
@@ -32,6 +33,7 @@ def encode(
     :class:`~tokext.models.info.ModelInfo`; SmolLM2's adds no BOS, Llama-2's adds ``<s>``);
     True/False forces a leading BOS on or off. ``max_len`` keeps each sequence's first ``max_len``
     tokens (Gu et al. cut to 64).
+    ``any_length``: accept sequences longer than the model's context (for callers that cut them into chunks).
     """
     if isinstance(inputs, str):
         raise InputError("inputs must be a list of strings, not a single string: wrap it in a list")
@@ -62,7 +64,7 @@ def encode(
             raise InputError(f"input {i} has token ids outside the vocabulary (0..{vocab - 1})")
         if max_len is not None:
             seq = seq[:max_len]
-        if seq.numel() > n_ctx:
+        if seq.numel() > n_ctx and not any_length:
             raise SequenceTooLongError(
                 f"input {i} has {seq.numel()} tokens, more than the model's context of {n_ctx}; "
                 "pass max_len to truncate"

@@ -81,10 +81,10 @@ def _other_hooks_suspended(model: Any) -> Iterator[None]:
 def _check_edits(model: Any, hook: str, edit: Any, tol: float) -> dict[int, bool]:
     """Per layer: does ``edit`` at ``blocks.{layer}.attn.{hook}`` move the logits of a short probe?"""
     with _other_hooks_suspended(model):
-        return _probe_edits(model, hook, edit, tol)
+        return _probe_edits(model, "blocks.{layer}.attn." + hook, edit, tol)
 
 
-def _probe_edits(model: Any, hook: str, edit: Any, tol: float) -> dict[int, bool]:
+def _probe_edits(model: Any, template: str, edit: Any, tol: float) -> dict[int, bool]:
     info = model_info(model)
     vocab = int(model.cfg.d_vocab)
     n = min(8, int(model.cfg.n_ctx))
@@ -97,7 +97,7 @@ def _probe_edits(model: Any, hook: str, edit: Any, tol: float) -> dict[int, bool
         for layer in range(info.n_layers):
             cls = type(model.blocks[layer].attn)
             if cls not in by_class:
-                by_class[cls] = _edit_changes_logits(model, tokens, base, f"blocks.{layer}.attn.{hook}", edit, tol)
+                by_class[cls] = _edit_changes_logits(model, tokens, base, template.format(layer=layer), edit, tol)
             lands[layer] = by_class[cls]
     return lands
 
@@ -127,6 +127,34 @@ def require_pattern_edits(model: Any, layers: list[int] | None = None) -> None:
             f"({info.attention.family}'s attention bridge {cls} runs attention itself and fires the hook afterwards). "
             "Pattern interventions cannot work on this model; use a model whose TransformerLens "
             "adapter rebuilds attention (Llama, Mistral, Qwen, GPT-2, ...)."
+        )
+
+
+def _zeros(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+    return torch.zeros_like(tensor)
+
+
+def require_hook_edits(model: Any, template: str, layers: list[int], *, tol: float = 1e-4) -> None:
+    """Raise :class:`UneditableAttentionError` unless zeroing the hook ``template.format(layer=l)``
+    (e.g. ``"blocks.{layer}.attn.hook_z"``) changes the logits in each of ``layers``.
+
+    Measured once per model and template on a short probe (layers of one attention class share one
+    measurement) and cached in :class:`tokext.models.info.ModelInfo`. A hook point the model lacks
+    does not land.
+    """
+    info = model_info(model)
+    cache = info.hook_edit_lands
+    if template not in cache:
+        with _other_hooks_suspended(model):
+            cache[template] = _probe_edits(model, template, _zeros, tol)
+    lands = cache[template]
+    bad = [layer for layer in layers if not lands.get(layer, False)]
+    if bad:
+        name = template.format(layer=bad[0])
+        raise UneditableAttentionError(
+            f"{info.name}: writes to {name} (and the same hook of layers {bad}) do not reach the logits "
+            f"({info.attention.family}'s TransformerLens adapter runs that part of the model itself): "
+            "this intervention cannot work on this model"
         )
 
 

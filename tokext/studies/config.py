@@ -22,6 +22,11 @@ A config (``experiments/*.toml``)::
     categories = ["STEM", "Humanities", "Social", "Other"]   # one cell each
     n = 80                           # or "all"; MMLU also takes subjects, limit_per_subject
 
+    [[tasks]]                        # next-token loss on the shipped natural text (MMLU questions
+    name = "perplexity"              # in file order), n chunks of `length` tokens; loss per chunk,
+    n = 32                           # perplexity = exp(mean loss); no accuracy
+    length = 128
+
     [[interventions]]
     type = "EarlyLayerEmulation"     # a class in tokext.interventions
     label = "paper"                  # optional; default: the type
@@ -74,7 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from tokext.errors import DataFileError, TokextError
-from tokext.evaluation.spec import MC_METHODS, MC_TASKS, ORGANISM_TASK, EvalSpec
+from tokext.evaluation.spec import MC_METHODS, MC_TASKS, ORGANISM_TASK, PERPLEXITY_TASK, EvalSpec
 
 CONFIG_VERSION = 1
 _TOP_KEYS = (
@@ -125,8 +130,11 @@ class TaskEntry:
     limit_per_subject: int | None = None
     path: str | None = None
     labels_path: str | None = None
+    length: int | None = None  # task 'perplexity': tokens per chunk
 
     def specs(self, seed: int) -> list[EvalSpec]:
+        if self.name == PERPLEXITY_TASK:
+            return [EvalSpec(self.name, "perplexity", n=self.n, seed=seed, shots=0, length=self.length)]
         if self.name not in MC_TASKS:
             return [
                 EvalSpec(
@@ -249,6 +257,9 @@ class StudyConfig:
         out.pop("resources")
         if out["dtype"] == DEFAULT_DTYPE:
             out.pop("dtype")
+        for task in out["tasks"]:
+            if task["length"] is None:  # only task 'perplexity' has one: other configs keep their hash
+                task.pop("length")
         return json.loads(canonical_json(out))
 
     def config_hash(self) -> str:
@@ -495,10 +506,17 @@ def _task(r: _Reader, table: Any, where: str) -> TaskEntry:
     from tokext.evaluation.tasks import LEVELS, list_tasks
 
     name = r.str(table["name"], f"{where}.name")
-    known = list_tasks() + list(MC_TASKS) + [ORGANISM_TASK]
+    known = list_tasks() + list(MC_TASKS) + [ORGANISM_TASK, PERPLEXITY_TASK]
     if name not in known:
         raise r.fail(
             f"{where}.name", f"unknown task {name!r}.{_did_you_mean(name, known)} Available: {', '.join(known)}"
+        )
+    if name == PERPLEXITY_TASK:
+        r.keys(table, ("name", "n", "length"), where, hint=" (for the task 'perplexity')")
+        return TaskEntry(
+            name,
+            n=r.int(table.get("n", 32), f"{where}.n", low=1),
+            length=r.int(table.get("length", 128), f"{where}.length", low=2),
         )
     is_mc = name in MC_TASKS
     valid = _COMMON_TASK_KEYS + (_MC_KEYS + (_MMLU_KEYS if name == "mmlu" else ()) if is_mc else _REASONING_KEYS)

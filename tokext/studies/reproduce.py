@@ -52,6 +52,7 @@ class Sizes:
     organism_items: int | None  # problems per organism sweep cell (None: the config's n)
     long_lengths: tuple[int, ...] = (512, 2048)  # the long-context study's context lengths
     long_windows: tuple[int, ...] = (1,)  # its text windows per length (one count, or one per length)
+    causal_chunks: tuple[int, int, int] = (32, 128, 16)  # the causal study: scored chunks, tokens, calibration
 
 
 MODES = {
@@ -67,6 +68,7 @@ MODES = {
         organism_items=8,
         long_lengths=(64, 256),
         long_windows=(1,),
+        causal_chunks=(4, 32, 2),
     ),
     "default": Sizes(
         analyze_prompts=64,
@@ -93,6 +95,7 @@ MODES = {
         organism_items=None,
         long_lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768),
         long_windows=(4, 4, 4, 2, 2, 1, 1),
+        causal_chunks=(64, 256, 32),
     ),
 }
 
@@ -396,6 +399,32 @@ class Reproduction:
             model = load_model(self.model_spec, n_ctx=longest)
         run_long_context(model, folder, lengths=self.sizes.long_lengths, windows=self.sizes.long_windows, log=self.log)
 
+    def causal(self, folder: Path) -> None:
+        """The causal study (:mod:`tokext.studies.causal`) on the reproduction's model and, outside quick
+        mode, on Gemma 3 270M (smaller sizes: its 262k-token unembedding dominates the cost on a CPU)."""
+        from tokext.models.loading import load_model
+        from tokext.studies.causal import CausalSettings, run_causal
+
+        n, length, calib = self.sizes.causal_chunks
+        if self.mode == "quick":
+            settings = CausalSettings(
+                n_chunks=n, length=length, calib_chunks=calib, stats_chunks=n, shares=(0.1,), n_boot=200
+            )
+            run_causal(self.model, self.model_spec, folder, settings, log=self.log)
+            return
+        settings = CausalSettings(n_chunks=n, length=length, calib_chunks=calib, stats_chunks=min(n, 16), batch_size=4)
+        run_causal(self.model, self.model_spec, folder, settings, log=self.log)
+        if self.model_spec != "gemma3-270m":
+            small = CausalSettings(
+                n_chunks=n // 2,
+                length=length,
+                calib_chunks=calib // 2,
+                stats_chunks=min(n // 2, 8),
+                batch_size=4,
+                shares=(0.05, 0.1, 0.2),
+            )
+            run_causal(load_model("gemma3-270m"), "gemma3-270m", folder, small, log=self.log)
+
     # ------------------------------------------------------------------ all
 
     def run(self, figures_dir: str | Path = "figures") -> Path:
@@ -412,6 +441,7 @@ class Reproduction:
             ("computed_tokens", self.computed_tokens),
             ("finetune", self.finetune),
             ("long_context", self.long_context),
+            ("causal", self.causal),
         ]
         try:
             for name, run in steps:

@@ -427,12 +427,16 @@ def summarize(results_dir: str | Path, *, n_boot: int = 10000, seed: int = 0, wr
         )
         if merged.empty:
             raise DataFileError(f"cell {row['cell_id']} shares no item with its baseline {base_id}")
-        s = paired_summary(
-            merged["correct_b"].astype(bool).to_numpy(),
-            merged["correct_m"].astype(bool).to_numpy(),
-            n_boot=n_boot,
-            seed=seed,
-        )
+        if merged["correct_b"].isna().all():  # no accuracy (task 'perplexity'): only the loss is paired
+            s = dict.fromkeys(("acc_baseline", "diff", "ci_lo", "ci_hi", "p_mcnemar", "n01", "n10"), float("nan"))
+            s["n"] = len(merged)
+        else:
+            s = paired_summary(
+                merged["correct_b"].astype(bool).to_numpy(),
+                merged["correct_m"].astype(bool).to_numpy(),
+                n_boot=n_boot,
+                seed=seed,
+            )
         base_loss = float(by_id.loc[base_id, "loss"])
         _, dloss_lo, dloss_hi = paired_mean_ci(
             merged["loss_b"].astype(float).to_numpy(),

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tokext.attention.stats import AttentionStats
-from tokext.viz import plots
+from tokext.viz import causal_figure, plots
 
 
 @dataclass
@@ -633,6 +633,12 @@ def long_context(results: Path, out: Path) -> Figure | None:
     )
 
 
+def causal_study(results: Path, out: Path) -> Figure | None:
+    """Figure 11: the causal study (drawn by :mod:`tokext.viz.causal_figure`)."""
+    drawn = causal_figure.draw(results, out)
+    return None if drawn is None else Figure(*drawn)
+
+
 BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     head_patterns,
     sink_and_entropy,
@@ -643,6 +649,7 @@ BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     finetune,
     organism,
     long_context,
+    causal_study,
 ]
 
 
@@ -668,6 +675,7 @@ def build_all(results: str | Path, out: str | Path, *, tables: str = "") -> list
         "computed_tokens",
         "finetune",
         "long_context",
+        "causal",
     ]
     done = [s for s in steps if (results / s / "provenance.json").is_file()]
     missing = [s for s in steps if s not in done]

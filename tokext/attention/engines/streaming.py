@@ -48,6 +48,8 @@ from tokext.models.architectures import LayerAttention
 from tokext.models.info import model_info
 
 NAME = "tokext_streaming"
+STAGE_HOOKS = ("hook_pattern", "hook_attn_scores", "hook_z")
+"""Attention hooks whose edits the engine runs as stages (TransformerLens hooks there are not used)."""
 _ACTIVE: list[StreamingEngine] = []
 
 
@@ -95,7 +97,8 @@ class Stage:
 @dataclass
 class LayerChain:
     """What runs on one layer's blocks: score stages (masked, softcapped scores, before the softmax
-    and before a learned sink's column joins it), pattern stages (probabilities), observers
+    and before a learned sink's column joins it), pattern stages (probabilities), output stages (the
+    layer's per-head output z = A V, [batch, query, head, d], before the output projection), observers
     (``observe(block, geometry, plogp)`` after every stage; ``plogp`` is each row's ``sum p log p``
     when the engine has it for free: an unedited softmax, else None), ``finish`` callbacks after
     the last block, and ``kv`` observers, called once per attention call, before any block, with the
@@ -104,6 +107,7 @@ class LayerChain:
 
     scores: list[Stage] = field(default_factory=list)
     pattern: list[Stage] = field(default_factory=list)
+    output: list[Stage] = field(default_factory=list)  # on the per-head output z [batch, query, head, d]
     observers: list[Callable[..., None]] = field(default_factory=list)
     finish: list[Callable[[], None]] = field(default_factory=list)
     kv: list[Callable[[torch.Tensor, torch.Tensor], None]] = field(default_factory=list)
@@ -153,6 +157,7 @@ class StreamingEngine:
                 chain = merged.setdefault(layer, LayerChain())
                 chain.scores += part.scores
                 chain.pattern += part.pattern
+                chain.output += part.output
                 chain.observers += part.observers
                 chain.finish += part.finish
                 chain.kv += part.kv
@@ -343,7 +348,10 @@ class StreamingEngine:
             self.on_block(None)
         for finish in chain.finish:
             finish()
-        return out.transpose(1, 2).contiguous()
+        out = out.transpose(1, 2).contiguous()
+        for stage in chain.output:
+            out = _applied(stage.fn, out)
+        return out
 
     def _rows(self, batch: int, n_keys: int) -> int:
         return self.block_rows if self.block_rows is not None else block_rows(self.model, batch, n_keys, self.budget)
@@ -591,8 +599,9 @@ def _padding_mask(
 
 
 def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerChain]:
-    """Layer chains from TransformerLens-style ``(hook_name, fn)`` pairs on ``blocks.{l}.attn.hook_pattern``
-    and ``hook_attn_scores``; ``fn(tensor, hook)`` is called with ``hook=None``. Attributes of ``fn``
+    """Layer chains from TransformerLens-style ``(hook_name, fn)`` pairs on ``blocks.{l}.attn.hook_pattern``,
+    ``hook_attn_scores`` and ``hook_z`` (the per-head output, which some adapters' attention code never
+    routes through a hook); ``fn(tensor, hook)`` is called with ``hook=None``. Attributes of ``fn``
     describe its :class:`Stage`: ``stream_two_pass``, ``stream_replayable`` (default True),
     ``stream_source`` with ``stream_recorder`` (the function that records the source layer's
     block, itself marked with ``stream_id``)."""
@@ -601,15 +610,8 @@ def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerC
     pending: list[tuple[Stage, Callable | None]] = []  # (stage, the hook whose recording it reads)
     for name, fn in hooks:
         parts = name.split(".")
-        if (
-            len(parts) != 4
-            or parts[0] != "blocks"
-            or parts[2] != "attn"
-            or parts[3] not in ("hook_pattern", "hook_attn_scores")
-        ):
-            raise InputError(
-                f"the streaming engine runs stages on hook_pattern and hook_attn_scores only, not {name!r}"
-            )
+        if len(parts) != 4 or parts[0] != "blocks" or parts[2] != "attn" or parts[3] not in STAGE_HOOKS:
+            raise InputError(f"the streaming engine runs stages on {', '.join(STAGE_HOOKS)} only, not {name!r}")
         layer = int(parts[1])
         stage = Stage(
             fn=_no_hook(fn),
@@ -621,7 +623,9 @@ def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerC
         if stage.source is not None:
             pending.append((stage, getattr(fn, "stream_recorder", None)))
         chain = chains.setdefault(layer, LayerChain())
-        (chain.scores if parts[3] == "hook_attn_scores" else chain.pattern).append(stage)
+        {"hook_attn_scores": chain.scores, "hook_pattern": chain.pattern, "hook_z": chain.output}[parts[3]].append(
+            stage
+        )
     for stage, recorder in pending:
         stage.recorder = made[id(recorder)].fn
     return chains
