@@ -2,7 +2,7 @@
 
 On SmolLM2-135M-Instruct (and the trained model organism) it runs the attention analysis, the
 intervention profiles, the core ablation study, MMLU by category, the computed-token study and the
-fine-tuning diagnostic, then rebuilds every figure into ``figures/`` with ``figures/REPORT.md``.
+fine-tuning diagnostic, the long-context study and the sink-anatomy study (with Gemma 3 270M), then rebuilds every figure into ``figures/`` with ``figures/REPORT.md``.
 Each step writes its results folder under ``results/reproduce/<mode>/`` and a ``provenance.json``
 last; a step whose provenance exists is skipped (``--force`` empties the step folders and recomputes).
 Sizes per mode:
@@ -16,10 +16,11 @@ import datetime
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class Sizes:
     organism_items: int | None  # problems per organism sweep cell (None: the config's n)
     long_lengths: tuple[int, ...] = (512, 2048)  # the long-context study's context lengths
     long_windows: tuple[int, ...] = (1,)  # its text windows per length (one count, or one per length)
+    anatomy_sequences: int = 64  # natural-text rows of T = 64 tokens per model in the sink-anatomy study
 
 
 MODES = {
@@ -58,6 +60,7 @@ MODES = {
         organism_items=8,
         long_lengths=(64, 256),
         long_windows=(1,),
+        anatomy_sequences=4,
     ),
     "default": Sizes(
         analyze_prompts=64,
@@ -71,6 +74,7 @@ MODES = {
         organism_items=None,
         long_lengths=(512, 1024, 2048, 4096, 8192),
         long_windows=(2, 2, 1, 1, 1),
+        anatomy_sequences=64,
     ),
     "full": Sizes(
         analyze_prompts=80,
@@ -84,6 +88,7 @@ MODES = {
         organism_items=None,
         long_lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768),
         long_windows=(4, 4, 4, 2, 2, 1, 1),
+        anatomy_sequences=100,
     ),
 }
 
@@ -97,7 +102,7 @@ def write_provenance(folder: Path, **fields: Any) -> None:
         **fields,
         "tokext": __version__,
         "git": git_revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     (folder / "provenance.json").write_text(json.dumps(record, indent=1, default=str))
 
@@ -114,13 +119,19 @@ class Reproduction:
         force: bool = False,
         log: Callable[[str], None] = print,
         executor: Any = "serial",
+        anatomy_models: Sequence[str] | None = None,
     ):
         """``executor``: where the sweep steps' cells run (``"serial"``, ``"ray"`` or an executor of
-        :mod:`tokext.studies.executors`); the other steps run in this process."""
+        :mod:`tokext.studies.executors`); the other steps run in this process. ``anatomy_models``: the
+        models of the sink-anatomy step (default: ``model`` and Gemma 3 270M), checked here."""
+        from tokext.studies.anatomy import check_plan
         from tokext.studies.executors import make_executor
 
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}: choose one of {sorted(MODES)}")
+        if anatomy_models is None:
+            anatomy_models = list(dict.fromkeys([model, "gemma3-270m"]))
+        self.anatomy_models = check_plan(anatomy_models, MODES[mode].anatomy_sequences)
         self.mode, self.sizes, self.model_spec, self.force, self.log = mode, MODES[mode], model, force, log
         self.root = Path(results) / mode
         self._model = None
@@ -156,8 +167,8 @@ class Reproduction:
     # ------------------------------------------------------------------ steps
 
     def analyze(self, folder: Path) -> None:
-        from tokext.studies.analyze import analyze
         from tokext.models.info import model_info
+        from tokext.studies.analyze import analyze
 
         result = analyze(self.model, n=self.sizes.analyze_prompts, out=folder, progress=False)
         write_provenance(
@@ -202,9 +213,9 @@ class Reproduction:
         write_provenance(folder, model=info.name, prompt=prompt, layers=layers, heads=heads)
 
     def profiles(self, folder: Path) -> None:
+        from tokext.evaluation.prompts import load_prompts
         from tokext.models.info import model_info
         from tokext.studies.profiles import default_interventions, intervention_profiles
-        from tokext.evaluation.prompts import load_prompts
 
         info = model_info(self.model)
         prompts = load_prompts(None, self.sizes.profile_prompts)
@@ -232,8 +243,8 @@ class Reproduction:
     ) -> None:
         """Run the packaged ``config_name`` (``experiments/<full_configs>`` in full mode, or always
         when ``config_name`` is None) on ``model`` (default: the main model) and summarise it."""
-        from tokext.studies.config import load_config
         from tokext.models.info import model_info
+        from tokext.studies.config import load_config
         from tokext.studies.sweep import run_sweep, summarize
 
         model = model if model is not None else self.model
@@ -372,6 +383,17 @@ class Reproduction:
             model = load_model(self.model_spec, n_ctx=longest)
         run_long_context(model, folder, lengths=self.sizes.long_lengths, windows=self.sizes.long_windows, log=self.log)
 
+    def anatomy(self, folder: Path) -> None:
+        """The sink-anatomy study (:mod:`tokext.studies.anatomy`) on ``anatomy_models`` at T = 64; each
+        model's run is saved as it finishes, so an interrupted step resumes with the models done."""
+        from tokext.models.loading import load_model
+        from tokext.studies.anatomy import run_anatomy
+
+        def loader(spec: str) -> Any:
+            return self.model if spec == self.model_spec else load_model(spec)
+
+        run_anatomy(folder, self.anatomy_models, n=self.sizes.anatomy_sequences, loader=loader, log=self.log)
+
     # ------------------------------------------------------------------ all
 
     def run(self, figures_dir: str | Path = "figures") -> Path:
@@ -388,6 +410,7 @@ class Reproduction:
             ("computed_tokens", self.computed_tokens),
             ("finetune", self.finetune),
             ("long_context", self.long_context),
+            ("anatomy", self.anatomy),
         ]
         try:
             for name, run in steps:
@@ -415,8 +438,10 @@ def report_tables(root: Path) -> str:
             continue
         table = pd.read_csv(path)
         rows = [
-            "| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | "
-            "delta loss [95% CI] |",
+            (
+                "| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | "
+                "delta loss [95% CI] |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in table.itertuples(index=False):

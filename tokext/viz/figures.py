@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tokext.viz import plots
 from tokext.attention.stats import AttentionStats
+from tokext.viz import plots
 
 
 @dataclass
@@ -628,6 +629,13 @@ def long_context(results: Path, out: Path) -> Figure | None:
     )
 
 
+def sink_anatomy(results: Path, out: Path) -> Figure | None:
+    """Figure 10: the sink-anatomy study (drawn in :mod:`tokext.viz.anatomy_figure`)."""
+    from tokext.viz.anatomy_figure import sink_anatomy as build
+
+    return build(results, out)
+
+
 BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     head_patterns,
     sink_and_entropy,
@@ -638,6 +646,7 @@ BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     finetune,
     organism,
     long_context,
+    sink_anatomy,
 ]
 
 
@@ -663,6 +672,7 @@ def build_all(results: str | Path, out: str | Path, *, tables: str = "") -> list
         "computed_tokens",
         "finetune",
         "long_context",
+        "anatomy",
     ]
     done = [s for s in steps if (results / s / "provenance.json").is_file()]
     missing = [s for s in steps if s not in done]
