@@ -1,6 +1,6 @@
 """Figure 10, "sink anatomy", from the sink-anatomy study's results (``<results>/anatomy/``, written by
 :func:`tokext.studies.anatomy.run_anatomy`): one column per model, four rows of per-layer and per-head
-measurements. Registered in :data:`tokext.viz.figures.BUILDERS`; needs no model.
+measurements. Listed in :data:`tokext.viz.figures.BUILDERS`; needs no model.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ def _mark_full(ax: Any, layers: list[int]) -> None:
         ax.axvspan(layer - 0.5, layer + 0.5, color="0.9", zorder=0, lw=0)
 
 
-def sink_anatomy(results: Path, out: Path) -> Any:
+def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
     """Figure 10: per layer (a) first-token mass and its norm-weighted share, (b) Gu et al.'s norm ratios of
     h, k and v at the first token, (c) Sun et al.'s top |h| / median |h| with the massive activations
     found, (d) per head, head-output norm against first-token mass (inactive heads)."""
-    from tokext.viz.figures import Figure, _provenance
-
     folder = results / "anatomy"
     needed = ["layers.csv", "heads.csv", "inactive.csv", "massive_summary.csv"]
     if not all((folder / name).is_file() for name in needed):
@@ -41,7 +39,7 @@ def sink_anatomy(results: Path, out: Path) -> Any:
     heads = pd.read_csv(folder / "heads.csv")
     inactive = pd.read_csv(folder / "inactive.csv").set_index("model")
     massive = pd.read_csv(folder / "massive_summary.csv").set_index("model")
-    meta = _provenance(folder)
+    meta = plots.read_provenance(folder)
     models = list(dict.fromkeys(layers["model"]))
     norm_threshold = float(meta.get("norm_threshold", 0.5))
     first_threshold = float(meta.get("first_threshold", 0.5))
@@ -150,4 +148,4 @@ def sink_anatomy(results: Path, out: Path) -> Any:
         f"seed {meta.get('seed')} | engine {meta.get('engine')} | git {str(meta.get('git', ''))[:10]} | "
         "experiments/anatomy.py"
     )
-    return Figure("fig10_sink_anatomy", "Sink anatomy", caption, plots.save(fig, out, "fig10_sink_anatomy", note))
+    return plots.Figure("fig10_sink_anatomy", "Sink anatomy", caption, plots.save(fig, out, "fig10_sink_anatomy", note))

@@ -12,7 +12,6 @@ import json
 import re
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +20,10 @@ import pandas as pd
 
 from tokext.attention.stats import AttentionStats
 from tokext.viz import plots
+from tokext.viz.anatomy_figure import sink_anatomy
+from tokext.viz.plots import Figure
 
-
-@dataclass
-class Figure:
-    name: str
-    title: str
-    caption: str
-    files: list[Path]
-
-
-def _provenance(folder: Path) -> dict[str, Any]:
-    """A step's provenance record, with any nested ``settings`` lifted to the top level."""
-    path = folder / "provenance.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    settings = record.get("settings")
-    return {**settings, **record} if isinstance(settings, dict) else record
+_provenance = plots.read_provenance
 
 
 def head_patterns(results: Path, out: Path) -> Figure | None:
@@ -627,13 +614,6 @@ def long_context(results: Path, out: Path) -> Figure | None:
     return Figure(
         "fig9_long_context", "Attention sinks at long context", caption, plots.save(fig, out, "fig9_long_context", note)
     )
-
-
-def sink_anatomy(results: Path, out: Path) -> Figure | None:
-    """Figure 10: the sink-anatomy study (drawn in :mod:`tokext.viz.anatomy_figure`)."""
-    from tokext.viz.anatomy_figure import sink_anatomy as build
-
-    return build(results, out)
 
 
 BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
