@@ -43,7 +43,10 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
     models = list(dict.fromkeys(layers["model"]))
     norm_threshold = float(meta.get("norm_threshold", 0.5))
     first_threshold = float(meta.get("first_threshold", 0.5))
-    fig, axes = plt.subplots(4, len(models), figsize=(plots.FULL_WIDTH, 8.6), squeeze=False, sharey="row", sharex="col")
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    fig, axes = plt.subplots(4, len(models), figsize=(plots.FULL_WIDTH, 8.6), squeeze=False, sharey="row")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
     for column, model in enumerate(models):
         part = layers[layers["model"] == model]
         x = part["layer"].to_numpy()
@@ -51,6 +54,12 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
         mass, ratios, peaks, scatter = axes[:, column]
         for ax in (mass, ratios, peaks):
             _mark_full(ax, full)
+            ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for ax in (ratios, peaks):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(NullFormatter())
         mass.plot(x, part["first_token_mass"], color="tab:blue", marker="o", ms=2.5, lw=1.2, label="first-token mass")
         mass.plot(
             x,
@@ -71,11 +80,9 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
         ]:
             ratios.plot(x, part[key], color=color, marker="o", ms=2.5, lw=1.2, label=label)
         ratios.axhline(1.0, color="0.4", lw=0.7, ls=":")
-        ratios.set_yscale("log")
         ratios.set_title("(b) first token's norms over the others' (k, v: head mean)", fontsize=7, loc="left")
         peaks.plot(x, part["top_median_ratio"], color="0.2", marker="o", ms=2.5, lw=1.2, label="top |h| / median |h|")
         peaks.axhline(1000.0, color="tab:red", lw=0.8, ls=":", label="1000x (Sun et al.)")
-        peaks.set_yscale("log")
         found = massive.loc[model] if model in massive.index else None
         if found is not None and int(found["entries"]) > 0:
             first, last = int(found["first_layer"]), int(found["last_layer"])
@@ -107,7 +114,6 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
         )
         scatter.axvline(norm_threshold, color="tab:red", lw=0.7, ls=":")
         scatter.axhline(first_threshold, color="tab:blue", lw=0.7, ls=":")
-        scatter.set_xscale("log")
         scatter.set_ylim(0, 1)
         row = inactive.loc[model]
         missed = "" if np.isnan(row["missed_pct"]) else f" ({row['missed_pct']:.0f}%)"
@@ -117,9 +123,9 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
             fontsize=6.5,
             loc="left",
         )
-        scatter.set_xlabel("head-output norm / layer mean (log)")
-        peaks.set_xlabel("layer")
-        peaks.tick_params(labelbottom=True)
+        scatter.set_xlabel("head-output norm / its layer's mean")
+        for ax in (mass, ratios, peaks):
+            ax.set_xlabel("layer")
         if column == 0:
             mass.set_ylabel("attention share")
             ratios.set_ylabel("ratio (log)")
@@ -133,7 +139,7 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
     names = " and ".join(models)
     caption = (
         f"Sink anatomy of {names}: {meta.get('n')} rows of natural text (MMLU test questions) of T = "
-        f"{meta.get('T')} tokens each (Gu et al.'s T), encoded as each tokenizer encodes text (BOS: {bos}), "
+        f"{meta.get('T')} tokens each (Gu et al. use T = 64), encoded as each tokenizer encodes text (BOS: {bos}), "
         f"statistics of every layer and head collected with norms by the {meta.get('engine')} engine. "
         "(a) head-averaged attention share on the first token and Kobayashi et al.'s norm-weighted share "
         "(A_ij ||v_j W_O^h|| row-normalised); (b) ||h_0|| / mean_{t>0} ||h_t|| of block outputs and the same "
