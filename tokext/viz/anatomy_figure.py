@@ -47,6 +47,7 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
 
     fig, axes = plt.subplots(4, len(models), figsize=(plots.FULL_WIDTH, 8.6), squeeze=False, sharey="row")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
+    runs = meta.get("models") or []
     for column, model in enumerate(models):
         part = layers[layers["model"] == model]
         x = part["layer"].to_numpy()
@@ -72,7 +73,9 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
             label="norm-weighted (Kobayashi)",
         )
         mass.set_ylim(0, 1)
-        mass.set_title(f"{model}\n(a) attention on the first token, head mean", fontsize=7, loc="left")
+        bos = next((str(r.get("bos")) for r in runs if isinstance(r, dict) and r.get("model") == model), "")
+        head = f"{model} ({bos.replace(' (tokenizer default)', '')})" if bos else model
+        mass.set_title(f"{head}\n(a) attention on the first token, head mean", fontsize=7, loc="left")
         for key, color, label in [
             ("residual_norm_ratio", "tab:red", r"$\|h_0\| / \mathrm{mean}_{t>0}\|h_t\|$"),
             ("key_norm_ratio", "tab:green", r"$\|k_0\| / \mathrm{mean}_{t>0}\|k_t\|$"),
@@ -87,12 +90,14 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
         if found is not None and int(found["entries"]) > 0:
             first, last = int(found["first_layer"]), int(found["last_layer"])
             dims = str(found["dims"]).split(";")[0].split(":")[0]
-            where = f"massive (|h|>100, >=1000x median): layers {first}-{last}, top dim {dims}, "
-            where += f"{found['at_position_0_pct']:.0f}% at position 0, max |h| {found['max_abs_value']:.0f}"
+            where = f"massive (|h|>100, >=1000x median) in layers {first}-{last}:\n"
+            where += (
+                f"top dim {dims}, {found['at_position_0_pct']:.0f}% at position 0, max |h| {found['max_abs_value']:.0f}"
+            )
             shown = part[part["layer"].isin([int(v) for v in str(found["layers"]).split()])]
             peaks.scatter(shown["layer"], shown["top_median_ratio"], s=18, color="tab:red", zorder=3)
         else:
-            where = "no massive activation (|h|>100 and >=1000x median)"
+            where = "no massive activation\n(|h|>100 and >=1000x median)"
         peaks.set_title(f"(c) top |h| / median |h| of block outputs\n{where}", fontsize=6.5, loc="left")
         mine = heads[heads["model"] == model]
         off = mine["inactive_by_norm"].astype(bool)
@@ -115,6 +120,7 @@ def sink_anatomy(results: Path, out: Path) -> plots.Figure | None:
         scatter.axvline(norm_threshold, color="tab:red", lw=0.7, ls=":")
         scatter.axhline(first_threshold, color="tab:blue", lw=0.7, ls=":")
         scatter.set_ylim(0, 1)
+        scatter.set_xlim(left=0)
         row = inactive.loc[model]
         missed = "" if np.isnan(row["missed_pct"]) else f" ({row['missed_pct']:.0f}%)"
         scatter.set_title(
