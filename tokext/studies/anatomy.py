@@ -90,9 +90,9 @@ def check_plan(
     for value, what, low in [(n, "n", 1), (length, "length", 2)]:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{what} must be an integer >= {low}, got {value!r}")
-    for value, what in [(norm_threshold, "norm_threshold"), (first_threshold, "first_threshold")]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise InputError(f"{what} must be a finite number > 0, got {value!r}")
+    for number, what in [(norm_threshold, "norm_threshold"), (first_threshold, "first_threshold")]:
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number <= 0:
+            raise InputError(f"{what} must be a finite number > 0, got {number!r}")
     return models
 
 
@@ -263,8 +263,9 @@ def run_anatomy(
     models = check_plan(models, n, length, norm_threshold, first_threshold)
     if engine not in ("hooks", "streaming", "auto"):
         raise InputError(f"engine must be 'hooks', 'streaming' or 'auto', got {engine!r}")
-    if loader is None:
-        from tokext.models.loading import load_model as loader  # type: ignore[assignment]
+    from tokext.models.loading import load_model
+
+    load: Callable[[str], Any] = loader if loader is not None else load_model
     out = Path(out)
     settings = {"data": "natural", "n": n, "T": length, "seed": seed, "engine": engine}
     layers, heads, massive, runs = [], [], [], []
@@ -272,7 +273,7 @@ def run_anatomy(
         holder: dict[str, Any] = {}
 
         def collect(spec: str = spec, holder: dict[str, Any] = holder) -> Any:
-            holder["model"] = loader(spec)
+            holder["model"] = load(spec)
             return collect_run(holder["model"], n, length, seed, engine, batch_size)
 
         stats = _load_or_collect(spec, out / "runs" / f"{slug(spec)}.npz", {**settings, "spec": spec}, collect, log)
