@@ -32,10 +32,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _figures(args: argparse.Namespace) -> int:
-    from tokext.viz.figures import build_all
-    from tokext.studies.reproduce import report_tables
-
     from pathlib import Path
+
+    from tokext.studies.reproduce import report_tables
+    from tokext.viz.figures import build_all
 
     figures = build_all(args.results, args.out, tables=report_tables(Path(args.results)))
     for fig in figures:
