@@ -21,6 +21,7 @@ def test_reproduce_quick_then_figures(smollm2, tmp_path, capsys):
         "fig5_alpha_sweep",
         "fig8_organism",
         "fig9_long_context",
+        "fig10_sink_anatomy",
         "fig11_causal",
     ):
         assert (figures / f"{name}.png").is_file() and (figures / f"{name}.pdf").is_file(), name

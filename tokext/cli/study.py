@@ -9,6 +9,7 @@ from tokext.cli.sweep import add_executor_flags
 
 REPRODUCE_EPILOG = """examples:
   tokext reproduce              # the study on SmolLM2-135M + the organism, < 20 min on 2 CPU cores
+                                # (the sink-anatomy step, fig10, also loads Gemma 3 270M)
   tokext reproduce --quick      # a smoke run in < 3 min (results/reproduce/quick, figures in --figures)
   tokext reproduce --full       # the complete grids of experiments/*.toml (hours on a CPU)
   tokext reproduce --force      # recompute every step instead of reusing cached results

@@ -2,7 +2,7 @@
 
 On SmolLM2-135M-Instruct (and the trained model organism) it runs the attention analysis, the
 intervention profiles, the core ablation study, MMLU by category, the computed-token study and the
-fine-tuning diagnostic, then rebuilds every figure into ``figures/`` with ``figures/REPORT.md``.
+fine-tuning diagnostic, the long-context study and the sink-anatomy study (with Gemma 3 270M), then rebuilds every figure into ``figures/`` with ``figures/REPORT.md``.
 Each step writes its results folder under ``results/reproduce/<mode>/`` and a ``provenance.json``
 last; a step whose provenance exists is skipped (``--force`` empties the step folders and recomputes).
 Sizes per mode:
@@ -21,7 +21,7 @@ import datetime
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -52,6 +52,7 @@ class Sizes:
     organism_items: int | None  # problems per organism sweep cell (None: the config's n)
     long_lengths: tuple[int, ...] = (512, 2048)  # the long-context study's context lengths
     long_windows: tuple[int, ...] = (1,)  # its text windows per length (one count, or one per length)
+    anatomy_sequences: int = 64  # natural-text rows of T = 64 tokens per model in the sink-anatomy study
     causal_chunks: tuple[int, int, int] = (32, 128, 16)  # the causal study: scored chunks, tokens, calibration
 
 
@@ -68,6 +69,7 @@ MODES = {
         organism_items=8,
         long_lengths=(64, 256),
         long_windows=(1,),
+        anatomy_sequences=4,
         causal_chunks=(4, 32, 2),
     ),
     "default": Sizes(
@@ -82,6 +84,7 @@ MODES = {
         organism_items=None,
         long_lengths=(512, 1024, 2048, 4096, 8192),
         long_windows=(2, 2, 1, 1, 1),
+        anatomy_sequences=64,
     ),
     "full": Sizes(
         analyze_prompts=80,
@@ -95,6 +98,7 @@ MODES = {
         organism_items=None,
         long_lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768),
         long_windows=(4, 4, 4, 2, 2, 1, 1),
+        anatomy_sequences=100,
         causal_chunks=(64, 256, 32),
     ),
 }
@@ -128,15 +132,21 @@ class Reproduction:
         executor: Any = "serial",
         rerun_long_context: bool = False,
         long_context_study: str | Path = LONG_CONTEXT_STUDY,
+        anatomy_models: Sequence[str] | None = None,
     ):
         """``executor``: where the sweep steps' cells run (``"serial"``, ``"ray"`` or an executor of
         :mod:`tokext.studies.executors`); the other steps run in this process. In the default mode
         the long-context step copies the results in ``long_context_study`` (when they are there)
-        unless ``rerun_long_context``."""
+        unless ``rerun_long_context``. ``anatomy_models``: the models of the sink-anatomy step
+        (default: ``model`` and Gemma 3 270M), checked here."""
+        from tokext.studies.anatomy import check_plan
         from tokext.studies.executors import make_executor
 
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}: choose one of {sorted(MODES)}")
+        if anatomy_models is None:
+            anatomy_models = list(dict.fromkeys([model, "gemma3-270m"]))
+        self.anatomy_models = check_plan(anatomy_models, MODES[mode].anatomy_sequences)
         self.mode, self.sizes, self.model_spec, self.force, self.log = mode, MODES[mode], model, force, log
         self.root = Path(results) / mode
         self._model = None
@@ -399,6 +409,17 @@ class Reproduction:
             model = load_model(self.model_spec, n_ctx=longest)
         run_long_context(model, folder, lengths=self.sizes.long_lengths, windows=self.sizes.long_windows, log=self.log)
 
+    def anatomy(self, folder: Path) -> None:
+        """The sink-anatomy study (:mod:`tokext.studies.anatomy`) on ``anatomy_models`` at T = 64; each
+        model's run is saved as it finishes, so an interrupted step resumes with the models done."""
+        from tokext.models.loading import load_model
+        from tokext.studies.anatomy import run_anatomy
+
+        def loader(spec: str) -> Any:
+            return self.model if spec == self.model_spec else load_model(spec)
+
+        run_anatomy(folder, self.anatomy_models, n=self.sizes.anatomy_sequences, loader=loader, log=self.log)
+
     def causal(self, folder: Path) -> None:
         """The causal study (:mod:`tokext.studies.causal`) on the reproduction's model and, outside quick
         mode, on Gemma 3 270M (smaller sizes: its 262k-token unembedding dominates the cost on a CPU)."""
@@ -441,6 +462,7 @@ class Reproduction:
             ("computed_tokens", self.computed_tokens),
             ("finetune", self.finetune),
             ("long_context", self.long_context),
+            ("anatomy", self.anatomy),
             ("causal", self.causal),
         ]
         try:
@@ -469,8 +491,10 @@ def report_tables(root: Path) -> str:
             continue
         table = pd.read_csv(path)
         rows = [
-            "| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | "
-            "delta loss [95% CI] |",
+            (
+                "| task | level | prompt | intervention | n | accuracy | diff [95% CI] | McNemar p | loss | "
+                "delta loss [95% CI] |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in table.itertuples(index=False):

@@ -12,7 +12,6 @@ import json
 import re
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +20,10 @@ import pandas as pd
 
 from tokext.attention.stats import AttentionStats
 from tokext.viz import causal_figure, plots
+from tokext.viz.anatomy_figure import sink_anatomy
+from tokext.viz.plots import Figure
 
-
-@dataclass
-class Figure:
-    """A drawn figure: its ``name``, ``title``, ``caption`` and the ``files`` written (PNG and PDF)."""
-
-    name: str
-    title: str
-    caption: str
-    files: list[Path]
-
-
-def _provenance(folder: Path) -> dict[str, Any]:
-    """A step's provenance record, with any nested ``settings`` lifted to the top level."""
-    path = folder / "provenance.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    settings = record.get("settings")
-    return {**settings, **record} if isinstance(settings, dict) else record
+_provenance = plots.read_provenance
 
 
 def head_patterns(results: Path, out: Path) -> Figure | None:
@@ -649,6 +634,7 @@ BUILDERS: list[Callable[[Path, Path], Figure | None]] = [
     finetune,
     organism,
     long_context,
+    sink_anatomy,
     causal_study,
 ]
 
@@ -675,6 +661,7 @@ def build_all(results: str | Path, out: str | Path, *, tables: str = "") -> list
         "computed_tokens",
         "finetune",
         "long_context",
+        "anatomy",
         "causal",
     ]
     done = [s for s in steps if (results / s / "provenance.json").is_file()]

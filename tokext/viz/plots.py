@@ -6,7 +6,9 @@ PNG and PDF at a size readable at paper column width.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,24 @@ COLUMN_WIDTH = 3.4  # inches, a two-column paper's column
 FULL_WIDTH = 7.0
 _METADATA = {".png": {"Software": None}, ".pdf": {"CreationDate": None, "Producer": None}}
 """No date and no library version in the files: the same figure is the same bytes."""
+
+
+@dataclass
+class Figure:
+    """One written figure: its file stem, title, caption (model, data, n, settings) and files."""
+
+    name: str
+    title: str
+    caption: str
+    files: list[Path]
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    """A results folder's ``provenance.json``, with any nested ``settings`` lifted to the top level."""
+    path = folder / "provenance.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    settings = record.get("settings")
+    return {**settings, **record} if isinstance(settings, dict) else record
 
 
 def style() -> None:
