@@ -40,6 +40,7 @@ def z_hook_name(layer: int) -> str:
 
 
 def d_head(model: Any) -> int:
+    """The model's per-head dimension (the width of one head's slice of ``hook_z``)."""
     return int(model.cfg.d_head)
 
 
@@ -83,7 +84,8 @@ class HeadOutputAblation(Intervention):
             object.__setattr__(self, "means", tuple(tuple(float(v) for v in row) for row in rows))
 
     def edited_layers(self, model: Any) -> list[int]:
-        return []  # no attention pattern is edited
+        """No attention pattern is edited: the edit is on the layer's output."""
+        return []
 
     def _plan(self, model: Any) -> dict[int, list[tuple[int, int]]]:
         """layer -> [(head, index into heads)], validated against ``model``."""
@@ -92,7 +94,8 @@ class HeadOutputAblation(Intervention):
             bad = {len(row) for row in self.means} - {d_head(model)}
             if bad:
                 raise LayerIndexError(
-                    f"{type(self).__name__}: means vectors of length {sorted(bad)}, but heads have d_head={d_head(model)}"
+                    f"{type(self).__name__}: means vectors of length {sorted(bad)}, "
+                    f"but heads have d_head={d_head(model)}"
                 )
         plan: dict[int, list[tuple[int, int]]] = {}
         for i, (layer, head) in enumerate(self.heads):

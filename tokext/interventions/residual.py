@@ -118,7 +118,8 @@ class ResidualPatch(Intervention):
             object.__setattr__(self, "value", float(value))
 
     def edited_layers(self, model: Any) -> list[int]:
-        return []  # no attention pattern is edited
+        """No attention pattern is edited: the edit is on the layer's output."""
+        return []
 
     def check_inputs(self, model: Any, lengths: list[int]) -> None:
         """Raise :class:`InputError` when a position lies beyond every sequence (nothing would change)."""
@@ -201,7 +202,8 @@ class MassiveActivationAblation(Intervention):
             object.__setattr__(self, "means", tuple(float(v) for v in self.means))
 
     def edited_layers(self, model: Any) -> list[int]:
-        return []  # no attention pattern is edited
+        """No attention pattern is edited: the edit is on the layer's output."""
+        return []
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:
         layer = _layer(model, self.layer)

@@ -41,6 +41,7 @@ class SinkValueRemoval(Intervention):
         object.__setattr__(self, "layers", as_int_tuple("layers", self.layers))
 
     def edited_layers(self, model: Any) -> list[int]:
+        """The layers whose patterns lose the first token's value contribution (default: every layer)."""
         return resolve_layers(model, None if self.layers is None else list(self.layers))
 
     def _make_hooks(self, model: Any, ctx: RunContext) -> Hooks:

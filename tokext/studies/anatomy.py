@@ -202,7 +202,7 @@ def massive_summary(massive: pd.DataFrame, n_sequences: dict[str, int]) -> pd.Da
                 "n_sequences": n,
                 "first_layer": int(part["layer"].min()),
                 "last_layer": int(part["layer"].max()),
-                "layers": " ".join(str(l) for l in sorted(part["layer"].unique())),
+                "layers": " ".join(str(layer) for layer in sorted(part["layer"].unique())),
                 "dims": counts("dim"),
                 "tokens": counts("token"),
                 "positions": counts("position"),

@@ -265,7 +265,7 @@ def _inactive(
         for share in shares:
             k = max(1, round(share * n_layers * n_heads))
             heads = [(int(i // n_heads), int(i % n_heads)) for i in order[:k]]
-            r = runner.paired(HeadOutputAblation(sorted(heads)))
+            r = runner.paired(HeadOutputAblation(tuple(sorted(heads))))
             rows.append({"model": label, "method": method, "share": share, "n_heads": k, **r})
             log(f"[{label}] {method} {share:.0%} ({k} heads): loss {100 * r['rel_loss']:+.2f}%")
     return pd.DataFrame(rows), pd.DataFrame(head_rows)

@@ -2,7 +2,8 @@
 
 On SmolLM2-135M-Instruct (and the trained model organism) it runs the attention analysis, the
 intervention profiles, the core ablation study, MMLU by category, the computed-token study and the
-fine-tuning diagnostic, the long-context study and the sink-anatomy study (with Gemma 3 270M), then rebuilds every figure into ``figures/`` with ``figures/REPORT.md``.
+fine-tuning diagnostic, the long-context study, the sink-anatomy study and the causal study (both with
+Gemma 3 270M), then rebuilds every figure into ``figures/`` with ``figures/REPORT.md``.
 Each step writes its results folder under ``results/reproduce/<mode>/`` and a ``provenance.json``
 last; a step whose provenance exists is skipped (``--force`` empties the step folders and recomputes).
 Sizes per mode:

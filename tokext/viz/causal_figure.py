@@ -102,12 +102,13 @@ def draw(results: Path, out: Path) -> tuple[str, str, str, list[Path]] | None:
     noop = tables["noop"]
     for i, model in enumerate(models):
         mine = noop[noop["model"] == model].reset_index(drop=True)
-        x = np.array([list(dict.fromkeys(noop["intervention"])).index(e) for e in mine["intervention"]], dtype=float)
-        x += (i - (len(models) - 1) / 2) * width
-        y = mine["ppl_ratio"].to_numpy()
-        err = [y - mine["ratio_lo"].to_numpy(), mine["ratio_hi"].to_numpy() - y]
-        noop_ax.bar(x, y - 1.0, width, bottom=1.0, color=colors[model], label=model)
-        noop_ax.errorbar(x, y, yerr=err, fmt="none", ecolor="0.2", lw=0.8, capsize=2)
+        order = list(dict.fromkeys(noop["intervention"]))
+        bar_x = np.array([order.index(e) for e in mine["intervention"]], dtype=float)
+        bar_x += (i - (len(models) - 1) / 2) * width
+        ratio = mine["ppl_ratio"].to_numpy()
+        ratio_err = [ratio - mine["ratio_lo"].to_numpy(), mine["ratio_hi"].to_numpy() - ratio]
+        noop_ax.bar(bar_x, ratio - 1.0, width, bottom=1.0, color=colors[model], label=model)
+        noop_ax.errorbar(bar_x, ratio, yerr=ratio_err, fmt="none", ecolor="0.2", lw=0.8, capsize=2)
     noop_ax.axhline(1.0, color="0.4", lw=0.6)
     labels = {
         "SinkValueRemoval()": "A_i0 = 0 for i > 0\n(own row kept)",

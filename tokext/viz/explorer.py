@@ -42,8 +42,8 @@ import torch
 
 from tokext.attention.collect import collect_attention_stats
 from tokext.attention.masks import visible_keys
-from tokext.attention.norm_sources import plan_norms
 from tokext.attention.metrics import received_attention, row_entropy
+from tokext.attention.norm_sources import plan_norms
 from tokext.errors import InputError
 from tokext.interventions.base import Intervention, model_device, validate
 from tokext.interventions.intervene import intervene
@@ -342,7 +342,8 @@ def render_page(data: dict[str, Any]) -> str:
         "learned-sink mass: 1 &minus; row sum (0 for softmax attention)",
         *(
             [
-                "norm-weighted mass: A<sub>ij</sub>&Vert;v<sub>j</sub>W<sub>O</sub>&Vert; row-normalised (Kobayashi et al.); "
+                "norm-weighted mass: A<sub>ij</sub>&Vert;v<sub>j</sub>W<sub>O</sub>&Vert; row-normalised "
+                "(Kobayashi et al.); "
                 "head-output norm coloured from 0 to the grid's largest"
             ]
             if any(m["key"] in NORM_METRICS for m in data["metrics"])
