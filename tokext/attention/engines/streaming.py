@@ -286,9 +286,6 @@ class StreamingEngine:
                 f"an attention module the engine does not know ran: {type(module).__name__}"
             )
         self.calls[layer] = self.calls.get(layer, 0) + 1
-        groups = query.shape[1] // key.shape[1]
-        key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-        value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
         padding = (
             None if attention_mask is None else (attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2)
         )
@@ -321,7 +318,7 @@ class StreamingEngine:
                 )
                 for observe in chain.observers:
                     observe(probs, geometry, plogp)
-                out[:, :, start:stop] = probs.to(value.dtype) @ value[:, :, geometry.k_start : geometry.k_stop]
+                out[:, :, start:stop] = _grouped(probs.to(value.dtype), value[:, :, geometry.k_start : geometry.k_stop])
         finally:
             self.on_block(None)
         for finish in chain.finish:
@@ -351,7 +348,7 @@ class StreamingEngine:
         lo, hi = _key_range(attention, first, last, n_k)
         geometry = BlockGeometry(layer, start, stop, n_q, lo, hi, n_k, phase)
         # the scale goes on the [rows, d] queries, not on the [rows, keys] scores
-        scores = (stored.query[:, :, start:stop] * stored.scaling) @ stored.key[:, :, lo:hi].transpose(-1, -2)
+        scores = _grouped(stored.query[:, :, start:stop] * stored.scaling, stored.key[:, :, lo:hi].transpose(-1, -2))
         if stored.softcap is not None:
             scores = torch.tanh(scores / stored.softcap) * stored.softcap
         _mask_block(scores, attention, first, last, lo, hi, stored.padding)
@@ -495,6 +492,18 @@ def _sum_plogp_of_softmax(
     if bool(low.any()):
         lse = torch.where(low, torch.logsumexp(scores, -1), lse)
     return torch.linalg.vecdot(probs, scores) - lse
+
+
+def _grouped(rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``rows @ other`` per query head, where ``other`` has one head per group of query heads (GQA):
+    the rows of a group's heads are stacked, ``[batch, kv_head, groups x rows, n] @ [batch, kv_head,
+    n, m]``, so keys and values are never copied per query head."""
+    batch, heads, n_rows, inner = rows.shape
+    kv_heads = other.shape[1]
+    if kv_heads == heads:
+        return rows @ other
+    stacked = rows.reshape(batch, kv_heads, (heads // kv_heads) * n_rows, inner) @ other
+    return stacked.view(batch, heads, n_rows, other.shape[-1])
 
 
 def _applied(fn: Edit, tensor: torch.Tensor) -> torch.Tensor:
