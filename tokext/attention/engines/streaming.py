@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from tokext.attention.engines.choose import DEFAULT_BUDGET, block_rows
+from tokext.attention.engines import fused
 from tokext.attention.masks import sees
 from tokext.errors import InputError, InterventionNotAppliedError, UneditableAttentionError
 from tokext.models.architectures import LayerAttention
@@ -302,6 +303,14 @@ class StreamingEngine:
         if layer in self._sources:
             self._stored[layer] = stored
         chain = self.chain(layer)
+        try:  # the fused kernel (or SDPA) where it computes the same numbers; None: the blocks below
+            done = fused.attend(self, layer, stored, value, chain)
+        finally:
+            self.on_block(None)
+        if done is not None:
+            for finish in chain.finish:
+                finish()
+            return done.transpose(1, 2).contiguous()
         batch, heads, n_q, dim = query.shape
         out = torch.empty(batch, heads, n_q, value.shape[-1], dtype=value.dtype, device=value.device)
         rows = self._rows(batch, key.shape[2])
