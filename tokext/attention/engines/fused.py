@@ -152,14 +152,19 @@ def _plain(chain: Any) -> bool:
 
 
 def attend(
-    engine: Any, layer: int, stored: Any, value: torch.Tensor, chain: Any, block_entries: int | None = None
+    engine: Any,
+    layer: int,
+    stored: Any,
+    value: torch.Tensor,
+    chain: Any,
+    geometry: Any,
+    block_entries: int | None = None,
 ) -> torch.Tensor | None:
     """One layer's attention ``[batch, head, query, d]`` through the kernel (or SDPA), feeding the
-    observers; None when the pure-torch path must run it. ``block_entries``: scores per work item
-    (default :data:`BLOCK_ENTRIES`)."""
+    observers; None when the pure-torch path must run it. ``geometry``: the whole layer's
+    :class:`~tokext.attention.engines.streaming.BlockGeometry`; ``block_entries``: scores per work
+    item (default :data:`BLOCK_ENTRIES`)."""
     block_entries = BLOCK_ENTRIES if block_entries is None else block_entries
-    from tokext.attention.engines.streaming import BlockGeometry
-
     query, key = stored.query, stored.key
     if kernel_choice() == "torch" or not _plain(chain) or query.device.type != "cpu":
         return None
@@ -170,7 +175,6 @@ def attend(
         return None
     attention = engine.info.attention[layer]
     n_q, n_k = query.shape[2], key.shape[2]
-    geometry = BlockGeometry(layer, 0, n_q, n_q, 0, n_k, n_k)
     if not fused and _sdpa_exact(attention, stored, n_q, n_k):
         engine.on_block(geometry)
         CALLS["sdpa"] += 1

@@ -304,7 +304,8 @@ class StreamingEngine:
             self._stored[layer] = stored
         chain = self.chain(layer)
         try:  # the fused kernel (or SDPA) where it computes the same numbers; None: the blocks below
-            done = fused.attend(self, layer, stored, value, chain)
+            whole = BlockGeometry(layer, 0, query.shape[2], query.shape[2], 0, key.shape[2], key.shape[2])
+            done = fused.attend(self, layer, stored, value, chain, whole)
         finally:
             self.on_block(None)
         if done is not None:
