@@ -10,8 +10,8 @@ row is finished before its probabilities are used, so the column sums are exact.
 What it runs. A layer call goes to the kernel when nothing edits it (no score or pattern stage)
 and every observer can take its statistics already reduced (an observer with a ``fused``
 attribute: ``request(n_rows, device) -> (row_weight, probe_col)`` and ``take(column_sum, row_sum,
-plogp, probe, geometry)``); anything else (an edit, a plain observer, fp16, a GPU) runs the
-pure-torch path. A layer with neither stages nor observers runs torch's own SDPA when that is exact
+plogp, probe, geometry)``); anything else (an edit, a plain observer, fp16, a GPU, a forward that
+needs gradients) runs the pure-torch path. A layer with neither stages nor observers runs torch's own SDPA when that is exact
 (causal without window, softcap, learned sink or padding), else the kernel without statistics.
 
 Which path. ``TOKEXT_STREAMING_KERNEL``: ``auto`` (default: the kernel when it builds, else the
@@ -184,6 +184,8 @@ def attend(
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=stored.scaling, enable_gqa=key.shape[1] != query.shape[1]
         )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return None  # the kernel has no backward: a differentiated forward keeps the torch blocks
     module = kernel()
     if module is None:
         return None
