@@ -11,8 +11,9 @@ What it runs. A layer call goes to the kernel when nothing edits it (no score or
 and every observer can take its statistics already reduced (an observer with a ``fused``
 attribute: ``request(n_rows, device) -> (row_weight, probe_col)`` and ``take(column_sum, row_sum,
 plogp, probe, geometry)``); anything else (an edit, a plain observer, fp16, a GPU, a forward that
-needs gradients) runs the pure-torch path. A layer with neither stages nor observers runs torch's own SDPA when that is exact
-(causal without window, softcap, learned sink or padding), else the kernel without statistics.
+needs gradients) runs the pure-torch path. A layer with neither stages nor observers runs torch's
+own SDPA when that is exact (causal without window, softcap, learned sink, padding or KV cache),
+else the kernel without statistics.
 
 Which path. ``TOKEXT_STREAMING_KERNEL``: ``auto`` (default: the kernel when it builds, else the
 pure-torch path with a one-line :class:`~tokext.errors.TokextWarning`), ``fused`` (the kernel or an
