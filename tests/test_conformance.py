@@ -12,7 +12,8 @@ For each family of ``tests/conformance.py`` (a tiny random model loaded through 
 - KV-cached greedy generation under each intervention gives the tokens of recomputing the sequence;
 - delegating adapters (OPT, GPT-J, BERT) get statistics, and every edit is refused;
 - the streaming engine (query blocks of 4 rows here, so every input spans several) gives the hook
-  engine's statistics, every intervention's log-probabilities (1e-5) and its generated tokens;
+  engine's statistics, every intervention's log-probabilities (1e-5) and its generated tokens, on
+  both of its paths: the fused C++ kernel (where it builds; work items of 64 scores) and pure torch;
   Bloom, whose attention adds ALiBi inline instead of calling transformers' AttentionInterface, is
   refused by it.
 
@@ -23,6 +24,7 @@ that both are up to date (``TOKEXT_WRITE_SUPPORT_TABLE=1`` rewrites them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch
 from tests import conformance as C
 from tests import reference_interventions as R
 from tokext.attention.collect import collect_attention_stats
+from tokext.attention.engines import fused
 from tokext.errors import InputError, UneditableAttentionError
 from tokext.evaluation.generation import greedy_generate
 from tokext.interventions import (
@@ -375,6 +378,28 @@ def _run(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def kernel_paths() -> tuple[str, ...]:
+    """The streaming engine's paths checked: the fused C++ kernel where it builds here, and pure torch."""
+    return ("fused", "torch") if fused._build()[0] is not None else ("torch",)
+
+
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """Run the streaming engine on ``path`` (``TOKEXT_STREAMING_KERNEL``), the kernel with work items
+    of 64 scores, so that every input spans several."""
+    saved, entries = os.environ.get(fused.KERNEL_ENV), fused.BLOCK_ENTRIES
+    os.environ[fused.KERNEL_ENV], fused.BLOCK_ENTRIES = path, 64
+    try:
+        yield
+    finally:
+        fused.BLOCK_ENTRIES = entries
+        if saved is None:
+            os.environ.pop(fused.KERNEL_ENV)
+        else:
+            os.environ[fused.KERNEL_ENV] = saved
+
+
+@functools.cache
 def report(name: str) -> dict:
     """Everything the matrix checks for one family, computed once."""
     spec = C.FAMILIES[name]
@@ -387,10 +412,22 @@ def report(name: str) -> dict:
     out["padding_error"] = max_error(tokext_statistics(batched), tokext_statistics(alone))
     out["streams"] = name not in NOT_STREAMING
     if out["streams"]:
-        streamed = collect_attention_stats(
-            model, seqs, batch_size=3, progress=False, engine="streaming", budget=STREAM_BUDGET, position_bins=BINS
-        )
-        out["streaming_stats_error"] = max_error(tokext_statistics(streamed), tokext_statistics(batched))
+        out["streaming_paths"] = {}
+        for path in kernel_paths():
+            calls = fused.CALLS["kernel"]
+            with kernel_path(path):
+                streamed = collect_attention_stats(
+                    model,
+                    seqs,
+                    batch_size=3,
+                    progress=False,
+                    engine="streaming",
+                    budget=STREAM_BUDGET,
+                    position_bins=BINS,
+                )
+            error = max_error(tokext_statistics(streamed), tokext_statistics(batched))
+            out["streaming_paths"][path] = {"error": error, "kernel_calls": fused.CALLS["kernel"] - calls}
+        out["streaming_stats_error"] = max(r["error"] for r in out["streaming_paths"].values())
     if not spec.editable:
         return out
     tokens, mask = C.padded(seqs, "left")
@@ -409,9 +446,16 @@ def report(name: str) -> dict:
             "moved": float((ours - base).abs()[real].max()),
         }
         if out["streams"]:
-            with torch.no_grad(), intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET):
-                streamed = _run(model, tokens, mask)
-            out["interventions"][case]["streaming_error"] = float((streamed - ours).abs()[real].max())
+            errors = []
+            for path in kernel_paths():
+                with (
+                    kernel_path(path),
+                    torch.no_grad(),
+                    intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET),
+                ):
+                    streamed = _run(model, tokens, mask)
+                errors.append(float((streamed - ours).abs()[real].max()))
+            out["interventions"][case]["streaming_error"] = max(errors)
     for case, (ivs, resid, heads, edit) in output_cases(name).items():
         with torch.no_grad(), intervene(model, *ivs):
             ours = _run(model, tokens, mask)
@@ -421,9 +465,16 @@ def report(name: str) -> dict:
             "moved": float((ours - base).abs()[real].max()),
         }
         if out["streams"]:
-            with torch.no_grad(), intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET):
-                streamed = _run(model, tokens, mask)
-            out["interventions"][case]["streaming_error"] = float((streamed - ours).abs()[real].max())
+            errors = []
+            for path in kernel_paths():
+                with (
+                    kernel_path(path),
+                    torch.no_grad(),
+                    intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET),
+                ):
+                    streamed = _run(model, tokens, mask)
+                errors.append(float((streamed - ours).abs()[real].max()))
+            out["interventions"][case]["streaming_error"] = max(errors)
     if spec.generates:
         prompts = [seq[:11] for seq in seqs[:2]] + [seqs[2][:5]]
         out["generation"] = {}
@@ -498,8 +549,10 @@ STREAMING = [n for n in FAMILY_NAMES if n not in NOT_STREAMING]
 def test_streaming_engine_gives_the_hook_engines_numbers(name):
     result = report(name)
     assert result["streaming_stats_error"] < TOL, (
-        f"{name}: streaming statistics differ by {result['streaming_stats_error']:.3g}"
+        f"{name}: streaming statistics differ by {result['streaming_paths']} (per kernel path)"
     )
+    if "fused" in result["streaming_paths"]:
+        assert result["streaming_paths"]["fused"]["kernel_calls"] > 0, f"{name}: the fused kernel never ran"
     if C.FAMILIES[name].editable:
         worse = {
             case: r["streaming_error"] for case, r in result["interventions"].items() if r["streaming_error"] >= TOL

@@ -250,11 +250,26 @@ def _attention_feed(
         def observe(block: torch.Tensor, geometry: BlockGeometry, plogp: torch.Tensor | None) -> None:
             stats.update_block(layer, block, geometry.q_start, geometry.k_start, plogp=plogp)
 
+        observe.fused = _ReducedStatistics(stats, layer)  # type: ignore[attr-defined]
         return LayerChain(
             observers=[observe], finish=[lambda: stats.end_layer(layer)], kv=streaming_kv(stats, layer).kv if kv else []
         )
 
     return streaming(model, {layer: observer(layer) for layer in layers}, budget=budget)
+
+
+class _ReducedStatistics:
+    """A layer's statistics taken already reduced from the streaming engine's fused kernel
+    (:mod:`tokext.attention.engines.fused`): the row weights and probe column it needs, and the sums."""
+
+    def __init__(self, stats: AttentionStats, layer: int):
+        self.stats, self.layer = stats, layer
+
+    def request(self, n_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.stats.fused_request(n_rows, device)
+
+    def take(self, column_sum, row_sum, plogp, probe, geometry: BlockGeometry) -> None:
+        self.stats.update_reduced(self.layer, column_sum, row_sum, plogp, probe, geometry.q_start, geometry.k_start)
 
 
 def _protocol_length(rules: Protocol, max_len: int | None, prepend_bos: bool | None) -> int:

@@ -262,18 +262,14 @@ class AttentionStats(NormResults):
         learned sink's ``s log s``), from the scores and the log-sum-exp of an unedited softmax;
         outside a learned-sink layer such rows sum to 1, which saves summing them.
         """
-        acc, slot = self._acc, self._layer_slot[layer]
+        slot = self._layer_slot[layer]
         attention = self.attention[slot]
-        device = acc["received"].device  # sums stay where start() put them
         p = block.detach()
         ctx = self._batch_on(p.device)
         if p.dtype not in (torch.float32, torch.float64):
             p = p.float()  # half-precision patterns are reduced in fp32 (sums in fp64)
         n_rows, n_cols = p.shape[-2:]
-        rows = slice(query_start, query_start + n_rows)
-        cols = slice(key_start, key_start + n_cols)
-        _, n_keys = ctx.counts(attention)
-        real_q = ctx.real[:, rows].to(p.dtype)  # [batch, row]
+        real_q = ctx.real[:, query_start : query_start + n_rows].to(p.dtype)  # [batch, row]
         if plogp is not None and not attention.learned_sink:  # an unedited softmax: rows sum to 1
             row_sum = torch.ones(p.shape[:-1], dtype=p.dtype, device=p.device)
         else:
@@ -284,42 +280,100 @@ class AttentionStats(NormResults):
         # (einsum would copy p into a transposed layout first, which costs more than the product)
         row_weight = real_q[:, None] / safe_total
         column_sum = (row_weight.unsqueeze(-2) @ p).squeeze(-2)  # [batch, head, column]
-        pending = acc.setdefault("pending", {})
-        if slot not in pending:
-            pending[slot] = torch.zeros(*column_sum.shape[:2], ctx.real.shape[1], dtype=p.dtype, device=p.device)
-        pending[slot][..., cols] += column_sum
-        onehot = torch.nn.functional.one_hot(ctx.categories[:, cols], len(CATEGORIES)).to(p.dtype)
-        acc["mass"][slot] += torch.einsum("bhk,bkc->hc", column_sum, onehot).to(device, torch.float64)
-        acc["row_sum"][slot] += (row_sum * real_q[:, None]).sum((0, 2)).to(device, torch.float64)
-        sink = total - row_sum  # the learned sink's raw share (0 without one)
-        if attention.learned_sink:
-            acc["sink"][slot] += (sink / safe_total * real_q[:, None]).sum((0, 2)).to(device, torch.float64)
-        if ctx.last is not None:
-            last = ctx.last.to(column_sum.device) - key_start  # [batch]: the last real token's column
-            inside = ((last >= 0) & (last < n_cols)).to(p.dtype)[:, None, None]
-            index = last.clamp(0, n_cols - 1)[:, None, None].expand(-1, column_sum.shape[1], 1)
-            acc["last"][slot] += (column_sum.gather(2, index) * inside).sum((0, 2)).to(device, torch.float64)
-        # normalised entropy of the renormalised row: H = log t - (1/t) (sum p log p + s log s)
         if plogp is None:
             plogp = _sum_plogp(p, attention, query_start, key_start)
             if attention.learned_sink:
-                plogp = plogp + torch.special.xlogy(sink, sink)
+                plogp = plogp + torch.special.xlogy(total - row_sum, total - row_sum)
+        first = None
+        if self.by_position is not None:
+            first_col = ctx.first.to(p.device) - key_start  # [batch]: the first real token's column
+            inside = ((first_col >= 0) & (first_col < n_cols)).to(p.dtype)[:, None, None]
+            index = first_col.clamp(0, n_cols - 1)[:, None, None, None].expand(-1, p.shape[1], n_rows, 1)
+            first = p.gather(3, index).squeeze(-1) * inside
+        self._fold(slot, column_sum, row_sum, plogp, first, query_start, key_start)
+        if self.norms is not None:
+            self.norms.add_block(layer, p, query_start, key_start)
+
+    def fused_request(self, n_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a fused kernel needs to reduce a whole layer's rows ``0 .. n_rows`` for
+        :meth:`update_reduced`: each row's weight in the column sums [batch, row] (1 for a real row, 0
+        for padding) and, with position bins, the column whose probability each row reports (the
+        first real token's, [batch]; else None)."""
+        ctx = self._batch_on(device)
+        weight = ctx.real[:, :n_rows].to(torch.float32)
+        return weight, (ctx.first.to(device) if self.by_position is not None else None)
+
+    def update_reduced(
+        self,
+        layer: int,
+        column_sum: torch.Tensor,
+        row_sum: torch.Tensor,
+        plogp: torch.Tensor,
+        first: torch.Tensor | None = None,
+        query_start: int = 0,
+        key_start: int = 0,
+    ) -> None:
+        """Fold a block already reduced by a kernel that computed an unedited softmax, with the
+        weights of :meth:`fused_request`: ``column_sum`` [batch, head, column] (sum over rows of
+        weight x p), ``row_sum`` and ``plogp`` (``sum_k p log p``, plus the learned sink's ``s log s``)
+        [batch, head, row], and ``first`` (each row's probability of its first real token, with
+        position bins). Such rows sum to 1 (to ``1 - s`` with a learned sink), so their weights need
+        no renormalisation: the same sums as :meth:`update_block` of the block itself."""
+        attention = self.attention[self._layer_slot[layer]]
+        if not attention.learned_sink:
+            row_sum = torch.ones_like(row_sum)
+        self._fold(self._layer_slot[layer], column_sum, row_sum, plogp, first, query_start, key_start)
+
+    def _fold(
+        self,
+        slot: int,
+        column_sum: torch.Tensor,
+        row_sum: torch.Tensor,
+        plogp: torch.Tensor,
+        first: torch.Tensor | None,
+        query_start: int,
+        key_start: int,
+    ) -> None:
+        """The sums of a block from its reductions (see :meth:`update_block`)."""
+        acc = self._acc
+        attention = self.attention[slot]
+        device = acc["received"].device  # sums stay where start() put them
+        ctx = self._batch_on(column_sum.device)
+        dtype = column_sum.dtype
+        n_rows, n_cols = row_sum.shape[-1], column_sum.shape[-1]
+        rows = slice(query_start, query_start + n_rows)
+        cols = slice(key_start, key_start + n_cols)
+        _, n_keys = ctx.counts(attention)
+        real_q = ctx.real[:, rows].to(dtype)  # [batch, row]
+        total = row_sum.clamp_min(1.0) if attention.learned_sink else row_sum  # keys + sink
+        safe_total = torch.where(total > 0, total, torch.ones_like(total))
+        pending = acc.setdefault("pending", {})
+        if slot not in pending:
+            pending[slot] = torch.zeros(*column_sum.shape[:2], ctx.real.shape[1], dtype=dtype, device=column_sum.device)
+        pending[slot][..., cols] += column_sum
+        onehot = torch.nn.functional.one_hot(ctx.categories[:, cols], len(CATEGORIES)).to(dtype)
+        acc["mass"][slot] += torch.einsum("bhk,bkc->hc", column_sum, onehot).to(device, torch.float64)
+        acc["row_sum"][slot] += (row_sum * real_q[:, None]).sum((0, 2)).to(device, torch.float64)
+        if attention.learned_sink:
+            sink = total - row_sum  # the learned sink's raw share
+            acc["sink"][slot] += (sink / safe_total * real_q[:, None]).sum((0, 2)).to(device, torch.float64)
+        if ctx.last is not None:
+            last = ctx.last.to(column_sum.device) - key_start  # [batch]: the last real token's column
+            inside = ((last >= 0) & (last < n_cols)).to(dtype)[:, None, None]
+            index = last.clamp(0, n_cols - 1)[:, None, None].expand(-1, column_sum.shape[1], 1)
+            acc["last"][slot] += (column_sum.gather(2, index) * inside).sum((0, 2)).to(device, torch.float64)
+        # normalised entropy of the renormalised row: H = log t - (1/t) (sum p log p + s log s)
         entropy = torch.log(safe_total) - plogp / safe_total
-        outcomes = n_keys[:, rows].to(p.dtype)[:, None] + (1.0 if attention.learned_sink else 0.0)
+        outcomes = n_keys[:, rows].to(dtype)[:, None] + (1.0 if attention.learned_sink else 0.0)
         keep = (outcomes >= 2) & ctx.real[:, None, rows]
         log_n = torch.log(torch.where(keep, outcomes, torch.full_like(outcomes, 2.0)))
         normalised = torch.where(keep, entropy / log_n, torch.zeros_like(entropy))
         acc["entropy"][slot] += normalised.sum((0, 2)).to(device, torch.float64)
         acc["entropy_rows"][slot] += float(keep[:, 0].sum())
-        if self.by_position is not None:
-            positions = torch.arange(query_start, query_start + n_rows, device=p.device)[None] - ctx.first[:, None]
-            first_col = ctx.first.to(p.device) - key_start  # [batch]: the first real token's column
-            inside = ((first_col >= 0) & (first_col < n_cols)).to(p.dtype)[:, None, None]
-            index = first_col.clamp(0, n_cols - 1)[:, None, None, None].expand(-1, p.shape[1], n_rows, 1)
-            first_mass = p.gather(3, index).squeeze(-1) * inside / safe_total
-            self.by_position.add(slot, positions, ctx.real[:, rows], first_mass, normalised, keep)
-        if self.norms is not None:
-            self.norms.add_block(layer, p, query_start, key_start)
+        if self.by_position is not None and first is not None:
+            positions = torch.arange(query_start, query_start + n_rows, device=column_sum.device)[None]
+            positions = positions - ctx.first[:, None]
+            self.by_position.add(slot, positions, ctx.real[:, rows], first / safe_total, normalised, keep)
 
     def end_layer(self, layer: int) -> None:
         """Finish a layer of the current batch: alpha_k from its column sums, per-sequence alpha,

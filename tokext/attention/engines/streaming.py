@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from tokext.attention.engines.choose import DEFAULT_BUDGET, block_rows
+from tokext.attention.engines import fused
 from tokext.attention.masks import sees
 from tokext.errors import InputError, InterventionNotAppliedError, UneditableAttentionError
 from tokext.models.architectures import LayerAttention
@@ -308,9 +309,6 @@ class StreamingEngine:
         self.calls[layer] = self.calls.get(layer, 0) + 1
         for see in self.chain(layer).kv:
             see(key, value)
-        groups = query.shape[1] // key.shape[1]
-        key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-        value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
         padding = (
             None if attention_mask is None else (attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2)
         )
@@ -327,6 +325,15 @@ class StreamingEngine:
         if layer in self._sources:
             self._stored[layer] = stored
         chain = self.chain(layer)
+        try:  # the fused kernel (or SDPA) where it computes the same numbers; None: the blocks below
+            whole = BlockGeometry(layer, 0, query.shape[2], query.shape[2], 0, key.shape[2], key.shape[2])
+            done = fused.attend(self, layer, stored, value, chain, whole)
+        finally:
+            self.on_block(None)
+        if done is not None:
+            for finish in chain.finish:
+                finish()
+            return done.transpose(1, 2).contiguous()
         batch, heads, n_q, dim = query.shape
         out = torch.empty(batch, heads, n_q, value.shape[-1], dtype=value.dtype, device=value.device)
         rows = self._rows(batch, key.shape[2])
@@ -343,7 +350,7 @@ class StreamingEngine:
                 )
                 for observe in chain.observers:
                     observe(probs, geometry, plogp)
-                out[:, :, start:stop] = probs.to(value.dtype) @ value[:, :, geometry.k_start : geometry.k_stop]
+                out[:, :, start:stop] = _grouped(probs.to(value.dtype), value[:, :, geometry.k_start : geometry.k_stop])
         finally:
             self.on_block(None)
         for finish in chain.finish:
@@ -376,7 +383,7 @@ class StreamingEngine:
         lo, hi = _key_range(attention, first, last, n_k)
         geometry = BlockGeometry(layer, start, stop, n_q, lo, hi, n_k, phase)
         # the scale goes on the [rows, d] queries, not on the [rows, keys] scores
-        scores = (stored.query[:, :, start:stop] * stored.scaling) @ stored.key[:, :, lo:hi].transpose(-1, -2)
+        scores = _grouped(stored.query[:, :, start:stop] * stored.scaling, stored.key[:, :, lo:hi].transpose(-1, -2))
         if stored.softcap is not None:
             scores = torch.tanh(scores / stored.softcap) * stored.softcap
         _mask_block(scores, attention, first, last, lo, hi, stored.padding)
@@ -526,6 +533,18 @@ def _sum_plogp_of_softmax(
     if bool(low.any()):
         lse = torch.where(low, torch.logsumexp(scores, -1), lse)
     return torch.linalg.vecdot(probs, scores) - lse
+
+
+def _grouped(rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``rows @ other`` per query head, where ``other`` has one head per group of query heads (GQA):
+    the rows of a group's heads are stacked, ``[batch, kv_head, groups x rows, n] @ [batch, kv_head,
+    n, m]``, so keys and values are never copied per query head."""
+    batch, heads, n_rows, inner = rows.shape
+    kv_heads = other.shape[1]
+    if kv_heads == heads:
+        return rows @ other
+    stacked = rows.reshape(batch, kv_heads, (heads // kv_heads) * n_rows, inner) @ other
+    return stacked.view(batch, heads, n_rows, other.shape[-1])
 
 
 def _applied(fn: Edit, tensor: torch.Tensor) -> torch.Tensor:
