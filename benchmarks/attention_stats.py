@@ -16,7 +16,9 @@ the process), interleaved, and the table gives ratios to the plain forward pass 
 ``--norms`` times ``collect_attention_stats`` with and without ``norms=True`` on each engine (methods
 ``tokext``, ``tokext_norms``, ``tokext_streaming``, ``tokext_streaming_norms``) next to the plain
 forward pass, and adds a table of each engine's norms=True time over its norms=False time, from the
-same run.
+same run. ``--norms --paired`` instead loads the model once and alternates the four collections in one
+process (norms off, on, on, off, ... per engine), so a busy machine's drift hits both sides of each
+ratio alike; it prints each pair's ratio and their median.
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--long", action="store_true", help="T=8192 on SmolLM2: streaming vs caching")
     p.add_argument("--norms", action="store_true", help="T=2048: the cost of norms=True on both engines")
+    p.add_argument("--paired", action="store_true", help="with --norms: one process, runs alternated in pairs")
     p.add_argument(
         "--memory-limit-gib",
         type=float,
@@ -153,6 +156,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if run_worker_if_asked(args, worker):
         return 0
+    if args.norms and args.paired:
+        return paired_norms(args)
     if seq_len_configs(args):
         configs, rounds, repeats = seq_len_configs(args), args.rounds, args.repeats
     elif args.quick:
@@ -179,6 +184,47 @@ def main(argv=None) -> int:
     )
     if args.norms:
         print(norms_table(results))
+    return 0
+
+
+def paired_norms(args) -> int:
+    """One process: for each engine, ``repeats`` pairs of collections without and with norms, in
+    alternating order (off-on, on-off, ...), after one warm-up of each; prints each pair's ratio."""
+    import json
+    import statistics
+    import time
+
+    import torch
+    import tokext
+
+    job = dict(model=args.model, device=args.device, dtype=args.dtype)
+    seq_len = int(args.seq_lens) if args.seq_lens else 2048
+    model = load_for_job(job)
+    tokens = torch.cat(real_token_batches(model, seq_len, 1, 1)).to(args.device)
+
+    def once(engine: str, norms: bool) -> float:
+        start = time.perf_counter()
+        tokext.collect_attention_stats(model, tokens, batch_size=1, progress=False, engine=engine, norms=norms)
+        return time.perf_counter() - start
+
+    out = {}
+    for engine in ("hooks", "streaming"):
+        once(engine, False), once(engine, True)  # warm-up
+        ratios, plain, normed = [], [], []
+        for i in range(args.repeats):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            times = {norms: once(engine, norms) for norms in order}
+            plain.append(times[False])
+            normed.append(times[True])
+            ratios.append(times[True] / times[False])
+        out[engine] = {"norms_false": plain, "norms_true": normed, "ratios": ratios}
+        print(
+            f"{engine}: T={seq_len}, norms=False {statistics.median(plain):.2f} s, norms=True "
+            f"{statistics.median(normed):.2f} s; pair ratios {[round(r, 3) for r in ratios]}, "
+            f"median x{statistics.median(ratios):.3f}"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 
 
