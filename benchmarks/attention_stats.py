@@ -195,6 +195,7 @@ def paired_norms(args) -> int:
     import time
 
     import torch
+
     import tokext
 
     job = dict(model=args.model, device=args.device, dtype=args.dtype)

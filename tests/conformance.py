@@ -498,8 +498,8 @@ def oracle_output_forward(
         def hook(module, args):
             x = args[0].clone()
             d_head = x.shape[-1] // n_heads
-            for (l, h), fn in (heads or {}).items():
-                if l == layer:
+            for (head_layer, h), fn in (heads or {}).items():
+                if head_layer == layer:
                     x[..., h * d_head : (h + 1) * d_head] = fn(x[..., h * d_head : (h + 1) * d_head])
             return (x,) + tuple(args[1:])
 
@@ -508,7 +508,7 @@ def oracle_output_forward(
     try:
         for layer, fn in (resid or {}).items():
             handles.append(layers[layer].register_forward_hook(layer_hook(fn)))
-        for layer in sorted({l for l, _ in (heads or {})}):
+        for layer in sorted({head_layer for head_layer, _ in (heads or {})}):
             handles.append(oracle_output_projection(name, layer, model).register_forward_pre_hook(proj_hook(layer)))
         logits, _, _ = oracle_forward(name, tokens, attention_mask, edit=edit)
     finally:

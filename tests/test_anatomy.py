@@ -58,7 +58,10 @@ def _oracle(directory: Path, rows: torch.Tensor) -> dict:
         for handle in handles:
             handle.remove()
     out: dict[str, list] = {k: [] for k in ("first", "weighted", "h", "top_median", "k", "v", "norm", "mass")}
-    rest = lambda x: x[..., 1:].mean(-1)  # every row has every position here
+
+    def rest(x):
+        return x[..., 1:].mean(-1)  # every row has every position here
+
     for layer, pattern in enumerate(attentions):
         a = pattern.double()  # [row, head, query, key]
         weight = hf.model.layers[layer].self_attn.o_proj.weight.detach().double()  # [d_model, heads x d_head]
@@ -129,8 +132,8 @@ def test_ratios_and_inactive_heads_match_transformers(tiny_llama_dir, tmp_path, 
         miss = np.abs(layers[column].to_numpy() / want[key] - 1)
         assert miss.max() < 1e-5, f"{engine} {column}: relative max_diff={miss.max():.2e} at layer {miss.argmax()}"
     heads = tables["heads"]
-    off = {(l, h) for l, row in enumerate(want["norm"]) for h, r in enumerate(row) if r < NORM_THRESHOLD}
-    sunk = {(l, h) for l, row in enumerate(want["mass"]) for h, m in enumerate(row) if m >= FIRST_THRESHOLD}
+    off = {(layer, h) for layer, row in enumerate(want["norm"]) for h, r in enumerate(row) if r < NORM_THRESHOLD}
+    sunk = {(layer, h) for layer, row in enumerate(want["mass"]) for h, m in enumerate(row) if m >= FIRST_THRESHOLD}
     assert off and sunk and off != sunk, "thresholds chosen so both selections are non-trivial and differ"
     assert set(zip(*heads[heads["inactive_by_norm"]][["layer", "head"]].to_numpy().T)) == off
     assert set(zip(*heads[heads["selected_by_first_token"]][["layer", "head"]].to_numpy().T)) == sunk
@@ -202,9 +205,10 @@ def test_reproduce_step_resumes_and_caches(tiny_llama_dir, tiny_gpt2_dir, tmp_pa
 
     monkeypatch.setattr(loading, "load_model", counting)
     specs = [str(tiny_llama_dir), str(tiny_gpt2_dir)]
-    make = lambda **kw: Reproduction(
-        "quick", results=tmp_path, model=specs[0], anatomy_models=specs, log=lambda m: None, **kw
-    )
+
+    def make(**kw):
+        return Reproduction("quick", results=tmp_path, model=specs[0], anatomy_models=specs, log=lambda m: None, **kw)
+
     folder = tmp_path / "quick" / "anatomy"
     with pytest.raises(RuntimeError, match="interrupted"):
         make().step("anatomy", make().anatomy)

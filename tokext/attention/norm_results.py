@@ -46,7 +46,7 @@ class NormResults:
     @property
     def residual_norm(self) -> np.ndarray:
         """‖h_t‖₂ of block l's output [layer, position], averaged over the sequences that have position t."""
-        return self._norms().residual.residual_norm
+        return self._norms().residual_stats.residual_norm
 
     @property
     def key_norm(self) -> np.ndarray:
@@ -72,12 +72,12 @@ class NormResults:
     @property
     def top_activations(self) -> np.ndarray:
         """The three largest |h| of a sequence at block l's output [layer, 3], averaged over sequences."""
-        return self._norms().residual.top_activations
+        return self._norms().residual_stats.top_activations
 
     @property
     def median_activation(self) -> np.ndarray:
         """A sequence's median |h| at block l's output [layer], averaged over sequences."""
-        return self._norms().residual.median_activation
+        return self._norms().residual_stats.median_activation
 
     def massive_activations(self, abs_threshold: float = ABS_THRESHOLD, ratio: float = RATIO) -> Any:
         """Massive activations (Sun et al. 2024): a tidy table (sequence, layer, position, token, dim, value)
@@ -85,7 +85,7 @@ class NormResults:
         sequence's median |h| at that layer, largest first. Only the
         :data:`~tokext.attention.residual_stats.MASSIVE_CAP` largest entries of each sequence and layer
         are kept while collecting; a warning says when that cap may hide more."""
-        return self._norms().residual.massive_activations(abs_threshold, ratio, self._decode)
+        return self._norms().residual_stats.massive_activations(abs_threshold, ratio, self._decode)
 
     def _decode(self, token_id: int) -> str:
         return self.token_text.get(int(token_id), str(int(token_id)))

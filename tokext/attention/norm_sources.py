@@ -123,19 +123,23 @@ def feeding_norms(model: Any, stats: Any, plan: NormPlan) -> Iterator[None]:
     residual-stream and (hook engine) key and value hooks, and the output projections' pre-hooks."""
     norms = stats.norms
 
-    def hook(fn: Callable[[torch.Tensor], None]) -> Callable:
+    def hook(
+        add: Callable[[int, torch.Tensor], None],
+        layer: int,
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Callable[[torch.Tensor, Any], None]:
         def call(tensor: torch.Tensor, hook: Any) -> None:
-            fn(tensor)
+            add(layer, tensor if prepare is None else prepare(tensor))
 
         return call
 
     hooks = []
     for layer, name in plan.residual.items():
-        hooks.append((name, hook(lambda h, layer=layer: norms.add_residual(layer, h))))
+        hooks.append((name, hook(norms.add_residual, layer)))
     for layer, name in plan.keys.items():
-        hooks.append((name, hook(lambda k, layer=layer: norms.add_keys(layer, _heads_first(k)))))
+        hooks.append((name, hook(norms.add_keys, layer, _heads_first)))
     for layer, name in plan.values.items():
-        hooks.append((name, hook(lambda v, layer=layer: norms.add_values(layer, _heads_first(v)))))
+        hooks.append((name, hook(norms.add_values, layer, _heads_first)))
     pre = [
         (module, lambda z, layer=layer: norms.add_head_output(layer, z)) for layer, module in plan.projections.items()
     ]

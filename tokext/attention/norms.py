@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokext.attention.residual_stats import ResidualStats
+from tokext.attention.residual_stats import ResidualStats, _filled
 from tokext.errors import InputError, InterventionNotAppliedError
 
 
@@ -75,6 +75,20 @@ class NormStats:
     def __post_init__(self) -> None:
         if self.residual is None:
             self.residual = ResidualStats(list(self.layers))
+        self._batch_on: Callable[[torch.device], Any] | None = None  # set by begin_batch, cleared by finish
+
+    @property
+    def residual_stats(self) -> ResidualStats:
+        """``residual``, checked present (``__post_init__`` creates it when none is given)."""
+        if self.residual is None:
+            raise InputError("these norm statistics have no residual-stream statistics: collect them first")
+        return self.residual
+
+    def _batch(self, device: torch.device) -> Any:
+        """The current batch's :class:`~tokext.attention.stats.BatchContext` on ``device``."""
+        if self._batch_on is None:
+            raise InputError("no batch of norm statistics is open: begin_batch first")
+        return self._batch_on(device)
 
     # ------------------------------------------------------------------ accumulation
 
@@ -82,7 +96,10 @@ class NormStats:
         """Allocate the sums; ``factors[slot]`` is :func:`output_factor` of each collected layer's W_O."""
         if len(factors) != len(self.layers):
             raise InputError(f"got output projections of {len(factors)} layers for {len(self.layers)} collected")
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
         n, h = len(self.layers), self.n_heads
         self._acc = {
             "key": zeros(n, h, 0),
@@ -94,7 +111,7 @@ class NormStats:
             "value_out": {},  # slot -> ‖v_j W_O^h‖ [batch, head, key] of the current batch
             "pending": {},  # slot -> column sums of Ñ [batch, head, key] of the current batch
         }
-        self.residual.start(device)
+        self.residual_stats.start(device)
 
     def begin_batch(self, batch_on: Callable[[torch.device], Any]) -> None:
         """A new batch; ``batch_on(device)`` gives its :class:`~tokext.attention.stats.BatchContext`."""
@@ -109,7 +126,7 @@ class NormStats:
                 acc[name] = torch.nn.functional.pad(acc[name], (0, grow))
         acc["count"][:length] += real.sum(0).to(torch.float64)
         self.real_rows += int(real.sum())
-        self.residual.begin_batch(real)
+        self.residual_stats.begin_batch(real)
         acc["value_out"].clear()
         acc["pending"].clear()
 
@@ -135,7 +152,7 @@ class NormStats:
 
     def _add_norms(self, name: str, layer: int, x: torch.Tensor) -> None:
         acc, slot = self._acc, self.layers.index(layer)
-        ctx = self._batch_on(x.device)
+        ctx = self._batch(x.device)
         length = ctx.real.shape[1]
         if x.dim() != 4 or x.shape[2] != length:
             raise InputError(f"layer {layer}: got {name}s of shape {tuple(x.shape)} for a batch of {length} positions")
@@ -156,7 +173,7 @@ class NormStats:
         p = block.detach()
         if p.dtype not in (torch.float32, torch.float64):
             p = p.float()
-        ctx = self._batch_on(p.device)
+        ctx = self._batch(p.device)
         n_rows, n_cols = p.shape[-2:]
         u = value_out[..., key_start : key_start + n_cols].to(p.device, p.dtype)  # [batch, head, column]
         # Σ_j N_ij = Σ_j A_ij u_j, and Σ_i w_i N_ij / Σ_j' N_ij' = u_j Σ_i (w_i / r_i) A_ij: two products, no N
@@ -184,7 +201,7 @@ class NormStats:
     def add_head_output(self, layer: int, z: torch.Tensor) -> None:
         """Fold the input of layer ``layer``'s output projection, z [batch, position, head x d_head]."""
         acc, slot = self._acc, self.layers.index(layer)
-        ctx = self._batch_on(z.device)
+        ctx = self._batch(z.device)
         per_head = z.reshape(*z.shape[:2], self.n_heads, -1)
         norms = output_norms(per_head, acc["factors"][slot])  # [batch, position, head]
         real = ctx.real[..., None].to(torch.float64)
@@ -192,51 +209,61 @@ class NormStats:
 
     def add_residual(self, layer: int, h: torch.Tensor) -> None:
         """Fold block ``layer``'s output h [batch, position, d_model]."""
-        ctx = self._batch_on(h.device)
-        self.residual.add(self.layers.index(layer), h, ctx.real, ctx.tokens, ctx.sequence_ids)
+        ctx = self._batch(h.device)
+        self.residual_stats.add(self.layers.index(layer), h, ctx.real, ctx.tokens, ctx.sequence_ids)
 
     def finish(self) -> NormStats:
+        """Move the sums to numpy (the residual-stream statistics too) and close the collection."""
         acc = self._acc
         self.key_sum = acc["key"].cpu().numpy()
         self.value_sum = acc["value"].cpu().numpy()
         self.weighted_sum = acc["weighted"].cpu().numpy()
         self.count = acc["count"].cpu().numpy()
         self.head_output_sum = acc["head_output"].cpu().numpy()
-        self.residual.finish()
+        self.residual_stats.finish()
         self._acc = {}
         self._batch_on = None
         return self
 
     # ------------------------------------------------------------------ results
 
-    def _per_position(self, total: np.ndarray) -> np.ndarray:
-        count = self.count
+    def _per_position(self, total: np.ndarray | None) -> np.ndarray:
+        count = _filled(self.count)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, total / np.where(count > 0, count, 1), np.nan)
+            return np.where(count > 0, _filled(total) / np.where(count > 0, count, 1), np.nan)
 
     @property
     def key_norm(self) -> np.ndarray:
+        """‖k_t‖₂ [layer, head, position], averaged over the sequences that have position t."""
         return self._per_position(self.key_sum)
 
     @property
     def value_norm(self) -> np.ndarray:
+        """‖v_t‖₂ [layer, head, position], averaged over the sequences that have position t."""
         return self._per_position(self.value_sum)
 
     @property
     def norm_weighted_received(self) -> np.ndarray:
+        """Norm-weighted alpha [layer, head, key], averaged over the sequences that have the key."""
         return self._per_position(self.weighted_sum)
 
     @property
     def head_output_norm(self) -> np.ndarray:
-        return self.head_output_sum / max(self.real_rows, 1)
+        """Mean ‖z_i^h W_O^h‖₂ over real query rows [layer, head]."""
+        return _filled(self.head_output_sum) / max(self.real_rows, 1)
 
     # ------------------------------------------------------------------ merge and persistence
 
     def merge(self, other: NormStats) -> NormStats:
+        """The statistics of both collections together (the residual-stream statistics merged too)."""
         if self.layers != other.layers or self.n_heads != other.n_heads:
             raise InputError("can only merge norm statistics of the same layers and heads")
-        n = max(self.count.shape[0], other.count.shape[0])
-        grow = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])
+        n = max(_filled(self.count).shape[0], _filled(other.count).shape[0])
+
+        def grow(array: np.ndarray | None) -> np.ndarray:
+            array = _filled(array)
+            return np.pad(array, [(0, 0)] * (array.ndim - 1) + [(0, n - array.shape[-1])])
+
         return NormStats(
             layers=list(self.layers),
             n_heads=self.n_heads,
@@ -244,27 +271,28 @@ class NormStats:
             value_sum=grow(self.value_sum) + grow(other.value_sum),
             weighted_sum=grow(self.weighted_sum) + grow(other.weighted_sum),
             count=grow(self.count) + grow(other.count),
-            head_output_sum=self.head_output_sum + other.head_output_sum,
+            head_output_sum=_filled(self.head_output_sum) + _filled(other.head_output_sum),
             real_rows=self.real_rows + other.real_rows,
-            residual=self.residual.merge(other.residual),
+            residual=self.residual_stats.merge(other.residual_stats),
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What :meth:`AttentionStats.save` writes, keyed ``norm_*`` and ``residual_*``."""
         out = {
             "norm_layers": np.asarray(self.layers),
-            "norm_key_sum": self.key_sum,
-            "norm_value_sum": self.value_sum,
-            "norm_weighted_sum": self.weighted_sum,
-            "norm_count": self.count,
-            "norm_head_output_sum": self.head_output_sum,
+            "norm_key_sum": _filled(self.key_sum),
+            "norm_value_sum": _filled(self.value_sum),
+            "norm_weighted_sum": _filled(self.weighted_sum),
+            "norm_count": _filled(self.count),
+            "norm_head_output_sum": _filled(self.head_output_sum),
             "norm_real_rows": np.asarray(self.real_rows),
         }
-        out.update(self.residual.arrays())
+        out.update(self.residual_stats.arrays())
         return out
 
     @classmethod
     def from_arrays(cls, data: Any) -> NormStats | None:
+        """Read what :meth:`arrays` wrote from ``data`` (an ``np.load`` archive); None when it holds none."""
         if "norm_layers" not in data.files:
             return None
         key = data["norm_key_sum"]

@@ -36,6 +36,13 @@ TOP = 3  # Sun et al.'s top-3
 _MASSIVE_FIELDS = ("sequence", "layer", "position", "dim", "token_id", "value", "median")
 
 
+def _filled(array: np.ndarray | None) -> np.ndarray:
+    """``array`` of finished statistics; an error when nothing was collected."""
+    if array is None:
+        raise InputError("these residual-stream statistics are empty: collect them first")
+    return array
+
+
 @dataclass
 class ResidualStats:
     """Per-layer residual-stream sums (see the module docstring). ``layers`` are the model's layer indices."""
@@ -50,7 +57,11 @@ class ResidualStats:
     _acc: dict = field(default_factory=dict, repr=False)
 
     def start(self, device: torch.device) -> None:
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+        """Allocate the sums on ``device`` (where the collected blocks' outputs are reduced)."""
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
         n = len(self.layers)
         self._acc = {"norm": zeros(n, 0), "count": zeros(0), "top": zeros(n, TOP), "median": zeros(n), "massive": []}
 
@@ -103,6 +114,7 @@ class ResidualStats:
         )
 
     def finish(self) -> None:
+        """Move the sums to numpy and gather the massive-activation candidates into one array per field."""
         acc = self._acc
         self.norm_sum = acc["norm"].cpu().numpy()
         self.count = acc["count"].cpu().numpy()
@@ -119,18 +131,19 @@ class ResidualStats:
     @property
     def residual_norm(self) -> np.ndarray:
         """‖h_t‖₂ [layer, position], averaged over the sequences that have position t."""
+        count = _filled(self.count)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.count > 0, self.norm_sum / np.where(self.count > 0, self.count, 1), np.nan)
+            return np.where(count > 0, _filled(self.norm_sum) / np.where(count > 0, count, 1), np.nan)
 
     @property
     def top_activations(self) -> np.ndarray:
         """The three largest |h| of a sequence [layer, 3], averaged over sequences."""
-        return self.top_sum / max(self.n_sequences, 1)
+        return _filled(self.top_sum) / max(self.n_sequences, 1)
 
     @property
     def median_activation(self) -> np.ndarray:
         """A sequence's median |h| [layer], averaged over sequences."""
-        return self.median_sum / max(self.n_sequences, 1)
+        return _filled(self.median_sum) / max(self.n_sequences, 1)
 
     def massive_activations(
         self, abs_threshold: float = ABS_THRESHOLD, ratio: float = RATIO, decode: Callable[[int], str] | None = None
@@ -161,10 +174,15 @@ class ResidualStats:
     # ------------------------------------------------------------------ merge and persistence
 
     def merge(self, other: ResidualStats) -> ResidualStats:
+        """The statistics of both collections together (``other``'s sequences numbered after these)."""
         if self.layers != other.layers:
             raise InputError("can only merge residual statistics of the same layers")
-        n = max(self.count.shape[0], other.count.shape[0])
-        grow = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])
+        n = max(_filled(self.count).shape[0], _filled(other.count).shape[0])
+
+        def grow(array: np.ndarray | None) -> np.ndarray:
+            array = _filled(array)
+            return np.pad(array, [(0, 0)] * (array.ndim - 1) + [(0, n - array.shape[-1])])
+
         offset = self.n_sequences
         massive = {
             k: np.concatenate([self.massive[k], other.massive[k] + (offset if k == "sequence" else 0)])
@@ -174,8 +192,8 @@ class ResidualStats:
             layers=list(self.layers),
             norm_sum=grow(self.norm_sum) + grow(other.norm_sum),
             count=grow(self.count) + grow(other.count),
-            top_sum=self.top_sum + other.top_sum,
-            median_sum=self.median_sum + other.median_sum,
+            top_sum=_filled(self.top_sum) + _filled(other.top_sum),
+            median_sum=_filled(self.median_sum) + _filled(other.median_sum),
             n_sequences=self.n_sequences + other.n_sequences,
             massive=massive,
         )
@@ -184,10 +202,10 @@ class ResidualStats:
         """What :meth:`AttentionStats.save` writes, keyed ``residual_*``."""
         out = {
             "residual_layers": np.asarray(self.layers),
-            "residual_norm_sum": self.norm_sum,
-            "residual_count": self.count,
-            "residual_top_sum": self.top_sum,
-            "residual_median_sum": self.median_sum,
+            "residual_norm_sum": _filled(self.norm_sum),
+            "residual_count": _filled(self.count),
+            "residual_top_sum": _filled(self.top_sum),
+            "residual_median_sum": _filled(self.median_sum),
             "residual_n_sequences": np.asarray(self.n_sequences),
         }
         out.update({f"residual_massive_{k}": v for k, v in self.massive.items()})
@@ -195,6 +213,7 @@ class ResidualStats:
 
     @classmethod
     def from_arrays(cls, data: Any) -> ResidualStats | None:
+        """Read what :meth:`arrays` wrote from ``data`` (an ``np.load`` archive); None when it holds none."""
         if "residual_layers" not in data.files:
             return None
         return cls(

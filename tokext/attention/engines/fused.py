@@ -101,7 +101,7 @@ def missing_tools() -> str | None:
 
 
 @functools.cache
-def _build() -> tuple[Any, str | None]:
+def _build() -> tuple[Any, None] | tuple[None, str]:
     """(the compiled module, None) or (None, why not); built once per process."""
     reason = missing_tools()
     if reason is not None:
@@ -136,7 +136,7 @@ def kernel() -> Any:
     if choice == "torch":
         return None
     module, reason = _build()
-    if module is None:
+    if reason is not None:  # (None, why not): the kernel cannot be built
         if choice == "fused":
             raise KernelUnavailableError(f"{KERNEL_ENV}=fused, but the fused kernel is unavailable: {reason}")
         if reason not in _NOTICED:
@@ -174,12 +174,13 @@ def attend(
         return None
     if any(t.dtype != torch.float32 for t in (query, key, value)):
         return None
-    fused = [getattr(observe, "fused", None) for observe in chain.observers]
-    if any(f is None for f in fused) or len(fused) > 1:
+    reducers = [getattr(observe, "fused", None) for observe in chain.observers]
+    if any(f is None for f in reducers) or len(reducers) > 1:
         return None
+    fused = reducers[0] if reducers else None  # the one observer's reduced-statistics side, if any
     attention = engine.info.attention[layer]
     n_q, n_k = query.shape[2], key.shape[2]
-    if not fused and _sdpa_exact(attention, stored, n_q, n_k):
+    if fused is None and _sdpa_exact(attention, stored, n_q, n_k):
         engine.on_block(geometry)
         CALLS["sdpa"] += 1
         return torch.nn.functional.scaled_dot_product_attention(
@@ -190,9 +191,9 @@ def attend(
     module = kernel()
     if module is None:
         return None
-    weight, probe = fused[0].request(n_q, query.device) if fused else (None, None)
+    weight, probe = fused.request(n_q, query.device) if fused is not None else (None, None)
     engine.on_block(geometry)
-    CALLS["kernel" if fused else "kernel_plain"] += 1
+    CALLS["kernel" if fused is not None else "kernel_plain"] += 1
     results = module.fused_attention(
         query,
         key,
@@ -205,12 +206,12 @@ def attend(
         stored.padding,
         weight,
         probe,
-        bool(fused),
+        fused is not None,
         block_entries,
     )
-    if fused:
+    if fused is not None:
         column_sum, row_sum, plogp, probe_p = results[1:]
-        fused[0].take(column_sum, row_sum, plogp, probe_p if probe is not None else None, geometry)
+        fused.take(column_sum, row_sum, plogp, probe_p if probe is not None else None, geometry)
     return results[0]
 
 

@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from tokext.attention.engines.choose import DEFAULT_BUDGET, block_rows
 from tokext.attention.engines import fused
+from tokext.attention.engines.choose import DEFAULT_BUDGET, block_rows
 from tokext.attention.masks import sees
 from tokext.errors import InputError, InterventionNotAppliedError, UneditableAttentionError
 from tokext.models.architectures import LayerAttention
