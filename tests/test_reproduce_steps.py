@@ -108,3 +108,53 @@ def test_rerun_long_context_flag_reaches_the_reproduction(monkeypatch, tmp_path)
     assert seen["source"] == LONG_CONTEXT_STUDY
     assert main(["reproduce", "--rerun-long-context", "--results", str(tmp_path), "--figures", str(tmp_path)]) == 0
     assert seen["source"] is None
+
+
+def test_default_mode_draws_fig10_and_fig11_from_the_committed_studies(tmp_path):
+    """On the default model the anatomy and causal steps copy their committed runs (no model is
+    loaded), and figures 10 and 11 come back byte for byte as committed, with REPORT.md's captions."""
+    from tokext.studies.reproduce import COMMITTED_STUDIES
+    from tokext.viz.figures import build_all
+
+    repro = Reproduction("default", results=tmp_path / "results", log=lambda msg: None)
+    assert repro.study_sources == COMMITTED_STUDIES
+    for name in ("anatomy", "causal"):
+        folder = repro.step(name, getattr(repro, name))
+        committed = sorted(p.relative_to(COMMITTED_STUDIES[name]) for p in COMMITTED_STUDIES[name].rglob("*"))
+        assert committed and all((folder / path).exists() for path in committed), name
+    assert repro._model is None  # nothing was run
+    out = tmp_path / "figures"
+    build_all(repro.root, out)
+    for stem in ("fig10_sink_anatomy", "fig11_causal"):
+        for suffix in (".png", ".pdf"):
+            committed = (REPO / "figures" / f"{stem}{suffix}").read_bytes()
+            assert (out / f"{stem}{suffix}").read_bytes() == committed, f"{stem}{suffix} differs from the committed one"
+    report, committed_report = (out / "REPORT.md").read_text(), (REPO / "figures" / "REPORT.md").read_text()
+    for title in ("Sink anatomy", "Causal tests of sinks"):
+        assert _caption(report, title) == _caption(committed_report, title), title
+
+
+def test_the_committed_studies_are_rerun_when_asked_or_for_another_plan(tmp_path):
+    assert Reproduction("default", results=tmp_path, rerun_studies=True).study_sources == {}
+    assert Reproduction("quick", results=tmp_path).study_sources == {}
+    assert Reproduction("default", results=tmp_path, model="gemma3-270m").study_sources == {}
+    assert Reproduction("default", results=tmp_path, anatomy_models=["smollm2-135m"]).study_sources == {}
+    missing = {"anatomy": tmp_path / "none", "causal": tmp_path / "none"}
+    assert Reproduction("default", results=tmp_path, committed_studies=missing).study_sources == {}
+
+
+def test_rerun_studies_flag_reaches_the_reproduction(monkeypatch, tmp_path):
+    import tokext.studies.reproduce as reproduce
+    from tokext.cli import main
+
+    seen = {}
+
+    def fake_run(self, figures):
+        seen["sources"] = dict(self.study_sources)
+        return Path(figures)
+
+    monkeypatch.setattr(reproduce.Reproduction, "run", fake_run)
+    assert main(["reproduce", "--results", str(tmp_path), "--figures", str(tmp_path / "f")]) == 0
+    assert set(seen["sources"]) == {"anatomy", "causal"}
+    assert main(["reproduce", "--rerun-studies", "--results", str(tmp_path), "--figures", str(tmp_path)]) == 0
+    assert seen["sources"] == {}

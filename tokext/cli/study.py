@@ -14,6 +14,7 @@ REPRODUCE_EPILOG = """examples:
   tokext reproduce --full       # the complete grids of experiments/*.toml (hours on a CPU)
   tokext reproduce --force      # recompute every step instead of reusing cached results
   tokext reproduce --rerun-long-context   # rerun the long-context study (512-8k) instead of the committed one
+  tokext reproduce --rerun-studies        # rerun the anatomy and causal studies instead of their committed runs
   tokext reproduce --full --executor ray --address 10.0.0.5:6379   # the sweeps' cells on a Ray cluster
 """
 
@@ -33,6 +34,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             force=args.force,
             executor=executor,
             rerun_long_context=args.rerun_long_context,
+            rerun_studies=args.rerun_studies,
         ).run(figures)
     finally:
         executor.close()
@@ -89,6 +91,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="default mode: run the 512-8k long-context study instead of drawing figure 9 from the committed "
         "full study (experiments/results/long_context/)",
+    )
+    p.add_argument(
+        "--rerun-studies",
+        action="store_true",
+        help="default mode, default model: run the sink-anatomy and causal studies at this mode's sizes instead of "
+        "drawing figures 10 and 11 from their committed runs (experiments/results/anatomy/, causal/)",
     )
     add_executor_flags(p)
     p.set_defaults(run=_reproduce)

@@ -14,6 +14,10 @@ The default mode draws figure 9 from the committed long-context study
 (``experiments/results/long_context/``, 512 to 32k tokens, hours on a CPU) rather than rerunning a
 shorter one, so ``make demo`` on a fresh clone rewrites ``figures/`` with the bytes committed there;
 ``rerun_long_context=True`` (``--rerun-long-context``) runs the mode's own 512-8k study instead.
+In the same way, on the default model, the sink-anatomy and causal steps copy their committed runs
+(``experiments/results/anatomy/`` and ``causal/``, the sizes ``experiments/anatomy.py`` and
+``experiments/causal.py`` ran) so that figures 10 and 11 come back as committed;
+``rerun_studies=True`` (``--rerun-studies``) runs them at the mode's own sizes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LONG_CONTEXT_STUDY = ROOT / "experiments" / "results" / "long_context"
 """The committed full long-context study (``experiments/long_context.py``; absent from an installed wheel)."""
 LONG_CONTEXT_FILES = ("layers.csv", "positions.csv", "hidden_sinks.csv", "runs.csv", "provenance.json")
+COMMITTED_STUDIES = {
+    "anatomy": ROOT / "experiments" / "results" / "anatomy",
+    "causal": ROOT / "experiments" / "results" / "causal",
+}
+"""Committed runs of the sink-anatomy and causal studies, copied by the default mode on the default model."""
 
 
 @dataclass(frozen=True)
@@ -134,12 +143,17 @@ class Reproduction:
         rerun_long_context: bool = False,
         long_context_study: str | Path = LONG_CONTEXT_STUDY,
         anatomy_models: Sequence[str] | None = None,
+        rerun_studies: bool = False,
+        committed_studies: dict[str, Path] | None = None,
     ):
         """``executor``: where the sweep steps' cells run (``"serial"``, ``"ray"`` or an executor of
         :mod:`tokext.studies.executors`); the other steps run in this process. In the default mode
         the long-context step copies the results in ``long_context_study`` (when they are there)
-        unless ``rerun_long_context``. ``anatomy_models``: the models of the sink-anatomy step
+        unless ``rerun_long_context``; so do the anatomy and causal steps with ``committed_studies`` (default
+        :data:`COMMITTED_STUDIES`) on the default model and anatomy models, unless ``rerun_studies``.
+        ``anatomy_models``: the models of the sink-anatomy step
         (default: ``model`` and Gemma 3 270M), checked here."""
+        from tokext.models.loading import DEFAULT_MODEL
         from tokext.studies.anatomy import check_plan
         from tokext.studies.executors import make_executor
 
@@ -156,6 +170,12 @@ class Reproduction:
         self.long_context_source = (
             study if mode == "default" and not rerun_long_context and (study / "provenance.json").is_file() else None
         )
+        default_plan = model == DEFAULT_MODEL and list(self.anatomy_models) == [DEFAULT_MODEL, "gemma3-270m"]
+        self.study_sources = {
+            name: Path(path)
+            for name, path in (COMMITTED_STUDIES if committed_studies is None else committed_studies).items()
+            if mode == "default" and default_plan and not rerun_studies and _complete(name, Path(path))
+        }
         self._owns_executor = isinstance(executor, str)
         self.executor = make_executor(executor) if self._owns_executor else executor
 
@@ -410,9 +430,20 @@ class Reproduction:
             model = load_model(self.model_spec, n_ctx=longest)
         run_long_context(model, folder, lengths=self.sizes.long_lengths, windows=self.sizes.long_windows, log=self.log)
 
+    def _copied(self, name: str, folder: Path) -> bool:
+        """Copy the committed run of study ``name`` into its step folder when the plan says so."""
+        source = self.study_sources.get(name)
+        if source is None:
+            return False
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+        self.log(f"[{name}] copied from {source} (--rerun-studies runs it)")
+        return True
+
     def anatomy(self, folder: Path) -> None:
         """The sink-anatomy study (:mod:`tokext.studies.anatomy`) on ``anatomy_models`` at T = 64; each
         model's run is saved as it finishes, so an interrupted step resumes with the models done."""
+        if self._copied("anatomy", folder):
+            return
         from tokext.models.loading import load_model
         from tokext.studies.anatomy import run_anatomy
 
@@ -424,6 +455,8 @@ class Reproduction:
     def causal(self, folder: Path) -> None:
         """The causal study (:mod:`tokext.studies.causal`) on the reproduction's model and, outside quick
         mode, on Gemma 3 270M (smaller sizes: its 262k-token unembedding dominates the cost on a CPU)."""
+        if self._copied("causal", folder):
+            return
         from tokext.models.loading import load_model
         from tokext.studies.causal import CausalSettings, run_causal
 
@@ -527,3 +560,10 @@ def report_tables(root: Path) -> str:
             "## Interventions at default settings: next-token loss on the built-in prompts\n\n" + "\n".join(rows)
         )
     return "\n\n".join(parts)
+
+
+def _complete(name: str, folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run of study ``name`` (its provenance, or a model's settings)."""
+    if name == "causal":
+        return any(folder.glob("*/settings.json"))
+    return (folder / "provenance.json").is_file()
