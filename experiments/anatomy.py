@@ -3,7 +3,7 @@ first-token mass, Gu et al.'s norm ratios of h, k and v at position 0, Sun et al
 massive activations, and inactive heads by head-output norm against first-token mass, on natural text at
 Gu et al.'s T = 64.
 
-    flock /tmp/tokext-heavy.lock python experiments/anatomy.py                  # both models, n = 100
+    python experiments/anatomy.py                  # both models, n = 100
     python experiments/anatomy.py --models smollm2-135m --n 8 --out /tmp/anatomy  # a quick look
 
 Writes experiments/results/anatomy/ (layers.csv, heads.csv, inactive.csv, massive.csv, massive_summary.csv,

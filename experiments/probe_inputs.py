@@ -15,7 +15,7 @@ row's alpha thresholded at 0.3, then averaged) and the script records:
 Writes ``probe_inputs.csv``, ``probe_inputs.md`` (the table, with Gu et al.'s published rows) and
 ``provenance.json`` under ``--out`` (default ``experiments/results/probe_inputs/``).
 
-    flock /tmp/tokext-heavy.lock python experiments/probe_inputs.py            # both models, ~5 min here
+    python experiments/probe_inputs.py            # both models, ~5 min here
     python experiments/probe_inputs.py --models smollm2-135m --n 8             # a quick look
 """
 
