@@ -377,6 +377,10 @@ def _run(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _log_probs(model(tokens.to(C.DEVICE), attention_mask=mask.to(C.DEVICE)))
 
 
+FUSED_EDIT_CASES = ("EarlyLayerEmulation", "SinkCalibration", "SinkRebalance", "AttentionTemperature")
+"""Interventions whose edits the fused kernel applies (a temperature on the scores only)."""
+
+
 @functools.cache
 def kernel_paths() -> tuple[str, ...]:
     """The streaming engine's paths checked: the fused C++ kernel where it builds here, and pure torch."""
@@ -399,15 +403,24 @@ def kernel_path(path: str):
             os.environ[fused.KERNEL_ENV] = saved
 
 
-def _streaming_error(model, ivs, tokens: torch.Tensor, mask: torch.Tensor, hooks_log_probs: torch.Tensor) -> float:
-    """Largest |log-prob| difference of the streaming engine (each of its kernel paths) from the hook engine."""
+def _edited_kernel_calls() -> int:
+    return sum(n for path, n in fused.CALLS.items() if path.endswith("_edited"))
+
+
+def _streaming_error(
+    model, ivs, tokens: torch.Tensor, mask: torch.Tensor, hooks_log_probs: torch.Tensor
+) -> tuple[float, int]:
+    """Largest |log-prob| difference of the streaming engine (each of its kernel paths) from the hook
+    engine, and how many layer calls the fused kernel ran with the interventions' edits."""
     real = mask.bool()
-    errors = []
+    errors, edited = [], 0
     for path in kernel_paths():
+        before = _edited_kernel_calls()
         with kernel_path(path), torch.no_grad(), intervene(model, *ivs, engine="streaming", budget=STREAM_BUDGET):
             streamed = _run(model, tokens, mask)
+        edited += _edited_kernel_calls() - before
         errors.append(float((streamed - hooks_log_probs).abs()[real].max()))
-    return max(errors)
+    return max(errors), edited
 
 
 @functools.cache
@@ -457,7 +470,8 @@ def report(name: str) -> dict:
             "moved": float((ours - base).abs()[real].max()),
         }
         if out["streams"]:
-            out["interventions"][case]["streaming_error"] = _streaming_error(model, ivs, tokens, mask, ours)
+            error, edited = _streaming_error(model, ivs, tokens, mask, ours)
+            out["interventions"][case].update(streaming_error=error, edited_kernel_calls=edited)
     for case, (ivs, resid, heads, edit) in output_cases(name).items():
         with torch.no_grad(), intervene(model, *ivs):
             ours = _run(model, tokens, mask)
@@ -467,7 +481,8 @@ def report(name: str) -> dict:
             "moved": float((ours - base).abs()[real].max()),
         }
         if out["streams"]:
-            out["interventions"][case]["streaming_error"] = _streaming_error(model, ivs, tokens, mask, ours)
+            error, edited = _streaming_error(model, ivs, tokens, mask, ours)
+            out["interventions"][case].update(streaming_error=error, edited_kernel_calls=edited)
     if spec.generates:
         prompts = [seq[:11] for seq in seqs[:2]] + [seqs[2][:5]]
         out["generation"] = {}
@@ -551,6 +566,14 @@ def test_streaming_engine_gives_the_hook_engines_numbers(name):
             case: r["streaming_error"] for case, r in result["interventions"].items() if r["streaming_error"] >= TOL
         }
         assert not worse, f"{name}: streaming log-probabilities differ from the hook engine's: {worse}"
+        if "fused" in result["streaming_paths"]:  # the kernel applied these edits itself, not pure torch
+            unfused = [
+                case
+                for case, r in result["interventions"].items()
+                if case.startswith(FUSED_EDIT_CASES) and case != "AttentionTemperature(0.7, pattern)"
+                if not r["edited_kernel_calls"]
+            ]
+            assert not unfused, f"{name}: the fused kernel did not run the edits of {unfused}"
     if C.FAMILIES[name].editable and C.FAMILIES[name].generates:
         differ = [case for case, same in result["streaming_generation"].items() if not same]
         assert not differ, f"{name}: streaming generation differs from the hook engine's under {differ}"

@@ -3,6 +3,10 @@
 - the kernel against a softmax written here in float64 (reach, windows, bidirectional layers,
   softcap, learned sinks, padding, a KV cache, GQA, several work items): output, column sums,
   row sums, sum p log p and the probed column, to 1e-5;
+- the kernel's edits (a score affine per head, key-set gains by the rebalance, plain-scale and ACT
+  rules, sparse boosts with and without renormalisation, the record of keys above a threshold)
+  against the same edits written here in float64 from the interventions' formulas;
+- the kernel's parallel region runs on torch's threads (it is compiled with OpenMP);
 - without a compiler (``CXX`` naming none) the engine falls back to pure torch with one
   ``TokextWarning``, gives the hook engine's statistics, and ``TOKEXT_STREAMING_KERNEL=fused`` is an
   error naming the reason; ``torch`` never runs the kernel.
@@ -107,6 +111,129 @@ def test_kernel_matches_the_formulas(module, case, block_entries):
         diff = (ours.double() - theirs).abs()
         diff = diff if mask is None else diff * mask
         assert float(diff.max()) < 1e-5, f"{case}: {name} max_diff={float(diff.max()):.3g}"
+
+
+def edited_reference(q, k, v, scale, sinks, causal, window, real_keys, edits):
+    """The probabilities and output of an edited layer in float64, from the interventions' formulas."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads, n_q, _ = q.shape
+    n_k, groups = k.shape[2], heads // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = (q * scale) @ k.transpose(-1, -2)
+    if "score_scale" in edits:  # softmax(s * a + b): a temperature (and a learned sink's shift)
+        s = s * edits["score_scale"].double().view(1, -1, 1, 1) + edits["score_shift"].double().view(1, -1, 1, 1)
+    distance = torch.arange(n_k - n_q, n_k)[:, None] - torch.arange(n_k)[None]
+    sees = (distance >= 0) & (distance < (window or n_k + 1)) if causal else torch.ones_like(distance, dtype=torch.bool)
+    sees = sees[None, None] & real_keys[:, None, None, :]
+    s = s.masked_fill(~sees, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(1, -1, 1, 1).expand(batch, heads, n_q, 1)], -1)
+    full = torch.nan_to_num(torch.softmax(s, -1))
+    p, share = full[..., :n_k], full[..., n_k:].sum(-1, keepdim=True)
+    if "key_mode" in edits:
+        mask, mode, c = edits["key_mask"].double()[:, :, None, :], edits["key_mode"], edits["key_param"]
+        on, off = (p * mask).sum(-1, keepdim=True), (p * (1 - mask)).sum(-1, keepdim=True)
+        if mode == "rebalance":  # A' = w A renormalised to the row's sum, the sink's share weighted too
+            kept, scaled = on + off + share, off + c * on + edits["sink_scale"] * share
+            gain_on = torch.where(scaled > 0, c * kept / scaled, 1.0)
+            gain_off = torch.where(scaled > 0, kept / scaled, 1.0)
+        elif mode == "scale":
+            gain_on, gain_off = torch.full_like(on, c), torch.ones_like(off)
+        else:  # ACT: sinks times beta, the freed mass to the other keys by weight
+            beta = torch.where(off > 0, c, 1.0)
+            gain_on, gain_off = beta, 1 + (1 - beta) * on / torch.where(off > 0, off, 1.0)
+        p = p * torch.where(mask.bool(), gain_on, gain_off)
+    if "boost" in edits:  # the listed keys times the head's gain, optionally back to the row's sum
+        before = p.sum(-1, keepdim=True)
+        p = p * (1 + (edits["boost_gain"].double().view(1, -1, 1, 1) - 1) * edits["boost"].double())
+        if edits["renormalize"]:
+            after = p.sum(-1, keepdim=True)
+            p = p * torch.where(after > 0, before / torch.where(after > 0, after, 1.0), 0.0)
+    return p @ v, p
+
+
+EDITS = ["temperature", "temperature, sink shift", "rebalance", "scale", "calibrate", "boost", "boost renormalised"]
+
+
+@pytest.mark.parametrize("edit", EDITS)
+@pytest.mark.parametrize("layer", ["causal GQA, padding", "window, sinks, padding"])
+@pytest.mark.parametrize("block_entries", [1 << 18, 16])
+def test_kernel_edits_match_the_formulas(module, edit, layer, block_entries):
+    gen = torch.Generator().manual_seed(1)
+    b, h, kv, n, d = 2, 6, 2, 24, 8
+    window, sinks = (6, torch.randn(h, generator=gen)) if "window" in layer else (None, None)
+    q, k, v = (torch.randn(b, heads, n, d, generator=gen) * 2 for heads in (h, kv, kv))
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[1, :3] = False
+    keys = torch.rand(b, h, n, generator=gen) < 0.2
+    keys[:, :, 3] = True  # a heavy column: the first real token of both sequences
+    keys[:, 1] = False  # a head whose rows have nothing on the keys
+    gains = torch.linspace(0.5, 2.0, h)
+    boost = (torch.rand(b, h, n, n, generator=gen) < 0.3) & torch.ones(n, n, dtype=torch.bool).tril()
+    counts = boost.sum(-1).int()
+    idx = torch.zeros(b, h, n, n, dtype=torch.int32)  # each row's boosted key positions, then unused slots
+    for index in np.ndindex(b, h, n):
+        columns = boost[index].nonzero().flatten()
+        idx[index][: len(columns)] = columns.int()
+    kwargs: dict = {}
+    edits: dict = {}
+    if edit.startswith("temperature"):
+        scale = torch.linspace(0.4, 1.5, h)
+        shift = torch.randn(h, generator=gen) if "shift" in edit else torch.zeros(h)
+        kwargs = {"score_scale": scale, "score_shift": shift}
+        edits = {"score_scale": scale, "score_shift": shift}
+    elif edit in ("rebalance", "scale", "calibrate"):
+        param = {"rebalance": 0.3, "scale": 1.7, "calibrate": 0.4}[edit]
+        kwargs = {"key_mask": keys.float(), "key_mode": fused.KEY_MODES[edit], "key_param": param, "sink_scale": 0.5}
+        edits = {"key_mask": keys, "key_mode": edit, "key_param": param, "sink_scale": 0.5 if sinks is not None else 1.0}
+    else:
+        renormalize = "renormalised" in edit
+        kwargs = {"boost_idx": idx, "boost_n": counts, "boost_gain": gains, "boost_renormalize": renormalize}
+        edits = {"boost": boost, "boost_gain": gains, "renormalize": renormalize}
+    if sinks is None:
+        kwargs.pop("sink_scale", None)
+    got = module.fused_attention(
+        q, k, v, d**-0.5, 0.0, sinks, True, window or -1, real, None, None, False, block_entries, **kwargs
+    )[0]
+    want, _ = edited_reference(q, k, v, d**-0.5, sinks, True, window, real, edits)
+    rows = real[:, None, :, None]  # a padded query row's values are never used
+    diff = float(((got.double() - want).abs() * rows).max())
+    assert diff < 1e-5, f"{edit} on {layer}: max_diff={diff:.3g}"
+    unedited = module.fused_attention(q, k, v, d**-0.5, 0.0, sinks, True, window or -1, real, None, None, False, 64)
+    assert float(((unedited[0] - got).abs() * rows).max()) > 1e-3, f"{edit}: the edit changed nothing"
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_kernel_records_the_keys_above_a_threshold(module, exclude_self):
+    gen = torch.Generator().manual_seed(2)
+    b, h, kv, n, d, threshold = 2, 4, 2, 30, 8, 0.05
+    q, k, v = (torch.randn(b, heads, n, d, generator=gen) * 2 for heads in (h, kv, kv))
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[0, :4] = False
+    got = module.fused_attention(
+        q, k, v, d**-0.5, 0.0, None, True, -1, real, None, None, False, 16,
+        record_threshold=threshold, record_exclude_self=exclude_self, record_cap=int(1 / threshold) + 1,
+    )  # fmt: skip
+    _, p = edited_reference(q, k, v, d**-0.5, None, True, None, real, {})
+    want = p > threshold
+    if exclude_self:
+        want &= ~torch.eye(n, dtype=torch.bool)
+    recorded = torch.zeros_like(want)
+    for index in np.ndindex(*got[6].shape):
+        recorded[index][got[5][index][: int(got[6][index])].long()] = True
+    rows = real[:, None, :, None]  # padded query rows record nothing
+    assert torch.equal(recorded & rows, want & rows)
+    assert int(got[6].max()) >= 2, "too few keys above the threshold for the test to mean anything"
+
+
+def test_the_kernel_runs_on_torchs_threads(module):
+    """Compiled without OpenMP, at::parallel_for silently runs the kernel on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert module.parallel_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stats_arrays(stats):

@@ -165,6 +165,28 @@ class RunContext:
             return reach
         return reach & keys[:, None, :] & queries[:, :, None]
 
+    def visible_counts(self, pattern: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Float [batch or 1, key]: how many real queries see each key (0 on pad keys), the column
+        sums of :meth:`visible` without its [query, key] mask (a difference of cumulative sums)."""
+        queries, keys = self.query_positions(pattern), self.key_positions(pattern)
+        attention = self.attention(layer)
+        real_q = self.real_queries(pattern)
+        weights = torch.ones(1, len(queries), device=pattern.device) if real_q is None else real_q.float()
+        cumulative = torch.nn.functional.pad(weights.cumsum(1), (1, 0))  # [batch, query + 1]
+        if attention.causal:  # queries at the key's position and after it (within the window)
+            last = torch.full_like(keys, queries[-1]) if attention.window is None else keys + attention.window - 1
+            first = keys
+        elif attention.window is None:
+            first, last = torch.full_like(keys, queries[0]), torch.full_like(keys, queries[-1])
+        else:
+            first, last = keys - attention.window, keys + attention.window
+        start = (first - queries[0]).clamp(0, len(queries))
+        stop = (last - queries[0] + 1).clamp(0, len(queries))
+        stop = torch.maximum(stop, start)
+        counts = cumulative[:, stop] - cumulative[:, start]
+        real_k = self.attention_mask(pattern)
+        return counts if real_k is None else counts * real_k
+
     def first_position(self, pattern: torch.Tensor) -> torch.Tensor:
         """Long [batch]: position of each row's first real token (its "position 0" under left padding)."""
         mask = self.sequence_mask(pattern)
@@ -479,7 +501,18 @@ def _counted(fn: HookFn, fired: Counter, index: int) -> HookFn:
         fired[index] += 1
         return fn(tensor, hook)
 
-    return _described_like(hook, fn)
+    counted = _described_like(hook, fn)
+    describe = getattr(fn, "stream_fused", None)
+    if describe is not None:  # the fused kernel applying the edit counts as the hook firing
+
+        def fused(call: Any) -> Any:
+            edit = describe(call)
+            if edit is not None:
+                fired[index] += 1
+            return edit
+
+        counted.stream_fused = fused  # type: ignore[attr-defined]
+    return counted
 
 
 # ---------------------------------------------------------------------- validation helpers

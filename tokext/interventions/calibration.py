@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from tokext.attention.engines.edits import FusedEdit, LayerCall, on_selected_heads
 from tokext.errors import InterventionNotAppliedError
 from tokext.interventions.base import (
     Hooks,
@@ -142,8 +143,24 @@ class SinkCalibration(Intervention):
                 return pattern.index_copy_(1, index, edited)
             return pattern.index_copy(1, index, edited)
 
+        def fused(call: LayerCall) -> FusedEdit | None:
+            """The same edit in the fused streaming kernel: the column means from a first pass (kept as
+            a later cached decode step expects them), the hidden sinks as a key mask, the gains per row."""
+            if not call.plain:
+                return None  # a decode step extends the sums of the cached keys: the pure-torch path
+
+            def mask() -> torch.Tensor:
+                like = call.pattern_like
+                column = call.first_pass()  # [batch, head, key], over the real queries
+                acc["column"] = column if heads is None else column[:, heads]
+                acc["count"] = ctx.visible_counts(like, layer).expand(call.batch, -1).to(column.dtype)
+                return on_selected_heads(sinks_of(like), heads, call.heads)
+
+            return FusedEdit(key_mask=mask, key_mode="calibrate", key_param=beta)
+
         # the streaming engine shows it every block twice: first to observe, then to calibrate
         calibrate.stream_two_pass, calibrate.stream_replayable = True, False  # type: ignore[attr-defined]
+        calibrate.stream_fused = fused  # type: ignore[attr-defined]
         return calibrate
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from tokext.attention.engines.edits import FusedEdit, LayerCall
 from tokext.errors import InputError, InterventionNotAppliedError, LayerIndexError
 from tokext.interventions.base import (
     Hooks,
@@ -120,6 +121,8 @@ class EarlyLayerEmulation(Intervention):
             state["mask"], state["keys"], state["moved"] = mask, ctx.key_positions(pattern), {}
 
         record_mask.stream_id = record_mask  # type: ignore[attr-defined]  # a function attribute: what the streaming engine replays
+        # in the fused streaming kernel: the keys above the threshold, as a short list per row
+        record_mask.stream_fused = lambda call: FusedEdit(record=(threshold, exclude_self))  # type: ignore[attr-defined]
 
         def make_boost(layer: int) -> Any:
             gain = self.factor(layer, horizon)
@@ -153,8 +156,20 @@ class EarlyLayerEmulation(Intervention):
                     edited = rescale_rows(edited, original, True)
                 return edited
 
+            def fused(call: LayerCall) -> FusedEdit | None:
+                """The same edit in the fused streaming kernel: the source layer's recorded keys of each
+                row times the gain (the record is read when the kernel runs; None there: pure torch)."""
+                if layer == last:
+                    state["mask"], state["moved"] = None, {}
+                return FusedEdit(
+                    boost_gain=torch.full((call.heads,), gain),
+                    boost_source=(source, record_mask),
+                    boost_renormalize=self.renormalize,
+                )
+
             if not self.uniform:
                 boost.stream_source, boost.stream_recorder = source, record_mask  # type: ignore[attr-defined]
+                boost.stream_fused = fused  # type: ignore[attr-defined]
             return boost
 
         hooks: Hooks = [] if self.uniform else [(pattern_hook_name(source), record_mask)]

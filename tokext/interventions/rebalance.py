@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from tokext.attention.engines.edits import FusedEdit, LayerCall, on_selected_heads
 from tokext.attention.metrics import CATEGORIES
 from tokext.errors import InputError
 from tokext.interventions.base import (
@@ -153,6 +154,19 @@ class SinkRebalance(Intervention):
                 in_float64(edit) if learned else edit,
             )
 
+        def fused(call: LayerCall) -> FusedEdit | None:
+            """The same edit in the fused streaming kernel: the targets as a key mask, the gains per row."""
+            if scale_sink and heads is not None:
+                return None  # the sink's weight would reach the heads left alone
+            targets = plan.key_targets(call.pattern_like, ctx)[:, None, :]  # [batch, 1, key]
+            return FusedEdit(
+                key_mask=on_selected_heads(targets, heads, call.heads),
+                key_mode="rebalance" if renormalize else "scale",
+                key_param=scale,
+                sink_scale=sink_weight if learned else 1.0,
+            )
+
+        rebalance.stream_fused = fused  # type: ignore[attr-defined]
         return rebalance
 
 

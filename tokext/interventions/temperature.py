@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from tokext.attention.engines.edits import FusedEdit, LayerCall, head_vector
 from tokext.errors import InputError, UneditableAttentionError
 from tokext.interventions.base import (
     Hooks,
@@ -153,6 +154,15 @@ class AttentionTemperature(Intervention):
                 scores, index, ctx.inplace_ok(name, scores), lambda sub, inplace: edit(sub, inplace, offset)
             )
 
+        def fused(call: LayerCall) -> FusedEdit:
+            """The same edit in the fused streaming kernel: a scale (and a sink's shift) per head."""
+            scale = head_vector(heads, call.heads, inverse, 1.0)
+            if shift is None:
+                return FusedEdit(score_scale=scale)
+            selected = head_vector(heads, call.heads, 1.0, 0.0)
+            return FusedEdit(score_scale=scale, score_shift=shift.cpu() * selected)
+
+        hook.stream_fused = fused  # type: ignore[attr-defined]
         return hook
 
     def _hook(self, layer: int, heads: list[int] | None, ctx: RunContext) -> Callable:

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from tokext.attention.engines.edits import KEY_MODES, FusedEdit, LayerCall
 from tokext.errors import InputError, TokextWarning
 
 KERNEL_ENV = "TOKEXT_STREAMING_KERNEL"
@@ -48,6 +49,13 @@ BLOCK_ENTRIES = 1 << 22
 query rows of a KV head's query heads; measured on SmolLM2 (2 threads, one layer, against SDPA's
 flash kernel): 2,048 keys, items of 2^17 to 2^21 scores 0.84-0.99x SDPA (best at 2^18-2^19, about
 128 stacked rows); 8,192 keys, 2^17 1.66x, 2^18 1.30x, 2^19 1.14x, 2^20 (about 128 rows) 1.02x."""
+
+
+BUILD_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+"""``-fopenmp`` is not optional: ATen's ``at::parallel_for`` is an inline ``#pragma omp parallel`` in the
+headers (torch's CPU wheels use the OpenMP backend), so without it the kernel compiles and runs on one
+thread. Linked with ``-fopenmp``, the extension resolves ``libgomp.so.1`` to the copy torch has already
+loaded (same soname), so there is one OpenMP runtime and one thread pool."""
 
 
 class KernelUnavailableError(InputError):
@@ -108,12 +116,13 @@ def _build() -> tuple[Any, None] | tuple[None, str]:
         return None, reason
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(capability_flags()).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(BUILD_FLAGS + capability_flags()).encode()).hexdigest()[:12]
     try:
         module = load(
             name=f"tokext_fused_attention_{digest}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-std=c++17", *capability_flags()],
+            extra_cflags=[*BUILD_FLAGS, *capability_flags()],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:  # the pure-torch path remains
@@ -149,10 +158,14 @@ def kernel() -> Any:
     return module
 
 
-def _plain(chain: Any) -> bool:
-    """No stage edits the layer and nothing but observers and finish callbacks is attached (a field
-    added to :class:`LayerChain` later disqualifies a layer until this module knows it)."""
-    return all(not getattr(chain, f.name) for f in dataclasses.fields(chain) if f.name not in ("observers", "finish"))
+def _fusable(chain: Any) -> bool:
+    """Only score and pattern stages, observers and finish callbacks are attached, and every stage
+    describes its edit for the kernel (a field added to :class:`LayerChain` later disqualifies a
+    layer until this module knows it)."""
+    known = ("scores", "pattern", "observers", "finish")
+    if any(getattr(chain, f.name) for f in dataclasses.fields(chain) if f.name not in known):
+        return False
+    return len(chain.scores) <= 1 and len(chain.pattern) <= 1 and all(s.fused for s in chain.scores + chain.pattern)
 
 
 def attend(
@@ -164,23 +177,23 @@ def attend(
     geometry: Any,
     block_entries: int | None = None,
 ) -> torch.Tensor | None:
-    """One layer's attention ``[batch, head, query, d]`` through the kernel (or SDPA), feeding the
-    observers; None when the pure-torch path must run it. ``geometry``: the whole layer's
-    :class:`~tokext.attention.engines.streaming.BlockGeometry`; ``block_entries``: scores per work
-    item (default :data:`BLOCK_ENTRIES`)."""
-    block_entries = BLOCK_ENTRIES if block_entries is None else block_entries
+    """One layer's attention ``[batch, head, query, d]`` through the kernel (or SDPA), with its stages'
+    edits and feeding the observers; None when the pure-torch path must run it. ``geometry``: the
+    whole layer's :class:`~tokext.attention.engines.streaming.BlockGeometry`; ``block_entries``: scores
+    per work item (default :data:`BLOCK_ENTRIES`)."""
     query, key = stored.query, stored.key
-    if kernel_choice() == "torch" or not _plain(chain) or query.device.type != "cpu":
+    if kernel_choice() == "torch" or not _fusable(chain) or query.device.type != "cpu":
         return None
     if any(t.dtype != torch.float32 for t in (query, key, value)):
         return None
     reducers = [getattr(observe, "fused", None) for observe in chain.observers]
     if any(f is None for f in reducers) or len(reducers) > 1:
         return None
-    fused = reducers[0] if reducers else None  # the one observer's reduced-statistics side, if any
+    reduced = reducers[0] if reducers else None  # the one observer's reduced-statistics side, if any
     attention = engine.info.attention[layer]
     n_q, n_k = query.shape[2], key.shape[2]
-    if fused is None and _sdpa_exact(attention, stored, n_q, n_k):
+    stages = chain.scores + chain.pattern
+    if not stages and reduced is None and _sdpa_exact(attention, stored, n_q, n_k):
         engine.on_block(geometry)
         CALLS["sdpa"] += 1
         return torch.nn.functional.scaled_dot_product_attention(
@@ -191,12 +204,118 @@ def attend(
     module = kernel()
     if module is None:
         return None
-    weight, probe = fused.request(n_q, query.device) if fused is not None else (None, None)
-    engine.on_block(geometry)
-    CALLS["kernel" if fused is not None else "kernel_plain"] += 1
-    results = module.fused_attention(
-        query,
-        key,
+    engine.on_block(geometry)  # the stages' run context reads the whole layer's geometry
+    call = LayerCall(
+        layer, query.shape[0], query.shape[1], n_q, n_k, query.device, lambda: _first_pass(module, attention, stored)
+    )
+    edits = [stage.fused(call) for stage in stages]
+    if any(edit is None for edit in edits):
+        return None
+    edits = [  # a boost reads the record of the stage the engine paired it with
+        dataclasses.replace(e, boost_source=stage.reads()) if e is not None and e.boost_source is not None else e
+        for stage, e in zip(stages, edits)
+    ]
+    edit = _combined([e for e in edits if e is not None])
+    if reduced is not None and edit.edits_pattern:
+        return None  # the kernel's statistics are those of the softmax, before a pattern edit
+    arguments = _edit_arguments(engine, edit, stored, call, block_entries)
+    if arguments is None:
+        return None
+    weight, probe = reduced.request(n_q, query.device) if reduced is not None else (None, None)
+    CALLS[("kernel" if reduced is not None else "kernel_plain") + ("_edited" if stages else "")] += 1
+    results = _run(module, attention, stored, value, weight, probe, reduced is not None, arguments)
+    if reduced is not None:
+        column_sum, row_sum, plogp, probe_p = results[1:5]
+        reduced.take(column_sum, row_sum, plogp, probe_p if probe is not None else None, geometry)
+    if edit.record is not None:
+        stored.records[id(next(s.fn for s in chain.pattern))] = (results[5], results[6])
+    return results[0]
+
+
+def _combined(edits: list[FusedEdit]) -> FusedEdit:
+    """The one score edit and the one pattern edit of a layer (at most one of each) as one."""
+    scores = next((e for e in edits if e.edits_scores), None)
+    pattern = next((e for e in edits if not e.edits_scores), FusedEdit())
+    if scores is None:
+        return pattern
+    return dataclasses.replace(pattern, score_scale=scores.score_scale, score_shift=scores.score_shift)
+
+
+def _edit_arguments(
+    engine: Any, edit: FusedEdit, stored: Any, call: LayerCall, block_entries: int | None
+) -> dict[str, Any] | None:
+    """The kernel's edit arguments for ``edit`` (None: this call cannot be fused)."""
+    n_heads = call.heads
+    args: dict[str, Any] = dict(_NO_EDIT, block_entries=BLOCK_ENTRIES if block_entries is None else block_entries)
+    if edit.score_scale is not None:
+        args["score_scale"] = edit.score_scale.to(torch.float32).reshape(n_heads)
+    if edit.score_shift is not None:
+        args["score_shift"] = edit.score_shift.to(torch.float32).reshape(n_heads)
+    if edit.record is not None:
+        threshold, exclude_self = edit.record
+        cap = min(call.n_keys, int(1.0 / threshold) + 1) if threshold > 0 else call.n_keys
+        if not call.plain or cap * call.batch * n_heads * call.n_queries * 4 > RECORD_BYTES:
+            return None
+        args.update(record_threshold=float(threshold), record_exclude_self=bool(exclude_self), record_cap=cap)
+    if edit.boost_source is not None:
+        record = engine.record_of(*edit.boost_source, like=stored)
+        if record is None or edit.boost_gain is None:
+            return None
+        args.update(
+            boost_idx=record[0],
+            boost_n=record[1],
+            boost_gain=edit.boost_gain.to(torch.float32).reshape(n_heads),
+            boost_renormalize=edit.boost_renormalize,
+        )
+    if edit.key_mode is not None:
+        mask = edit.key_mask() if callable(edit.key_mask) else edit.key_mask
+        if mask is None:
+            return None
+        args.update(
+            key_mask=mask.to(torch.float32).expand(call.batch, n_heads, call.n_keys).contiguous(),
+            key_mode=KEY_MODES[edit.key_mode],
+            key_param=float(edit.key_param),
+            sink_scale=float(edit.sink_scale),
+        )
+    return args
+
+
+_NO_EDIT: dict[str, Any] = dict(
+    score_scale=None,
+    score_shift=None,
+    key_mask=None,
+    key_mode=0,
+    key_param=1.0,
+    sink_scale=1.0,
+    boost_idx=None,
+    boost_n=None,
+    boost_gain=None,
+    boost_renormalize=False,
+    record_threshold=0.0,
+    record_exclude_self=False,
+    record_cap=0,
+    output=True,
+)
+RECORD_BYTES = 1 << 30
+"""At most this much memory for a source layer's record of keys above the threshold (int32 per entry,
+``min(keys, 1 / threshold + 1)`` entries per row); a larger one runs the pure-torch path."""
+
+
+def _run(
+    module: Any,
+    attention: Any,
+    stored: Any,
+    value: torch.Tensor,
+    weight: torch.Tensor | None,
+    probe: torch.Tensor | None,
+    stats: bool,
+    arguments: dict[str, Any],
+) -> list[torch.Tensor]:
+    """Call the kernel on a stored layer call (the arguments in the order of ``fused_attention.cpp``)."""
+    a = arguments
+    return module.fused_attention(
+        stored.query,
+        stored.key,
         value,
         stored.scaling,
         stored.softcap or 0.0,
@@ -206,13 +325,53 @@ def attend(
         stored.padding,
         weight,
         probe,
-        fused is not None,
-        block_entries,
+        stats,
+        a["block_entries"],
+        a["score_scale"],
+        a["score_shift"],
+        a["key_mask"],
+        a["key_mode"],
+        a["key_param"],
+        a["sink_scale"],
+        a["boost_idx"],
+        a["boost_n"],
+        a["boost_gain"],
+        a["boost_renormalize"],
+        a["record_threshold"],
+        a["record_exclude_self"],
+        a["record_cap"],
+        a["output"],
     )
-    if fused is not None:
-        column_sum, row_sum, plogp, probe_p = results[1:]
-        fused.take(column_sum, row_sum, plogp, probe_p if probe is not None else None, geometry)
-    return results[0]
+
+
+def _first_pass(module: Any, attention: Any, stored: Any) -> torch.Tensor:
+    """Column sums ``[batch, head, key]`` of a layer call's unedited probabilities over its real query
+    rows (no output: ACT's first pass)."""
+    n_q = stored.query.shape[2]
+    weight = torch.ones(stored.query.shape[0], n_q)
+    if stored.padding is not None:
+        weight = stored.padding[:, -n_q:].to(torch.float32)
+    arguments = dict(_NO_EDIT, block_entries=BLOCK_ENTRIES, output=False)
+    return _run(module, attention, stored, stored.key[:, :, :0], weight, None, True, arguments)[1]
+
+
+def record(module: Any, attention: Any, stored: Any, threshold: float, exclude_self: bool) -> tuple[Any, Any] | None:
+    """A source layer's record (key positions above ``threshold`` per row, and their counts) computed
+    again from its stored queries and keys, for a boost whose source layer ran the pure-torch path."""
+    n_q, n_k = stored.query.shape[2], stored.key.shape[2]
+    cap = min(n_k, int(1.0 / threshold) + 1) if threshold > 0 else n_k
+    if n_q != n_k or cap * stored.query.shape[0] * stored.query.shape[1] * n_q * 4 > RECORD_BYTES:
+        return None
+    arguments = dict(
+        _NO_EDIT,
+        block_entries=BLOCK_ENTRIES,
+        output=False,
+        record_threshold=float(threshold),
+        record_exclude_self=bool(exclude_self),
+        record_cap=cap,
+    )
+    results = _run(module, attention, stored, stored.key[:, :, :0], None, None, False, arguments)
+    return results[5], results[6]
 
 
 def _sdpa_exact(attention: Any, stored: Any, n_q: int, n_k: int) -> bool:

@@ -43,6 +43,7 @@ import torch
 
 from tokext.attention.engines import fused
 from tokext.attention.engines.choose import DEFAULT_BUDGET, block_rows
+from tokext.attention.engines.edits import FusedEdit, LayerCall
 from tokext.attention.masks import sees
 from tokext.errors import InputError, InterventionNotAppliedError, UneditableAttentionError
 from tokext.models.architectures import LayerAttention
@@ -79,7 +80,8 @@ class Stage:
     ``two_pass``: ``fn`` first sees every block of the layer with ``phase="observe"`` (its result
     ignored), then again with ``phase="apply"``. ``source``/``recorder``: ``fn`` needs what the stage
     ``recorder`` of layer ``source`` recorded for the same rows. ``replayable``: ``fn`` is a pure
-    function of the block (it may run again on a recomputed block).
+    function of the block (it may run again on a recomputed block). ``fused``: the same edit of a
+    whole layer call as the fused kernel applies it (:mod:`tokext.attention.engines.edits`), or None.
     """
 
     fn: Edit
@@ -87,6 +89,7 @@ class Stage:
     replayable: bool = True
     source: int | None = None
     recorder: Edit | None = None
+    fused: Callable[[LayerCall], FusedEdit | None] | None = None
 
     def reads(self) -> tuple[int, Edit]:
         """``(source, recorder)`` of a stage that reads another layer's recorded block."""
@@ -124,6 +127,9 @@ class _Stored:
     padding: torch.Tensor | None
     scaling: float
     softcap: float | None
+    records: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """The fused kernel's records of this call (keys above a threshold per row), by the id of the
+    record stage's function."""
 
 
 class StreamingEngine:
@@ -360,6 +366,31 @@ class StreamingEngine:
             out = _applied(stage.fn, out)
         return out
 
+    def record_of(self, layer: int, recorder: Edit, like: _Stored) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fused kernel's record of ``recorder`` (a stage of source ``layer``) in this forward pass,
+        computed again from the source's stored queries and keys when that layer ran the pure-torch
+        path; None when it cannot be had (a KV cache, other shapes, stages before the recorder)."""
+        source = self._stored.get(layer)
+        if source is None or source.query.shape[:3] != like.query.shape[:3] or source.key.shape[2] != like.key.shape[2]:
+            return None
+        got = source.records.get(id(recorder))
+        if got is not None:
+            return got
+        chain = self.chain(layer)
+        stage = chain.pattern[0] if chain.pattern else None
+        if stage is None or stage.fn is not recorder or chain.scores or stage.fused is None:
+            return None
+        module = fused.kernel()
+        query = source.query
+        call = LayerCall(layer, query.shape[0], query.shape[1], query.shape[2], source.key.shape[2], query.device, _never)
+        edit = stage.fused(call)
+        if module is None or edit is None or edit.record is None:
+            return None
+        got = fused.record(module, self.info.attention[layer], source, *edit.record)
+        if got is not None:
+            source.records[id(recorder)] = got
+        return got
+
     def _rows(self, batch: int, n_keys: int) -> int:
         return self.block_rows if self.block_rows is not None else block_rows(self.model, batch, n_keys, self.budget)
 
@@ -420,6 +451,10 @@ class StreamingEngine:
 
 
 _EMPTY = LayerChain()
+
+
+def _never() -> torch.Tensor:
+    raise InterventionNotAppliedError("a record stage asked for a first pass over its layer")
 
 
 def active_engine(model: Any) -> StreamingEngine | None:
@@ -623,7 +658,7 @@ def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerC
     routes through a hook); ``fn(tensor, hook)`` is called with ``hook=None``. Attributes of ``fn``
     describe its :class:`Stage`: ``stream_two_pass``, ``stream_replayable`` (default True),
     ``stream_source`` with ``stream_recorder`` (the function that records the source layer's
-    block, itself marked with ``stream_id``)."""
+    block, itself marked with ``stream_id``) and ``stream_fused`` (:attr:`Stage.fused`)."""
     chains: dict[int, LayerChain] = {}
     made: dict[int, Stage] = {}
     pending: list[tuple[Stage, Callable | None]] = []  # (stage, the hook whose recording it reads)
@@ -637,6 +672,7 @@ def stages_from_hooks(hooks: Sequence[tuple[str, Callable]]) -> dict[int, LayerC
             two_pass=bool(getattr(fn, "stream_two_pass", False)),
             replayable=bool(getattr(fn, "stream_replayable", True)),
             source=getattr(fn, "stream_source", None),
+            fused=getattr(fn, "stream_fused", None),
         )
         made[id(getattr(fn, "stream_id", fn))] = stage
         if stage.source is not None:
