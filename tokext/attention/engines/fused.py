@@ -7,13 +7,16 @@ heads x a few rows x every key they see): one GEMM, then per row, while it is in
 softcap, max, exp, row sum, entropy term, normalisation and column sums, then one GEMM with V. Each
 row is finished before its probabilities are used, so the column sums are exact.
 
-What it runs. A layer call goes to the kernel when nothing edits it (no score or pattern stage)
-and every observer can take its statistics already reduced (an observer with a ``fused``
-attribute: ``request(n_rows, device) -> (row_weight, probe_col)`` and ``take(column_sum, row_sum,
-plogp, probe, geometry)``); anything else (an edit, a plain observer, fp16, a GPU, a forward that
-needs gradients) runs the pure-torch path. A layer with neither stages nor observers runs torch's
-own SDPA when that is exact (causal without window, softcap, learned sink, padding or KV cache),
-else the kernel without statistics.
+What it runs. A layer call goes to the kernel when every stage attached to it describes its edit
+for the kernel (at most one score edit and one pattern edit: a temperature, a rebalance, ACT's
+calibration, early-layer emulation's boost or its source layer's record; see
+:mod:`tokext.attention.engines.edits`) and every observer can take its statistics already reduced
+(an observer with a ``fused`` attribute: ``request(n_rows, device) -> (row_weight, probe_col)`` and
+``take(column_sum, row_sum, plogp, probe, geometry)``; statistics only where no pattern edit
+precedes them). Anything else (another stage or observer, an output stage, fp16, a GPU, a forward
+that needs gradients, a KV cache under ACT or emulation) runs the pure-torch path. A layer with
+neither stages nor observers runs torch's own SDPA when that is exact (causal without window,
+softcap, learned sink, padding or KV cache), else the kernel without statistics.
 
 Which path. ``TOKEXT_STREAMING_KERNEL``: ``auto`` (default: the kernel when it builds, else the
 pure-torch path with a one-line :class:`~tokext.errors.TokextWarning`), ``fused`` (the kernel or an
@@ -134,8 +137,9 @@ def _build() -> tuple[Any, None] | tuple[None, str]:
 
 _NOTICED: list[str] = []
 CALLS: collections.Counter[str] = collections.Counter()
-"""Layer calls run by ``"kernel"`` (with statistics), ``"kernel_plain"`` and ``"sdpa"`` in this process (tests
-read it to know the path they checked really ran)."""
+"""Layer calls run by ``"kernel"`` (with statistics), ``"kernel_plain"`` (without), each with ``"_edited"``
+appended when stages' edits ran in the kernel, and ``"sdpa"``, in this process (tests read it to know
+the path they checked really ran)."""
 
 
 def kernel() -> Any:

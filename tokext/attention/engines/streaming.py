@@ -272,6 +272,11 @@ class StreamingEngine:
                     self._layer_of[id(module)] = layer
                 object.__setattr__(bridge, "forward", _calling(wrapped))  # the bridge's __setattr__ forwards
                 swapped.append(bridge)
+            for module in self.model.modules():
+                shortcut = _norm_shortcut(module)
+                if shortcut is not None:
+                    object.__setattr__(module, "forward", shortcut)
+                    swapped.append(module)
             for config, _ in saved:
                 config._attn_implementation = NAME
             _ACTIVE.append(self)
@@ -590,6 +595,39 @@ def _applied(fn: Edit, tensor: torch.Tensor) -> torch.Tensor:
 def _calling(wrapped: Any) -> Callable[..., Any]:
     def forward(*args: Any, **kwargs: Any) -> Any:
         return wrapped(*args, **kwargs)
+
+    return forward
+
+
+def _norm_shortcut(module: Any) -> Callable[..., Any] | None:
+    """A TransformerLens normalisation bridge's forward that calls the wrapped norm directly while
+    none of its hook points has a hook; None where that would not be exact.
+
+    Why: on its native path the bridge computes the norm twice, once in Python for ``hook_scale`` and
+    ``hook_normalized`` and once as the wrapped module, and returns the wrapped module's result when
+    no hook edits (``_hf_autograd_forward_with_hooks``). With no hooks at all the first computation is
+    unused: about 5% of a SmolLM2 forward pass at 2,048 tokens (61 norms). Hooks are looked for on
+    every call, so a hook added inside the block (``run_with_cache``) gets the bridge's own path.
+    """
+    try:
+        from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+    except ImportError:  # another TransformerLens layout: keep the bridge's own forward
+        return None
+    if not isinstance(module, NormalizationBridge):
+        return None
+    original = getattr(module, "original_component", None)
+    config = getattr(module, "config", None)
+    native = module.use_native_layernorm_autograd or bool(getattr(config, "layer_norm_folding", False))
+    if original is None or isinstance(original, torch.nn.Identity) or not native:
+        return None
+    points = [getattr(module, name, None) for name in ("hook_in", "hook_out", "hook_scale", "hook_normalized")]
+    own = type(module).forward
+
+    def forward(hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if kwargs or any(p is None or p.fwd_hooks or p.bwd_hooks or p._forward_hooks for p in points):
+            return own(module, hidden_states, **kwargs)
+        result = original(hidden_states)
+        return result if result.dtype == hidden_states.dtype else result.to(hidden_states.dtype)
 
     return forward
 
