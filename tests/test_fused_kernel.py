@@ -185,7 +185,8 @@ def test_kernel_edits_match_the_formulas(module, edit, layer, block_entries):
     elif edit in ("rebalance", "scale", "calibrate"):
         param = {"rebalance": 0.3, "scale": 1.7, "calibrate": 0.4}[edit]
         kwargs = {"key_mask": keys.float(), "key_mode": fused.KEY_MODES[edit], "key_param": param, "sink_scale": 0.5}
-        edits = {"key_mask": keys, "key_mode": edit, "key_param": param, "sink_scale": 0.5 if sinks is not None else 1.0}
+        sink_scale = 0.5 if sinks is not None else 1.0
+        edits = {"key_mask": keys, "key_mode": edit, "key_param": param, "sink_scale": sink_scale}
     else:
         renormalize = "renormalised" in edit
         kwargs = {"boost_idx": idx, "boost_n": counts, "boost_gain": gains, "boost_renormalize": renormalize}
@@ -201,6 +202,54 @@ def test_kernel_edits_match_the_formulas(module, edit, layer, block_entries):
     assert diff < 1e-5, f"{edit} on {layer}: max_diff={diff:.3g}"
     unedited = module.fused_attention(q, k, v, d**-0.5, 0.0, sinks, True, window or -1, real, None, None, False, 64)
     assert float(((unedited[0] - got).abs() * rows).max()) > 1e-3, f"{edit}: the edit changed nothing"
+
+
+@pytest.mark.parametrize("layer", ["causal GQA, padding", "window, sinks, padding, temperature"])
+def test_one_pass_calibration_equals_the_formula(module, layer, monkeypatch):
+    """ACT from one kernel pass and the sink columns, ``off * out + (on - off) * y``, against ACT's
+    formula in float64, with rows whose gain off the sinks is large (recomputed whole) among them."""
+    from types import SimpleNamespace
+
+    from tokext.attention.engines import one_pass_calibration as one_pass
+    from tokext.models.architectures import LayerAttention
+
+    gen = torch.Generator().manual_seed(3)
+    b, h, kv, n, d, beta = 2, 6, 2, 40, 8, 0.4
+    windowed = "window" in layer
+    window, sinks = (9, torch.randn(h, generator=gen)) if windowed else (None, None)
+    q, k, v = (torch.randn(b, heads, n, d, generator=gen) for heads in (h, kv, kv))
+    k[:, :, 5] *= 6  # a key most rows attend to: rows with almost nothing off it
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[1, :3] = False
+    scale, shift = (torch.linspace(0.6, 1.4, h), torch.randn(h, generator=gen)) if windowed else (None, None)
+    kwargs = {"score_scale": scale, "score_shift": shift} if windowed else {}
+    weight = real.float()
+    first = module.fused_attention(
+        q, k, v, d**-0.5, 0.0, sinks, True, window or -1, real, weight, None, True, 16, **kwargs
+    )  # fmt: skip
+    keys = torch.rand(b, h, n, generator=gen) < 0.1
+    keys[:, :, 5] = True
+    keys &= real[:, None, :]
+    stored = SimpleNamespace(query=q, key=k, scaling=d**-0.5, softcap=None, padding=real)
+    attention = LayerAttention(causal=True, window=window)
+    edits = {"key_mask": keys, "key_mode": "calibrate", "key_param": beta}
+    if windowed:
+        edits.update(score_scale=scale, score_shift=shift)
+    want, _ = edited_reference(q, k, v, d**-0.5, sinks, True, window, real, edits)
+    exact_rows = []
+    monkeypatch.setattr(one_pass, "MAX_EXACT_SHARE", 1.0)  # (the caller would run two passes for this many)
+    own = one_pass._rows_exactly
+    monkeypatch.setattr(one_pass, "_rows_exactly", lambda *a, **kw: exact_rows.append(1) or own(*a, **kw))
+    got = one_pass.calibrated_output(attention, stored, v, first[0], first[2], first[7], keys, beta, scale, shift)
+    assert got is not None
+    rows = real[:, None, :, None]
+    diff = float(((got.double() - want).abs() * rows).max())
+    assert diff < 1e-5, f"{layer}: max_diff={diff:.3g}"
+    assert exact_rows, "no row had a gain large enough to be recomputed whole: the test misses that path"
+    assert float(((first[0] - got).abs() * rows).max()) > 1e-3, "the calibration changed nothing"
+    monkeypatch.setattr(one_pass, "MAX_SINK_KEYS", 1)  # many sinks: the caller runs the two passes
+    again = one_pass.calibrated_output(attention, stored, v, first[0], first[2], first[7], keys, beta, scale, shift)
+    assert again is None
 
 
 @pytest.mark.parametrize("exclude_self", [True, False])

@@ -174,10 +174,10 @@ class RunContext:
         weights = torch.ones(1, len(queries), device=pattern.device) if real_q is None else real_q.float()
         cumulative = torch.nn.functional.pad(weights.cumsum(1), (1, 0))  # [batch, query + 1]
         if attention.causal:  # queries at the key's position and after it (within the window)
-            last = torch.full_like(keys, queries[-1]) if attention.window is None else keys + attention.window - 1
+            last = torch.full_like(keys, int(queries[-1])) if attention.window is None else keys + attention.window - 1
             first = keys
         elif attention.window is None:
-            first, last = torch.full_like(keys, queries[0]), torch.full_like(keys, queries[-1])
+            first, last = torch.full_like(keys, int(queries[0])), torch.full_like(keys, int(queries[-1]))
         else:
             first, last = keys - attention.window, keys + attention.window
         start = (first - queries[0]).clamp(0, len(queries))

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from tokext.attention.engines.edits import KEY_MODES, FusedEdit, LayerCall
+from tokext.attention.engines.one_pass_calibration import calibrated_output
 from tokext.errors import InputError, TokextWarning
 
 KERNEL_ENV = "TOKEXT_STREAMING_KERNEL"
@@ -209,8 +210,16 @@ def attend(
     if module is None:
         return None
     engine.on_block(geometry)  # the stages' run context reads the whole layer's geometry
+    entries = BLOCK_ENTRIES if block_entries is None else block_entries
+    first: dict[str, Any] = {"arguments": dict(_NO_EDIT, block_entries=entries)}  # the first pass, once run
     call = LayerCall(
-        layer, query.shape[0], query.shape[1], n_q, n_k, query.device, lambda: _first_pass(module, attention, stored)
+        layer,
+        query.shape[0],
+        query.shape[1],
+        n_q,
+        n_k,
+        query.device,
+        lambda: _first_pass(module, attention, stored, value, first),
     )
     edits = [stage.fused(call) for stage in stages]
     if any(edit is None for edit in edits):
@@ -222,6 +231,16 @@ def attend(
     edit = _combined([e for e in edits if e is not None])
     if reduced is not None and edit.edits_pattern:
         return None  # the kernel's statistics are those of the softmax, before a pattern edit
+    if edit.key_mode == "calibrate" and callable(edit.key_mask):  # ACT: one pass and its sink columns
+        first["arguments"].update(score_scale=edit.score_scale, score_shift=edit.score_shift)
+        sinks = edit.key_mask()  # runs the first pass, with the output
+        out, row_sum, row_lse = (first["results"][i] for i in (0, 2, 7))
+        scores = (edit.score_scale, edit.score_shift)
+        calibrated = calibrated_output(attention, stored, value, out, row_sum, row_lse, sinks, edit.key_param, *scores)
+        if calibrated is not None:
+            CALLS["kernel_plain_edited"] += 1
+            return calibrated
+        edit = dataclasses.replace(edit, key_mask=sinks)  # many sinks: the edited second pass
     arguments = _edit_arguments(engine, edit, stored, call, block_entries)
     if arguments is None:
         return None
@@ -348,15 +367,16 @@ def _run(
     )
 
 
-def _first_pass(module: Any, attention: Any, stored: Any) -> torch.Tensor:
-    """Column sums ``[batch, head, key]`` of a layer call's unedited probabilities over its real query
-    rows (no output: ACT's first pass)."""
+def _first_pass(module: Any, attention: Any, stored: Any, value: torch.Tensor, first: dict[str, Any]) -> torch.Tensor:
+    """Column sums ``[batch, head, key]`` of a layer call's probabilities (after its score edit, in
+    ``first["arguments"]``) over its real query rows: ACT's first pass. The pass also computes the
+    output, row sums and log-sum-exps, kept in ``first["results"]``."""
     n_q = stored.query.shape[2]
     weight = torch.ones(stored.query.shape[0], n_q)
     if stored.padding is not None:
         weight = stored.padding[:, -n_q:].to(torch.float32)
-    arguments = dict(_NO_EDIT, block_entries=BLOCK_ENTRIES, output=False)
-    return _run(module, attention, stored, stored.key[:, :, :0], weight, None, True, arguments)[1]
+    first["results"] = _run(module, attention, stored, value, weight, None, True, first["arguments"])
+    return first["results"][1]
 
 
 def record(module: Any, attention: Any, stored: Any, threshold: float, exclude_self: bool) -> tuple[Any, Any] | None:

@@ -386,8 +386,8 @@ class StreamingEngine:
         if stage is None or stage.fn is not recorder or chain.scores or stage.fused is None:
             return None
         module = fused.kernel()
-        query = source.query
-        call = LayerCall(layer, query.shape[0], query.shape[1], query.shape[2], source.key.shape[2], query.device, _never)
+        batch, heads, n_q, _ = source.query.shape
+        call = LayerCall(layer, batch, heads, n_q, source.key.shape[2], source.query.device, _never)
         edit = stage.fused(call)
         if module is None or edit is None or edit.record is None:
             return None

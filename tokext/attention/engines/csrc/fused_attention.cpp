@@ -207,7 +207,8 @@ inline void softcap_sweep(float* x, int64_t n, float cap) {
 }  // namespace
 
 // Returns {out [B, H, Nq, Dv], column_sum [B, H, Nk], row_sum, plogp, probe [B, H, Nq], record_idx
-// [B, H, Nq, record_cap] int32, record_n [B, H, Nq] int32}; tensors that were not asked for are empty
+// [B, H, Nq, record_cap] int32, record_n [B, H, Nq] int32, row_lse [B, H, Nq] float64: each row's log-sum-exp
+// of its edited scores and the sink, +inf for a row without a visible real key}; tensors that were not asked for are empty
 // (out without `output`, the statistics without `stats`, the record without `record_cap`). Queries
 // are the last Nq positions of the Nk keys.
 std::vector<at::Tensor> fused_attention(
@@ -271,8 +272,9 @@ std::vector<at::Tensor> fused_attention(
 
   auto opts = query.options();
   at::Tensor out = output ? at::empty({B, H, Nq, Dv}, opts) : at::empty({0}, opts);
-  at::Tensor row_sum, plogp, probe, column, record_idx, record_n;
+  at::Tensor row_sum, plogp, probe, column, record_idx, record_n, row_lse;
   if (stats) {
+    row_lse = at::full({B, H, Nq}, std::numeric_limits<double>::infinity(), opts.dtype(at::kDouble));
     row_sum = at::empty({B, H, Nq}, opts);
     plogp = at::empty({B, H, Nq}, opts);
     probe = at::zeros({B, H, Nq}, opts);
@@ -454,6 +456,7 @@ std::vector<at::Tensor> fused_attention(
               }
               row_sum.data_ptr<float>()[at] = static_cast<float>(row_total);
               plogp.data_ptr<float>()[at] = static_cast<float>(row_plogp);
+              row_lse.data_ptr<double>()[at] = double(m) + log_total;
               if (probe_at != nullptr) {
                 const int64_t c = probe_at[b] - lo;
                 if (c >= a && c < e) probe.data_ptr<float>()[at] = xs[c - a];
@@ -482,7 +485,7 @@ std::vector<at::Tensor> fused_attention(
   }
   auto or_none = [&](const at::Tensor& t) { return t.defined() ? t : none; };
   return {out, or_none(column), or_none(row_sum), or_none(plogp), or_none(probe), or_none(record_idx),
-          or_none(record_n)};
+          or_none(record_n), or_none(row_lse)};
 }
 
 // The number of threads that one at::parallel_for region of this extension runs on: the check that
