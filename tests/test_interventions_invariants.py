@@ -27,6 +27,7 @@ from tokext.interventions.patching import PatternPatch
 from tokext.interventions.rebalance import SinkRebalance
 from tokext.interventions.temperature import AttentionTemperature
 from tokext.interventions.zerotuning import ZeroTuning
+from tokext.models.architectures import LayerAttention
 from tokext.models.hooks import ForwardInputs, pattern_hook_name
 
 N_LAYERS, N_HEADS = 3, 2
@@ -251,3 +252,27 @@ def _padded_vs_alone(model, lengths, side, iv, seed):
             span = slice(0, len(seq)) if side == "right" else slice(length - len(seq), length)
             diff = float((batched[row, span] - alone[0]).abs().max())
             assert diff < 1e-5, f"{iv!r}, {side} padding, row {row}: max_diff={diff}"
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [
+        LayerAttention(),
+        LayerAttention(window=3),
+        LayerAttention(causal=False),
+        LayerAttention(causal=False, window=2),
+    ],
+    ids=["causal", "causal window", "bidirectional", "bidirectional window"],
+)
+def test_visible_counts_are_the_column_sums_of_visible(attention):
+    """ACT's counts of real queries per key in O(T) (the fused kernel's path) equal the [query, key]
+    mask's column sums (the block path), with left padding."""
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    ctx = RunContext(ForwardInputs(tokens=torch.ones(3, 9, dtype=torch.long), attention_mask=mask, past_len=0))
+    ctx.layout = [attention]
+    pattern = torch.zeros(3, 2, 9, 9)
+    want = ctx.visible(pattern, 0).sum(1).float()
+    assert torch.equal(ctx.visible_counts(pattern, 0), want)
+    assert float(want.max()) > 1

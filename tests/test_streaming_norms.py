@@ -9,6 +9,7 @@ forward is back after the block.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests import conformance as C
@@ -55,6 +56,8 @@ def test_logits_are_the_bridges_own_bit_for_bit(monkeypatch):
         handle.remove()
 
 
+# TransformerLens warns that the edit landed: the point of the test
+@pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale:UserWarning")
 def test_a_hook_added_inside_the_block_fires_and_edits():
     model = C.family_bridge("Llama")
     tokens = torch.randint(3, C.VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
