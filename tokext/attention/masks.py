@@ -33,7 +33,12 @@ def real_tokens(attention_mask: torch.Tensor | None, batch: int, length: int, de
 def sees(query_pos: torch.Tensor, key_pos: torch.Tensor, attention: LayerAttention = CAUSAL) -> torch.Tensor:
     """Bool [query, key]: whether a query at each of ``query_pos`` sees a key at each of ``key_pos``
     (positions only; padding is applied separately)."""
-    distance = query_pos[:, None] - key_pos[None, :]
+    return within_reach(query_pos[:, None] - key_pos[None, :], attention)
+
+
+def within_reach(distance: torch.Tensor, attention: LayerAttention = CAUSAL) -> torch.Tensor:
+    """Bool, shaped like ``distance`` (query position minus key position, any shape): whether the
+    query sees the key (positions only)."""
     if attention.causal:
         ok = distance >= 0
         if attention.window is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from tokext.attention.masks import within_reach
 from tokext.models.architectures import LayerAttention
 
 MAX_SINK_KEYS = 64
@@ -73,7 +74,7 @@ def calibrated_output(
     keys, values = key[b_ix, kv_ix, index], value[b_ix, kv_ix, index]  # [batch, head, width, d]
     scores = _edited(torch.matmul(query * stored.scaling, keys.transpose(-1, -2)), stored, score_scale, score_shift)
     positions = torch.arange(n_k - n_q, n_k)
-    visible = _reach(attention, positions[:, None], index[:, :, None, :]) & slot[:, :, None, :]
+    visible = within_reach(positions[:, None] - index[:, :, None, :], attention) & slot[:, :, None, :]
     if stored.padding is not None:
         visible &= stored.padding[b_ix, index][:, :, None, :]
     # p = exp(s - lse) in float64 (the log-sum-exp is float64: in float32 it would cost p 1e-6)
@@ -109,17 +110,6 @@ def _edited(
     return scores
 
 
-def _reach(attention: LayerAttention, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-    """Whether a query at ``query_pos`` sees a key at ``key_pos`` (broadcast; positions on the key axis)."""
-    distance = query_pos - key_pos
-    if attention.causal:
-        ok = distance >= 0
-        return ok if attention.window is None else ok & (distance < attention.window)
-    if attention.window is None:
-        return torch.ones_like(distance, dtype=torch.bool)
-    return distance.abs() <= attention.window
-
-
 def _rows_exactly(
     attention: LayerAttention,
     stored: Any,
@@ -146,7 +136,7 @@ def _rows_exactly(
         None if score_scale is None else score_scale[head],
         None if score_shift is None else score_shift[head],
     )[0, 0]
-    visible = _reach(attention, (n_k - n_q + rows)[:, None], torch.arange(n_k)[None, :])
+    visible = within_reach((n_k - n_q + rows)[:, None] - torch.arange(n_k)[None, :], attention)
     if stored.padding is not None:
         visible &= stored.padding[b][None, :]
     p = torch.where(visible, torch.exp(scores.double() - lse[:, None]), 0.0).float()
