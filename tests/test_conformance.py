@@ -461,21 +461,19 @@ def report(name: str) -> dict:
     plain, _, _ = C.oracle_forward(name, tokens, mask)
     out["oracle_error"] = float((_log_probs(plain) - base).abs()[real].max())
     out["interventions"] = {}
-    for case, (ivs, edit, score_edit) in cases(name).items():
-        with torch.no_grad(), intervene(model, *ivs):
-            ours = _run(model, tokens, mask)
-        reference, _, _ = C.oracle_forward(name, tokens, mask, edit=edit, score_edit=score_edit)
-        out["interventions"][case] = {
-            "error": float((ours - _log_probs(reference)).abs()[real].max()),
-            "moved": float((ours - base).abs()[real].max()),
-        }
-        if out["streams"]:
-            error, edited = _streaming_error(model, ivs, tokens, mask, ours)
-            out["interventions"][case].update(streaming_error=error, edited_kernel_calls=edited)
+    oracles = {  # case -> (interventions, the oracle's logits under the same edit)
+        case: (ivs, lambda e=edit, s=score_edit: C.oracle_forward(name, tokens, mask, edit=e, score_edit=s)[0])
+        for case, (ivs, edit, score_edit) in cases(name).items()
+    }
     for case, (ivs, resid, heads, edit) in output_cases(name).items():
+        oracles[case] = (
+            ivs,
+            lambda r=resid, h=heads, e=edit: C.oracle_output_forward(name, tokens, mask, resid=r, heads=h, edit=e),
+        )
+    for case, (ivs, oracle) in oracles.items():
         with torch.no_grad(), intervene(model, *ivs):
             ours = _run(model, tokens, mask)
-        reference = C.oracle_output_forward(name, tokens, mask, resid=resid, heads=heads, edit=edit)
+        reference = oracle()
         out["interventions"][case] = {
             "error": float((ours - _log_probs(reference)).abs()[real].max()),
             "moved": float((ours - base).abs()[real].max()),

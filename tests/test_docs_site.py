@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import tokext
-from tests.test_explorer_browser import CHROMIUM, FLAGS
+from tests.browser import chromium_context
 from tokext.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,27 +119,8 @@ def test_nothing_is_loaded_from_the_network(site):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    missing = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing = "the playwright package is not installed (pip install -e '.[test]')"
-    if missing is None and not os.access(CHROMIUM, os.X_OK):
-        missing = f"no Chromium at {CHROMIUM} (apt-get install chromium, which `make test` does as root)"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser test must run under CI, but {missing}")
-        pytest.skip(missing)
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=FLAGS,
-            viewport={"width": 1400, "height": 900},
-        )
-        yield context
-        context.close()
+    """A Chromium context with a fresh, empty profile."""
+    yield from chromium_context(tmp_path_factory, {"width": 1400, "height": 900})
 
 
 def _open(context, path: Path):

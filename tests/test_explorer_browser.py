@@ -23,23 +23,13 @@ import numpy as np
 import pytest
 
 from tests import explorer_reference as ref
+from tests.browser import chromium_context
 from tests.tiny_hf import reference_attentions
 from tokext.evaluation.prompts import builtin_prompts
 from tokext.interventions import EarlyLayerEmulation, SinkRebalance
 from tokext.models.loading import _smollm2_dir, load_model
 from tokext.viz.explorer import explore
 
-CHROMIUM = os.environ.get("TOKEXT_CHROMIUM", "/usr/bin/chromium")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TEXTS = ["The capital of France is Paris , and the capital of Germany is Berlin .", "Why is the sky blue ?"]
 MAX_TOKENS = 9
 SCREENSHOT_HEAD = (12, 1)  # the SmolLM2 head shown in the README's screenshot
@@ -48,27 +38,7 @@ SCREENSHOT_HEAD = (12, 1)  # the SmolLM2 head shown in the README's screenshot
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """A Chromium context with a fresh, empty profile."""
-    missing = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing = "the playwright package is not installed (pip install -e '.[test]')"
-    if missing is None and not os.access(CHROMIUM, os.X_OK):
-        missing = f"no Chromium at {CHROMIUM} (apt-get install chromium, which `make test` does as root)"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser test must run under CI, but {missing}")
-        pytest.skip(missing)
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=FLAGS,
-            viewport={"width": 1600, "height": 720},
-        )
-        yield context
-        context.close()
+    yield from chromium_context(tmp_path_factory, {"width": 1600, "height": 720})
 
 
 def open_page(context, path: Path, ready: bool = True) -> SimpleNamespace:

@@ -25,7 +25,7 @@ import torch
 
 from tokext.attention.residual import ABS_THRESHOLD, RATIO, massive_mask, median_abs
 from tokext.errors import InputError, LayerIndexError
-from tokext.interventions.base import Hooks, Intervention, RunContext, check_number, is_int
+from tokext.interventions.base import Hooks, Intervention, RunContext, as_int_tuple, check_number, is_int
 from tokext.models.hooks import resolve_layers
 
 MODES = ("zero", "mean")
@@ -37,19 +37,14 @@ def resid_hook_name(layer: int) -> str:
 
 
 def _int_tuple(name: str, value: Any, *, low: int = 0) -> tuple[int, ...]:
-    items = [value] if is_int(value) else value
-    try:
-        items = list(items)
-    except TypeError:
-        raise InputError(f"{name} must be an int or a sequence of ints, got {value!r}") from None
-    if not items or not all(is_int(x) for x in items):
-        raise InputError(f"{name} must be a non-empty int or sequence of ints, got {value!r}")
-    bad = [int(x) for x in items if int(x) < low]
+    """:func:`~tokext.interventions.base.as_int_tuple`, required, each at least ``low``, none twice."""
+    items = as_int_tuple(name, value, allow_none=False) or ()
+    bad = [x for x in items if x < low]
     if bad:
         raise InputError(f"{name} must be >= {low}, got {bad}")
     if len(set(items)) != len(items):
         raise InputError(f"{name} lists an entry twice: {list(items)}")
-    return tuple(int(x) for x in items)
+    return items
 
 
 def _layer(model: Any, layer: int) -> int:

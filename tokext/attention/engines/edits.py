@@ -27,7 +27,7 @@ functions (tested against them on every family of the conformance matrix, to 1e-
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,7 +80,6 @@ class LayerCall:
     n_keys: int
     device: torch.device
     first_pass: Callable[[], torch.Tensor]
-    _cached: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def pattern_like(self) -> torch.Tensor:
